@@ -35,6 +35,7 @@ class Pool(_Strict):
     power_cap_w: float | None = Field(None, gt=0, description="per-machine power cap (Splitwise's HHcap)")
     host: str = "127.0.0.1"
     base_port: int | None = Field(None, ge=1, le=65535, description="instance i listens on base_port + i")
+    batching: Batching | None = Field(None, description="per-pool override of the layout's batching")
 
 
 class Router(_Strict):
@@ -47,6 +48,9 @@ class Batching(_Strict):
     max_batch: int = Field(32, ge=1)
     max_batch_tokens: int = Field(2048, ge=1, description="prefill token budget per batch")
     kv_budget_mb: float | None = Field(None, gt=0, description="decode KV memory budget per worker")
+
+
+Pool.model_rebuild()
 
 
 class SLOSpec(_Strict):
@@ -68,6 +72,16 @@ class KVLink(_Strict):
     latency_s: float = Field(0.0, ge=0)
 
 
+class SimSpec(_Strict):
+    """Simulator-only knobs (the runtime ignores them)."""
+
+    perf_model: str = Field("roofline", description="'roofline', 'profile' (bundled splitwise_perf_model.csv) or a CSV path")
+    kv_usable_fraction: float = Field(0.9, gt=0, le=1, description="share of machine memory usable for weights + KV")
+    fallback_queue_tokens: int = Field(8192, ge=0, description="prefill backlog above which the router uses a decode machine (mixed pool)")
+    slowdown_ref: str = Field("dgx-a100", description="hardware whose uncontended latency defines SLO slowdowns")
+    drain_s: float = Field(600.0, ge=0, description="simulate this long after the last arrival; unfinished requests count as dropped")
+
+
 class Layout(_Strict):
     name: str = "default"
     model: ModelRef = ModelRef()
@@ -78,6 +92,7 @@ class Layout(_Strict):
     gateway: Gateway = Gateway()
     kv_link: KVLink = KVLink()
     registry: str = Field("memory", description="'memory' or a redis:// URL")
+    sim: SimSpec = SimSpec()
 
     @model_validator(mode="after")
     def _check_pools(self) -> Layout:
