@@ -1,0 +1,1 @@
+"""Splitwise's worker pools: prefill, decode and mixed gRPC workers, and the layer-wise KV wire format."""
