@@ -1,0 +1,184 @@
+"""Which workers serve a request: Splitwise's join-the-shortest-queue policy behind a small Router interface.
+
+Prefill workers are ranked by pending prompt tokens, decode workers by batch load and free KV memory.
+Loads come from `WorkerClient.info()` (cached for `ttl_s`) plus what this router itself sent since,
+so a burst of requests spreads out before the next poll.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from services.errors import InvalidArgument, TandemError, Unavailable
+from services.registry import Registry
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one request goes. A mixed route runs both phases on `prefill` (== `decode`)."""
+
+    prefill: str
+    decode: str
+    mixed: bool = False
+
+    @property
+    def workers(self) -> list[str]:
+        return [self.prefill] if self.mixed else [self.prefill, self.decode]
+
+
+@dataclass(slots=True)
+class Load:
+    """A worker's load as the router sees it (the fields of WorkerInfo it ranks by)."""
+
+    address: str
+    pending_prompt_tokens: int = 0
+    live_requests: int = 0
+    waiting_requests: int = 0
+    kv_free_bytes: int = 0
+    kv_total_bytes: int = 0
+    healthy: bool = True
+
+
+class Router(Protocol):
+    """The policy interface: pick a route for a prompt; hear back when its phases end."""
+
+    def pick(self, prompt_tokens: int) -> Route: ...
+
+    def prefill_done(self, route: Route, prompt_tokens: int) -> None: ...
+
+    def finished(self, route: Route) -> None: ...
+
+
+InfoFn = Callable[[str], Any]  # address -> WorkerInfo (raises on an unreachable worker)
+
+
+@dataclass(slots=True)
+class _Board:
+    """Polled loads plus this router's own in-flight work per address."""
+
+    info: InfoFn
+    ttl_s: float
+    polled: dict[str, tuple[float, Load]] = field(default_factory=dict)
+    sent_tokens: dict[str, int] = field(default_factory=dict)
+    sent_requests: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def load(self, address: str) -> Load:
+        now = time.monotonic()
+        hit = self.polled.get(address)
+        if hit is None or now - hit[0] > self.ttl_s:
+            try:
+                i = self.info(address)
+                load = Load(address, i.pending_prompt_tokens, i.live_requests, i.waiting_requests,
+                            i.kv_free_bytes, i.kv_total_bytes)
+            except (TandemError, OSError, TimeoutError):
+                load = Load(address, healthy=False)
+            hit = (now, load)
+            self.polled[address] = hit
+        base = hit[1]
+        with self.lock:
+            return Load(address, base.pending_prompt_tokens + self.sent_tokens.get(address, 0),
+                        base.live_requests + self.sent_requests.get(address, 0), base.waiting_requests,
+                        base.kv_free_bytes, base.kv_total_bytes, base.healthy)
+
+    def add(self, address: str, tokens: int = 0, requests: int = 0) -> None:
+        with self.lock:
+            self.sent_tokens[address] = max(0, self.sent_tokens.get(address, 0) + tokens)
+            self.sent_requests[address] = max(0, self.sent_requests.get(address, 0) + requests)
+
+    def forget(self, address: str) -> None:
+        """Drop a cached poll (e.g. after a call to it failed) so the next pick re-polls."""
+        self.polled.pop(address, None)
+
+
+def prefill_key(load: Load) -> tuple:
+    """JSQ over prefill workers: fewest pending prompt tokens, then fewest live requests."""
+    return (load.pending_prompt_tokens, load.live_requests + load.waiting_requests)
+
+
+def decode_key(load: Load) -> tuple:
+    """JSQ over decode workers: a worker with free KV first, then the lightest batch, then the most free KV."""
+    full = load.kv_total_bytes > 0 and load.kv_free_bytes <= 0
+    return (full, load.live_requests + load.waiting_requests, -load.kv_free_bytes)
+
+
+class _BaseRouter:
+    def __init__(self, registry: Registry, info: InfoFn, ttl_s: float = 0.1) -> None:
+        self.registry = registry
+        self.board = _Board(info, ttl_s)
+
+    def _healthy(self, role: str) -> list[Load]:
+        return [ld for ld in (self.board.load(e.address) for e in self.registry.endpoints(role)) if ld.healthy]
+
+    def pick(self, prompt_tokens: int) -> Route:
+        prefill, decode = self._healthy("prefill"), self._healthy("decode")
+        if prefill and decode:
+            route = Route(self._choose(prefill, prefill_key).address, self._choose(decode, decode_key).address)
+        else:
+            mixed = self._healthy("mixed")
+            if not mixed:
+                missing = "prefill" if not prefill else "decode"
+                if not self.registry.endpoints("prefill") and not self.registry.endpoints("decode"):
+                    missing = "mixed"
+                raise Unavailable(f"no healthy {missing} worker to route to")
+            addr = self._choose(mixed, prefill_key).address
+            route = Route(addr, addr, mixed=True)
+        self.board.add(route.prefill, tokens=prompt_tokens)
+        self.board.add(route.decode, requests=1)
+        return route
+
+    def prefill_done(self, route: Route, prompt_tokens: int) -> None:
+        self.board.add(route.prefill, tokens=-prompt_tokens)
+
+    def finished(self, route: Route) -> None:
+        self.board.add(route.decode, requests=-1)
+
+    def failed(self, address: str) -> None:
+        self.board.forget(address)
+
+    def _choose(self, loads: list[Load], key: Callable[[Load], tuple]) -> Load:
+        raise NotImplementedError
+
+
+class JSQRouter(_BaseRouter):
+    """Splitwise's policy: the least-loaded worker of each pool (ties go to registry order)."""
+
+    def _choose(self, loads: list[Load], key: Callable[[Load], tuple]) -> Load:
+        return min(loads, key=key)
+
+
+class RoundRobinRouter(_BaseRouter):
+    """Each pool in turn, skipping unhealthy workers (a baseline for the benchmarks)."""
+
+    def __init__(self, registry: Registry, info: InfoFn, ttl_s: float = 0.1) -> None:
+        super().__init__(registry, info, ttl_s)
+        self._counters: dict[Callable, itertools.count] = {}  # one turn per pool (keyed by its ranking)
+
+    def _choose(self, loads: list[Load], key: Callable[[Load], tuple]) -> Load:
+        return loads[next(self._counters.setdefault(key, itertools.count())) % len(loads)]
+
+
+class RandomRouter(_BaseRouter):
+    def __init__(self, registry: Registry, info: InfoFn, ttl_s: float = 0.1, seed: int | None = None) -> None:
+        super().__init__(registry, info, ttl_s)
+        self._rng = random.Random(seed)
+
+    def _choose(self, loads: list[Load], key: Callable[[Load], tuple]) -> Load:
+        return self._rng.choice(loads)
+
+
+POLICIES: dict[str, type[_BaseRouter]] = {"jsq": JSQRouter, "round_robin": RoundRobinRouter, "random": RandomRouter}
+
+
+def make_router(policy: str, registry: Registry, info: InfoFn, ttl_s: float = 0.1) -> _BaseRouter:
+    """The router a layout's `router.policy` names."""
+    try:
+        return POLICIES[policy](registry, info, ttl_s)
+    except KeyError:
+        raise InvalidArgument(f"router.policy: unknown policy {policy!r} (known: {sorted(POLICIES)})") from None
