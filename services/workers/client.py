@@ -16,6 +16,7 @@ from services.rpc.tandem.v1 import worker_pb2 as pb
 from services.rpc.tandem.v1 import worker_pb2_grpc as rpc
 
 T = TypeVar("T")
+NO_TOKEN = -1  # TokenEvent.token_id of a last event that adds no token
 
 _ERRORS: dict[grpc.StatusCode, type[errors.TandemError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
@@ -50,7 +51,7 @@ class PrefillResult:
 
 @dataclass(slots=True)
 class TokenEvent:
-    token_id: int
+    token_id: int  # NO_TOKEN (-1) only on a last event that adds no token (cancelled by the worker)
     finish_reason: str | None  # set on the last event
     first_decode_s: float | None = None  # on the first event: Decode call -> this token, seconds
 
@@ -108,7 +109,8 @@ def result_from_pb(m: pb.PrefillResponse) -> PrefillResult:
 
 
 def _event(m: pb.DecodeEvent, first: bool) -> TokenEvent:
-    return TokenEvent(m.token_id, m.finish_reason or None, m.first_decode_s if first else None)
+    token = m.token_id if m.HasField("token_id") else NO_TOKEN
+    return TokenEvent(token, m.finish_reason or None, m.first_decode_s if first else None)
 
 
 class WorkerClient:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\"\x87\x01\n\x0eWorkerSampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\x07\n\x05_seed\"^\n\x0cPhaseTimings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x13\n\x0bkv_stream_s\x18\x04 \x01(\x01\"\x93\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.WorkerSampling\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\x12\x14\n\x0ckv_timeout_s\x18\x05 \x01(\x01\"\xb4\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\r\x12\x0e\n\x06handle\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.tandem.v1.PhaseTimings\x12\x10\n\x08kv_bytes\x18\x07 \x01(\x04\"u\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06handle\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.WorkerSampling\"N\n\x0b\x44\x65\x63odeEvent\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_decode_s\x18\x03 \x01(\x01\"\xa3\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x10\n\x08n_layers\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x10\n\x08n_tokens\x18\x05 \x01(\r\x12\x12\n\nn_kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\x0f\n\x07lease_s\x18\x08 \x01(\x01\"d\n\x07KVPiece\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06tensor\x18\x02 \x01(\r\x12\r\n\x05shape\x18\x03 \x03(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\"]\n\x07KVChunk\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.tandem.v1.KVHeaderH\x00\x12#\n\x05piece\x18\x02 \x01(\x0b\x32\x12.tandem.v1.KVPieceH\x00\x42\x06\n\x04kind\"b\n\tKVReceipt\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06handle\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x11\n\treceive_s\x18\x04 \x01(\x01\x12\x0f\n\x07lease_s\x18\x05 \x01(\x01\"\"\n\x10KVReleaseRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\"\"\n\x0eKVReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x13\n\x11WorkerInfoRequest\"\x89\x02\n\nWorkerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x1d\n\x15pending_prompt_tokens\x18\x05 \x01(\x04\x12\x15\n\rlive_requests\x18\x06 \x01(\r\x12\x18\n\x10waiting_requests\x18\x07 \x01(\r\x12\x15\n\rkv_free_bytes\x18\x08 \x01(\x04\x12\x16\n\x0ekv_total_bytes\x18\t \x01(\x04\x12\x13\n\x0bmax_seq_len\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x10\n\x08kv_dtype\x18\x0c \x01(\t\"c\n\x0cMixedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.WorkerSampling\"l\n\nMixedEvent\x12-\n\x07prefill\x18\x01 \x01(\x0b\x32\x1a.tandem.v1.PrefillResponseH\x00\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x16.tandem.v1.DecodeEventH\x00\x42\x06\n\x04kind2K\n\x07Prefill\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse2F\n\x06\x44\x65\x63ode\x12<\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x16.tandem.v1.DecodeEvent0\x01\x32\x83\x01\n\nKVTransfer\x12\x32\n\x04Push\x12\x12.tandem.v1.KVChunk\x1a\x14.tandem.v1.KVReceipt(\x01\x12\x41\n\x07Release\x12\x1b.tandem.v1.KVReleaseRequest\x1a\x19.tandem.v1.KVReleaseReply2\x83\x01\n\x06Worker\x12;\n\x04Info\x12\x1c.tandem.v1.WorkerInfoRequest\x1a\x15.tandem.v1.WorkerInfo\x12<\n\x08Generate\x12\x17.tandem.v1.MixedRequest\x1a\x15.tandem.v1.MixedEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\"\x87\x01\n\x0eWorkerSampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\x07\n\x05_seed\"^\n\x0cPhaseTimings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x13\n\x0bkv_stream_s\x18\x04 \x01(\x01\"\x93\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.WorkerSampling\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\x12\x14\n\x0ckv_timeout_s\x18\x05 \x01(\x01\"\xb4\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\r\x12\x0e\n\x06handle\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.tandem.v1.PhaseTimings\x12\x10\n\x08kv_bytes\x18\x07 \x01(\x04\"u\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06handle\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.WorkerSampling\"`\n\x0b\x44\x65\x63odeEvent\x12\x15\n\x08token_id\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_decode_s\x18\x03 \x01(\x01\x42\x0b\n\t_token_id\"\xa3\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x10\n\x08n_layers\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x10\n\x08n_tokens\x18\x05 \x01(\r\x12\x12\n\nn_kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\x0f\n\x07lease_s\x18\x08 \x01(\x01\"d\n\x07KVPiece\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06tensor\x18\x02 \x01(\r\x12\r\n\x05shape\x18\x03 \x03(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\"]\n\x07KVChunk\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.tandem.v1.KVHeaderH\x00\x12#\n\x05piece\x18\x02 \x01(\x0b\x32\x12.tandem.v1.KVPieceH\x00\x42\x06\n\x04kind\"b\n\tKVReceipt\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06handle\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x11\n\treceive_s\x18\x04 \x01(\x01\x12\x0f\n\x07lease_s\x18\x05 \x01(\x01\"\"\n\x10KVReleaseRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\"\"\n\x0eKVReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x13\n\x11WorkerInfoRequest\"\x89\x02\n\nWorkerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x1d\n\x15pending_prompt_tokens\x18\x05 \x01(\x04\x12\x15\n\rlive_requests\x18\x06 \x01(\r\x12\x18\n\x10waiting_requests\x18\x07 \x01(\r\x12\x15\n\rkv_free_bytes\x18\x08 \x01(\x04\x12\x16\n\x0ekv_total_bytes\x18\t \x01(\x04\x12\x13\n\x0bmax_seq_len\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x10\n\x08kv_dtype\x18\x0c \x01(\t\"c\n\x0cMixedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.WorkerSampling\"l\n\nMixedEvent\x12-\n\x07prefill\x18\x01 \x01(\x0b\x32\x1a.tandem.v1.PrefillResponseH\x00\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x16.tandem.v1.DecodeEventH\x00\x42\x06\n\x04kind2K\n\x07Prefill\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse2F\n\x06\x44\x65\x63ode\x12<\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x16.tandem.v1.DecodeEvent0\x01\x32\x83\x01\n\nKVTransfer\x12\x32\n\x04Push\x12\x12.tandem.v1.KVChunk\x1a\x14.tandem.v1.KVReceipt(\x01\x12\x41\n\x07Release\x12\x1b.tandem.v1.KVReleaseRequest\x1a\x19.tandem.v1.KVReleaseReply2\x83\x01\n\x06Worker\x12;\n\x04Info\x12\x1c.tandem.v1.WorkerInfoRequest\x1a\x15.tandem.v1.WorkerInfo\x12<\n\x08Generate\x12\x17.tandem.v1.MixedRequest\x1a\x15.tandem.v1.MixedEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,33 +42,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEREQUEST']._serialized_start=604
   _globals['_DECODEREQUEST']._serialized_end=721
   _globals['_DECODEEVENT']._serialized_start=723
-  _globals['_DECODEEVENT']._serialized_end=801
-  _globals['_KVHEADER']._serialized_start=804
-  _globals['_KVHEADER']._serialized_end=967
-  _globals['_KVPIECE']._serialized_start=969
-  _globals['_KVPIECE']._serialized_end=1069
-  _globals['_KVCHUNK']._serialized_start=1071
-  _globals['_KVCHUNK']._serialized_end=1164
-  _globals['_KVRECEIPT']._serialized_start=1166
-  _globals['_KVRECEIPT']._serialized_end=1264
-  _globals['_KVRELEASEREQUEST']._serialized_start=1266
-  _globals['_KVRELEASEREQUEST']._serialized_end=1300
-  _globals['_KVRELEASEREPLY']._serialized_start=1302
-  _globals['_KVRELEASEREPLY']._serialized_end=1336
-  _globals['_WORKERINFOREQUEST']._serialized_start=1338
-  _globals['_WORKERINFOREQUEST']._serialized_end=1357
-  _globals['_WORKERINFO']._serialized_start=1360
-  _globals['_WORKERINFO']._serialized_end=1625
-  _globals['_MIXEDREQUEST']._serialized_start=1627
-  _globals['_MIXEDREQUEST']._serialized_end=1726
-  _globals['_MIXEDEVENT']._serialized_start=1728
-  _globals['_MIXEDEVENT']._serialized_end=1836
-  _globals['_PREFILL']._serialized_start=1838
-  _globals['_PREFILL']._serialized_end=1913
-  _globals['_DECODE']._serialized_start=1915
-  _globals['_DECODE']._serialized_end=1985
-  _globals['_KVTRANSFER']._serialized_start=1988
-  _globals['_KVTRANSFER']._serialized_end=2119
-  _globals['_WORKER']._serialized_start=2122
-  _globals['_WORKER']._serialized_end=2253
+  _globals['_DECODEEVENT']._serialized_end=819
+  _globals['_KVHEADER']._serialized_start=822
+  _globals['_KVHEADER']._serialized_end=985
+  _globals['_KVPIECE']._serialized_start=987
+  _globals['_KVPIECE']._serialized_end=1087
+  _globals['_KVCHUNK']._serialized_start=1089
+  _globals['_KVCHUNK']._serialized_end=1182
+  _globals['_KVRECEIPT']._serialized_start=1184
+  _globals['_KVRECEIPT']._serialized_end=1282
+  _globals['_KVRELEASEREQUEST']._serialized_start=1284
+  _globals['_KVRELEASEREQUEST']._serialized_end=1318
+  _globals['_KVRELEASEREPLY']._serialized_start=1320
+  _globals['_KVRELEASEREPLY']._serialized_end=1354
+  _globals['_WORKERINFOREQUEST']._serialized_start=1356
+  _globals['_WORKERINFOREQUEST']._serialized_end=1375
+  _globals['_WORKERINFO']._serialized_start=1378
+  _globals['_WORKERINFO']._serialized_end=1643
+  _globals['_MIXEDREQUEST']._serialized_start=1645
+  _globals['_MIXEDREQUEST']._serialized_end=1744
+  _globals['_MIXEDEVENT']._serialized_start=1746
+  _globals['_MIXEDEVENT']._serialized_end=1854
+  _globals['_PREFILL']._serialized_start=1856
+  _globals['_PREFILL']._serialized_end=1931
+  _globals['_DECODE']._serialized_start=1933
+  _globals['_DECODE']._serialized_end=2003
+  _globals['_KVTRANSFER']._serialized_start=2006
+  _globals['_KVTRANSFER']._serialized_end=2137
+  _globals['_WORKER']._serialized_start=2140
+  _globals['_WORKER']._serialized_end=2271
 # @@protoc_insertion_point(module_scope)
