@@ -27,7 +27,7 @@ def _register_areas() -> None:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:  # area not built yet
+            if exc.name and (name == exc.name or name.startswith(exc.name + ".")):  # area not built yet
                 continue
             raise
         module.register(app, bench_app)

@@ -28,7 +28,10 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer: Any = None, *, name: str = "model",
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        inv_freq = model.inv_freq.float().clone()
         self.model = model.to(device=device, dtype=dtype).eval()
+        # .to(dtype) casts buffers too; rotary frequencies must stay float32 or long contexts lose their positions.
+        self.model.inv_freq = inv_freq.to(self.model.inv_freq.device)
         self.tokenizer = tokenizer
         self.name = name
         self.device = torch.device(device)
