@@ -41,6 +41,10 @@ def iters_done(elapsed: float, a: float, c: float, c0: float, b: int) -> int:
 class Machine:
     """Runs prefill batches, mixed iterations (prefill + one decode step) and multi-iteration decode segments."""
 
+    # None: advance a fused batch to its next membership change in one event. 1: one event per iteration, the
+    # way per-iteration simulators work (kept for the speed benchmark's side-by-side and for tests).
+    segment_limit: int | None = None
+
     def __init__(self, env: simpy.Environment, idx: int, role: str, perf: PerfModel, batching: Batching,
                  reqs: Requests, tally: Tally, cluster: object, kv_usable_fraction: float,
                  link_gbps: float, link_latency_s: float) -> None:
@@ -151,6 +155,8 @@ class Machine:
         a, c, watts = self.perf.decode(b)
         if self.fusion:
             k = self.heap[0][0] - self.it
+            if self.segment_limit is not None:
+                k = min(k, self.segment_limit)
         else:
             k = max(self.heap)[0] - self.it
         t = seg_time(k, a, c, self.ctx, b)

@@ -6,6 +6,7 @@ iterations in closed form (see sim/machine.py).
 
 from __future__ import annotations
 
+import bisect
 import csv
 import math
 from dataclasses import dataclass
@@ -26,22 +27,19 @@ MEMORY_POWER_WEIGHT = 0.6
 class ProfileTable:
     """splitwise_perf_model.csv rows for one (model, hardware): prompt time by batch tokens, token time by batch."""
 
-    prompt_tokens: np.ndarray
-    prompt_s: np.ndarray
-    batch: np.ndarray
-    token_s: np.ndarray
+    prompt_tokens: list[float]
+    prompt_s: list[float]
+    batch: list[float]
+    token_s: list[float]
 
 
-def _interp(x: float, xs: np.ndarray, ys: np.ndarray) -> float:
-    """Piecewise-linear, extrapolating linearly past both ends (more tokens cost more, never a plateau)."""
-    if x <= xs[0]:
-        i = 0
-    elif x >= xs[-1]:
-        i = len(xs) - 2
-    else:
-        return float(np.interp(x, xs, ys))
-    slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
-    return float(max(ys[i] + slope * (x - xs[i]), ys[0] * 0.5))
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    """Piecewise-linear, extrapolating linearly past both ends (more tokens cost more, never a plateau).
+    Pure Python: it runs once per simulated batch, where numpy's call overhead dominates."""
+    i = bisect.bisect_right(xs, x) - 1
+    i = min(max(i, 0), len(xs) - 2)
+    y = ys[i] + (ys[i + 1] - ys[i]) * (x - xs[i]) / (xs[i + 1] - xs[i])
+    return max(y, ys[0] * 0.5)
 
 
 @lru_cache(maxsize=16)
@@ -76,10 +74,12 @@ def load_profile(path: str | Path, model_name: str, hw_name: str, tensor_paralle
             raise InvalidArgument(f"{path}: row {n}: {exc}", param="sim.perf_model") from None
         prompt.setdefault(ps * bs, []).append(pt)
         token.setdefault(bs, []).append(tt)
-    pk = np.array(sorted(prompt), dtype=np.float64)
-    tk = np.array(sorted(token), dtype=np.float64)
-    return ProfileTable(pk, np.array([np.mean(prompt[int(k)]) for k in pk]),
-                        tk, np.array([np.mean(token[int(k)]) for k in tk]))
+    if len(prompt) < 2 or len(token) < 2:
+        raise InvalidArgument(f"sim.perf_model: {path} needs at least two prompt sizes and two batch sizes for "
+                              f"{model_name} on {hw_name}", param="sim.perf_model")
+    pk, tk = sorted(prompt), sorted(token)
+    return ProfileTable([float(k) for k in pk], [float(np.mean(prompt[k])) for k in pk],
+                        [float(k) for k in tk], [float(np.mean(token[k])) for k in tk])
 
 
 class PerfModel:

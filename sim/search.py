@@ -1,0 +1,179 @@
+"""Design-space search: the highest load a layout sustains within SLO, the cheapest layout for a load, and the
+best throughput under an iso-power or iso-cost budget (Splitwise's design-space study)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from services.errors import InvalidArgument
+from services.layout import Layout
+from sim import catalog
+from sim.cluster import simulate
+from sim.results import summarize_run
+from sim.trace import Workload, load_trace, synthetic
+
+
+@dataclass(slots=True)
+class Probe:
+    """One (layout, rate) simulation and whether it met the SLO."""
+
+    rate: float
+    ok: bool
+    result: dict
+
+
+def meets(res: dict, criterion: str, target: float) -> bool:
+    """'slowdown': Splitwise's p50/p90/p99 slowdown SLOs; 'attainment': the layout's SLO met by >= target."""
+    if criterion == "slowdown":
+        return bool(res["slowdown_slo_met"])
+    return res["slo_attainment"] >= target
+
+
+def run_at(layout: Layout, base: Workload, rate: float, duration_s: float, seed: int) -> dict:
+    w = synthetic(base, rate=rate, duration_s=duration_s, seed=seed)
+    return summarize_run(simulate(layout, w))
+
+
+def max_rate(layout: Layout, base: Workload, *, duration_s: float = 120.0, seed: int = 0, lo: float = 1.0,
+             hi: float | None = None, rel_tol: float = 0.03, criterion: str = "slowdown",
+             target: float = 0.99) -> Probe | None:
+    """Bisection on the Poisson rate for the highest rate that meets the SLO (None if even `lo` fails)."""
+    first = run_at(layout, base, lo, duration_s, seed)
+    if not meets(first, criterion, target):
+        return None
+    best = Probe(lo, True, first)
+    if hi is None:  # grow until it fails
+        hi = lo * 2
+        while True:
+            res = run_at(layout, base, hi, duration_s, seed)
+            if not meets(res, criterion, target):
+                break
+            best = Probe(hi, True, res)
+            hi *= 2
+            if hi > 1e5:
+                return best
+    lo = best.rate
+    while hi - lo > rel_tol * lo:
+        mid = (lo + hi) / 2
+        res = run_at(layout, base, mid, duration_s, seed)
+        if meets(res, criterion, target):
+            best, lo = Probe(mid, True, res), mid
+        else:
+            hi = mid
+    return best
+
+
+def split_layout(base: Layout, prompt_hw: str, token_hw: str, n_prompt: int, n_token: int,
+                 token_cap_w: float | None = None) -> Layout:
+    """A phase-split layout (n_prompt prefill + n_token decode machines), or colocated when n_prompt is 0."""
+    data = base.model_dump()
+    if n_prompt == 0:
+        data["pools"] = [{"role": "mixed", "count": n_token, "hardware": token_hw, "power_cap_w": token_cap_w}]
+        data["name"] = f"baseline-{token_hw}-{n_token}"
+    else:
+        data["pools"] = [{"role": "prefill", "count": n_prompt, "hardware": prompt_hw},
+                         {"role": "decode", "count": n_token, "hardware": token_hw, "power_cap_w": token_cap_w}]
+        data["name"] = f"split-{prompt_hw}x{n_prompt}-{token_hw}x{n_token}"
+    return Layout.model_validate(data)
+
+
+def machine_budget(hw_name: str, kind: str, cap_w: float | None = None) -> float:
+    hw = catalog.hardware(hw_name)
+    if kind == "power":
+        return min(cap_w, hw.power_peak_w) if cap_w else hw.power_peak_w
+    if kind == "cost":
+        return hw.cost_per_hour
+    raise InvalidArgument(f"budget: kind must be 'power' or 'cost', got {kind!r}", param="budget")
+
+
+def iso_budget_designs(base: Layout, prompt_hw: str, token_hw: str, kind: str, budget: float, *,
+                       step: int = 1, token_cap_w: float | None = None) -> Iterator[Layout]:
+    """Every split (prompt count p, the most token machines the remaining budget buys), plus the colocated
+    design of each hardware type that fills the budget."""
+    bp, bt = machine_budget(prompt_hw, kind), machine_budget(token_hw, kind, token_cap_w)
+    for hw in dict.fromkeys((prompt_hw, token_hw)):
+        n = int(budget // machine_budget(hw, kind))
+        if n > 0:
+            yield split_layout(base, hw, hw, 0, n)
+    p = step
+    while p * bp < budget:
+        d = int((budget - p * bp + 1e-6) // bt)
+        if d >= 1:
+            yield split_layout(base, prompt_hw, token_hw, p, d, token_cap_w)
+        p += step
+
+
+def best_under_budget(base: Layout, trace: str, prompt_hw: str, token_hw: str, kind: str, budget: float, *,
+                      duration_s: float = 60.0, seed: int = 0, step: int = 1, token_cap_w: float | None = None,
+                      progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Max throughput within SLO of every design in the budget, best first."""
+    wl = load_trace(trace)
+    rows = []
+    for lay in iso_budget_designs(base, prompt_hw, token_hw, kind, budget, step=step, token_cap_w=token_cap_w):
+        probe = max_rate(lay, wl, duration_s=duration_s, seed=seed)
+        rows.append(_row(lay, probe))
+        if progress:
+            progress(lay.name)
+    return sorted(rows, key=lambda r: -r["max_rate_rps"])
+
+
+def cheapest_for_load(base: Layout, trace: str, rate: float, hardware: list[str], *, max_machines: int = 80,
+                      duration_s: float = 60.0, seed: int = 0, criterion: str = "slowdown", target: float = 0.99,
+                      progress: Callable[[str], None] | None = None) -> list[dict]:
+    """For each hardware pairing and prompt count, the fewest token machines that meet the SLO at `rate`;
+    returns every feasible design, cheapest first."""
+    wl = load_trace(trace)
+    rows: list[dict] = []
+
+    def ok(lay: Layout) -> tuple[bool, dict]:
+        res = run_at(lay, wl, rate, duration_s, seed)
+        return meets(res, criterion, target), res
+
+    def fewest(make: Callable[[int], Layout]) -> tuple[Layout, dict] | None:
+        lo, hi = 1, max_machines
+        good = None
+        passed, res = ok(make(hi))
+        if not passed:
+            return None
+        good = (make(hi), res)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            passed, res = ok(make(mid))
+            if passed:
+                hi, good = mid, (make(mid), res)
+            else:
+                lo = mid + 1
+        return good
+
+    for hw in hardware:
+        found = fewest(lambda n, hw=hw: split_layout(base, hw, hw, 0, n))
+        if found:
+            rows.append(_row(found[0], Probe(rate, True, found[1])))
+        if progress:
+            progress(f"baseline {hw}")
+    for php in hardware:
+        for thw in hardware:
+            for p in (1, 2, 4, 8, 12, 16, 24, 32):
+                if p >= max_machines:
+                    break
+                found = fewest(lambda d, p=p, php=php, thw=thw: split_layout(base, php, thw, p, d))
+                if found:
+                    rows.append(_row(found[0], Probe(rate, True, found[1])))
+            if progress:
+                progress(f"split {php}->{thw}")
+    return sorted(rows, key=lambda r: r["cost_per_hour"])
+
+
+def _row(lay: Layout, probe: Probe | None) -> dict:
+    machines = [(p.role, p.count, p.hardware, p.power_cap_w) for p in lay.pools]
+    cost = sum(catalog.hardware(hw).cost_per_hour * n for _, n, hw, _ in machines)
+    power = sum(min(cap or catalog.hardware(hw).power_peak_w, catalog.hardware(hw).power_peak_w) * n
+                for _, n, hw, cap in machines)
+    row = {"name": lay.name, "pools": [list(m) for m in machines], "cost_per_hour": cost,
+           "power_provisioned_w": power, "max_rate_rps": probe.rate if probe else 0.0}
+    if probe:
+        for k in ("throughput_rps", "tokens_per_s", "ttft_p99_s", "tbt_p99_s", "e2e_p99_s", "power_mean_w",
+                  "energy_per_token_j", "cost_per_million_tokens"):
+            row[k] = probe.result[k]
+    return row
