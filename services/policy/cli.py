@@ -1,0 +1,115 @@
+"""`tandem bench policy` and `tandem policy schedule|train`; torch is imported inside the verbs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+policy_app = typer.Typer(no_args_is_help=True, help="Diffusion policy with Block-wise Adaptive Caching.")
+SUMMARY_KEYS = ("success_rate", "action_mse", "block_evals", "seconds")
+
+
+def _table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("config", "block evals", "saved", "MSE vs uncached", "MSE held-out", "success [95% CI]", "ms/chunk",
+              "speed-up")
+    for r in rows:
+        lo, hi = r["success_ci95"]
+        t.add_row(r["config"], str(r["block_evals"]), f"{r['evals_saved']:.0%}", f"{r['action_mse']:.2e}",
+                  f"{r['action_mse_heldout']:.2e}", f"{r['success_rate']:.3f} [{lo:.3f}, {hi:.3f}]",
+                  f"{r['seconds'] * 1e3:.1f}", f"{r['speedup']:.2f}x")
+    Console().print(t)
+
+
+def bench_policy(
+    quick: bool = typer.Option(False, "--quick", help="uncached / uniform / bac at one budget, few episodes"),
+    json_path: Path | None = typer.Option(None, "--json", help="write the results here"),
+    checkpoint: Path | None = typer.Option(None, help="checkpoint directory (default: the committed one)"),
+    budget: int = typer.Option(10, help="update budget S for --quick"),
+    episodes: int | None = typer.Option(None, help="rollouts per config (default 48 quick, 200 full)"),
+    reps: int | None = typer.Option(None, help="batch-1 latency repetitions (default 5 quick, 10 full)"),
+    threads: int = typer.Option(2, help="torch CPU threads"),
+) -> None:
+    """Uncached vs uniform vs BAC on the same checkpoint, noise and scenes; JSON keys per method."""
+    import torch
+
+    from services.errors import InvalidArgument
+    from services.policy import bench
+    from services.policy import checkpoint as ckpt
+
+    torch.set_num_threads(threads)
+    model, norm, meta = ckpt.load(checkpoint)
+    schedules = ckpt.load_schedules(checkpoint)
+    if not schedules:
+        raise InvalidArgument("checkpoint: no schedules.json; run `tandem policy schedule` first", param="checkpoint")
+    if str(budget) not in schedules.get("ddpm100", {}):
+        raise InvalidArgument(f"budget: no schedule for S={budget}; have {sorted(schedules['ddpm100'])}", param="budget")
+    configs = bench.quick_configs(budget) if quick else bench.full_configs()
+    episodes = episodes or (48 if quick else 200)
+    reps = reps or (5 if quick else 10)
+    t0 = time.time()
+    checks = bench.exact_checks(model, norm, schedules)
+    rows = bench.run_table(model, norm, schedules, configs, episodes, reps,
+                           progress=lambda s: typer.echo(s, err=True))
+    _table(rows)
+    out: dict = {"device": "cpu", "threads": threads, "checkpoint_sha256": meta["sha256"], "episodes": episodes,
+                 "exact_checks": checks, "rows": rows, "wall_seconds": round(time.time() - t0, 1)}
+    for r in rows:
+        if r["sampler"] == "ddpm100" and r["method"] in ("uncached", "uniform", "bac") and r["budget"] in (None, budget):
+            out[r["method"]] = {k: r[k] for k in SUMMARY_KEYS} | {"budget": r["budget"]}
+    typer.echo(f"exact checks: {checks}")
+    if json_path is not None:
+        json_path.write_text(json.dumps(out, indent=1))
+        typer.echo(f"wrote {json_path}")
+
+
+@policy_app.command("schedule")
+def schedule(
+    checkpoint: Path | None = typer.Option(None, help="checkpoint directory (default: the committed one)"),
+    calib_obs: int = typer.Option(16, help="calibration observations recorded"),
+    top_n: int = typer.Option(3, help="blocks the Bubbling Union refreshes"),
+) -> None:
+    """Record an uncached run, then write ACS, BAC, unified and uniform schedules to schedules.json."""
+    import torch
+
+    from services.policy import bench
+    from services.policy import checkpoint as ckpt
+
+    torch.set_num_threads(2)
+    model, norm, _ = ckpt.load(checkpoint)
+    schedules = bench.compute_schedules(model, norm, n_obs=calib_obs, top_n=top_n)
+    path = Path(checkpoint or ckpt.DEFAULT_DIR) / ckpt.SCHEDULES
+    path.write_text(json.dumps(schedules))
+    for key, per in schedules.items():
+        for s, plans in per.items():
+            evals = {m: sum(len(x) for x in v["steps"]) for m, v in plans.items()}
+            typer.echo(f"{key} S={s}: block evals {evals}; BU blocks {plans['bac']['bu_blocks']}")
+    typer.echo(f"wrote {path}")
+
+
+@policy_app.command("train")
+def train_cmd(
+    out: Path = typer.Option(..., help="checkpoint directory to write"),
+    seconds: float = typer.Option(150, help="training time budget"),
+    episodes: int = typer.Option(3000, help="expert demonstrations"),
+    batch: int = typer.Option(1024),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Train a checkpoint on scripted-expert demonstrations (the committed one was trained on a GPU)."""
+    from services.policy import checkpoint as ckpt
+    from services.policy import train
+    from services.policy.model import ModelConfig
+
+    model, norm, info = train.train(ModelConfig(), episodes, seconds, 10**7, batch, 3e-4, device)
+    ckpt.save(model, norm, out, info)
+    typer.echo(f"wrote {out}: {info}")
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    bench_app.command("policy")(bench_policy)
+    app.add_typer(policy_app, name="policy")

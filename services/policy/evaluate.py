@@ -1,0 +1,99 @@
+"""Measurements shared by the benchmark and the GPU script: rollouts, action MSE, latency, calibration."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from services.policy import task
+from services.policy.bac import RecordHook, make_plans, plan_from_steps
+from services.policy.model import Denoiser
+from services.policy.sampler import Normalizer, Policy, denoise, draw_noise
+from services.policy.schedule import Sampler
+
+N_ACTION_STEPS = 8
+
+
+def rollout(policy: Policy, n: int, seed: int) -> np.ndarray:
+    """Run n episodes in lock-step (one batched denoise per re-plan); per-episode success."""
+    env = task.Env(task.sample_scenes(n, np.random.default_rng(seed)))
+    chunk = 0
+    while not env.done.all():
+        actions = policy.act(env.obs(), seed=seed * 1000 + chunk)
+        chunk += 1
+        for k in range(N_ACTION_STEPS):
+            env.step(actions[:, k])
+            if env.done.all():
+                break
+    return env.success
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a success rate."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def eval_obs(n: int, seed: int) -> np.ndarray:
+    """Observations visited by the expert on fresh scenes: calibration and held-out sets."""
+    obs, _ = task.demonstrations(max(1, n // 10), 16, seed=seed)
+    idx = np.random.default_rng(seed).choice(len(obs), size=min(n, len(obs)), replace=False)
+    return obs[idx]
+
+
+def chunk(model: Denoiser, norm: Normalizer, sampler: Sampler, obs: np.ndarray, seed: int,
+          plan: np.ndarray | None) -> np.ndarray:
+    """Normalised action chunk for fixed noise (so plans compare on the same noise)."""
+    pol = Policy(model, norm, sampler, plan)
+    return norm.act(pol.act(obs, seed))
+
+
+def action_mse(model: Denoiser, norm: Normalizer, sampler: Sampler, obs: np.ndarray, plan: np.ndarray,
+               seed: int = 7) -> float:
+    """MSE (normalised action units) between a plan's chunk and the uncached chunk on the same noise."""
+    ref = chunk(model, norm, sampler, obs, seed, None)
+    return float(np.mean((chunk(model, norm, sampler, obs, seed, plan) - ref) ** 2))
+
+
+@torch.no_grad()
+def record(model: Denoiser, norm: Normalizer, sampler: Sampler, obs: np.ndarray, seed: int = 3) -> list[torch.Tensor]:
+    """Every block's output at every step of an uncached run: list over blocks of (K, B, T, E)."""
+    dev = next(model.parameters()).device
+    hook = RecordHook(model.cfg.n_blocks)
+    noise = draw_noise(sampler, len(obs), model.cfg.horizon, model.cfg.act_dim, seed, dev)
+    denoise(model, sampler, torch.from_numpy(norm.obs(obs)).to(dev), noise, hook)
+    return [hook.stacked(b) for b in range(model.cfg.n_blocks)]
+
+
+def calibrate(model: Denoiser, norm: Normalizer, sampler: Sampler, budgets: list[int], n_obs: int = 16,
+              seed: int = 11, top_n: int = 3) -> dict[str, dict]:
+    """Schedules for every budget: {str(S): {method: {"steps": per-block lists, ...}}}."""
+    outs = record(model, norm, sampler, eval_obs(n_obs, seed))
+    return {str(s): make_plans(outs, s, top_n) for s in budgets}
+
+
+def plans_for(schedules: dict, budget: int, steps: int, n_blocks: int) -> dict[str, np.ndarray]:
+    return {m: plan_from_steps(v["steps"], steps) for m, v in schedules[str(budget)].items()
+            if len(v["steps"]) == n_blocks}
+
+
+def latency(model: Denoiser, norm: Normalizer, sampler: Sampler, plan: np.ndarray | None, reps: int,
+            obs: np.ndarray) -> float:
+    """Median seconds per batch-1 chunk (eager)."""
+    pol = Policy(model, norm, sampler, plan)
+    pol.act(obs[:1], 0)
+    times = []
+    for r in range(reps):
+        t0 = time.perf_counter()
+        pol.act(obs[r % len(obs):r % len(obs) + 1], r)
+        if pol.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
