@@ -1,0 +1,128 @@
+"""The token phase: receive and validate pushed KV (KVTransfer), hold it under a lease, decode and stream it.
+
+Decoding runs on services.fusion's FusionScheduler; this module only turns its emit() callbacks into a
+gRPC stream and guarantees the KV is freed on every exit path (finish, cancel, deadline, lease, bad push).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from services.engine import Engine
+from services.engine.sampling import SamplingParams
+from services.errors import InvalidArgument, Unavailable
+from services.fusion.scheduler import NO_TOKEN, DecodeRequest, FusionScheduler
+from services.grpcutil import log, request_id
+from services.rpc.tandem.v1 import worker_pb2 as pb
+from services.workers.client import sampling_from_pb
+from services.workers.kvstore import Entry, KVStore, Layers
+from services.workers.kvwire import KVAssembler, KVSpec, dtype_name
+
+
+class DecodeWorker:
+    """KV store + decode scheduler of one process; the gRPC handlers of KVTransfer and Decode live here."""
+
+    def __init__(self, engine: Engine, scheduler: FusionScheduler, kv_budget_bytes: int, logger: logging.Logger,
+                 lease_s: float = 30.0, stall_s: float = 10.0,
+                 on_receive: Callable[[int, float], None] | None = None,
+                 on_reject: Callable[[str], None] | None = None) -> None:
+        self.engine, self.scheduler, self.logger = engine, scheduler, logger
+        self.on_receive, self.on_reject = on_receive, on_reject
+        self.store = KVStore(kv_budget_bytes, lease_s, stall_s,
+                             other_used=lambda: scheduler.stats()["kv_used_bytes"], on_expire=self._expired)
+        cfg = engine.cfg
+        self.expect = KVSpec(engine.fingerprint, cfg.n_layers, dtype_name(engine.dtype), 0, cfg.n_kv_heads, cfg.head_dim)
+
+    def _expired(self, entry: Entry, why: str) -> None:
+        log(self.logger, f"KV freed: {why}", logging.WARNING, request_id=entry.request_id, bytes=entry.nbytes)
+
+    # ---- KVTransfer ----
+    def push(self, chunks: Iterator[pb.KVChunk], context: grpc.ServicerContext) -> pb.KVReceipt:
+        rid = request_id(context)
+        asm = KVAssembler(self.expect, self.engine.cfg.max_seq_len - 1)
+        ticket = None
+        t0 = time.perf_counter()
+        try:
+            first = next(chunks, None)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise InvalidArgument("KV push must start with a header", param="header")
+            spec = asm.header(first.header)
+            rid = first.header.request_id or rid
+            ticket = self.store.begin(rid, spec.nbytes, cancel=context.cancel)
+            for chunk in chunks:
+                if chunk.WhichOneof("kind") != "piece":
+                    raise InvalidArgument("KV push carries a second header", param="header")
+                self.store.touch(ticket)
+                asm.piece(chunk.piece)
+            layers = asm.finish()
+            handle, lease = self.store.commit(ticket, layers, asm.lease_s)
+            ticket = None
+        except InvalidArgument as exc:
+            if self.on_reject:
+                self.on_reject(exc.param or "other")
+            log(self.logger, f"KV push rejected: {exc.message}", logging.WARNING, request_id=rid,
+                received_bytes=asm.received)
+            raise
+        finally:
+            if ticket is not None:
+                self.store.abort(ticket)  # bad, cancelled or stalled push: its memory goes now
+        dt = time.perf_counter() - t0
+        if self.on_receive:
+            self.on_receive(spec.nbytes, dt)
+        log(self.logger, "KV received", request_id=rid, bytes=spec.nbytes, tokens=spec.n_tokens, seconds=round(dt, 4))
+        return pb.KVReceipt(request_id=rid, handle=handle, bytes=spec.nbytes, receive_s=dt, lease_s=lease)
+
+    def release(self, req: pb.KVReleaseRequest, context: grpc.ServicerContext) -> pb.KVReleaseReply:
+        return pb.KVReleaseReply(released=self.store.release(req.handle))
+
+    # ---- Decode ----
+    def decode(self, req: pb.DecodeRequest, context: grpc.ServicerContext) -> Iterator[pb.DecodeEvent]:
+        params = sampling_from_pb(req.sampling)
+        if not 0 <= req.first_token < self.engine.cfg.vocab_size:
+            raise InvalidArgument(f"first_token {req.first_token} outside the vocabulary", param="first_token")
+        entry = self.store.claim(req.handle)
+        yield from self.stream(req.request_id or entry.request_id, req.handle, entry.layers, req.first_token,
+                               params, context)
+
+    def stream(self, rid: str, key: str, layers: Layers, first_token: int, params: SamplingParams,
+               context: grpc.ServicerContext) -> Iterator[pb.DecodeEvent]:
+        """Submit to the scheduler and yield its tokens; cancelling the RPC cancels the request there."""
+        events: queue.Queue = queue.Queue()
+        t0 = time.perf_counter()
+        self.scheduler.submit(DecodeRequest(key, layers, first_token, params,
+                                            emit=lambda tok, reason: events.put((tok, reason))))
+        del layers  # the scheduler owns the KV now
+        context.add_callback(lambda: self.scheduler.cancel(key))  # fires on cancel/deadline; harmless after the end
+        first = True
+        while True:
+            try:
+                tok, reason = events.get(timeout=0.5)
+            except queue.Empty:
+                if not context.is_active():
+                    self.scheduler.cancel(key)
+                    return
+                continue
+            if reason == "error":
+                raise Unavailable(f"decode step failed for request {rid}")
+            if reason == "cancelled" and not context.is_active():
+                log(self.logger, "decode cancelled by the client; slot and KV freed", request_id=rid)
+                return
+            ev = pb.DecodeEvent(finish_reason=reason or "")
+            if tok != NO_TOKEN:
+                ev.token_id = tok
+            if first:
+                ev.first_decode_s = time.perf_counter() - t0
+                first = False
+            if tok != NO_TOKEN or reason:
+                yield ev
+            if reason:
+                log(self.logger, "decode finished", request_id=rid, finish_reason=reason)
+                return
+
+    def close(self) -> None:
+        self.store.close()

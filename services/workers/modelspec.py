@@ -1,0 +1,47 @@
+"""Model specs a worker can load in its own process: None (embedded default), a checkpoint path, or random:..."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from services.errors import InvalidArgument
+
+# A tiny Llama shape for tests and benchmarks: same spec in two processes -> same weights -> same fingerprint.
+TINY = {"vocab_size": 256, "dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128,
+        "max_seq_len": 512, "eos_ids": [1]}
+
+
+def random_spec(**cfg: Any) -> str:
+    """The spec string for a random model with this config (keys of ModelConfig, plus optional "seed")."""
+    return "random:" + json.dumps(cfg, sort_keys=True)
+
+
+def load_model(spec: str | None, device: str | None = None) -> Any:
+    """An Engine for `spec`; InvalidArgument naming `model` when the spec cannot be read."""
+    from services.engine import ModelConfig, random_engine
+
+    if spec is None or not spec.startswith("random:"):
+        from services.engine.loader import load_engine
+
+        return load_engine(spec, device=device)
+    body = spec[len("random:"):]
+    if body == "tiny":
+        cfg = dict(TINY)
+    else:
+        try:
+            cfg = json.loads(body)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"model spec {spec!r}: not 'random:tiny' or 'random:<json>': {exc}", param="model") from None
+        if not isinstance(cfg, dict):
+            raise InvalidArgument(f"model spec {spec!r}: the JSON must be an object", param="model")
+    seed = cfg.pop("seed", 0)
+    if "eos_ids" in cfg:
+        cfg["eos_ids"] = tuple(cfg["eos_ids"])
+    try:
+        mc = ModelConfig(**cfg)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"model spec {spec!r}: {exc}", param="model") from None
+    engine = random_engine(mc, seed=seed, **({"device": device} if device else {}))
+    engine.name = spec
+    return engine

@@ -1,0 +1,200 @@
+"""The prompt phase: batch waiting prompts under a token budget, stream each layer's KV out as it is computed.
+
+A forward hook on every transformer block copies that layer's K/V of each prompt into the request's
+KVSender while the next layers are still running (Splitwise's layer-wise overlapped transfer).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from services.engine import Engine
+from services.engine.sampling import Sampler, SamplingParams
+from services.errors import InvalidArgument, TandemError, Unavailable
+from services.workers.client import PrefillResult, Timings
+from services.workers.kvwire import DEFAULT_CHUNK, KVSpec, dtype_name
+from services.workers.sender import Channels, KVSender
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(slots=True, eq=False)
+class PrefillJob:
+    """One prompt. `decode_address` None keeps the KV in-process (mixed worker): it lands in `layers`."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    decode_address: str | None
+    kv_timeout_s: float = 30.0
+    lease_s: float = 0.0
+    enqueued: float = field(default_factory=time.perf_counter)
+    future: Future = field(default_factory=Future)
+    layers: Layers | None = None
+    sampler: Sampler | None = None
+
+
+@dataclass(slots=True)
+class _Batch:
+    thread: int
+    kv: object
+    lens: list[int]
+    senders: list[KVSender | None]
+
+
+class PrefillBatcher:
+    """Owns the prefill queue and thread. submit() is thread-safe; results arrive on each job's future."""
+
+    def __init__(self, engine: Engine, max_batch_tokens: int = 2048, max_batch: int = 32,
+                 chunk_bytes: int = DEFAULT_CHUNK, on_push: object = None) -> None:
+        self.engine = engine
+        self.max_batch_tokens, self.max_batch = max_batch_tokens, max_batch
+        self.chunk_bytes = chunk_bytes
+        self.on_push = on_push  # callable(bytes, seconds) for metrics
+        self.channels = Channels()
+        self._cv = threading.Condition()
+        self._queue: deque[PrefillJob] = deque()
+        self._pending_tokens = 0
+        self._active: _Batch | None = None
+        self._stopping = False
+        self._hooks = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(engine.model.layers)]
+        self._thread = threading.Thread(target=self._loop, name="prefill-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending_tokens(self) -> int:
+        return self._pending_tokens
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def submit(self, job: PrefillJob) -> Future:
+        cfg = self.engine.cfg
+        self.engine.check_prompt(job.prompt)
+        if len(job.prompt) >= cfg.max_seq_len:
+            raise InvalidArgument(f"prompt of {len(job.prompt)} tokens leaves no room to generate in the context "
+                                  f"length {cfg.max_seq_len}", param="prompt")
+        job.sampler = Sampler(job.params)  # validates the params
+        with self._cv:
+            if self._stopping:
+                raise Unavailable("prefill worker is shutting down")
+            self._queue.append(job)
+            self._pending_tokens += len(job.prompt)
+            self._cv.notify()
+        return job.future
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+        for h in self._hooks:
+            h.remove()
+        for job in self._queue:
+            job.future.set_exception(Unavailable("prefill worker is shutting down"))
+        self.channels.close()
+
+    def _take(self) -> list[PrefillJob] | None:
+        """FIFO jobs whose prompts fit max_batch_tokens together (a longer prompt runs alone)."""
+        with self._cv:
+            while not self._queue and not self._stopping:
+                self._cv.wait()
+            if self._stopping:
+                return None
+            batch, tokens = [], 0
+            while self._queue and len(batch) < self.max_batch:
+                n = len(self._queue[0].prompt)
+                if batch and tokens + n > self.max_batch_tokens:
+                    break
+                batch.append(self._queue.popleft())
+                tokens += n
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            try:
+                self._run(batch)
+            except Exception as exc:  # noqa: BLE001 - one bad batch fails its own jobs, never the worker
+                err = exc if isinstance(exc, TandemError) else Unavailable(f"prefill failed: {type(exc).__name__}: {exc}")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(err)
+            finally:
+                with self._cv:
+                    self._pending_tokens -= sum(len(j.prompt) for j in batch)
+
+    def _hook(self, index: int):
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            b = self._active
+            if b is None or b.thread != threading.get_ident():
+                return  # a decode step on the same model in another thread (mixed worker)
+            for slot, sender in enumerate(b.senders):
+                if sender is not None:
+                    n = b.lens[slot]
+                    sender.put(index, b.kv.k[index, slot, :n].clone(), b.kv.v[index, slot, :n].clone())
+        return hook
+
+    def _spec(self, n_tokens: int) -> KVSpec:
+        cfg = self.engine.cfg
+        return KVSpec(self.engine.fingerprint, cfg.n_layers, dtype_name(self.engine.dtype), n_tokens,
+                      cfg.n_kv_heads, cfg.head_dim)
+
+    def _run(self, jobs: list[PrefillJob]) -> None:
+        t0 = time.perf_counter()
+        lens = [len(j.prompt) for j in jobs]
+        kv = self.engine.new_kv(slots=len(jobs), capacity=max(lens))
+        senders: list[KVSender | None] = []
+        for j in jobs:
+            remote = j.decode_address and j.params.max_tokens > 1
+            senders.append(KVSender(self.channels, j.decode_address, self._spec(len(j.prompt)), j.request_id,
+                                    j.kv_timeout_s, j.lease_s, self.chunk_bytes) if remote else None)
+        self._active = _Batch(threading.get_ident(), kv, lens, senders)
+        try:
+            logits = self.engine.prefill([j.prompt for j in jobs], kv, list(range(len(jobs))))
+        except BaseException:
+            for s in senders:
+                if s is not None:
+                    s.cancel()
+            raise
+        finally:
+            self._active = None
+        firsts = [j.sampler.sample(logits[i]) for i, j in enumerate(jobs)]
+        t1 = time.perf_counter()
+        eos = set(self.engine.cfg.eos_ids)
+        finished: list[str | None] = []
+        for j, tok, s in zip(jobs, firsts, senders, strict=True):
+            reason = "stop" if tok in eos and not j.params.ignore_eos else "length" if j.params.max_tokens <= 1 else None
+            finished.append(reason)
+            if s is not None:
+                s.cancel() if reason else s.close()
+        for i, j in enumerate(jobs):
+            if j.decode_address is None and finished[i] is None:
+                j.layers = kv.export(i)
+        del kv  # the batch's cache is freed here; senders hold their own per-layer copies
+        # Receipts are awaited off the batcher thread, so the next batch computes while this one's tail lands.
+        threading.Thread(target=self._finish, args=(jobs, firsts, senders, finished, t0, t1), daemon=True,
+                         name="prefill-finish").start()
+
+    def _finish(self, jobs: list[PrefillJob], firsts: list[int], senders: list[KVSender | None],
+                finished: list[str | None], t0: float, t1: float) -> None:
+        for j, tok, s, reason in zip(jobs, firsts, senders, finished, strict=True):
+            timings = Timings(queue_s=t0 - j.enqueued, prefill_s=t1 - t0)
+            result = PrefillResult(j.request_id, tok, "", len(j.prompt), reason, timings, 0)
+            if s is not None and reason is None:
+                try:
+                    receipt = s.wait()
+                except TandemError as exc:
+                    j.future.set_exception(exc)
+                    continue
+                timings.kv_transfer_s = time.perf_counter() - t1
+                result.handle, result.kv_bytes = receipt.handle, receipt.bytes
+                if self.on_push:
+                    self.on_push(receipt.bytes, time.perf_counter() - s.started)
+            j.future.set_result(result)

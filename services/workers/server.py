@@ -1,0 +1,236 @@
+"""One worker process: `serve(role, address, model, batching, metrics_port, ready_event)` for prefill/decode/mixed.
+
+Health stays NOT_SERVING until the model is loaded; every service also has reflection, Prometheus metrics
+and JSON logs carrying the request id. `python -m services.workers.server ROLE --address ...` runs one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from typing import Any
+
+import grpc
+
+from services.errors import InvalidArgument, TandemError, Unavailable
+from services.grpcutil import Server, get_logger, log, request_id, rpc_errors
+from services.rpc.tandem.v1 import worker_pb2 as pb
+from services.rpc.tandem.v1 import worker_pb2_grpc as rpc
+from services.workers.client import sampling_from_pb
+from services.workers.kvwire import DEFAULT_CHUNK, dtype_name
+from services.workers.metrics import WorkerMetrics
+from services.workers.mixed import MixedWorker, result_to_pb, wait_result
+from services.workers.prefill import PrefillJob
+
+ROLES = ("prefill", "decode", "mixed")
+SERVICES = [f"tandem.v1.{n}" for n in ("Prefill", "Decode", "KVTransfer", "Worker")]
+DEFAULT_KV_BUDGET = 1 << 30
+logger = get_logger("tandem.worker")
+
+
+class WrongRole(TandemError):
+    code = "FAILED_PRECONDITION"
+    http_status = 400
+    openai_type = "invalid_request_error"
+
+
+class WorkerServer:
+    """Engine + the role's parts + the gRPC server. start() loads the model and only then reports SERVING."""
+
+    def __init__(self, role: str, address: str, model: str | None = None, batching: Any = None,
+                 metrics_port: int | None = None, *, kv_lease_s: float = 30.0, kv_stall_s: float = 10.0,
+                 kv_timeout_s: float = 30.0, chunk_bytes: int = DEFAULT_CHUNK, device: str | None = None) -> None:
+        if role not in ROLES:
+            raise InvalidArgument(f"role must be one of {', '.join(ROLES)} (got {role!r})", param="role")
+        from services.layout import Batching
+
+        self.role, self.model_spec, self.device = role, model, device
+        self.batching = batching if batching is not None else Batching()
+        self.metrics_port = metrics_port
+        self.kv_lease_s, self.kv_stall_s, self.kv_timeout_s, self.chunk_bytes = kv_lease_s, kv_stall_s, kv_timeout_s, chunk_bytes
+        self.engine = self.batcher = self.decoder = self.mixed = self.scheduler = None
+        self.server = Server(address, [self._add], SERVICES)
+        self.address = self.server.address
+
+    def _add(self, server: grpc.Server) -> None:
+        rpc.add_PrefillServicer_to_server(_Prefill(self), server)
+        rpc.add_DecodeServicer_to_server(_Decode(self), server)
+        rpc.add_KVTransferServicer_to_server(_KVTransfer(self), server)
+        rpc.add_WorkerServicer_to_server(_Worker(self), server)
+
+    def start(self) -> WorkerServer:
+        self.server.start()
+        if self.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(self.metrics_port)
+        self._load()
+        self.server.ready()
+        log(logger, "worker ready", role=self.role, address=self.address, model=self.engine.name,
+            fingerprint=self.engine.fingerprint, metrics_port=self.metrics_port)
+        return self
+
+    def _load(self) -> None:
+        from services.fusion.scheduler import FusionScheduler
+        from services.workers.decode import DecodeWorker
+        from services.workers.modelspec import load_model
+        from services.workers.prefill import PrefillBatcher
+
+        self.engine = load_model(self.model_spec, self.device)
+        b = self.batching
+        budget = int(b.kv_budget_mb * 2**20) if b.kv_budget_mb else DEFAULT_KV_BUDGET
+        self.metrics = WorkerMetrics(self.address, running=self._live, waiting=self._waiting,
+                                     queue_tokens=lambda: self.batcher.pending_tokens if self.batcher else 0,
+                                     kv_free=lambda: self.decoder.store.free_bytes if self.decoder else 0)
+        if self.role in ("prefill", "mixed"):
+            self.batcher = PrefillBatcher(self.engine, b.max_batch_tokens, b.max_batch, self.chunk_bytes,
+                                          on_push=self.metrics.pushed)
+        if self.role in ("decode", "mixed"):
+            self.scheduler = FusionScheduler(self.engine, b.policy, b.max_batch, budget)
+            self.scheduler.start()
+            self.decoder = DecodeWorker(self.engine, self.scheduler, budget, logger, self.kv_lease_s, self.kv_stall_s,
+                                        on_receive=self.metrics.received, on_reject=self.metrics.rejected)
+        if self.role == "mixed":
+            self.mixed = MixedWorker(self.batcher, self.decoder)
+
+    def _live(self) -> int:
+        return self.scheduler.stats()["live"] if self.scheduler else 0
+
+    def _waiting(self) -> int:
+        n = self.batcher.waiting if self.batcher else 0
+        if self.decoder:
+            n += self.decoder.store.waiting + self.scheduler.stats()["waiting"]
+        return n
+
+    def need(self, part: str) -> Any:
+        if self.engine is None:
+            raise Unavailable("the worker is still loading its model")
+        value = getattr(self, part)
+        if value is None:
+            raise WrongRole(f"this is a {self.role} worker; it does not serve {part}")
+        return value
+
+    def info(self) -> pb.WorkerInfo:
+        e = self.need("engine")
+        total = self.decoder.store.budget_bytes if self.decoder else 0
+        return pb.WorkerInfo(
+            role=self.role, model=self.model_spec or e.name, fingerprint=e.fingerprint, address=self.address,
+            pending_prompt_tokens=self.batcher.pending_tokens if self.batcher else 0, live_requests=self._live(),
+            waiting_requests=self._waiting(), kv_free_bytes=self.decoder.store.free_bytes if self.decoder else 0,
+            kv_total_bytes=total, max_seq_len=e.cfg.max_seq_len, vocab_size=e.cfg.vocab_size,
+            kv_dtype=dtype_name(e.dtype))
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.server.stop(grace)
+        if self.batcher:
+            self.batcher.stop()
+        if self.scheduler:
+            self.scheduler.stop()
+        if self.decoder:
+            self.decoder.close()
+
+
+class _Prefill(rpc.PrefillServicer):
+    def __init__(self, w: WorkerServer) -> None:
+        self.w = w
+
+    @rpc_errors(logger)
+    def Prefill(self, req: pb.PrefillRequest, context: grpc.ServicerContext) -> pb.PrefillResponse:  # noqa: N802
+        batcher = self.w.need("batcher")
+        rid = req.request_id or request_id(context)
+        params = sampling_from_pb(req.sampling)
+        if not req.decode_address and params.max_tokens > 1:
+            raise InvalidArgument("decode_address is required when max_tokens > 1", param="decode_address")
+        if req.kv_timeout_s < 0:
+            raise InvalidArgument(f"kv_timeout_s must be >= 0 (got {req.kv_timeout_s})", param="kv_timeout_s")
+        timeout = req.kv_timeout_s or self.w.kv_timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = min(timeout, remaining)
+        job = PrefillJob(rid, list(req.prompt_ids), params, req.decode_address or None, timeout)
+        batcher.submit(job)
+        result = wait_result(job, context)
+        log(logger, "prefill done", request_id=rid, prompt_tokens=result.prompt_tokens, kv_bytes=result.kv_bytes,
+            queue_s=round(result.timings.queue_s, 4), prefill_s=round(result.timings.prefill_s, 4),
+            kv_transfer_s=round(result.timings.kv_transfer_s, 4))
+        return result_to_pb(result)
+
+
+class _Decode(rpc.DecodeServicer):
+    def __init__(self, w: WorkerServer) -> None:
+        self.w = w
+
+    @rpc_errors(logger)
+    def Decode(self, req: pb.DecodeRequest, context: grpc.ServicerContext):  # noqa: N802
+        yield from self.w.need("decoder").decode(req, context)
+
+
+class _KVTransfer(rpc.KVTransferServicer):
+    def __init__(self, w: WorkerServer) -> None:
+        self.w = w
+
+    @rpc_errors(logger)
+    def Push(self, chunks, context: grpc.ServicerContext) -> pb.KVReceipt:  # noqa: N802
+        return self.w.need("decoder").push(chunks, context)
+
+    @rpc_errors(logger)
+    def Release(self, req: pb.KVReleaseRequest, context: grpc.ServicerContext) -> pb.KVReleaseReply:  # noqa: N802
+        return self.w.need("decoder").release(req, context)
+
+
+class _Worker(rpc.WorkerServicer):
+    def __init__(self, w: WorkerServer) -> None:
+        self.w = w
+
+    @rpc_errors(logger)
+    def Info(self, req: pb.WorkerInfoRequest, context: grpc.ServicerContext) -> pb.WorkerInfo:  # noqa: N802
+        return self.w.info()
+
+    @rpc_errors(logger)
+    def Generate(self, req: pb.MixedRequest, context: grpc.ServicerContext):  # noqa: N802
+        yield from self.w.need("mixed").generate(req, context)
+
+
+def serve(role: str, address: str, model: str | None = None, batching: Any = None, metrics_port: int | None = None,
+          ready_event: threading.Event | None = None, stop_event: threading.Event | None = None, **opts: Any) -> None:
+    """Run one worker until SIGINT/SIGTERM (or `stop_event`); `ready_event` is set once it is SERVING."""
+    stop = stop_event or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    worker = WorkerServer(role, address, model, batching, metrics_port, **opts).start()
+    if ready_event is not None:
+        ready_event.set()
+    try:
+        stop.wait()
+    finally:
+        log(logger, "worker stopping", role=role, address=worker.address)
+        worker.stop()
+
+
+def main() -> None:
+    from services.layout import Batching
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("role", choices=ROLES)
+    p.add_argument("--address", default="127.0.0.1:0")
+    p.add_argument("--model", default=None, help="checkpoint path, random:tiny, random:<json>; default SmolLM2")
+    p.add_argument("--metrics-port", type=int, default=None)
+    p.add_argument("--policy", default="fusion")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-batch-tokens", type=int, default=2048)
+    p.add_argument("--kv-budget-mb", type=float, default=None)
+    p.add_argument("--kv-lease-s", type=float, default=30.0)
+    p.add_argument("--kv-stall-s", type=float, default=10.0)
+    p.add_argument("--kv-timeout-s", type=float, default=30.0)
+    p.add_argument("--device", default=None)
+    a = p.parse_args()
+    batching = Batching(policy=a.policy, max_batch=a.max_batch, max_batch_tokens=a.max_batch_tokens,
+                        kv_budget_mb=a.kv_budget_mb)
+    serve(a.role, a.address, a.model, batching, a.metrics_port, kv_lease_s=a.kv_lease_s, kv_stall_s=a.kv_stall_s,
+          kv_timeout_s=a.kv_timeout_s, device=a.device)
+
+
+if __name__ == "__main__":
+    main()
