@@ -34,12 +34,13 @@ class Cluster:
         self.prefill_addr = f"127.0.0.1:{free_port()}"
         self.decode_addr = f"127.0.0.1:{free_port()}"  # a mixed worker: decode target and one-process path
         self.decode_log = tmp / "decode.log"
+        self.metrics_port = free_port()
         common = [sys.executable, "-m", "services.workers.server", "--model", SPEC]
         self.procs = [
             subprocess.Popen([*common, "prefill", "--address", self.prefill_addr, "--max-batch-tokens", "64"],
                              stderr=subprocess.DEVNULL),
             subprocess.Popen([*common, "mixed", "--address", self.decode_addr, "--kv-lease-s", str(LEASE_S),
-                              "--kv-stall-s", "1.0"], stderr=self.decode_log.open("w")),
+                              "--kv-stall-s", "1.0", "--metrics-port", str(self.metrics_port)], stderr=self.decode_log.open("w")),
         ]
         for addr in (self.prefill_addr, self.decode_addr):
             wait_healthy(addr, 120)
@@ -250,3 +251,43 @@ def test_wrong_role_unknown_handle_and_missing_address(cluster: Cluster) -> None
         cluster.prefill.prefill("x", [1, 2], GREEDY, "", timeout=10)
     with pytest.raises(errors.InvalidArgument, match="max_tokens"):
         cluster.prefill.prefill("x", [1, 2], SamplingParams(max_tokens=0), cluster.decode_addr, timeout=10)
+
+
+def test_metrics_reflection_and_info(cluster: Cluster) -> None:
+    import urllib.request
+
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    split_generate(cluster, "metrics-1", PROMPTS[1])
+    text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=5).read().decode()
+    received = [line for line in text.splitlines()
+                if line.startswith("tandem_worker_kv_transfer_bytes_total") and 'direction="received"' in line]
+    assert received and float(received[0].split()[-1]) > 0
+    assert "tandem_worker_kv_free_bytes" in text and "tandem_worker_running_requests" in text
+    with channel(cluster.decode_addr) as ch:
+        names = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+    assert {"tandem.v1.Prefill", "tandem.v1.Decode", "tandem.v1.KVTransfer", "tandem.v1.Worker",
+            "grpc.health.v1.Health"} <= names
+    info = cluster.prefill.info()
+    assert info.role == "prefill" and info.fingerprint == cluster.decode.info().fingerprint
+    assert (info.max_seq_len, info.vocab_size, info.kv_dtype) == (512, 256, "float32")
+
+
+def test_health_is_not_serving_until_the_model_is_loaded(port: int) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.workers.server import WorkerServer
+
+    w = WorkerServer("decode", f"127.0.0.1:{port}", SPEC)
+    w.server.start()  # listening, model not loaded yet: what start() does before _load()
+    try:
+        with channel(w.address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(errors.Unavailable, match="loading"):
+                WorkerClient(w.address).info()
+            w._load()
+            w.server.ready()
+            assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        w.stop()
