@@ -56,6 +56,9 @@ def summarize_run(run: RunOutput) -> dict[str, float]:
         rejected=int(r.rejected.sum()),
         unfinished=int(dropped - r.rejected.sum()),
         offered_rps=float(entered / max(float(r.arrival[-1]), 1e-9)) if entered else 0.0,
+        # completions during the arrival window only (throughput_rps divides by the run incl. the drain)
+        throughput_window_rps=float((r.finish <= r.arrival[-1]).sum() / max(float(r.arrival[-1]), 1e-9))
+        if entered else 0.0,
         duration_s=duration,
         tokens_generated=int(r.gen.sum()),
         output_tokens_completed=tokens,
