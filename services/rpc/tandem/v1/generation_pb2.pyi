@@ -81,7 +81,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_s", "prefill_s", "kv_transfer_s", "first_decode_s", "ttft_s", "e2e_s", "mean_tbt_s", "token_times_s", "kv_bytes")
+    __slots__ = ("queue_s", "prefill_s", "kv_transfer_s", "first_decode_s", "ttft_s", "e2e_s", "mean_tbt_s", "token_times_s", "kv_bytes", "gateway_s")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class Timings(_message.Message):
     MEAN_TBT_S_FIELD_NUMBER: _ClassVar[int]
     TOKEN_TIMES_S_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_S_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     prefill_s: float
     kv_transfer_s: float
@@ -100,7 +101,8 @@ class Timings(_message.Message):
     mean_tbt_s: float
     token_times_s: _containers.RepeatedScalarFieldContainer[float]
     kv_bytes: int
-    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., first_decode_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., mean_tbt_s: _Optional[float] = ..., token_times_s: _Optional[_Iterable[float]] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
+    gateway_s: float
+    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., first_decode_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., mean_tbt_s: _Optional[float] = ..., token_times_s: _Optional[_Iterable[float]] = ..., kv_bytes: _Optional[int] = ..., gateway_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finish_reason", "usage", "timings", "workers")

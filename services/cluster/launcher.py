@@ -1,0 +1,148 @@
+"""`tandem up`: start every service of a layout as its own local process, wait for health, stop them all.
+
+Children run in their own sessions (a terminal's Ctrl-C reaches only us, and we stop them in order)
+and get SIGTERM from the kernel if this process dies without cleaning up (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.cluster.probe import grpc_ok, http_ok
+from services.errors import Unavailable
+from services.layout import Layout
+from services.registry import layout_endpoints
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(slots=True)
+class ProcSpec:
+    """One service to start: its argv and how to tell it is healthy (a gRPC address or an HTTP URL)."""
+
+    name: str
+    argv: list[str]
+    grpc: str | None = None
+    http: str | None = None
+    endpoints: list[str] = field(default_factory=list)
+
+
+def _probe_addr(addr: str) -> str:
+    host, _, port = addr.rpartition(":")
+    return f"127.0.0.1:{port}" if host in ("0.0.0.0", "", "::", "[::]") else addr
+
+
+def plan(layout: Layout, layout_path: str | None) -> list[ProcSpec]:
+    """The processes for a layout: workers first (their order in the layout), the gateway last."""
+    serve = [sys.executable, "-m", "services.cli", "serve"]
+    lay = ["--layout", str(layout_path)] if layout_path else []
+    specs = []
+    for ep in layout_endpoints(layout):
+        argv = [*serve, ep.role, *lay, "--index", str(ep.index), "--address", ep.bind or ep.address]
+        if ep.role in ("dlm", "policy"):
+            argv = [*serve, ep.role, *lay, "--port", str(ep.port)]
+        host = ep.address.rsplit(":", 1)[0]
+        extra = [f"metrics http://{host}:{ep.metrics_port}/metrics"] if ep.metrics_port and ep.role in (
+            "prefill", "decode", "mixed") else []
+        specs.append(ProcSpec(ep.name, argv, grpc=_probe_addr(ep.address), endpoints=[f"grpc {ep.address}", *extra]))
+    http, grpc_addr = layout.gateway.http, layout.gateway.grpc
+    specs.append(ProcSpec("gateway", [*serve, "gateway", *lay, "--http", http, "--grpc", grpc_addr],
+                          http=f"http://{_probe_addr(http)}/health",
+                          endpoints=[f"http http://{http}/v1", f"grpc {grpc_addr}", f"metrics http://{http}/metrics"]))
+    return specs
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class Cluster:
+    """Owns the processes it starts; `stop()` ends every one of them (SIGTERM, then SIGKILL after a grace)."""
+
+    def __init__(self, specs: list[ProcSpec], log_dir: str | Path | None = None) -> None:
+        self.specs = specs
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="tandem-up-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, names: list[str] | None = None) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for spec in self.specs:
+            if names is not None and spec.name not in names:
+                continue
+            log = open(self.log_dir / f"{spec.name}.log", "ab")  # noqa: SIM115 - the child keeps it open
+            self.procs[spec.name] = subprocess.Popen(spec.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            log.close()
+
+    def wait_healthy(self, names: list[str], timeout_s: float = 180.0, on_ready: object = None) -> None:
+        """Block until each named service is healthy; a child that exits first fails with its log tail."""
+        deadline = time.monotonic() + timeout_s
+        pending = [s for s in self.specs if s.name in names]
+        while pending:
+            for spec in list(pending):
+                self.check_alive(spec.name)
+                ok = grpc_ok(spec.grpc, 0.5) if spec.grpc else http_ok(spec.http or "", 1.0)
+                if ok:
+                    pending.remove(spec)
+                    if callable(on_ready):
+                        on_ready(spec)
+            if pending and time.monotonic() > deadline:
+                raise Unavailable(f"not healthy after {timeout_s:.0f}s: {', '.join(s.name for s in pending)} "
+                                  f"(logs in {self.log_dir})")
+            if pending:
+                time.sleep(0.2)
+
+    def check_alive(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.poll() is not None:
+            raise Unavailable(f"{name} exited with code {proc.returncode}; last log lines:\n{self.log_tail(name)}")
+
+    def dead(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() is not None]
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        path = self.log_dir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Gateway first (no new requests), then the workers; SIGKILL whatever outlives the grace."""
+        order = sorted(self.procs, key=lambda n: n != "gateway")
+        for name in order:
+            self._signal(self.procs[name], signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for name in order:
+            proc = self.procs[name]
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._signal(proc, signal.SIGKILL)
+                proc.wait(5)
+        for proc in self.procs.values():  # grandchildren in the same session, if any
+            self._signal(proc, signal.SIGKILL, group_only=True)
+
+    @staticmethod
+    def _signal(proc: subprocess.Popen, sig: int, group_only: bool = False) -> None:
+        try:
+            os.killpg(proc.pid, sig)  # the child leads its own process group (start_new_session)
+        except (ProcessLookupError, PermissionError):
+            if not group_only and proc.poll() is None:
+                proc.send_signal(sig)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,283 @@
+"""One request through the cluster: validate, route, prefill (+ KV push), decode stream, stop strings, timings.
+
+Both front doors (HTTP and gRPC) call `Gateway.run`, a plain iterator driven from one thread; another
+thread cancels it by setting `cancel`, which closes the upstream decode stream at the next token.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.engine.sampling import SamplingParams
+from services.errors import DeadlineExceeded, InvalidArgument, TandemError, Unavailable
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.textstream import TextStream
+from services.grpcutil import get_logger, log
+from services.registry import Registry
+from services.router import Route, make_router
+
+logger = get_logger("tandem.gateway")
+KV_TIMEOUT_S = 30.0  # cap on one KV push; a stalled push fails instead of holding the request
+
+
+@dataclass(slots=True)
+class GenRequest:
+    """A validated request as both front doors hand it over. `received` is on time.perf_counter()."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    timeout_s: float = 300.0
+    api: str = "grpc"
+    received: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(slots=True)
+class Chunk:
+    """What the request adds at one step; the last chunk has finish_reason, usage and timings."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    timings: dict[str, Any] | None = None
+    workers: list[str] = field(default_factory=list)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class Gateway:
+    """Holds the tokenizer, the router and one WorkerClient per worker; runs requests."""
+
+    def __init__(self, tokenizer: Any, registry: Registry, model_name: str, *, router_policy: str = "jsq",
+                 default_timeout_s: float = 300.0, client_factory: Any = None,
+                 metrics: GatewayMetrics | None = None) -> None:
+        if client_factory is None:
+            from services.workers.client import WorkerClient as client_factory
+        self.tokenizer = tokenizer
+        self.registry = registry
+        self.model_name = model_name
+        self.default_timeout_s = default_timeout_s
+        self.metrics = metrics or GatewayMetrics()
+        self._factory = client_factory
+        self._clients: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._context: int | None = None
+        self.router = make_router(router_policy, registry, lambda addr: self.client(addr).info(timeout=1.0))
+
+    def client(self, address: str) -> Any:
+        with self._lock:
+            c = self._clients.get(address)
+            if c is None:
+                c = self._clients[address] = self._factory(address)
+            return c
+
+    def context_length(self) -> int:
+        """The smallest context any LLM worker serves (learned from their Info once one answers)."""
+        if self._context is None:
+            lengths = []
+            for ep in self.registry.all():
+                try:
+                    n = self.client(ep.address).info(timeout=1.0).max_seq_len
+                except TandemError:
+                    continue
+                if n:
+                    lengths.append(n)
+            if not lengths:
+                raise Unavailable("no worker answered to report its context length")
+            self._context = min(lengths)
+        return self._context
+
+    def check(self, prompt_ids: list[int], params: SamplingParams, prompt_param: str = "prompt") -> None:
+        """Reject what no worker could run, naming the field (InvalidArgument)."""
+        params.validate()
+        if not prompt_ids:
+            raise InvalidArgument(f"{prompt_param}: must not be empty", param=prompt_param)
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidArgument(f"{prompt_param}: token id {bad} is outside the vocabulary (size {vocab})",
+                                  param=prompt_param)
+        ctx = self.context_length()
+        if len(prompt_ids) + params.max_tokens > ctx:
+            err = InvalidArgument(f"{prompt_param}: {len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens} "
+                                  f"exceed the model's context length {ctx}", param=prompt_param)
+            err.openai_code = "context_length_exceeded"  # type: ignore[attr-defined]
+            raise err
+
+    def run(self, req: GenRequest, cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        """Generate; yields one Chunk per token (the last one carries finish_reason, usage, timings).
+
+        Raises TandemError on failure. If `cancel` gets set, the upstream stream is closed (freeing the
+        decode slot and KV) and the iterator ends without a final chunk.
+        """
+        cancel = cancel or threading.Event()
+        m, n = self.metrics, len(req.prompt_ids)
+        deadline = req.received + req.timeout_s
+        route: Route | None = None
+        events: Iterator | None = None
+        prefilled = False
+        outcome = "error"
+        m.waiting.inc()
+        waiting = True
+        try:
+            route = self.router.pick(n)
+            m.prompt_tokens.inc(n)
+            pr, events = self._start(req, route, deadline, cancel)
+            self.router.prefill_done(route, n)
+            prefilled = True
+            if events is None:  # cancelled while the prompt ran; its KV is released
+                outcome = "cancelled"
+                return
+            stream = TextStream(self.tokenizer, req.params.stop)
+            times: list[float] = []  # one per counted output token (EOS is not counted, as in the engine)
+            ttft = 0.0
+            first_decode = 0.0
+            finish: str | None = None
+            last_ids: list[int] = []
+            last_text = ""
+            for tid, fin, fd in _tokens(pr, events):
+                if cancel.is_set():
+                    outcome = "cancelled"
+                    return
+                now = time.perf_counter() - req.received
+                if fd is not None:
+                    first_decode = fd
+                if waiting:
+                    ttft = now
+                    m.waiting.dec()
+                    waiting = False
+                    m.running.inc()
+                if fin == "cancelled":
+                    raise Unavailable(f"worker {route.decode} cancelled request {req.request_id}")
+                # A worker's "stop" always means its end-of-sequence token: neither text nor a counted token.
+                ids = [tid] if tid >= 0 and fin != "stop" else []
+                text = ""
+                if ids:
+                    if times:
+                        m.itl.observe(now - times[-1])
+                    times.append(now)
+                    text = stream.push(tid)
+                    if stream.stopped:
+                        fin = "stop"
+                if fin is not None:
+                    finish, last_ids, last_text = fin, ids, text
+                    break
+                yield Chunk(ids, text, workers=route.workers)
+                if time.perf_counter() > deadline:
+                    raise DeadlineExceeded(f"request {req.request_id} ran past its {req.timeout_s:.1f}s deadline")
+            if finish is None:
+                if cancel.is_set():
+                    outcome = "cancelled"
+                    return
+                raise Unavailable(f"worker {route.decode} ended the token stream without a finish reason")
+            last_text += stream.finish()
+            e2e = time.perf_counter() - req.received
+            timings = self._timings(pr, times, ttft, e2e, first_decode)
+            self._observe(timings, pr.kv_bytes)
+            usage = {"prompt_tokens": n, "completion_tokens": len(times), "total_tokens": n + len(times)}
+            outcome = "ok"
+            yield Chunk(last_ids, last_text, finish, usage, timings, route.workers)
+        except Unavailable:
+            if route is not None:
+                self.router.failed(route.prefill)
+                self.router.failed(route.decode)
+            raise
+        finally:
+            if events is not None and hasattr(events, "close"):
+                events.close()  # cancels the decode call when we stopped early (stop string, cancel, error)
+            if route is not None:
+                if not prefilled:
+                    self.router.prefill_done(route, n)
+                self.router.finished(route)
+            if waiting:
+                m.waiting.dec()
+            else:
+                m.running.dec()
+            m.requests.labels(req.api, outcome).inc()
+            log(logger, "request done", request_id=req.request_id, outcome=outcome, prompt_tokens=n,
+                workers=route.workers if route else [])
+
+    def _start(self, req: GenRequest, route: Route, deadline: float,
+               cancel: threading.Event) -> tuple[Any, Iterator | None]:
+        """Run the prompt phase; return the prefill result and the decode token iterator (None if cancelled)."""
+        rid, params = req.request_id, req.params
+        if route.mixed:
+            return self.client(route.prefill).generate(rid, req.prompt_ids, params, _remaining(deadline, rid))
+        decode_addr = route.decode if params.max_tokens > 1 else ""
+        pr = self.client(route.prefill).prefill(rid, req.prompt_ids, params, decode_addr, _remaining(deadline, rid),
+                                                kv_timeout=min(KV_TIMEOUT_S, _remaining(deadline, rid)))
+        if pr.finished or cancel.is_set():
+            if pr.handle:  # KV was pushed but will never be decoded: free it now rather than at lease expiry
+                try:
+                    self.client(route.decode).release(pr.handle)
+                except TandemError as exc:
+                    log(logger, f"release failed: {exc.message}", request_id=rid)
+            return pr, (iter(()) if pr.finished else None)
+        return pr, self.client(route.decode).decode(rid, pr.handle, pr.first_token, params,
+                                                    _remaining(deadline, rid))
+
+    @staticmethod
+    def _timings(pr: Any, times: list[float], ttft: float, e2e: float, first_decode: float) -> dict[str, Any]:
+        t = pr.timings
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        return {"queue_s": t.queue_s, "prefill_s": t.prefill_s, "kv_transfer_s": t.kv_transfer_s,
+                "first_decode_s": first_decode,
+                "gateway_s": max(0.0, ttft - t.queue_s - t.prefill_s - t.kv_transfer_s),
+                "ttft_s": ttft, "e2e_s": e2e, "mean_tbt_s": sum(gaps) / len(gaps) if gaps else 0.0,
+                "kv_bytes": pr.kv_bytes, "token_times_s": [round(x, 6) for x in times]}
+
+    def _observe(self, t: dict[str, Any], kv_bytes: int) -> None:
+        m = self.metrics
+        m.ttft.observe(t["ttft_s"])
+        m.e2e.observe(t["e2e_s"])
+        for phase in ("queue", "prefill", "kv_transfer", "first_decode", "gateway"):
+            m.ttft_phase.labels(phase).observe(t[f"{phase}_s"])
+        if t["token_times_s"]:
+            m.generation_tokens.inc(len(t["token_times_s"]))
+        if kv_bytes:
+            m.kv_bytes.inc(kv_bytes)
+            m.kv_seconds.observe(t["kv_transfer_s"])
+
+    def health(self) -> dict[str, Any]:
+        """Each worker's reachability and load; status 'ok' when a route can be made."""
+        workers = []
+        for ep in self.registry.all():
+            entry: dict[str, Any] = {"name": ep.name, "role": ep.role, "address": ep.address}
+            try:
+                i = self.client(ep.address).info(timeout=1.0)
+                entry.update(ok=True, live_requests=i.live_requests, waiting_requests=i.waiting_requests,
+                             pending_prompt_tokens=i.pending_prompt_tokens, kv_free_bytes=i.kv_free_bytes)
+            except TandemError as exc:
+                entry.update(ok=False, error=exc.message)
+            workers.append(entry)
+        up = {w["role"] for w in workers if w["ok"]}
+        ok = "mixed" in up or {"prefill", "decode"} <= up
+        return {"status": "ok" if ok else "unavailable", "model": self.model_name, "workers": workers}
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._clients.values():
+                c.close()
+            self._clients.clear()
+
+
+def _tokens(pr: Any, events: Iterator) -> Iterator[tuple[int, str | None, float | None]]:
+    """The prefill-sampled first token, then the decode stream's tokens, as (id, finish, first_decode_s)."""
+    yield pr.first_token, pr.finished, None
+    for ev in events:
+        yield ev.token_id, ev.finish_reason, ev.first_decode_s
+
+
+def _remaining(deadline: float, rid: str) -> float:
+    left = deadline - time.perf_counter()
+    if left <= 0:
+        raise DeadlineExceeded(f"request {rid} ran past its deadline before reaching a worker")
+    return left

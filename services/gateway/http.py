@@ -1,0 +1,195 @@
+"""The OpenAI-compatible HTTP API (FastAPI): models, completions, chat completions, SSE, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.errors import TandemError
+from services.gateway import openai_api as oa
+from services.gateway.core import Chunk, Gateway, GenRequest, new_request_id
+from services.grpcutil import REQUEST_ID_KEY, get_logger, log
+
+logger = get_logger("tandem.gateway.http")
+TIMEOUT_HEADER = "x-tandem-timeout-s"  # optional per-request deadline in seconds
+_END = object()
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+           request_id: str | None = None) -> JSONResponse:
+    headers = {REQUEST_ID_KEY: request_id} if request_id else None
+    return JSONResponse(oa.error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+def tandem_error_response(exc: TandemError, request_id: str | None = None) -> JSONResponse:
+    code = getattr(exc, "openai_code", None) or exc.code.lower()
+    return _error(exc.http_status, exc.message, exc.openai_type, exc.param, code, request_id)
+
+
+async def relay(gw: Gateway, req: GenRequest, pool: ThreadPoolExecutor) -> AsyncIterator[Chunk]:
+    """Drive Gateway.run on a worker thread; leaving this iterator early (disconnect) cancels upstream."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutdown); nobody is listening
+            cancel.set()
+
+    def produce() -> None:
+        try:
+            for chunk in gw.run(req, cancel):
+                put(chunk)
+        except BaseException as exc:  # noqa: BLE001 - handed to the async side, which raises it
+            put(exc)
+        finally:
+            put(_END)
+
+    pool.submit(produce)
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        cancel.set()
+
+
+def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
+    app = FastAPI(title="Tandem gateway", version="1")
+    pool = pool or ThreadPoolExecutor(max_workers=64, thread_name_prefix="gateway")
+    app.state.gateway, app.state.pool = gw, pool
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next: Any) -> Response:
+        rid = request.headers.get(REQUEST_ID_KEY) or new_request_id()
+        request.state.request_id = rid
+        response = await call_next(request)
+        response.headers[REQUEST_ID_KEY] = rid
+        return response
+
+    @app.exception_handler(TandemError)
+    async def on_tandem(request: Request, exc: TandemError) -> JSONResponse:
+        return tandem_error_response(exc, getattr(request.state, "request_id", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = (exc.errors() or [{}])[0]
+        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return _error(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500 else
+                      "server_error", None, "not_found" if exc.status_code == 404 else None)
+
+    @app.exception_handler(Exception)
+    async def on_internal(request: Request, exc: Exception) -> JSONResponse:
+        log(logger, f"internal error: {exc!r}", 40, request_id=getattr(request.state, "request_id", None))
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(gw)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> dict[str, Any]:
+        oa.check_model(gw, model_id)
+        return _model_card(gw)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _generate(request, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await _generate(request, "chat")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        doc = await run_in_threadpool(gw.health)
+        return JSONResponse(doc, status_code=200 if doc["status"] == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def _generate(request: Request, kind: Literal["completions", "chat"]) -> Response:
+        received = time.perf_counter()
+        rid = request.state.request_id
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _error(400, f"body: not valid JSON ({exc})", "invalid_request_error", "body", "invalid_json", rid)
+        body = oa.parse(data, kind)
+        timeout = _timeout(request, gw.default_timeout_s)
+        req = await run_in_threadpool(oa.to_request, gw, body, rid, timeout, received)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        shaper = oa.Shaper(kind, gw.model_name, rid, include_usage)
+        chunks = relay(gw, req, pool)
+        if not body.stream:
+            collected = [c async for c in chunks]
+            return JSONResponse(shaper.whole(collected))
+        # Pull the first token before answering 200, so routing/prefill errors get a real status code.
+        first = await chunks.__anext__()
+        return StreamingResponse(_sse(shaper, first, chunks, rid), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})
+
+    return app
+
+
+async def _sse(shaper: oa.Shaper, first: Chunk, rest: AsyncIterator[Chunk], rid: str) -> AsyncIterator[bytes]:
+    try:
+        chunk, is_first = first, True
+        while True:
+            for doc in shaper.stream_chunks(chunk, is_first):
+                yield b"data: " + json.dumps(doc).encode() + b"\n\n"
+            if chunk.finish_reason is not None:
+                break
+            is_first = False
+            chunk = await rest.__anext__()
+    except TandemError as exc:  # mid-stream failure: the status line is gone, so say it in the stream
+        code = getattr(exc, "openai_code", None) or exc.code.lower()
+        yield b"data: " + json.dumps(oa.error_body(exc.message, exc.openai_type, exc.param, code)).encode() + b"\n\n"
+    except StopAsyncIteration:
+        pass
+    finally:
+        await rest.aclose()  # on client disconnect this cancels the upstream decode stream
+    yield b"data: [DONE]\n\n"
+
+
+def _timeout(request: Request, default: float) -> float:
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        from services.errors import InvalidArgument
+
+        raise InvalidArgument(f"{TIMEOUT_HEADER}: must be a number of seconds in (0, 3600] (got {raw!r})",
+                              param=TIMEOUT_HEADER)
+    return value
+
+
+def _model_card(gw: Gateway) -> dict[str, Any]:
+    return {"id": gw.model_name, "object": "model", "created": 0, "owned_by": "tandem"}

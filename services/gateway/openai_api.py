@@ -1,0 +1,200 @@
+"""OpenAI request shapes -> GenRequest (validated, errors name the field) and Chunks -> OpenAI response JSON."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from services.engine.sampling import SamplingParams
+from services.errors import InvalidArgument
+from services.gateway.core import Chunk, Gateway, GenRequest
+
+MAX_STOP = 4
+CHAT_DEFAULT_MAX_TOKENS = 1024  # chat requests without max_tokens get this, capped by the context left
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Fields both endpoints share. Unknown fields are ignored (clients send extras); unsupported ones fail."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # extension (vLLM spelling)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+    presence_penalty: float = Field(0.0, ge=0, le=0)
+    frequency_penalty: float = Field(0.0, ge=0, le=0)
+    ignore_eos: bool = False  # extension, for benchmarks
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        return stops
+
+
+class CompletionBody(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: Literal[False] = False
+    logprobs: None = None
+    best_of: int | None = Field(None, ge=1, le=1)
+    suffix: None = None
+
+
+class ChatPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ChatPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatBody(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: Literal[False] | None = None
+    tools: None = None
+
+
+def _pydantic_error(exc: ValidationError) -> InvalidArgument:
+    first = exc.errors()[0]
+    # drop union-branch names (e.g. 'prompt.str') so the param is the request field the client wrote
+    loc = [str(x) for x in first["loc"] if not (isinstance(x, str) and ("[" in x or x in ("str", "list")))]
+    param = ".".join(loc) or "body"
+    if first["type"] == "missing":
+        return InvalidArgument(f"{param}: is required", param=param)
+    return InvalidArgument(f"{param}: {first['msg']} (got {first.get('input')!r})"[:500], param=param)
+
+
+def parse(body: Any, kind: Literal["completions", "chat"]) -> CompletionBody | ChatBody:
+    if not isinstance(body, dict):
+        raise InvalidArgument("body: expected a JSON object", param="body")
+    try:
+        return (CompletionBody if kind == "completions" else ChatBody).model_validate(body)
+    except ValidationError as exc:
+        raise _pydantic_error(exc) from None
+
+
+def check_model(gw: Gateway, name: str) -> None:
+    if name and name != gw.model_name:
+        err = InvalidArgument(f"model: unknown model {name!r}; this gateway serves {gw.model_name!r}", param="model")
+        err.openai_code = "model_not_found"  # type: ignore[attr-defined]
+        raise err
+
+
+def to_request(gw: Gateway, body: CompletionBody | ChatBody, request_id: str, timeout_s: float,
+               received: float) -> GenRequest:
+    """Tokenize and validate (blocking: may ask workers for the context length)."""
+    check_model(gw, body.model)
+    if isinstance(body, ChatBody):
+        param = "messages"
+        ids = gw.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, min(CHAT_DEFAULT_MAX_TOKENS, gw.context_length() - len(ids)))
+    else:
+        param = "prompt"
+        ids = _prompt_ids(gw, body.prompt)
+        max_tokens = body.max_tokens or 16  # the OpenAI default for completions
+    params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                            seed=body.seed, stop=tuple(body.stop or ()), ignore_eos=body.ignore_eos)
+    gw.check(ids, params, prompt_param=param)
+    api = "chat" if isinstance(body, ChatBody) else "completions"
+    return GenRequest(ids, params, request_id=request_id, timeout_s=timeout_s, api=api, received=received)
+
+
+def _prompt_ids(gw: Gateway, prompt: Any) -> list[int]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise InvalidArgument(f"prompt: batches of prompts are not supported (got {len(prompt)}); send one "
+                                  "request per prompt", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidArgument("prompt: must not be empty", param="prompt")
+        return gw.tokenizer.encode(prompt)
+    return list(prompt)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class Shaper:
+    """Builds the OpenAI JSON for one response (streamed chunks or the whole thing)."""
+
+    def __init__(self, kind: Literal["completions", "chat"], model: str, request_id: str,
+                 include_usage: bool = False) -> None:
+        self.kind, self.model, self.include_usage = kind, model, include_usage
+        self.id = ("cmpl-" if kind == "completions" else "chatcmpl-") + request_id
+        self.created = int(time.time())
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def stream_chunks(self, chunk: Chunk, first: bool) -> list[dict[str, Any]]:
+        """The SSE payloads for one Chunk (chat opens with a role delta; usage goes last when asked)."""
+        out: list[dict[str, Any]] = []
+        if self.kind == "completions":
+            doc = self._head("text_completion")
+            doc["choices"] = [{"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": chunk.finish_reason}]
+            out.append(doc)
+        else:
+            if first:
+                out.append(self._chat_chunk({"role": "assistant", "content": ""}, None))
+            if chunk.text or chunk.finish_reason is None:
+                out.append(self._chat_chunk({"content": chunk.text}, None))
+            if chunk.finish_reason is not None:
+                out.append(self._chat_chunk({}, chunk.finish_reason))
+        if self.include_usage:
+            for doc in out:
+                doc["usage"] = None
+        if chunk.finish_reason is not None:
+            out[-1]["tandem_timings"] = chunk.timings
+            if self.include_usage:
+                usage = self._head(out[-1]["object"])
+                usage.update(choices=[], usage=chunk.usage)
+                out.append(usage)
+        return out
+
+    def _chat_chunk(self, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        doc = self._head("chat.completion.chunk")
+        doc["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        return doc
+
+    def whole(self, chunks: list[Chunk]) -> dict[str, Any]:
+        text = "".join(c.text for c in chunks)
+        last = chunks[-1]
+        if self.kind == "completions":
+            doc = self._head("text_completion")
+            doc["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}]
+        else:
+            doc = self._head("chat.completion")
+            doc["choices"] = [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                               "finish_reason": last.finish_reason}]
+        doc["usage"] = last.usage
+        doc["tandem_timings"] = last.timings
+        return doc

@@ -1,0 +1,56 @@
+"""Run the gateway process: HTTP (uvicorn) and gRPC front doors over one Gateway, until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.gateway.core import Gateway
+from services.grpcutil import Server, get_logger, log
+from services.layout import Layout
+from services.registry import StaticRegistry
+
+logger = get_logger("tandem.gateway")
+
+
+def split_hostport(addr: str, field: str) -> tuple[str, int]:
+    from services.errors import InvalidArgument
+
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidArgument(f"{field}: expected HOST:PORT, got {addr!r}", param=field)
+    return host, int(port)
+
+
+def build_gateway(layout: Layout, workers: Sequence[str] = (), tokenizer: object = None) -> Gateway:
+    """A Gateway for a layout; `workers` (ROLE=HOST:PORT) overrides the addresses the layout implies."""
+    from services.gateway.tokenizer import load_tokenizer
+
+    registry = StaticRegistry.from_pairs(workers) if workers else StaticRegistry.from_layout(layout)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(layout.model.path)
+    return Gateway(tok, registry, layout.model.name, router_policy=layout.router.policy)
+
+
+def serve(layout: Layout | None = None, http: str | None = None, grpc_address: str | None = None,
+          workers: Sequence[str] = ()) -> None:
+    """Blocks until SIGINT/SIGTERM. Addresses default to the layout's `gateway` section."""
+    import uvicorn
+
+    from services.gateway.grpc_front import SERVICE_NAME, add_to_server
+    from services.gateway.http import create_app
+
+    layout = layout or Layout()
+    http = http or layout.gateway.http
+    grpc_address = grpc_address or layout.gateway.grpc
+    host, port = split_hostport(http, "gateway.http")
+    split_hostport(grpc_address, "gateway.grpc")
+    gw = build_gateway(layout, workers)
+    rpc = Server(grpc_address, [add_to_server(gw)], [SERVICE_NAME]).start()
+    rpc.ready()
+    log(logger, "gateway up", http=http, grpc=rpc.address, workers=[e.address for e in gw.registry.all()])
+    try:
+        uvicorn.Server(uvicorn.Config(create_app(gw), host=host, port=port, log_level="warning",
+                                      timeout_graceful_shutdown=3)).run()
+    finally:
+        rpc.stop(1.0)
+        gw.close()
+        log(logger, "gateway stopped")
