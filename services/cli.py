@@ -16,6 +16,7 @@ AREAS = [
     "services.engine.cli",
     "services.cluster.cli",
     "services.fusion.cli",
+    "services.workers.cli",
     "services.dlm.cli",
     "services.policy.cli",
     "sim.cli",
