@@ -1,0 +1,85 @@
+"""Helpers for the cluster tests: run `tandem up LAYOUT` as a real subprocess and find the processes it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class Up:
+    proc: subprocess.Popen
+    http: str
+    grpc: str
+    log_dir: Path
+
+    def children(self) -> list[int]:
+        return children_of(self.proc.pid)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def children_of(pid: int) -> list[int]:
+    """Live processes whose parent is `pid` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def write_layout(path: Path, model_path: str | None, pools: list[dict], http_port: int, grpc_port: int,
+                 name: str = "test") -> Path:
+    doc = {"name": name, "model": {"name": "tiny" if model_path else "smollm2-135m", "path": model_path},
+           "pools": pools, "gateway": {"http": f"127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def start_up(layout: Path, log_dir: Path, timeout_s: float = 240.0) -> Up:
+    """`tandem up LAYOUT` in the background; returns once the gateway's /health answers 200."""
+    lay = yaml.safe_load(layout.read_text())
+    http, grpc_addr = lay["gateway"]["http"], lay["gateway"]["grpc"]
+    out = open(log_dir.parent / f"{log_dir.name}-up.out", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", str(layout), "--log-dir", str(log_dir)],
+                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    up = Up(proc, f"http://{http}", grpc_addr, log_dir)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tandem up exited {proc.returncode}: {Path(out.name).read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{up.http}/health", timeout=1) as r:
+                if r.status == 200:
+                    return up
+        except OSError:
+            pass
+        time.sleep(0.3)
+    up.stop(signal.SIGKILL)
+    raise RuntimeError(f"cluster not healthy in {timeout_s}s: {Path(out.name).read_text()[-3000:]}")
