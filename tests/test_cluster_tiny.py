@@ -16,9 +16,9 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-
 from clusterkit import alive, start_up, write_layout
 from conftest import free_port
+
 from services.engine.sampling import SamplingParams
 from services.rpc.tandem.v1 import generation_pb2 as gpb
 from services.rpc.tandem.v1 import generation_pb2_grpc as gpb_grpc
