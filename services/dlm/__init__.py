@@ -1,0 +1,1 @@
+"""Masked diffusion LM worker: tiny LLaDA-style model, FreeCache and Guided Diffusion sampling, gRPC service."""

@@ -1,0 +1,108 @@
+"""Run the sampler variants side by side on the held-out eval set and score them: accuracy (exact match,
+Wilson 95% CI), token agreement with the baseline, forward passes, tokens per step, linear work, time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from services.dlm.checkpoint import CHECKPOINT_DIR, load
+from services.dlm.sampler import Options, sample
+from services.dlm.tasks import encode_prompt, eval_set
+
+VARIANTS = ("baseline", "freecache", "guided", "freecache_guided")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 0.0
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return mid - half, mid + half
+
+
+def variant_options(name: str, base: Options) -> tuple[Options, bool]:
+    """(options, uses_guide) for a named variant; refresh_block is the FreeCache ablation."""
+    table = {"baseline": ("off", False), "freecache": ("freecache", False), "refresh_block": ("refresh_block", False),
+             "guided": ("off", True), "freecache_guided": ("freecache", True)}
+    cache, guided = table[name]
+    return replace(base, cache=cache), guided
+
+
+def evaluate(dlm: torch.nn.Module, guide: torch.nn.Module, tok, n: int, base: Options,
+             variants: tuple[str, ...] = VARIANTS, progress: Callable[[str, int], None] | None = None) -> dict:
+    examples = eval_set(n)
+    prompts = [encode_prompt(tok, ex.prompt) for ex in examples]
+    out, base_tokens = {}, None
+    for name in variants:
+        opts, guided = variant_options(name, base)
+        toks, correct, stats = [], 0, []
+        t0 = time.perf_counter()
+        for i, (ex, pr) in enumerate(zip(examples, prompts, strict=True)):
+            res = sample(dlm, pr, opts, tok.mask_id, tok.eos_id, guide=guide if guided else None)
+            toks.append(res.tokens)
+            stats.append(res.stats)
+            correct += tok.decode(res.tokens) == ex.answer
+            if progress:
+                progress(name, i)
+        sec = time.perf_counter() - t0
+        if base_tokens is None:
+            base_tokens = toks
+        agree = sum(a == b for t, u in zip(toks, base_tokens, strict=True) for a, b in zip(t, u, strict=True))
+        total = sum(len(t) for t in toks)
+        lo, hi = wilson(correct, n)
+        steps = sum(s.steps for s in stats)
+        out[name] = {
+            "accuracy": correct / n, "accuracy_ci95": [lo, hi],
+            "token_agreement": agree / total,
+            "forward_passes": sum(s.forward_passes for s in stats) / n,
+            "steps": steps / n,
+            "tokens_per_step": total / steps,
+            "dlm_tokens": sum(s.dlm_tokens for s in stats) / n,
+            "guide_tokens": sum(s.guide_tokens for s in stats) / n,
+            "seconds": sec,
+        }
+    b = out[variants[0]]
+    for r in out.values():
+        r["speedup"] = b["seconds"] / r["seconds"]
+        r["linear_work_reduction"] = b["dlm_tokens"] / r["dlm_tokens"]
+    return out
+
+
+def load_pair(ckpt_dir: Path = CHECKPOINT_DIR, device: str = "cpu"):
+    dlm, tok, _ = load(ckpt_dir / "dlm.pt", device)
+    guide, gtok, _ = load(ckpt_dir / "guide.pt", device)
+    if gtok != tok:
+        from services.errors import InvalidArgument
+
+        raise InvalidArgument(f"guide: tokenizer {gtok.name} does not match the DLM's {tok.name}", param="guide")
+    return dlm, guide, tok
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--ckpt", type=Path, default=CHECKPOINT_DIR)
+    ap.add_argument("--n", type=int, default=150)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    torch.set_grad_enabled(False)
+    dlm, guide, tok = load_pair(a.ckpt, a.device)
+    res = evaluate(dlm, guide, tok, a.n, Options(), VARIANTS + ("refresh_block",))
+    text = json.dumps(res, indent=1)
+    print(text)
+    if a.out:
+        a.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Semi-autoregressive block denoising for the diffusion LM, with its speed options in one place:
+
+- cache="off": LLaDA's reference loop, a full forward per step (the baseline);
+- cache="freecache": step 0 is a full forward; afterwards each step runs only the window "current block ->
+  end" against the frozen K/V of everything before it; a finished block keeps the K/V of its last step;
+- cache="refresh_block": as freecache, plus a full forward at the first step of every block (ablation,
+  Fast-dLLM's prefix cache); cache="refresh_step": refresh before every step (must equal the baseline);
+- guide=ARGuide: Guided Diffusion -- the DLM drafts every masked position in one forward, the guide
+  accepts a left-to-right prefix of the drafts, at least one DLM token is committed per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from services.dlm.guide import ARGuide, GuideCache
+from services.dlm.model import DiffusionLM, KVStore
+from services.errors import InvalidArgument
+
+CACHE_MODES = ("off", "freecache", "refresh_block", "refresh_step")
+ACCEPT_RULES = ("top1", "topk", "topk_rel", "all")
+
+
+@dataclass(slots=True)
+class Options:
+    gen_len: int = 24
+    block: int = 4
+    steps_per_block: int = 4
+    cache: str = "off"
+    accept: str = "topk_rel"
+    k: int = 2
+    tau: float = 0.5
+    guide_chunk: int = 4
+
+    def validate(self, max_len: int, prompt_len: int) -> None:
+        if self.cache not in CACHE_MODES:
+            raise InvalidArgument(f"cache: {self.cache!r} is not one of {CACHE_MODES}", param="cache")
+        if self.accept not in ACCEPT_RULES:
+            raise InvalidArgument(f"accept: {self.accept!r} is not one of {ACCEPT_RULES}", param="accept")
+        for name in ("gen_len", "block", "steps_per_block", "k", "guide_chunk"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name}: must be at least 1", param=name)
+        if self.gen_len % self.block:
+            raise InvalidArgument(f"block: {self.block} does not divide gen_len {self.gen_len}", param="block")
+        if self.steps_per_block > self.block:
+            raise InvalidArgument(f"steps_per_block: {self.steps_per_block} exceeds block {self.block}",
+                                  param="steps_per_block")
+        if not 0.0 <= self.tau <= 1.0:
+            raise InvalidArgument(f"tau: {self.tau} is not in [0, 1]", param="tau")
+        if prompt_len + self.gen_len > max_len:
+            raise InvalidArgument(f"gen_len: prompt {prompt_len} + gen_len {self.gen_len} exceeds the model's "
+                                  f"{max_len} positions", param="gen_len")
+
+
+@dataclass(slots=True)
+class Stats:
+    steps: int = 0              # denoising steps (one DLM logits evaluation each)
+    forward_passes: int = 0     # DLM forward calls (refresh forwards count too)
+    dlm_tokens: int = 0         # positions pushed through the DLM: the linear (projection/FFN) work
+    guide_passes: int = 0
+    guide_tokens: int = 0
+    commits: list[int] = field(default_factory=list)  # contiguous committed response length after each step
+
+
+@dataclass(slots=True)
+class Result:
+    tokens: list[int]
+    stats: Stats
+
+
+def transfer_schedule(block: int, steps: int) -> list[int]:
+    """How many tokens each step of a block unmasks: as even as possible, remainder first (LLaDA)."""
+    base, rem = divmod(block, steps)
+    return [base + (1 if i < rem else 0) for i in range(steps)]
+
+
+class _Runner:
+    """Owns the sequence, the K/V store and the counters; `logits` hides which cache mode is used."""
+
+    def __init__(self, model: DiffusionLM, x: torch.Tensor, cache: str, stats: Stats) -> None:
+        self.model, self.x, self.cache, self.stats = model, x, cache, stats
+        self.store = None if cache == "off" else KVStore(model.cfg, 1, x.shape[1], x.device,
+                                                          model.embed.weight.dtype)
+
+    def _fwd(self, start: int) -> torch.Tensor:
+        self.stats.forward_passes += 1
+        self.stats.dlm_tokens += self.x.shape[1] - start
+        return self.model.forward_window(self.x[:, start:], start, self.store)
+
+    def logits(self, window_start: int, refresh: bool) -> torch.Tensor:
+        """Logits for positions [window_start, L) (full-length tensor, earlier rows are unused)."""
+        self.stats.steps += 1
+        if self.cache == "off":
+            return self._fwd(0)
+        if refresh or self.cache == "refresh_step":
+            full = self._fwd(0)
+            if self.cache != "refresh_step" or window_start == 0:
+                return full
+        out = self._fwd(window_start)
+        return torch.cat([out.new_zeros(1, window_start, out.shape[2]), out], dim=1)
+
+
+@torch.inference_mode()
+def sample_iter(model: DiffusionLM, prompt: list[int], opts: Options, mask_id: int, eos_id: int,
+                guide: ARGuide | None = None) -> Iterator[tuple[torch.Tensor, Stats]]:
+    """Yields (sequence, stats) after every step; the last yield is the finished sequence."""
+    opts.validate(model.cfg.max_len, len(prompt))
+    if guide is not None:
+        if guide.cfg.vocab_size != model.cfg.vocab_size:
+            raise InvalidArgument("guide: its vocabulary does not match the diffusion model's", param="guide")
+        if guide.cfg.max_len < len(prompt) + opts.gen_len:
+            raise InvalidArgument("guide: too few positions for prompt + gen_len", param="guide")
+    dev = model.embed.weight.device
+    p, g = len(prompt), opts.gen_len
+    x = torch.tensor([prompt + [mask_id] * g], device=dev)
+    stats = Stats()
+    run = _Runner(model, x, opts.cache, stats)
+    steps = _guided_steps(run, p, opts, mask_id, eos_id, guide) if guide is not None else \
+        _block_steps(run, p, opts, mask_id)
+    for _ in steps:
+        stats.commits.append(_contiguous(x[0, p:], mask_id))
+        yield x, stats
+
+
+def sample(model: DiffusionLM, prompt: list[int], opts: Options, mask_id: int, eos_id: int,
+           guide: ARGuide | None = None) -> Result:
+    *_, (x, stats) = sample_iter(model, prompt, opts, mask_id, eos_id, guide)
+    return Result(x[0, len(prompt):].tolist(), stats)
+
+
+def _contiguous(resp: torch.Tensor, mask_id: int) -> int:
+    masked = (resp == mask_id).nonzero()
+    return int(masked[0, 0]) if len(masked) else resp.shape[0]
+
+
+def _block_steps(run: _Runner, p: int, opts: Options, mask_id: int) -> Iterator[None]:
+    x, b = run.x, opts.block
+    for blk in range(opts.gen_len // b):
+        lo, hi = p + blk * b, p + (blk + 1) * b
+        for j, n in enumerate(transfer_schedule(b, opts.steps_per_block)):
+            # Step 0 of the whole run is a full forward: the window start of block 0 has no K/V yet.
+            first = blk == 0 and j == 0
+            logits = run.logits(lo, refresh=first or (j == 0 and run.cache == "refresh_block"))
+            conf, pred = logits[0, lo:hi].softmax(-1).max(-1)
+            masked = x[0, lo:hi] == mask_id
+            conf = torch.where(masked, conf, torch.tensor(-1.0, device=conf.device))
+            pick = conf.topk(min(n, int(masked.sum()))).indices
+            x[0, lo + pick] = pred[pick]
+            yield
+
+
+def _accepts(guide_logits: torch.Tensor, drafts: torch.Tensor, opts: Options) -> torch.Tensor:
+    """Per-position verdict of the guide on the DLM drafts (guide_logits[i] predicts drafts[i])."""
+    if opts.accept == "all":
+        return torch.ones_like(drafts, dtype=torch.bool)
+    probs = guide_logits.softmax(-1)
+    if opts.accept == "top1":
+        return probs.argmax(-1) == drafts
+    top = probs.topk(min(opts.k, probs.shape[-1]), dim=-1)
+    in_top = (top.indices == drafts[:, None]).any(-1)
+    if opts.accept == "topk":
+        return in_top
+    p_draft = probs.gather(-1, drafts[:, None])[:, 0]
+    return in_top & (p_draft >= opts.tau * top.values[:, 0])
+
+
+def _guided_steps(run: _Runner, p: int, opts: Options, mask_id: int, eos_id: int,
+                  guide: ARGuide) -> Iterator[None]:
+    x, total = run.x, run.x.shape[1]
+    gcache, c, frozen, first = GuideCache(), p, p, True
+    while c < total:
+        # FreeCache here freezes with a one-step lag: tokens committed by the previous step were masks in
+        # that step's input, so their K/V is taken from this step's forward, where they are real tokens.
+        logits = run.logits(frozen, refresh=first)
+        first, frozen = False, c
+        drafts = logits[0, c:].argmax(-1)
+        n = _verify(guide, gcache, x, c, drafts, opts, run.stats)
+        n = max(n, 1)  # the DLM always commits at least its first draft
+        x[0, c:c + n] = drafts[:n]
+        hit = (drafts[:n] == eos_id).nonzero()
+        if len(hit):
+            x[0, c + int(hit[0, 0]):] = eos_id  # EOS ends the answer: fill the rest
+            c = total
+        else:
+            c += n
+        yield
+
+
+def _verify(guide: ARGuide, cache: GuideCache, x: torch.Tensor, c: int, drafts: torch.Tensor,
+            opts: Options, stats: Stats) -> int:
+    """Length of the draft prefix the guide accepts; its cache ends up holding exactly x[:c] + accepted."""
+    # Re-read the last committed token (or catch up on forced commits / the prompt) to get the guide's
+    # prediction for position c; the cache never holds more than the committed prefix after this.
+    cache.crop(c - 1)
+    start = cache.length
+    nxt = guide.extend(x[:, start:c], cache)[0, -1]
+    stats.guide_passes += 1
+    stats.guide_tokens += c - start
+    accepted = 0
+    while accepted < len(drafts):
+        chunk = drafts[accepted:accepted + opts.guide_chunk]
+        out = guide.extend(chunk[None], cache)[0]
+        stats.guide_passes += 1
+        stats.guide_tokens += len(chunk)
+        preds = torch.cat([nxt[None], out[:-1]])
+        ok = _accepts(preds, chunk, opts)
+        r = int(ok.long().cumprod(0).sum())
+        accepted += r
+        if r < len(chunk):
+            cache.crop(c + accepted)
+            break
+        nxt = out[-1]
+    return accepted
