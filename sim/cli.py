@@ -161,8 +161,9 @@ def report_cmd(
     seed: int = typer.Option(0),
     out_dir: Path = typer.Option(Path("docs"), help="where the PNGs and report.json go"),
     prefix: str = typer.Option("sim_", help="file-name prefix of the plots"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write every number as JSON here"),
 ) -> None:
-    """Latency CDFs, throughput vs rate and the cost/power frontier of several layouts, as PNGs + JSON."""
+    """Latency CDFs, throughput vs rate and the cost/power frontier of several layouts, as PNGs (+ JSON)."""
     from services.errors import InvalidArgument
     from sim.report import make_report
 
@@ -173,7 +174,7 @@ def report_cmd(
     if not rate_list or min(rate_list) <= 0:
         raise InvalidArgument("rates: need at least one rate, all > 0", param="rates")
     summary = make_report(layouts, trace=trace, rate=rate, rates=rate_list, duration_s=duration, seed=seed,
-                          out_dir=out_dir, prefix=prefix)
+                          out_dir=out_dir, prefix=prefix, json_out=json_out)
     typer.echo(summary)
 
 

@@ -38,10 +38,14 @@ def perf_for(layout: Layout, hw_name: str, power_cap_w: float | None = None, fie
     path = profile_path(layout)
     table: ProfileTable | None = None
     if path is not None:
-        if hw.profile_name is None or spec.profile_name is None:
+        # the bundled table names hardware/models its own way; any other table uses our catalog names
+        bundled = path.resolve() == BUNDLED_PROFILE.resolve() or path.name == BUNDLED_PROFILE.name
+        hw_key = hw.profile_name if bundled else hw.name
+        model_key = spec.profile_name if bundled else spec.name
+        if hw_key is None or model_key is None:
             raise InvalidArgument(f"sim.perf_model: the profile table has no {spec.name} on {hw.name}; "
                                   "use perf_model: roofline", param="sim.perf_model")
-        table = load_profile(path, spec.profile_name, hw.profile_name)
+        table = load_profile(path, model_key, hw_key, tensor_parallel=max(hw.gpus, 1))
     return PerfModel(hw, spec, profile=table, power_cap_w=power_cap_w)
 
 

@@ -21,9 +21,9 @@ def _cdf(ax: object, values: np.ndarray, label: str) -> None:
 
 
 def make_report(layouts: list[Path], *, trace: str, rate: float, rates: list[float], duration_s: float,
-                seed: int, out_dir: Path, prefix: str = "sim_") -> str:
-    """Writes {prefix}cdf.png, {prefix}throughput.png, {prefix}frontier.png and {prefix}report.json into
-    out_dir; returns a markdown table of the frontier."""
+                seed: int, out_dir: Path, prefix: str = "sim_", json_out: Path | None = None) -> str:
+    """Writes {prefix}cdf.png, {prefix}throughput.png and {prefix}frontier.png into out_dir (and every number
+    into `json_out` when given); returns a markdown table of the frontier."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +106,9 @@ def make_report(layouts: list[Path], *, trace: str, rate: float, rates: list[flo
     fig_fr.tight_layout()
     fig_fr.savefig(out_dir / f"{prefix}frontier.png", dpi=110)
     plt.close("all")
-    (out_dir / f"{prefix}report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2, default=float) + "\n")
     lines = ["| layout | max req/s within SLO | $/h | provisioned kW | req/s per $/h x100 | "
              "mean kW at max | J/token at max |", "|---|---|---|---|---|---|---|"]
     for name, e in report["layouts"].items():

@@ -201,3 +201,24 @@ def test_sim_never_imports_torch_or_services() -> None:
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.returncode == 0, p.stderr
+
+
+def test_a_measured_profile_of_our_engine_drives_the_sim(tmp_path: Path) -> None:
+    """A profile table in the same columns (as `tandem profile` may write) for SmolLM2 on this CPU."""
+    csv = tmp_path / "cpu_profile.csv"
+    csv.write_text("model,hardware,prompt_size,batch_size,token_size,prompt_time,token_time\n"
+                   "smollm2-135m,cpu,16,1,8,20,10\nsmollm2-135m,cpu,64,1,8,60,10\n"
+                   "smollm2-135m,cpu,256,1,8,200,11\nsmollm2-135m,cpu,64,4,8,210,16\n")
+    lay = parse_layout({"model": {"name": "smollm2-135m"}, "pools": [{"role": "mixed", "hardware": "cpu"}],
+                        "sim": {"perf_model": str(csv)}})
+    w = synthetic(None, rate=0.05, duration_s=400, seed=0, fixed=(40, 3))
+    w.arrival_s[:] = np.arange(len(w)) * 5.0  # spaced out: no queueing
+    r = simulate(lay, w).reqs
+    np.testing.assert_allclose(r.first_tok - r.arrival, 0.040, rtol=1e-9)  # halfway between 16 and 64 tokens
+    # two batch-1 iterations; the token time of batch 1 is the mean over its rows (10, 10, 11 ms)
+    np.testing.assert_allclose(r.finish - r.first_tok, 2 * 0.031 / 3, rtol=1e-9)
+    bad = tmp_path / "bad_profile.csv"
+    bad.write_text("model,hardware,prompt_size\nsmollm2-135m,cpu,16\n")
+    with pytest.raises(InvalidArgument, match="missing columns"):
+        simulate(parse_layout({"model": {"name": "smollm2-135m"}, "pools": [{"role": "mixed", "hardware": "cpu"}],
+                               "sim": {"perf_model": str(bad)}}), synthetic(None, rate=1, duration_s=2, fixed=(4, 2)))
