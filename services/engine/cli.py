@@ -65,10 +65,19 @@ def bench_engine_cmd(
     new_tokens: int = typer.Option(64, "--new-tokens", help="Tokens decoded per run."),
     repeats: int = typer.Option(3, "--repeats", help="Runs per engine; the median is reported."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    random_weights: bool = typer.Option(False, "--random", help="Random weights of SmolLM2's shapes (no files)."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for both runtimes (default: torch's)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ) -> None:
     """Single-stream decode tokens/s: Tandem's engine vs transformers' generate on the same weights."""
-    from services.engine.bench import run_bench
+    import torch
 
+    from services.engine.bench import run_bench
+    from services.errors import InvalidArgument
+
+    if threads is not None:
+        if threads < 1:
+            raise InvalidArgument(f"--threads must be >= 1 (got {threads})", param="threads")
+        torch.set_num_threads(threads)
     run_bench(model=model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, device=device,
-              json_out=json_out)
+              json_out=json_out, random_weights=random_weights)
