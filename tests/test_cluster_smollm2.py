@@ -11,9 +11,9 @@ import threading
 
 import grpc
 import pytest
-
 from clusterkit import start_up, write_layout
 from conftest import free_port
+
 from services.engine.sampling import SamplingParams
 from services.rpc.tandem.v1 import generation_pb2 as gpb
 from services.rpc.tandem.v1 import generation_pb2_grpc as gpb_grpc

@@ -267,6 +267,27 @@ def test_metrics_have_ttft_split_and_kv_transfer(cluster) -> None:
     assert samples["tandem_running_requests"] == 0 and samples["tandem_waiting_requests"] == 0
 
 
+def test_deadlines_fail_cleanly_and_free_the_decode_slot(cluster) -> None:
+    long = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(f"{cluster.http}/v1/completions", json=long, headers={"x-tandem-timeout-s": "0.5"}, timeout=60)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    with pytest.raises(grpc.RpcError) as err:
+        with grpc.insecure_channel(cluster.grpc) as ch:
+            list(gpb_grpc.GenerationStub(ch).Generate(gpb.GenerateRequest(
+                text=PROMPTS[0], sampling=gpb.SamplingOptions(max_tokens=3000, ignore_eos=True)), timeout=0.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    infos = wait_decode_idle(cluster)
+    assert all(i.live_requests == 0 and i.kv_free_bytes == i.kv_total_bytes for i in infos)
+
+
+def test_one_token_request_finishes_at_prefill(cluster, engine) -> None:
+    ref_ids, _ = reference(engine, PROMPTS[1], 1)
+    msgs = grpc_generate(cluster, text=PROMPTS[1], sampling=gpb.SamplingOptions(max_tokens=1, temperature=0))
+    assert [t for m in msgs for t in m.token_ids] == ref_ids
+    assert msgs[-1].finish_reason == gpb.FINISH_REASON_LENGTH and msgs[-1].usage.completion_tokens == 1
+    assert msgs[-1].timings.kv_bytes == 0  # nothing was pushed: the first token ended it
+
+
 def test_sigterm_stops_every_process_it_started(cluster) -> None:
     kids = cluster.children()
     assert len(kids) == 4  # gateway + prefill + 2 decode
