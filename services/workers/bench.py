@@ -131,19 +131,23 @@ def kv_throughput(tokens: int = 4096, repeats: int = 4, chunk_bytes: int = DEFAU
 
 
 def ttft(model: str | None, lengths: list[int], max_tokens: int = 2, progress: Any = None) -> list[dict[str, Any]]:
-    """TTFT of prefill -> KV push -> decode worker vs the mixed worker, per prompt length (one process each)."""
+    """TTFT per prompt length: prefill -> layer-wise KV push -> decode worker, the same with the push after the
+    forward pass (no overlap), and the mixed worker (no push). One process per worker, requests one at a time."""
     from services.engine.sampling import SamplingParams
     from services.workers.client import WorkerClient
 
-    args = ["--max-batch-tokens", str(max(lengths)), "--kv-timeout-s", "300"]
-    started = [_spawn_worker(r, model, args) for r in ("prefill", "decode", "mixed")]
+    # One request at a time here; a small max_batch keeps the decode scheduler's dense KV (max_batch slots x
+    # the longest context) within memory for 4096-token prompts.
+    args = ["--max-batch-tokens", str(max(lengths)), "--kv-timeout-s", "300", "--max-batch", "2"]
+    started = [_spawn_worker(r, model, args + x) for r, x in
+               (("prefill", []), ("decode", []), ("mixed", []), ("prefill", ["--no-kv-overlap"]))]
     procs = [p for p, _ in started]
-    (_, p_addr), (_, d_addr), (_, m_addr) = started
+    (_, p_addr), (_, d_addr), (_, m_addr), (_, s_addr) = started
     rows = []
     try:
         for _, a in started:
             wait_healthy(a, 300)
-        pc, dc, mc = WorkerClient(p_addr), WorkerClient(d_addr), WorkerClient(m_addr)
+        pc, dc, mc, sc = WorkerClient(p_addr), WorkerClient(d_addr), WorkerClient(m_addr), WorkerClient(s_addr)
         vocab = pc.info().vocab_size
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         for n in [lengths[0], *lengths]:  # the first (repeated) length warms every process up
@@ -153,16 +157,22 @@ def ttft(model: str | None, lengths: list[int], max_tokens: int = 2, progress: A
             split = time.perf_counter() - t0
             list(dc.decode(None, r.handle, r.first_token, params, timeout=600))
             t0 = time.perf_counter()
+            rs = sc.prefill(None, prompt, params, d_addr, timeout=600)  # same, KV pushed after the forward pass
+            serial = time.perf_counter() - t0
+            dc.release(rs.handle)
+            t0 = time.perf_counter()
             first, rest = mc.generate(None, prompt, params, timeout=600)
             mixed = time.perf_counter() - t0
             list(rest)
             assert first.first_token == r.first_token
-            rows.append({"prompt_tokens": n, "split_ttft_s": split, "mixed_ttft_s": mixed, "ratio": split / mixed,
-                         "prefill_s": r.timings.prefill_s, "kv_exposed_s": r.timings.kv_transfer_s,
+            assert rs.first_token == r.first_token
+            rows.append({"prompt_tokens": n, "split_ttft_s": split, "split_serial_ttft_s": serial, "mixed_ttft_s": mixed,
+                         "ratio": split / mixed, "prefill_s": r.timings.prefill_s,
+                         "kv_exposed_s": r.timings.kv_transfer_s, "kv_serial_s": rs.timings.kv_transfer_s,
                          "kv_bytes": r.kv_bytes})
             if progress:
                 progress()
-        for c in (pc, dc, mc):
+        for c in (pc, dc, mc, sc):
             c.close()
     finally:
         _stop(procs)

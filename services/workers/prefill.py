@@ -52,8 +52,9 @@ class PrefillBatcher:
     """Owns the prefill queue and thread. submit() is thread-safe; results arrive on each job's future."""
 
     def __init__(self, engine: Engine, max_batch_tokens: int = 2048, max_batch: int = 32,
-                 chunk_bytes: int = DEFAULT_CHUNK, on_push: object = None) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK, on_push: object = None, overlap: bool = True) -> None:
         self.engine = engine
+        self.overlap = overlap  # False: push only after the whole forward pass (the baseline Splitwise improves on)
         self.max_batch_tokens, self.max_batch = max_batch_tokens, max_batch
         self.chunk_bytes = chunk_bytes
         self.on_push = on_push  # callable(bytes, seconds) for metrics
@@ -133,7 +134,7 @@ class PrefillBatcher:
     def _hook(self, index: int):
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
             b = self._active
-            if b is None or b.thread != threading.get_ident():
+            if b is None or b.thread != threading.get_ident() or not self.overlap:
                 return  # a decode step on the same model in another thread (mixed worker)
             for slot, sender in enumerate(b.senders):
                 if sender is not None:
@@ -165,6 +166,10 @@ class PrefillBatcher:
             raise
         finally:
             self._active = None
+        if not self.overlap:
+            for i, s in enumerate(senders):
+                for layer in range(self.engine.cfg.n_layers) if s is not None else ():
+                    s.put(layer, kv.k[layer, i, :lens[i]].clone(), kv.v[layer, i, :lens[i]].clone())
         firsts = [j.sampler.sample(logits[i]) for i, j in enumerate(jobs)]
         t1 = time.perf_counter()
         eos = set(self.engine.cfg.eos_ids)
