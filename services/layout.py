@@ -80,6 +80,8 @@ class SimSpec(_Strict):
     fallback_queue_tokens: int = Field(8192, ge=0, description="prefill backlog above which the router uses a decode machine (mixed pool)")
     slowdown_ref: str = Field("dgx-a100", description="hardware whose uncontended latency defines SLO slowdowns")
     drain_s: float = Field(600.0, ge=0, description="simulate this long after the last arrival; unfinished requests count as dropped")
+    tbt_slo_basis: Literal["request", "gap"] = Field(
+        "request", description="TBT slowdown SLO over each request's mean gap (splitwise-sim) or over every gap")
 
 
 class Layout(_Strict):

@@ -222,3 +222,19 @@ def test_a_measured_profile_of_our_engine_drives_the_sim(tmp_path: Path) -> None
     with pytest.raises(InvalidArgument, match="missing columns"):
         simulate(parse_layout({"model": {"name": "smollm2-135m"}, "pools": [{"role": "mixed", "hardware": "cpu"}],
                                "sim": {"perf_model": str(bad)}}), synthetic(None, rate=1, duration_s=2, fixed=(4, 2)))
+
+
+def test_tbt_slo_over_every_gap_exposes_prompt_interference() -> None:
+    """Colocated H100s hide prompt interruptions in per-request mean TBT; over every gap they show at p99,
+    while a 20 + 20 split at the same power keeps every gap short."""
+    from sim.search import run_at, split_layout
+
+    base = load_layout(REPO / "examples/sim/splitwise-hh.yaml")
+    gap = base.model_copy(update={"sim": base.sim.model_copy(update={"tbt_slo_basis": "gap"})})
+    conv = load_trace("conv")
+    colo = run_at(split_layout(base, "dgx-h100", "dgx-h100", 0, 40), conv, 85, 30, 0)
+    colo_gap = run_at(split_layout(gap, "dgx-h100", "dgx-h100", 0, 40), conv, 85, 30, 0)
+    split_gap = run_at(split_layout(gap, "dgx-h100", "dgx-h100", 20, 20), conv, 85, 30, 0)
+    assert colo["slowdown_slo_met"] and not colo_gap["slowdown_slo_met"]
+    assert colo_gap["slowdown_tbt_gap_p99"] > 5 > split_gap["slowdown_tbt_gap_p99"]
+    assert split_gap["slowdown_slo_met"]
