@@ -111,3 +111,73 @@ def write_tiny_checkpoint(path: str | Path, cfg: ModelConfig | None = None, *, s
     if tokenizer:
         write_tokenizer(path, cfg.vocab_size)
     return path
+
+
+def write_tiny_gguf(path: str | Path, cfg: ModelConfig | None = None, *, seed: int = 0, qtype: str = "F32") -> Path:
+    """The same random model as `write_tiny_checkpoint(cfg, seed)`, written the way llama.cpp converts it:
+    GGUF names, Q/K rows permuted, llama3 rope scaling as a `rope_freqs` tensor, 2-D weights in `qtype`
+    (F32 or Q8_0), and the byte-level BPE tokenizer as metadata."""
+    import tempfile
+
+    import gguf
+    import numpy as np
+
+    from services.engine.gguf_file import _BLOCK, _GLOBAL, permute
+    from services.engine.layers import rope_inv_freq
+
+    cfg = cfg or tiny_config()
+    path = Path(path)
+    quant = gguf.GGMLQuantizationType[qtype]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-random-llama")
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_feed_forward_length(cfg.hidden_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp), cfg.vocab_size)
+        tj = json.loads((Path(tmp) / "tokenizer.json").read_text())
+    added = {t["id"]: t["content"] for t in tj["added_tokens"]}
+    vocab = {**tj["model"]["vocab"], **{c: i for i, c in added.items()}}
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if i in added else 1 for i in range(len(tokens))])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    for e in cfg.eos_ids[:1]:
+        w.add_eos_token_id(e)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+    names = {v: k for k, v in _GLOBAL.items()}
+    for i in range(cfg.n_layers):
+        for g, ours in _BLOCK.items():
+            for kind in ("weight", "bias"):
+                names[f"layers.{i}.{ours}.{kind}"] = f"blk.{i}.{g}.{kind}"
+    for name, t in sorted(random_state(cfg, seed).items()):
+        if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+            t = permute(t, cfg.n_heads)
+        elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+            t = permute(t, cfg.n_kv_heads)
+        arr = t.numpy().astype(np.float32)
+        if arr.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(names[name], gguf.quants.quantize(arr, quant), raw_dtype=quant)
+        else:
+            w.add_tensor(names[name], arr)
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":
+        base = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+        w.add_tensor("rope_freqs.weight", (base / rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+                     .numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
