@@ -1,4 +1,4 @@
-"""End to end with the real model: `tandem up` (1 gateway, 1 prefill, 2 decode) serving SmolLM2-135M-Instruct.
+"""End to end with the real model: `tandem up` (1 gateway, 1 prefill, 1 decode) serving SmolLM2-135M-Instruct.
 
 Greedy output through gateway -> prefill -> KV transfer -> decode equals the single-process engine's output
 for several prompts (plain and chat), and the official openai client gets the same text.
@@ -38,10 +38,9 @@ def engine():
 @pytest.fixture(scope="module")
 def cluster(engine, tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("smol")
+    # one decode worker: routing over two is covered by the tiny-model cluster; each process loads the model
     pools = [{"role": "prefill", "count": 1, "base_port": free_port()},
-             {"role": "decode", "count": 2, "base_port": free_port()}]
-    if pools[1]["base_port"] + 1 == pools[0]["base_port"]:
-        pools[1]["base_port"] = free_port()
+             {"role": "decode", "count": 1, "base_port": free_port()}]
     up = start_up(write_layout(d / "layout.yaml", None, pools, free_port(), free_port(), name="smol-split"), d / "logs")
     yield up
     up.stop(signal.SIGTERM)

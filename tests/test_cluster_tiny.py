@@ -288,6 +288,16 @@ def test_one_token_request_finishes_at_prefill(cluster, engine) -> None:
     assert msgs[-1].timings.kv_bytes == 0  # nothing was pushed: the first token ended it
 
 
+def test_non_streaming_client_that_gives_up_frees_the_decode_slot(cluster) -> None:
+    long = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{cluster.http}/v1/completions", json=long, timeout=httpx.Timeout(60, read=0.8))
+    infos = wait_decode_idle(cluster)
+    assert all(i.live_requests == 0 and i.kv_free_bytes == i.kv_total_bytes for i in infos)
+    metrics = httpx.get(f"{cluster.http}/metrics").text
+    assert 'tandem_gateway_requests_total{api="completions",outcome="cancelled"} 2.0' in metrics
+
+
 def test_sigterm_stops_every_process_it_started(cluster) -> None:
     kids = cluster.children()
     assert len(kids) == 4  # gateway + prefill + 2 decode

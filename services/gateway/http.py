@@ -26,15 +26,13 @@ TIMEOUT_HEADER = "x-tandem-timeout-s"  # optional per-request deadline in second
 _END = object()
 
 
-def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
-           request_id: str | None = None) -> JSONResponse:
-    headers = {REQUEST_ID_KEY: request_id} if request_id else None
-    return JSONResponse(oa.error_body(message, type_, param, code), status_code=status, headers=headers)
+def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(oa.error_body(message, type_, param, code), status_code=status)
 
 
-def tandem_error_response(exc: TandemError, request_id: str | None = None) -> JSONResponse:
+def tandem_error_response(exc: TandemError) -> JSONResponse:
     code = getattr(exc, "openai_code", None) or exc.code.lower()
-    return _error(exc.http_status, exc.message, exc.openai_type, exc.param, code, request_id)
+    return _error(exc.http_status, exc.message, exc.openai_type, exc.param, code)
 
 
 async def relay(gw: Gateway, req: GenRequest, pool: ThreadPoolExecutor) -> AsyncIterator[Chunk]:
@@ -71,22 +69,40 @@ async def relay(gw: Gateway, req: GenRequest, pool: ThreadPoolExecutor) -> Async
         cancel.set()
 
 
+class RequestIdMiddleware:
+    """Take `x-request-id` from the request (or make one), keep it in request.state, echo it in the response.
+
+    Plain ASGI rather than @app.middleware("http"), which wraps `receive` and hides client disconnects.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        key = REQUEST_ID_KEY.encode()
+        rid = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == key), "") or new_request_id()
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (key, rid.encode("latin-1"))]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
     app = FastAPI(title="Tandem gateway", version="1")
+    app.add_middleware(RequestIdMiddleware)
     pool = pool or ThreadPoolExecutor(max_workers=64, thread_name_prefix="gateway")
     app.state.gateway, app.state.pool = gw, pool
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next: Any) -> Response:
-        rid = request.headers.get(REQUEST_ID_KEY) or new_request_id()
-        request.state.request_id = rid
-        response = await call_next(request)
-        response.headers[REQUEST_ID_KEY] = rid
-        return response
-
     @app.exception_handler(TandemError)
     async def on_tandem(request: Request, exc: TandemError) -> JSONResponse:
-        return tandem_error_response(exc, getattr(request.state, "request_id", None))
+        return tandem_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -137,7 +153,7 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
-            return _error(400, f"body: not valid JSON ({exc})", "invalid_request_error", "body", "invalid_json", rid)
+            return _error(400, f"body: not valid JSON ({exc})", "invalid_request_error", "body", "invalid_json")
         body = oa.parse(data, kind)
         timeout = _timeout(request, gw.default_timeout_s)
         req = await run_in_threadpool(oa.to_request, gw, body, rid, timeout, received)
@@ -145,7 +161,9 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
         shaper = oa.Shaper(kind, gw.model_name, rid, include_usage)
         chunks = relay(gw, req, pool)
         if not body.stream:
-            collected = [c async for c in chunks]
+            collected = await _collect_unless_disconnected(request, chunks)
+            if collected is None:  # the client left; upstream is cancelled, nobody reads an answer
+                return Response(status_code=499)
             return JSONResponse(shaper.whole(collected))
         # Pull the first token before answering 200, so routing/prefill errors get a real status code.
         first = await chunks.__anext__()
@@ -153,6 +171,28 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
                                  headers={"cache-control": "no-cache"})
 
     return app
+
+
+async def _collect_unless_disconnected(request: Request, chunks: AsyncIterator[Chunk]) -> list[Chunk] | None:
+    """All chunks of a non-streaming request; None (upstream cancelled) if the client disconnects first."""
+
+    async def collect() -> list[Chunk]:
+        return [c async for c in chunks]
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.1)
+
+    work, watcher = asyncio.ensure_future(collect()), asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        work.cancel()  # raises inside relay(), whose finally sets the cancel flag
+        await asyncio.gather(work, return_exceptions=True)
+        return None
+    finally:
+        watcher.cancel()
 
 
 async def _sse(shaper: oa.Shaper, first: Chunk, rest: AsyncIterator[Chunk], rid: str) -> AsyncIterator[bytes]:
