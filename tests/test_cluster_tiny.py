@@ -252,7 +252,13 @@ def test_bad_grpc_input_is_invalid_argument(cluster, kw, field) -> None:
 
 
 def test_metrics_have_ttft_split_and_kv_transfer(cluster) -> None:
-    grpc_generate(cluster, text="metrics please", sampling=gpb.SamplingOptions(max_tokens=4, temperature=0))
+    with grpc.insecure_channel(cluster.grpc) as ch:
+        call = gpb_grpc.GenerationStub(ch).Generate(gpb.GenerateRequest(
+            text="metrics please", sampling=gpb.SamplingOptions(max_tokens=4, temperature=0)),
+            metadata=(("x-request-id", "grpc-rid-7"),), timeout=60)
+        msgs = list(call)
+        assert ("x-request-id", "grpc-rid-7") in call.initial_metadata()
+    assert all(m.request_id == "grpc-rid-7" for m in msgs)
     text = httpx.get(f"{cluster.http}/metrics").text
     samples = {}
     for line in text.splitlines():

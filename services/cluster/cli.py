@@ -48,7 +48,7 @@ def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float =
         with console.status("waiting for the workers to load the model..."):
             cluster.wait_healthy(workers, timeout_s, on_ready=lambda s: console.print(f"  {s.name} ready"))
         cluster.start(["gateway"])
-        cluster.wait_healthy(["gateway"], 60.0)
+        cluster.wait_healthy(["gateway"], timeout_s)
         table = Table(title=f"tandem cluster '{lay.name}' is up (Ctrl-C stops it)")
         for col in ("service", "pid", "endpoints"):
             table.add_column(col)
