@@ -138,7 +138,8 @@ def ttft(model: str | None, lengths: list[int], max_tokens: int = 2, progress: A
 
     # One request at a time here; a small max_batch keeps the decode scheduler's dense KV (max_batch slots x
     # the longest context) within memory for 4096-token prompts.
-    args = ["--max-batch-tokens", str(max(lengths)), "--kv-timeout-s", "300", "--max-batch", "2"]
+    args = ["--max-batch-tokens", str(max(lengths)), "--kv-timeout-s", "300", "--kv-stall-s", "120",
+            "--max-batch", "2"]
     started = [_spawn_worker(r, model, args + x) for r, x in
                (("prefill", []), ("decode", []), ("mixed", []), ("prefill", ["--no-kv-overlap"]))]
     procs = [p for p, _ in started]

@@ -147,15 +147,18 @@ class PrefillBatcher:
         return KVSpec(self.engine.fingerprint, cfg.n_layers, dtype_name(self.engine.dtype), n_tokens,
                       cfg.n_kv_heads, cfg.head_dim)
 
+    def _open(self, jobs: list[PrefillJob], remote: list[bool]) -> list[KVSender | None]:
+        return [KVSender(self.channels, j.decode_address, self._spec(len(j.prompt)), j.request_id, j.kv_timeout_s,
+                         j.lease_s, self.chunk_bytes) if r else None for j, r in zip(jobs, remote, strict=True)]
+
     def _run(self, jobs: list[PrefillJob]) -> None:
         t0 = time.perf_counter()
         lens = [len(j.prompt) for j in jobs]
         kv = self.engine.new_kv(slots=len(jobs), capacity=max(lens))
-        senders: list[KVSender | None] = []
-        for j in jobs:
-            remote = j.decode_address and j.params.max_tokens > 1
-            senders.append(KVSender(self.channels, j.decode_address, self._spec(len(j.prompt)), j.request_id,
-                                    j.kv_timeout_s, j.lease_s, self.chunk_bytes) if remote else None)
+        remote = [bool(j.decode_address and j.params.max_tokens > 1) for j in jobs]
+        # Overlapped: open every push before the forward pass; the hooks feed it layer by layer. Serial
+        # baseline: open it only once the cache is complete (an open push with no data would look stalled).
+        senders = self._open(jobs, remote) if self.overlap else [None] * len(jobs)
         self._active = _Batch(threading.get_ident(), kv, lens, senders)
         try:
             logits = self.engine.prefill([j.prompt for j in jobs], kv, list(range(len(jobs))))
@@ -167,6 +170,7 @@ class PrefillBatcher:
         finally:
             self._active = None
         if not self.overlap:
+            senders = self._open(jobs, remote)
             for i, s in enumerate(senders):
                 for layer in range(self.engine.cfg.n_layers) if s is not None else ():
                     s.put(layer, kv.k[layer, i, :lens[i]].clone(), kv.v[layer, i, :lens[i]].clone())
