@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from services.engine import Engine, ModelConfig, random_engine
+from services.engine import Engine, ModelConfig
+from services.engine.model import Transformer
 from services.engine.sampling import SamplingParams
 from services.fusion.reference import prefill, solo_decode
 from services.fusion.reorder import reorder_costs
@@ -48,6 +49,7 @@ class BenchConfig:
     max_batch: int = 16
     shape: Shape = field(default_factory=Shape)
     seed: int = 0
+    threads: int | None = None  # CPU threads for torch; None = 1 on CPU (see docs/fusion.md), untouched on CUDA
 
     @classmethod
     def quick(cls, **overrides) -> BenchConfig:
@@ -82,7 +84,18 @@ def make_engine(model: str, device: str | None, dtype: str | None) -> tuple[Engi
         raise InvalidArgument(f"model must be 'default' or one of {', '.join(SHAPES)} (got {model!r})", param="model")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dt = dt or (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
-    return random_engine(SHAPES[model], seed=0, device=dev, dtype=dt, name=model), f"{model} (random weights)"
+    return random_on_device(SHAPES[model], dev, dt, model), f"{model} (random weights)"
+
+
+def random_on_device(cfg: ModelConfig, device: str, dtype: torch.dtype, name: str) -> Engine:
+    """random_engine's weights, but built and initialised on `device` (a 1B model initialises in seconds on a GPU)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(cfg)
+        for p in model.parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.02)
+    return Engine(model, name=name, device=device, dtype=dtype)
 
 
 def prepare(engine: Engine, jobs: list[Job], seed: int, progress: Progress | None = None) -> tuple[list[Prepared], float]:
@@ -156,9 +169,13 @@ def run_policy(engine: Engine, policy: str, reqs: list[Prepared], arrivals: list
     return out, all(matched)
 
 
-def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
+def run_bench(cfg: BenchConfig, progress: Progress | None = None, partial: Callable[[dict], None] | None = None) -> dict:
+    """Every policy at every rate on one engine; `partial` gets the runs so far after each rate (for time-boxed runs)."""
     t_start = time.perf_counter()
     engine, label = make_engine(cfg.model, cfg.device, cfg.dtype)
+    if cfg.threads is not None or engine.device.type == "cpu":
+        # One thread by default: on a shared 2-core box, OpenMP barriers stall for tens of ms per op.
+        torch.set_num_threads(cfg.threads or 1)
     jobs, source = draw_jobs(cfg.n_requests, cfg.shape, cfg.seed)
     reqs, solo_token_s = prepare(engine, jobs, cfg.seed, progress)
     warm_up(engine, cfg.max_batch, max(j.prompt_len for j in jobs))
@@ -179,6 +196,8 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
             run[f"fusion_vs_{policy}_tokens_per_s"] = run["fusion"]["tokens_per_s"] / run[policy]["tokens_per_s"]
             run[f"fusion_vs_{policy}_latency_p50"] = run[policy]["latency_p50_s"] / run["fusion"]["latency_p50_s"]
         runs.append(run)
+        if partial:
+            partial({"partial": True, "runs": runs, "identical_tokens": identical, "solo_token_s": solo_token_s})
     head = max(runs, key=lambda r: r["rate_rps"])  # the top-level numbers: the heaviest load
     cfg_out = asdict(cfg)
     cfg_out["rates"] = rates
@@ -192,7 +211,7 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
         "trace": source, "config": cfg_out, "solo_token_s": solo_token_s,
         "sequential_capacity_rps": seq_capacity, "mean_decode_tokens": mean_decode,
         "prompt_lens": [j.prompt_len for j in jobs], "max_tokens": [j.max_tokens for j in jobs],
-        "wall_s": time.perf_counter() - t_start, "torch": torch.__version__,
+        "wall_s": time.perf_counter() - t_start, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if engine.device.type == "cuda" else None,
     }
 
@@ -224,15 +243,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=float, help="divide trace lengths by this")
     ap.add_argument("--max-prompt", type=int)
     ap.add_argument("--max-new", type=int)
+    ap.add_argument("--threads", type=int)
     a = ap.parse_args(argv)
     cfg = config_from(a.quick, a.rates, a.loads, a.model, a.device, a.dtype, a.requests, a.max_batch, a.scale,
-                      a.max_prompt, a.max_new)
-    result = run_bench(cfg, lambda what, i, n: print(f"{what}: {i}/{n}", file=sys.stderr, flush=True))
+                      a.max_prompt, a.max_new, a.threads)
+    def write(result: dict) -> None:
+        if a.json_path:
+            with open(a.json_path, "w") as f:
+                json.dump(result, f, indent=2)
+
+    result = run_bench(cfg, lambda what, i, n: print(f"{what}: {i}/{n}", file=sys.stderr, flush=True), write)
     print(table(result))
     print(json.dumps({k: result[k] for k in ("identical_tokens", "headline_rate_rps", "model", "wall_s")}))
-    if a.json_path:
-        with open(a.json_path, "w") as f:
-            json.dump(result, f, indent=2)
+    write(result)
     return 0
 
 
@@ -252,11 +275,12 @@ def parse_floats(text: str | None, name: str) -> list[float] | None:
 
 def config_from(quick: bool, rates: str | None, loads: str | None, model: str, device: str | None, dtype: str | None,
                 requests: int | None, max_batch: int | None, scale: float | None, max_prompt: int | None,
-                max_new: int | None) -> BenchConfig:
+                max_new: int | None, threads: int | None = None) -> BenchConfig:
     """Validate the flags at the edge and build the config (shared by the CLI verb and `python -m`)."""
     from services.errors import InvalidArgument
 
-    for name, v in (("requests", requests), ("max_batch", max_batch), ("max_prompt", max_prompt), ("max_new", max_new)):
+    for name, v in (("requests", requests), ("max_batch", max_batch), ("max_prompt", max_prompt), ("max_new", max_new),
+                    ("threads", threads)):
         if v is not None and v < 1:
             raise InvalidArgument(f"{name} must be >= 1 (got {v})", param=name)
     if max_new is not None and max_new < 2:
@@ -271,7 +295,8 @@ def config_from(quick: bool, rates: str | None, loads: str | None, model: str, d
     shape = Shape(scale if scale is not None else sh.scale, max_prompt or sh.max_prompt, max_new or sh.max_new)
     return BenchConfig(model=model, device=device, dtype=dtype, n_requests=requests or base.n_requests,
                        rates=parse_floats(rates, "rates"), loads=parse_floats(loads, "loads") or base.loads,
-                       max_batch=max_batch or base.max_batch, shape=shape, seed=base.seed)
+                       max_batch=max_batch or base.max_batch, shape=shape, seed=base.seed,
+                       threads=threads)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ def bench_fusion(
     scale: float | None = typer.Option(None, "--scale", help="Divide the trace's lengths by this (default 8; quick 16)."),
     max_prompt: int | None = typer.Option(None, "--max-prompt", help="Clip prompt lengths (default 128; quick 96)."),
     max_new: int | None = typer.Option(None, "--max-new", help="Clip generation lengths (default 64; quick 40)."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default 1 on CPU)."),
     plot: Path | None = typer.Option(None, "--plot", help="Write the throughput/latency plot (PNG) here."),
 ) -> None:
     """Poisson arrivals, trace-shaped lengths; tokens/s and p50/p99 latency per policy; greedy tokens vs solo runs."""
@@ -35,7 +36,7 @@ def bench_fusion(
 
     from services.fusion.bench import config_from, run_bench, table
 
-    cfg = config_from(quick, rates, loads, model, device, dtype, requests, max_batch, scale, max_prompt, max_new)
+    cfg = config_from(quick, rates, loads, model, device, dtype, requests, max_batch, scale, max_prompt, max_new, threads)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), transient=True) as bar:
         tasks: dict[str, int] = {}
 
