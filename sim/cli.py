@@ -55,7 +55,7 @@ def run_cmd(
     wl = make_workload(trace, rate=rate, duration_s=duration, seed=seed, arrival=arrival, cv=cv)
     cluster = Cluster(lay, wl)
     console = Console(stderr=True)
-    if len(wl) > 20000:
+    if len(wl) > 5000:
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"simulating {len(wl)} requests", total=1.0)
             run = cluster.run(lambda now, end: bar.update(task, completed=now / end if end else 1.0))

@@ -72,8 +72,7 @@ class Cluster:
             if pool.count == 0:
                 continue
             if pool.role not in ("prefill", "decode", "mixed"):
-                raise InvalidArgument(f"pools.{pi}.role: the simulator models prefill, decode and mixed pools, "
-                                      f"not {pool.role!r}", param=f"pools.{pi}.role")
+                continue  # diffusion workers (dlm, policy) serve no LLM requests: not simulated
             perf = perf_for(layout, pool.hardware, pool.power_cap_w, field=f"pools.{pi}.hardware")
             if perf.kv_capacity_tokens(layout.sim.kv_usable_fraction) <= 0 and pool.role != "prefill":
                 raise InvalidArgument(f"pools.{pi}.hardware: {pool.hardware} cannot hold {layout.model.name}'s "
@@ -84,6 +83,9 @@ class Cluster:
                             layout.sim.kv_usable_fraction, layout.kv_link.bandwidth_gbps, layout.kv_link.latency_s)
                 self.machines.append(m)
                 roles.append(pool.role)
+        if not self.machines:
+            raise InvalidArgument("pools: the simulator needs at least one prefill, decode or mixed machine",
+                                  param="pools")
         roles_a = np.array(roles)
         self.prompt_idx = np.flatnonzero((roles_a == "prefill") | (roles_a == "mixed"))
         self.decode_idx = np.flatnonzero((roles_a == "decode") | (roles_a == "mixed"))

@@ -132,6 +132,8 @@ def test_bad_layouts_name_the_field() -> None:
     with pytest.raises(InvalidArgument, match="sim.perf_model: the profile table has no llama3-8b"):
         simulate(parse_layout({"model": {"name": "llama3-8b"}, "pools": [{"role": "mixed", "hardware": "dgx-h100"}],
                                "sim": {"perf_model": "profile"}}), w)
+    with pytest.raises(InvalidArgument, match="pools: the simulator needs at least one prefill"):
+        simulate(parse_layout({"pools": [{"role": "dlm"}]}), w)
     with pytest.raises(InvalidArgument, match=r"pools\.0\.batching\.max_batch"):
         parse_layout({"pools": [{"role": "mixed", "batching": {"max_batch": 0}}]})
 
@@ -180,6 +182,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+@pytest.mark.slow  # two `tandem` processes: the CLI imports every area
 def test_check_command_writes_the_contract_keys(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     p = _cli("sim", "run", str(REPO / "examples/sim/splitwise-hh.yaml"), "--trace", "conv", "--rate", "70",
