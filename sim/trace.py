@@ -126,6 +126,8 @@ def synthetic(trace: Workload | None, *, rate: float, duration_s: float, seed: i
         t = np.concatenate([t, t[-1] + np.cumsum(rng.exponential(1.0 / rate, n_guess))])
     t = t[t < duration_s]
     n = len(t)
+    if n == 0:
+        raise InvalidArgument(f"duration: no request arrives in {duration_s:g} s at {rate:g}/s", param="duration")
     if fixed is not None:
         prompt, output = np.full(n, fixed[0], dtype=np.int64), np.full(n, fixed[1], dtype=np.int64)
         name = f"fixed-{fixed[0]}-{fixed[1]}"

@@ -117,6 +117,8 @@ def test_bad_trace_header_and_names(tmp_path: Path) -> None:
         load_trace("chat")
     with pytest.raises(InvalidArgument, match="rate: must be > 0"):
         make_workload("conv", rate=-1, duration_s=10)
+    with pytest.raises(InvalidArgument, match="duration: no request arrives"):
+        make_workload("conv", rate=0.001, duration_s=1)
     with pytest.raises(InvalidArgument, match="fixed:PROMPT:OUTPUT"):
         make_workload("fixed:10", rate=1, duration_s=1)
 
