@@ -30,7 +30,8 @@ def write_json(path: Path, data: object) -> None:
 @sim_app.command("run")
 def run_cmd(
     layout: Path = typer.Argument(..., help="layout YAML"),
-    trace: str = typer.Option("conv", help="'conv', 'code', a CSV path, or fixed:PROMPT:OUTPUT"),
+    trace: str = typer.Option("conv", help="'conv', 'code', a CSV path, fixed:PROMPT:OUTPUT or "
+                              "lognormal:MEDIAN_PROMPT:MEDIAN_OUTPUT[:SIGMA]"),
     rate: float | None = typer.Option(None, help="requests/s; with --duration: synthetic arrivals, "
                                       "else the trace is time-scaled to this mean rate"),
     duration: float | None = typer.Option(None, help="seconds of arrivals"),

@@ -103,9 +103,11 @@ def replay(trace: Workload, *, rate: float | None = None, duration_s: float | No
 
 
 def synthetic(trace: Workload | None, *, rate: float, duration_s: float, seed: int = 0, arrival: str = "poisson",
-              cv: float = 1.0, fixed: tuple[int, int] | None = None) -> Workload:
+              cv: float = 1.0, fixed: tuple[int, int] | None = None,
+              lognormal: tuple[float, float, float] | None = None) -> Workload:
     """Arrivals at `rate`/s for `duration_s` s (Poisson, or gamma with coefficient of variation `cv`);
-    sizes sampled with replacement from `trace` (as splitwise-sim builds its traces) or `fixed` (prompt, output)."""
+    sizes sampled with replacement from `trace` (as splitwise-sim builds its traces), `fixed` (prompt, output),
+    or `lognormal` (median prompt, median output, sigma)."""
     if rate <= 0:
         raise InvalidArgument(f"rate: must be > 0, got {rate}", param="rate")
     if duration_s <= 0:
@@ -131,6 +133,11 @@ def synthetic(trace: Workload | None, *, rate: float, duration_s: float, seed: i
     if fixed is not None:
         prompt, output = np.full(n, fixed[0], dtype=np.int64), np.full(n, fixed[1], dtype=np.int64)
         name = f"fixed-{fixed[0]}-{fixed[1]}"
+    elif lognormal is not None:
+        mp, mo, sigma = lognormal
+        prompt = np.maximum(1, np.rint(rng.lognormal(np.log(mp), sigma, n))).astype(np.int64)
+        output = np.maximum(1, np.rint(rng.lognormal(np.log(mo), sigma, n))).astype(np.int64)
+        name = f"lognormal-{mp:g}-{mo:g}"
     else:
         assert trace is not None
         pick = rng.integers(0, len(trace), n)
@@ -151,6 +158,22 @@ def parse_fixed(spec: str) -> tuple[int, int]:
     return p, o
 
 
+def parse_lognormal(spec: str) -> tuple[float, float, float]:
+    """'lognormal:MEDIAN_PROMPT:MEDIAN_OUTPUT[:SIGMA]' -> (prompt, output, sigma); sigma defaults to 1."""
+    parts = spec.split(":")
+    try:
+        if len(parts) not in (3, 4):
+            raise ValueError
+        p, o = float(parts[1]), float(parts[2])
+        sigma = float(parts[3]) if len(parts) == 4 else 1.0
+        if p < 1 or o < 1 or sigma <= 0:
+            raise ValueError
+    except ValueError:
+        raise InvalidArgument(f"trace: {spec!r} must look like lognormal:MEDIAN_PROMPT:MEDIAN_OUTPUT[:SIGMA] "
+                              "with medians ≥ 1 and sigma > 0", param="trace") from None
+    return p, o, sigma
+
+
 def make_workload(trace: str, *, rate: float | None = None, duration_s: float | None = None, seed: int = 0,
                   arrival: str = "poisson", cv: float = 1.0) -> Workload:
     """The CLI's rule: with --rate and --duration, synthetic arrivals sized from the trace; otherwise a replay."""
@@ -159,6 +182,11 @@ def make_workload(trace: str, *, rate: float | None = None, duration_s: float | 
             raise InvalidArgument("trace: fixed:P:O needs --rate and --duration", param="trace")
         return synthetic(None, rate=rate, duration_s=duration_s, seed=seed, arrival=arrival, cv=cv,
                          fixed=parse_fixed(trace))
+    if trace.startswith("lognormal:"):
+        if rate is None or duration_s is None:
+            raise InvalidArgument("trace: lognormal:... needs --rate and --duration", param="trace")
+        return synthetic(None, rate=rate, duration_s=duration_s, seed=seed, arrival=arrival, cv=cv,
+                         lognormal=parse_lognormal(trace))
     base = load_trace(trace)
     if rate is not None and duration_s is not None:
         return synthetic(base, rate=rate, duration_s=duration_s, seed=seed, arrival=arrival, cv=cv)

@@ -90,6 +90,12 @@ def test_trace_loading_scaling_and_synthetic() -> None:
     gaps = np.diff(gam.arrival_s)
     assert gaps.std() / gaps.mean() == pytest.approx(3.0, rel=0.15)
     assert len(make_workload("fixed:100:5", rate=2, duration_s=10)) > 0
+    logn = make_workload("lognormal:512:128:0.5", rate=100, duration_s=100, seed=0)
+    assert np.median(logn.prompt) == pytest.approx(512, rel=0.05)
+    assert np.median(logn.output) == pytest.approx(128, rel=0.05)
+    assert np.std(np.log(logn.prompt)) == pytest.approx(0.5, rel=0.05)
+    with pytest.raises(InvalidArgument, match="lognormal:MEDIAN_PROMPT"):
+        make_workload("lognormal:512", rate=1, duration_s=10)
 
 
 @pytest.mark.parametrize(("row", "message"), [
