@@ -1,0 +1,76 @@
+"""`tandem bench dlm`: baseline vs FreeCache vs Guided vs both on the held-out task set, plus exactness."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    @bench_app.command("dlm")
+    def bench_dlm(
+        quick: bool = typer.Option(False, "--quick", help="small eval set (30 prompts), for CI and checks"),
+        json_out: Path | None = typer.Option(None, "--json", help="write the results here"),
+        n: int | None = typer.Option(None, "--n", help="eval prompts (default 30 quick, 300 full)"),
+        ckpt: Path | None = typer.Option(None, "--ckpt", help="folder with dlm.pt and guide.pt"),
+        block: int = typer.Option(4, "--block", help="block length B"),
+        steps: int = typer.Option(4, "--steps", help="denoising steps per block"),
+        accept: str = typer.Option("topk_rel", "--accept", help="top1 | topk | topk_rel"),
+        exact_prompts: int = typer.Option(3, "--exact-prompts", help="prompts for the exactness checks"),
+        threads: int = typer.Option(1, "--threads", help="torch CPU threads (batch-1 forwards of a tiny model)"),
+    ) -> None:
+        """Accuracy (95% CI), token agreement, forward passes, tokens/step, linear work and time per variant."""
+        import torch
+        from rich.console import Console
+        from rich.progress import Progress
+
+        from services.dlm.checkpoint import CHECKPOINT_DIR
+        from services.dlm.evaluate import VARIANTS, evaluate, load_pair
+        from services.dlm.exact import run_checks
+        from services.dlm.sampler import Options
+        from services.dlm.tasks import GEN_LEN, encode_prompt, eval_set
+        from services.errors import InvalidArgument
+
+        count = n if n is not None else (30 if quick else 300)
+        if count < 1:
+            raise InvalidArgument("--n: must be at least 1", param="n")
+        torch.set_grad_enabled(False)
+        torch.set_num_threads(threads)
+        dlm, guide, tok = load_pair(ckpt or CHECKPOINT_DIR)
+        opts = Options(gen_len=GEN_LEN, block=block, steps_per_block=steps, accept=accept)
+        opts.validate(dlm.cfg.max_len, dlm.cfg.max_len - GEN_LEN)
+        names = VARIANTS + ("refresh_block",)
+        with Progress(transient=True) as prog:
+            task = prog.add_task("dlm bench", total=count * len(names))
+            res = evaluate(dlm, guide, tok, count, opts, names, progress=lambda _v, _i: prog.advance(task))
+        prompts = [encode_prompt(tok, ex.prompt) for ex in eval_set(exact_prompts, seed=777)]
+        checks = run_checks(dlm, guide, prompts, opts, tok.mask_id, tok.eos_id)
+        p, g = dlm.cfg.max_len - GEN_LEN, GEN_LEN
+        nb = g // block
+        out = {**res, "exact_checks": checks,
+               "config": {"n": count, "prompt_len": p, "gen_len": g, "block": block, "steps_per_block": steps,
+                          "accept": accept, "k": opts.k, "tau": opts.tau,
+                          "formula_linear_work_reduction": 2 * (p + g) * nb / (g * (nb + 1)),
+                          "threads": torch.get_num_threads()}}
+        _print(Console(), out, names)
+        if json_out:
+            json_out.write_text(json.dumps(out, indent=1))
+
+
+def _print(console, out: dict, names: tuple[str, ...]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"tandem bench dlm (n={out['config']['n']}, CPU)")
+    for col in ("variant", "accuracy [95% CI]", "agree", "fwd", "tok/step", "linear work", "s", "speed-up"):
+        t.add_column(col)
+    for name in names:
+        r = out[name]
+        lo, hi = r["accuracy_ci95"]
+        t.add_row(name, f"{r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]", f"{r['token_agreement']:.3f}",
+                  f"{r['forward_passes']:.1f}", f"{r['tokens_per_step']:.2f}",
+                  f"{r['linear_work_reduction']:.2f}x", f"{r['seconds']:.2f}", f"{r['speedup']:.2f}x")
+    console.print(t)
+    console.print(f"formula 2(P+G)N/(G(N+1)) = {out['config']['formula_linear_work_reduction']:.2f}x")
+    console.print("exact checks: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in out["exact_checks"].items()))
