@@ -185,6 +185,9 @@ class Gateway:
             usage = {"prompt_tokens": n, "completion_tokens": len(times), "total_tokens": n + len(times)}
             outcome = "ok"
             yield Chunk(last_ids, last_text, finish, usage, timings, route.workers)
+        except GeneratorExit:  # the consumer stopped reading (a gRPC client cancelled): same as cancel
+            outcome = "cancelled"
+            raise
         except Unavailable:
             if route is not None:
                 self.router.failed(route.prefill)
