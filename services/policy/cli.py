@@ -110,6 +110,22 @@ def train_cmd(
     typer.echo(f"wrote {out}: {info}")
 
 
+@policy_app.command("plots")
+def plots_cmd(
+    table: Path = typer.Option(..., help="a table JSON from `tandem bench policy --json` or the GPU run"),
+    out: Path = typer.Option(Path("docs"), help="folder for the PNGs"),
+    checkpoint: Path | None = typer.Option(None, help="checkpoint directory (default: the committed one)"),
+) -> None:
+    """Similarity matrices, schedules and the MSE/evaluations trade-off as PNGs for docs/policy.md."""
+    import torch
+
+    from services.policy import plots
+
+    torch.set_num_threads(2)
+    for path in plots.all_figures(out, table, str(checkpoint) if checkpoint else None):
+        typer.echo(f"wrote {path}")
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     bench_app.command("policy")(bench_policy)
     app.add_typer(policy_app, name="policy")
