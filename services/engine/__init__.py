@@ -1,9 +1,27 @@
-"""The model runtime shared by every worker: a Llama-family decoder, KV ownership, loading, sampling."""
+"""The model runtime shared by every worker: a Llama-family decoder, KV ownership, loading, sampling.
 
-from services.engine.config import ModelConfig
-from services.engine.engine import Engine, model_fingerprint, random_engine
-from services.engine.kv import KVBuffer
-from services.engine.loader import default_model_path, load_engine
+Names resolve lazily so that importing `services.engine.cli` (every `tandem` call) does not load torch.
+"""
 
-__all__ = ["Engine", "KVBuffer", "ModelConfig", "default_model_path", "load_engine", "model_fingerprint",
-           "random_engine"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ModelConfig": "services.engine.config",
+    "Engine": "services.engine.engine",
+    "model_fingerprint": "services.engine.engine",
+    "random_engine": "services.engine.engine",
+    "KVBuffer": "services.engine.kv",
+    "default_model_path": "services.engine.loader",
+    "load_engine": "services.engine.loader",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'services.engine' has no attribute {name!r}")
