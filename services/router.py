@@ -55,7 +55,8 @@ class Router(Protocol):
     def finished(self, route: Route) -> None: ...
 
 
-InfoFn = Callable[[str], Any]  # address -> WorkerInfo (raises on an unreachable worker)
+InfoFn = Callable[[str], Any]
+DOWN_TTL_S = 1.0  # address -> WorkerInfo (raises on an unreachable worker)
 
 
 @dataclass(slots=True)
@@ -72,7 +73,8 @@ class _Board:
     def load(self, address: str) -> Load:
         now = time.monotonic()
         hit = self.polled.get(address)
-        if hit is None or now - hit[0] > self.ttl_s:
+        # a worker found down is re-polled less often, so one hung worker does not stall every pick
+        if hit is None or now - hit[0] > (self.ttl_s if hit[1].healthy else max(self.ttl_s, DOWN_TTL_S)):
             try:
                 i = self.info(address)
                 load = Load(address, i.pending_prompt_tokens, i.live_requests, i.waiting_requests,

@@ -97,3 +97,21 @@ def test_layout_endpoints_ports_and_duplicates() -> None:
     assert [e.name for e in reg.endpoints("decode")] == ["decode-0", "decode-1"]
     with pytest.raises(InvalidArgument, match="worker"):
         StaticRegistry.from_pairs(["gpu=x:1"])
+
+
+def test_a_down_worker_is_repolled_less_often_than_a_healthy_one() -> None:
+    calls: dict[str, int] = {}
+
+    def info(addr: str) -> Info:
+        calls[addr] = calls.get(addr, 0) + 1
+        if addr == "p0:1":
+            raise Unavailable("down")
+        return Info()
+
+    r = JSQRouter(split_registry(), info, ttl_s=0.0)
+    for _ in range(5):
+        assert r.pick(1).prefill == "p1:1"
+    assert calls["p0:1"] == 1 and calls["p1:1"] == 5
+    r.failed("p0:1")  # forgetting it forces a fresh poll
+    r.pick(1)
+    assert calls["p0:1"] == 2
