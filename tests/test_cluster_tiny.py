@@ -304,6 +304,18 @@ def test_non_streaming_client_that_gives_up_frees_the_decode_slot(cluster) -> No
     assert 'tandem_gateway_requests_total{api="completions",outcome="cancelled"} 2.0' in metrics
 
 
+def test_grpc_front_door_serves_health_and_reflection(cluster) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(cluster.grpc) as ch:
+        h = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="tandem.v1.Generation"), timeout=5)
+        assert h.status == health_pb2.HealthCheckResponse.SERVING
+        req = reflection_pb2.ServerReflectionRequest(list_services="")
+        resp = next(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(iter([req]), timeout=5))
+        assert "tandem.v1.Generation" in {s.name for s in resp.list_services_response.service}
+
+
 def test_sigterm_stops_every_process_it_started(cluster) -> None:
     kids = cluster.children()
     assert len(kids) == 4  # gateway + prefill + 2 decode
