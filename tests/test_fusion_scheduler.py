@@ -213,3 +213,35 @@ def test_background_loop_with_concurrent_submitters(engine) -> None:
     s.stop()  # stopping ends whatever is still in flight
     assert late_sink.reason in ("cancelled", "length")
     assert s.stats()["rows"] == 0
+
+
+def test_a_failing_step_fails_the_batch_and_the_loop_survives(engine) -> None:
+    class Faulty:
+        """The real engine, except that its decode step raises once (a device error, say)."""
+
+        def __init__(self) -> None:
+            self.failed = False
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def decode(self, *args):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("device fell over")
+            return engine.decode(*args)
+
+    s = FusionScheduler(engine, max_batch=4)
+    s.engine = Faulty()
+    first, first_sink = make(engine, "f1", 4, 10, ignore_eos=True)
+    s.submit(first)
+    s.start()
+    try:
+        assert first_sink.done.wait(30) and first_sink.reason == "error" and first_sink.tokens == []
+        again, again_sink = make(engine, "f2", 4, 10, ignore_eos=True)
+        s.submit(again)
+        assert again_sink.done.wait(30) and again_sink.reason == "length"
+        assert again_sink.tokens == solo_decode(engine, again.prompt_kv, again.first_token, again.params)
+        assert s.stats()["errors"] == 1 and s.stats()["kv_used_bytes"] == 0
+    finally:
+        s.stop()
