@@ -19,9 +19,12 @@ from typing import Any
 import torch
 
 from services.grpcutil import channel, wait_healthy
+from services.rpc.tandem.v1 import worker_pb2 as pb
 from services.rpc.tandem.v1 import worker_pb2_grpc as rpc
-from services.workers.kvwire import DEFAULT_CHUNK, KVSpec, dtype_name, encode, raw_bytes
+from services.workers.kvproto import encode_wire
+from services.workers.kvwire import DEFAULT_CHUNK, KVSpec, dtype_name, raw_bytes
 from services.workers.modelspec import load_model, random_spec
+from services.workers.sender import PUSH
 
 # Small weights, big KV: 8 layers x 8 KV heads x 128 dims -> 4 KiB per token per tensor (f32).
 KV_MODEL = dict(vocab_size=256, dim=64, n_layers=8, n_heads=8, n_kv_heads=8, head_dim=128, hidden_dim=128,
@@ -96,11 +99,11 @@ def kv_throughput(tokens: int = 4096, repeats: int = 4, chunk_bytes: int = DEFAU
         ready.wait(30)
         with channel(addr) as ch, socket.create_connection(("127.0.0.1", port)) as sock:
             stub = rpc.KVTransferStub(ch)
-            from services.rpc.tandem.v1 import worker_pb2 as pb
+            push = ch.stream_unary(PUSH, request_serializer=None, response_deserializer=pb.KVReceipt.FromString)
 
             for i in range(repeats + 1):  # the first round warms both paths up and is not counted
                 t0 = time.perf_counter()
-                receipt = stub.Push(encode(spec, f"bench-{i}", layers, chunk_bytes), timeout=120)
+                receipt = push(encode_wire(spec, f"bench-{i}", layers, chunk_bytes), timeout=120)  # the sender's path
                 dt = time.perf_counter() - t0
                 assert receipt.bytes == nbytes
                 stub.Release(pb.KVReleaseRequest(handle=receipt.handle), timeout=10)

@@ -20,6 +20,7 @@ from services.fusion.scheduler import NO_TOKEN, DecodeRequest, FusionScheduler
 from services.grpcutil import log, request_id
 from services.rpc.tandem.v1 import worker_pb2 as pb
 from services.workers.client import sampling_from_pb
+from services.workers.kvproto import Piece
 from services.workers.kvstore import Entry, KVStore, Layers
 from services.workers.kvwire import KVAssembler, KVSpec, dtype_name
 
@@ -42,23 +43,26 @@ class DecodeWorker:
         log(self.logger, f"KV freed: {why}", logging.WARNING, request_id=entry.request_id, bytes=entry.nbytes)
 
     # ---- KVTransfer ----
-    def push(self, chunks: Iterator[pb.KVChunk], context: grpc.ServicerContext) -> pb.KVReceipt:
+    def push(self, chunks: Iterator[pb.KVHeader | Piece | str], context: grpc.ServicerContext) -> pb.KVReceipt:
         rid = request_id(context)
         asm = KVAssembler(self.expect, self.engine.cfg.max_seq_len - 1)
         ticket = None
         t0 = time.perf_counter()
         try:
-            first = next(chunks, None)
-            if first is None or first.WhichOneof("kind") != "header":
-                raise InvalidArgument("KV push must start with a header", param="header")
-            spec = asm.header(first.header)
-            rid = first.header.request_id or rid
+            first = next(chunks, None)  # messages come parsed by kvproto.parse_chunk (server.py registers it)
+            if not isinstance(first, pb.KVHeader):
+                raise InvalidArgument(first if isinstance(first, str) else "KV push must start with a header",
+                                      param="header")
+            spec = asm.header(first)
+            rid = first.request_id or rid
             ticket = self.store.begin(rid, spec.nbytes, cancel=context.cancel)
             for chunk in chunks:
-                if chunk.WhichOneof("kind") != "piece":
+                if isinstance(chunk, str):
+                    raise InvalidArgument(chunk, param="data")
+                if not isinstance(chunk, Piece):
                     raise InvalidArgument("KV push carries a second header", param="header")
                 self.store.touch(ticket)
-                asm.piece(chunk.piece)
+                asm.piece(chunk)
             layers = asm.finish()
             handle, lease = self.store.commit(ticket, layers, asm.lease_s)
             ticket = None

@@ -11,11 +11,12 @@ import torch
 
 from services.grpcutil import REQUEST_ID_KEY, channel
 from services.rpc.tandem.v1 import worker_pb2 as pb
-from services.rpc.tandem.v1 import worker_pb2_grpc as rpc
 from services.workers.client import to_error
-from services.workers.kvwire import DEFAULT_CHUNK, KVSpec, layer_pieces
+from services.workers.kvproto import layer_piece_bytes
+from services.workers.kvwire import DEFAULT_CHUNK, KVSpec
 
 _DONE = object()
+PUSH = "/tandem.v1.KVTransfer/Push"
 
 
 class Channels:
@@ -23,13 +24,15 @@ class Channels:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._stubs: dict[str, tuple[grpc.Channel, rpc.KVTransferStub]] = {}
+        self._stubs: dict[str, tuple[grpc.Channel, grpc.StreamUnaryMultiCallable]] = {}
 
-    def stub(self, address: str) -> rpc.KVTransferStub:
+    def push(self, address: str) -> grpc.StreamUnaryMultiCallable:
+        """KVTransfer.Push taking requests already serialized (kvwire's wire-form pieces)."""
         with self._lock:
             if address not in self._stubs:
                 ch = channel(address)
-                self._stubs[address] = (ch, rpc.KVTransferStub(ch))
+                self._stubs[address] = (ch, ch.stream_unary(PUSH, request_serializer=None,
+                                                            response_deserializer=pb.KVReceipt.FromString))
             return self._stubs[address][1]
 
     def close(self) -> None:
@@ -51,10 +54,10 @@ class KVSender:
         self.address, self.spec, self.request_id = address, spec, request_id
         self.chunk_bytes = chunk_bytes
         self._q: queue.Queue = queue.Queue()
-        self._header = spec.header(request_id, lease_s)
+        self._header = spec.header(request_id, lease_s).SerializeToString()
         self.started = time.perf_counter()
         self.first_piece_at = 0.0
-        self._future = stubs.stub(address).Push.future(self._chunks(), timeout=timeout_s,
+        self._future = stubs.push(address).future(self._chunks(), timeout=timeout_s,
                                                         metadata=((REQUEST_ID_KEY, request_id),))
 
     def _chunks(self):
@@ -71,7 +74,7 @@ class KVSender:
             layer, k, v = item
             if not self.first_piece_at:
                 self.first_piece_at = time.perf_counter()
-            yield from layer_pieces(layer, k, v, self.chunk_bytes)
+            yield from layer_piece_bytes(layer, k, v, self.chunk_bytes)
 
     def _future_done(self) -> bool:
         fut = getattr(self, "_future", None)

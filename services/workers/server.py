@@ -19,6 +19,7 @@ from services.grpcutil import Server, get_logger, log, request_id, rpc_errors
 from services.rpc.tandem.v1 import worker_pb2 as pb
 from services.rpc.tandem.v1 import worker_pb2_grpc as rpc
 from services.workers.client import sampling_from_pb
+from services.workers.kvproto import parse_chunk
 from services.workers.kvwire import DEFAULT_CHUNK, dtype_name
 from services.workers.metrics import WorkerMetrics
 from services.workers.mixed import MixedWorker, result_to_pb, wait_result
@@ -74,7 +75,13 @@ class WorkerServer:
     def _add(self, server: grpc.Server) -> None:
         rpc.add_PrefillServicer_to_server(_Prefill(self), server)
         rpc.add_DecodeServicer_to_server(_Decode(self), server)
-        rpc.add_KVTransferServicer_to_server(_KVTransfer(self), server)
+        kv = _KVTransfer(self)  # registered by hand: Push parses pieces without copying their bytes (kvproto)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("tandem.v1.KVTransfer", {
+            "Push": grpc.stream_unary_rpc_method_handler(kv.Push, request_deserializer=parse_chunk,
+                                                         response_serializer=pb.KVReceipt.SerializeToString),
+            "Release": grpc.unary_unary_rpc_method_handler(kv.Release, request_deserializer=pb.KVReleaseRequest.FromString,
+                                                           response_serializer=pb.KVReleaseReply.SerializeToString),
+        }),))
         rpc.add_WorkerServicer_to_server(_Worker(self), server)
 
     def start(self) -> WorkerServer:
