@@ -8,7 +8,7 @@ import time
 import grpc
 import httpx
 import pytest
-from clusterkit import start_up, write_layout
+from clusterkit import alive, start_up, write_layout
 from conftest import free_port
 
 from services.engine.sampling import SamplingParams
@@ -68,3 +68,14 @@ def test_mixed_worker_greedy_equals_engine_and_frees_on_disconnect(cluster, tiny
     while (i := mixed_info(cluster)).live_requests and time.monotonic() < deadline:
         time.sleep(0.1)
     assert i.live_requests == 0 and i.kv_free_bytes == i.kv_total_bytes
+
+
+def test_children_die_with_a_killed_launcher(cluster) -> None:
+    # SIGKILL gives `tandem up` no chance to clean up: PR_SET_PDEATHSIG must still end its children.
+    kids = cluster.children()
+    assert len(kids) == 2
+    cluster.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in kids if alive(p)]
