@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Sequence
 
 from services.gateway.core import Gateway
@@ -10,6 +12,10 @@ from services.layout import Layout
 from services.registry import StaticRegistry
 
 logger = get_logger("tandem.gateway")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def split_hostport(addr: str, field: str) -> tuple[str, int]:
@@ -47,9 +53,14 @@ def serve(layout: Layout | None = None, http: str | None = None, grpc_address: s
     rpc = Server(grpc_address, [add_to_server(gw)], [SERVICE_NAME]).start()
     rpc.ready()
     log(logger, "gateway up", http=http, grpc=rpc.address, workers=[e.address for e in gw.registry.all()])
+    # uvicorn re-raises the signal that stopped it once it is done; make SIGTERM end in our cleanup too
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         uvicorn.Server(uvicorn.Config(create_app(gw), host=host, port=port, log_level="warning",
                                       timeout_graceful_shutdown=3)).run()
+    except KeyboardInterrupt:
+        pass
     finally:
         rpc.stop(1.0)
         gw.close()
