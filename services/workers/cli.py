@@ -17,6 +17,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         ttft: bool = typer.Option(False, "--ttft", help="also TTFT split vs mixed (slow on CPU)"),
         ttft_model: str = typer.Option(None, help="model spec for --ttft (default: the embedded SmolLM2)"),
         lengths: str = typer.Option("128,512,1024,2048,4096", help="prompt lengths for --ttft"),
+        ttft_repeats: int = typer.Option(1, min=1, help="interleaved runs per length for --ttft (best is kept)"),
     ) -> None:
         """KV transfer throughput over gRPC vs raw TCP on loopback (ratio); optionally TTFT split vs mixed."""
         import json
@@ -53,7 +54,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         if ttft:
             with Progress(console=console) as prog:
                 task = prog.add_task("TTFT split vs mixed", total=len(lens) + 1)
-                rows = run_ttft(ttft_model, lens, progress=lambda: prog.advance(task))
+                rows = run_ttft(ttft_model, lens, progress=lambda: prog.advance(task), repeats=ttft_repeats)
             res["ttft"] = rows
             t = Table(title="TTFT: prefill -> KV push -> decode worker vs mixed worker")
             for col in ("prompt", "split s", "split, push after s", "mixed s", "split/mixed", "KV exposed s",
