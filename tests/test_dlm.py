@@ -123,6 +123,8 @@ def test_exactness_on_trained_model_and_freecache_differs_from_reference_work(tr
     assert fc.stats.forward_passes == base.stats.forward_passes == GEN_LEN
     assert base.stats.dlm_tokens == GEN_LEN * (PROMPT_LEN + GEN_LEN)
     assert fc.stats.dlm_tokens == 48 + 3 * 24 + 4 * (20 + 16 + 12 + 8 + 4)
+    lag = sample(dlm, pr, Options(cache="freecache_lag"), tok.mask_id, tok.eos_id)
+    assert lag.stats.dlm_tokens == fc.stats.dlm_tokens + 5 * 4  # each later block re-reads the previous one once
     acc = sample(dlm, pr, Options(accept="all"), tok.mask_id, tok.eos_id, guide=guide)
     assert acc.tokens == all_drafts(dlm, pr, GEN_LEN, tok.mask_id, tok.eos_id) and acc.stats.steps == 1
 

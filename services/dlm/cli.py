@@ -27,7 +27,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from rich.progress import Progress
 
         from services.dlm.checkpoint import CHECKPOINT_DIR
-        from services.dlm.evaluate import VARIANTS, evaluate, load_pair
+        from services.dlm.evaluate import ABLATIONS, VARIANTS, evaluate, load_pair
         from services.dlm.exact import run_checks
         from services.dlm.sampler import Options
         from services.dlm.tasks import GEN_LEN, encode_prompt, eval_set
@@ -41,7 +41,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         dlm, guide, tok = load_pair(ckpt or CHECKPOINT_DIR)
         opts = Options(gen_len=GEN_LEN, block=block, steps_per_block=steps, accept=accept)
         opts.validate(dlm.cfg.max_len, dlm.cfg.max_len - GEN_LEN)
-        names = VARIANTS + ("refresh_block",)
+        names = VARIANTS + ABLATIONS
         with Progress(transient=True) as prog:
             task = prog.add_task("dlm bench", total=count * len(names))
             res = evaluate(dlm, guide, tok, count, opts, names, progress=lambda _v, _i: prog.advance(task))
@@ -54,7 +54,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                           "accept": accept, "k": opts.k, "tau": opts.tau,
                           "formula_linear_work_reduction": 2 * (p + g) * nb / (g * (nb + 1)),
                           "threads": torch.get_num_threads()}}
-        _print(Console(), out, names)
+        _print(Console(width=max(Console().width, 120)), out, names)
         if json_out:
             json_out.write_text(json.dumps(out, indent=1))
 

@@ -18,6 +18,7 @@ from services.dlm.sampler import Options, sample
 from services.dlm.tasks import encode_prompt, eval_set
 
 VARIANTS = ("baseline", "freecache", "guided", "freecache_guided")
+ABLATIONS = ("freecache_lag", "refresh_block")
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -32,7 +33,8 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def variant_options(name: str, base: Options) -> tuple[Options, bool]:
     """(options, uses_guide) for a named variant; refresh_block is the FreeCache ablation."""
-    table = {"baseline": ("off", False), "freecache": ("freecache", False), "refresh_block": ("refresh_block", False),
+    table = {"baseline": ("off", False), "freecache": ("freecache", False),
+             "freecache_lag": ("freecache_lag", False), "refresh_block": ("refresh_block", False),
              "guided": ("off", True), "freecache_guided": ("freecache", True)}
     cache, guided = table[name]
     return replace(base, cache=cache), guided
@@ -45,13 +47,15 @@ def evaluate(dlm: torch.nn.Module, guide: torch.nn.Module, tok, n: int, base: Op
     out, base_tokens = {}, None
     for name in variants:
         opts, guided = variant_options(name, base)
-        toks, correct, stats = [], 0, []
+        toks, correct, stats, by_task = [], 0, [], {}
         t0 = time.perf_counter()
         for i, (ex, pr) in enumerate(zip(examples, prompts, strict=True)):
             res = sample(dlm, pr, opts, tok.mask_id, tok.eos_id, guide=guide if guided else None)
             toks.append(res.tokens)
             stats.append(res.stats)
-            correct += tok.decode(res.tokens) == ex.answer
+            ok = tok.decode(res.tokens) == ex.answer
+            correct += ok
+            by_task.setdefault(ex.task, []).append(ok)
             if progress:
                 progress(name, i)
         sec = time.perf_counter() - t0
@@ -70,6 +74,7 @@ def evaluate(dlm: torch.nn.Module, guide: torch.nn.Module, tok, n: int, base: Op
             "dlm_tokens": sum(s.dlm_tokens for s in stats) / n,
             "guide_tokens": sum(s.guide_tokens for s in stats) / n,
             "seconds": sec,
+            "accuracy_by_task": {k: sum(v) / len(v) for k, v in sorted(by_task.items())},
         }
     b = out[variants[0]]
     for r in out.values():
@@ -97,7 +102,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     dlm, guide, tok = load_pair(a.ckpt, a.device)
-    res = evaluate(dlm, guide, tok, a.n, Options(), VARIANTS + ("refresh_block",))
+    res = evaluate(dlm, guide, tok, a.n, Options(), VARIANTS + ABLATIONS)
     text = json.dumps(res, indent=1)
     print(text)
     if a.out:

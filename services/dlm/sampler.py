@@ -3,6 +3,8 @@
 - cache="off": LLaDA's reference loop, a full forward per step (the baseline);
 - cache="freecache": step 0 is a full forward; afterwards each step runs only the window "current block ->
   end" against the frozen K/V of everything before it; a finished block keeps the K/V of its last step;
+- cache="freecache_lag": as freecache, but the first step of a block still re-reads the previous block,
+  so a finished block is frozen from a forward in which all its tokens are real (one-block overlap);
 - cache="refresh_block": as freecache, plus a full forward at the first step of every block (ablation,
   Fast-dLLM's prefix cache); cache="refresh_step": refresh before every step (must equal the baseline);
 - guide=ARGuide: Guided Diffusion -- the DLM drafts every masked position in one forward, the guide
@@ -20,7 +22,7 @@ from services.dlm.guide import ARGuide, GuideCache
 from services.dlm.model import DiffusionLM, KVStore
 from services.errors import InvalidArgument
 
-CACHE_MODES = ("off", "freecache", "refresh_block", "refresh_step")
+CACHE_MODES = ("off", "freecache", "freecache_lag", "refresh_block", "refresh_step")
 ACCEPT_RULES = ("top1", "topk", "topk_rel", "all")
 
 
@@ -143,7 +145,8 @@ def _block_steps(run: _Runner, p: int, opts: Options, mask_id: int) -> Iterator[
         for j, n in enumerate(transfer_schedule(b, opts.steps_per_block)):
             # Step 0 of the whole run is a full forward: the window start of block 0 has no K/V yet.
             first = blk == 0 and j == 0
-            logits = run.logits(lo, refresh=first or (j == 0 and run.cache == "refresh_block"))
+            start = lo - b if j == 0 and blk > 0 and run.cache == "freecache_lag" else lo
+            logits = run.logits(start, refresh=first or (j == 0 and run.cache == "refresh_block"))
             conf, pred = logits[0, lo:hi].softmax(-1).max(-1)
             masked = x[0, lo:hi] == mask_id
             conf = torch.where(masked, conf, torch.tensor(-1.0, device=conf.device))

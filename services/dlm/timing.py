@@ -22,6 +22,8 @@ from services.dlm.sampler import Options, sample
 SHAPES = {
     "1b": dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=16, ffn_dim=5632),
     "guide135m": dict(vocab_size=32000, dim=576, n_layers=30, n_heads=9, ffn_dim=1536),
+    "cpu_mid": dict(vocab_size=4096, dim=256, n_layers=6, n_heads=4, ffn_dim=704),
+    "cpu_guide": dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, ffn_dim=384),
     "tiny": dict(vocab_size=64, dim=64, n_layers=2, n_heads=2, ffn_dim=128),
     "tinyguide": dict(vocab_size=64, dim=32, n_layers=2, n_heads=2, ffn_dim=64),
 }
@@ -47,6 +49,8 @@ def _time(fn, device: str, repeats: int) -> tuple[float, object]:
 
 def run(shape: str, guide_shape: str, cases: list[tuple[int, int, int]], device: str, repeats: int) -> dict:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if device == "cpu":
+        torch.set_num_threads(1)  # the shared 2-core box: a second thread only spins
     torch.manual_seed(0)
     max_len = max(p + g for p, g, _ in cases)
     model = DiffusionLM(Config(max_len=max_len, **SHAPES[shape])).to(device, dtype).eval()
