@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -256,9 +257,12 @@ def main() -> None:
     a = p.parse_args()
     batching = Batching(policy=a.policy, max_batch=a.max_batch, max_batch_tokens=a.max_batch_tokens,
                         kv_budget_mb=a.kv_budget_mb)
-    serve(a.role, a.address, a.model, batching, a.metrics_port, kv_lease_s=a.kv_lease_s, kv_stall_s=a.kv_stall_s,
-          kv_timeout_s=a.kv_timeout_s, device=a.device, kv_overlap=not a.no_kv_overlap,
-          threads=a.threads)
+    try:
+        serve(a.role, a.address, a.model, batching, a.metrics_port, kv_lease_s=a.kv_lease_s, kv_stall_s=a.kv_stall_s,
+              kv_timeout_s=a.kv_timeout_s, device=a.device, kv_overlap=not a.no_kv_overlap, threads=a.threads)
+    except TandemError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
