@@ -15,10 +15,16 @@ import pytest
 from services.engine import load_engine
 from services.engine.generate import GenStats, StopMatcher, generate, generate_text
 from services.engine.sampling import SamplingParams
-from services.engine.testing import write_tiny_checkpoint
+from services.engine.testing import torch_threads, write_tiny_checkpoint
 from services.errors import InvalidArgument, NotFound
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +183,7 @@ def test_generate_text_cuts_at_stop_string_and_eos(engine) -> None:
 # ---- CLI -------------------------------------------------------------------------------------------------
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
                           timeout=120, env=env, cwd=ROOT)
 

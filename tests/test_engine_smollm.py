@@ -13,6 +13,7 @@ import torch
 from services.engine import default_model_path, load_engine
 from services.engine.generate import generate, generate_text
 from services.engine.sampling import SamplingParams
+from services.engine.testing import torch_threads
 from services.errors import NotFound
 
 transformers = pytest.importorskip("transformers")
@@ -25,12 +26,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a t
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """The test machine is shared by many processes; two OpenMP threads on two busy cores stall each other
-    (a 30-layer decode step slows down ~10x), while one thread keeps these tests' time predictable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -181,3 +183,15 @@ def write_tiny_gguf(path: str | Path, cfg: ModelConfig | None = None, *, seed: i
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with `n` torch threads. Tests use 1: on a machine shared with other jobs, two OpenMP
+    threads on two busy cores stall each other at every op and a small forward pass slows down ~10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
