@@ -25,8 +25,8 @@ def bench_figure(bench: dict, out: Path) -> None:
     ax[0].set_yscale("log")
     ax[0].legend()
     acc = [bench[n]["accuracy"] for n in names]
-    err = [[a - bench[n]["accuracy_ci95"][0] for a, n in zip(acc, names, strict=True)],
-           [bench[n]["accuracy_ci95"][1] - a for a, n in zip(acc, names, strict=True)]]
+    err = [[max(0.0, a - bench[n]["accuracy_ci95"][0]) for a, n in zip(acc, names, strict=True)],
+           [max(0.0, bench[n]["accuracy_ci95"][1] - a) for a, n in zip(acc, names, strict=True)]]
     ax[1].bar(list(x), acc, yerr=err, capsize=4)
     ax[1].set_xticks(list(x), names, rotation=20)
     ax[1].set_ylim(0, 1.05)
