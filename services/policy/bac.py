@@ -169,12 +169,14 @@ def make_plans(outs: list[torch.Tensor], budget: int, top_n: int = 3) -> dict[st
     acs = [acs_steps(s, budget) for s in sims]
     errors = [reuse_error(o, s) for o, s in zip(outs, acs, strict=True)]
     bac, chosen = bubbling_union(acs, errors, top_n)
+    wide, wide_chosen = bubbling_union(acs, errors, 3 * top_n)  # ablation: BU over three times as many blocks
     unified = acs_steps(np.mean(sims, 0), budget)
     uni = uniform_steps(k, budget)
     n = len(outs)
     return {
         "acs": {"steps": acs},
         "bac": {"steps": bac, "bu_blocks": chosen},
+        f"bac-n{3 * top_n}": {"steps": wide, "bu_blocks": wide_chosen},
         "unified": {"steps": [unified] * n},
         "uniform": {"steps": [uni] * n},
     }

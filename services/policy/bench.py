@@ -28,6 +28,8 @@ from services.policy.schedule import Sampler, make_sampler
 
 SAMPLERS = {"ddpm100": ("ddpm", 100), "ddim20": ("ddim", 20), "ddim10": ("ddim", 10)}
 BUDGETS = {"ddpm100": [5, 7, 10], "ddim20": [5, 10]}
+# extra uniform budgets whose block evaluations match the BAC rows (BU adds updates beyond S)
+MATCHED = {"ddpm100": [6, 9, 12, 16], "ddim20": [6, 12]}
 METHODS = ("uniform", "unified", "acs", "bac")
 
 
@@ -47,6 +49,8 @@ def full_configs() -> list[Config]:
     rows += [Config("ddpm100", s, m) for s in BUDGETS["ddpm100"] for m in METHODS]
     rows += [Config("ddim10", None, "uncached"), Config("ddim20", None, "uncached")]
     rows += [Config("ddim20", s, m) for s in BUDGETS["ddim20"] for m in ("uniform", "bac")]
+    rows += [Config(k, s, "uniform") for k, bs in MATCHED.items() for s in bs]
+    rows += [Config("ddpm100", 10, "bac-n9")]
     return rows
 
 
@@ -59,7 +63,8 @@ def compute_schedules(model: Denoiser, norm: Normalizer, n_obs: int = 16, top_n:
                       budgets: dict[str, list[int]] | None = None) -> dict:
     """{sampler key: {str(S): {method: {"steps": [...]}}}} from an uncached recording per sampler."""
     out = {}
-    for key, bs in (budgets or BUDGETS).items():
+    budgets = budgets or {k: sorted(set(BUDGETS[k]) | set(MATCHED[k])) for k in BUDGETS}
+    for key, bs in budgets.items():
         kind, k = SAMPLERS[key]
         out[key] = ev.calibrate(model, norm, make_sampler(kind, k), bs, n_obs=n_obs, top_n=top_n)
     return out
@@ -142,22 +147,27 @@ def run_table(model: Denoiser, norm: Normalizer, schedules: dict, configs: list[
     """One row per config: evals, MSE vs uncached (calibration and held-out obs), success + CI, latency."""
     dev = next(model.parameters()).device
     calib, held = ev.eval_obs(n_mse, 11), ev.eval_obs(n_mse, 99)
+    refs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     rows, base = [], {}
     for cfg in configs:
         sampler = make_sampler(*SAMPLERS[cfg.sampler])
         plan = plan_of(cfg, schedules, model.cfg.n_blocks)
         t0 = time.perf_counter()
-        succ = ev.rollout(Policy(model, norm, sampler, plan), episodes, seed)
+        env = ev.rollout(Policy(model, norm, sampler, plan), episodes, seed)
+        succ = env.success
         row = {"config": cfg.name, "sampler": cfg.sampler, "method": cfg.method, "budget": cfg.budget,
                "block_evals": block_evals(plan) if plan is not None else model.cfg.n_blocks * sampler.steps,
                "success_rate": float(succ.mean()), "success_ci95": list(ev.wilson(int(succ.sum()), len(succ))),
+               "crash_rate": float(env.crashed.mean()), "timeout_rate": float((~env.reached & ~env.crashed).mean()),
                "episodes": int(len(succ))}
         row["rollout_seconds"] = round(time.perf_counter() - t0, 2)
+        if cfg.sampler not in refs:  # the uncached chunks on the same noise, once per sampler
+            refs[cfg.sampler] = (ev.chunk(model, norm, sampler, calib, 7, None), ev.chunk(model, norm, sampler, held, 7, None))
         if plan is None:
             row["action_mse"] = row["action_mse_heldout"] = 0.0
         else:
-            row["action_mse"] = ev.action_mse(model, norm, sampler, calib, plan)
-            row["action_mse_heldout"] = ev.action_mse(model, norm, sampler, held, plan)
+            row["action_mse"] = float(np.mean((ev.chunk(model, norm, sampler, calib, 7, plan) - refs[cfg.sampler][0]) ** 2))
+            row["action_mse_heldout"] = float(np.mean((ev.chunk(model, norm, sampler, held, 7, plan) - refs[cfg.sampler][1]) ** 2))
         row["seconds"] = ev.latency(model, norm, sampler, plan, reps, held)
         if graphs:
             row["seconds_graph"] = graph_latency(model, sampler, plan, torch.from_numpy(norm.obs(held)).to(dev),

@@ -17,8 +17,8 @@ from services.policy.schedule import Sampler
 N_ACTION_STEPS = 8
 
 
-def rollout(policy: Policy, n: int, seed: int) -> np.ndarray:
-    """Run n episodes in lock-step (one batched denoise per re-plan); per-episode success."""
+def rollout(policy: Policy, n: int, seed: int) -> task.Env:
+    """Run n episodes in lock-step (one batched denoise per re-plan); the finished env holds the outcomes."""
     env = task.Env(task.sample_scenes(n, np.random.default_rng(seed)))
     chunk = 0
     while not env.done.all():
@@ -28,7 +28,7 @@ def rollout(policy: Policy, n: int, seed: int) -> np.ndarray:
             env.step(actions[:, k])
             if env.done.all():
                 break
-    return env.success
+    return env
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

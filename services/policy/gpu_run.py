@@ -28,7 +28,9 @@ def main() -> None:
     p.add_argument("--n-layer", type=int, default=6)
     p.add_argument("--n-emb", type=int, default=128)
     p.add_argument("--checkpoint", type=Path, default=None, help="skip training and use this checkpoint")
+    p.add_argument("--only", nargs="*", default=None, help="run just these config names")
     args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False  # keep fp32 numerics comparable with the CPU table
     ckpt = args.out / "ckpt"
@@ -45,7 +47,8 @@ def main() -> None:
     print(f"schedules in {time.time() - t0:.1f}s", flush=True)
     checks = bench.exact_checks(model, norm, schedules)
     print(checks, flush=True)
-    rows = bench.run_table(model, norm, schedules, bench.full_configs(), args.eval_episodes, args.reps,
+    configs = [c for c in bench.full_configs() if args.only is None or c.name in args.only]
+    rows = bench.run_table(model, norm, schedules, configs, args.eval_episodes, args.reps,
                            graphs=dev == "cuda", progress=lambda s: print(s, flush=True))
     device = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     (args.out / "gpu_table.json").write_text(json.dumps({"device": device, "train": meta.get("train"),
