@@ -64,6 +64,17 @@ def test_gguf_tokenizer_equals_tokenizer_json(tmp_path: Path) -> None:
     assert from_gguf.apply_chat_template(msgs) == from_json.apply_chat_template(msgs)
 
 
+@pytest.mark.parametrize("pre,pieces", [
+    ("default", ["12345", "Ġapples", "'re"]),          # GPT-2 split
+    ("smollm", ["1", "2", "3", "4", "5", "Ġapples", "'re"]),  # llama.cpp's smollm: single digits
+    ("llama-bpe", ["123", "45", "Ġapples", "'re"]),     # Llama 3: digits in groups of up to three
+])
+def test_gguf_pre_tokenizer_follows_llama_cpp_names(tmp_path: Path, pre: str, pieces: list[str]) -> None:
+    tok = load_engine(write_tiny_gguf(tmp_path / "m.gguf", pre=pre), device="cpu").tokenizer
+    assert [p for p, _ in tok.backend.pre_tokenizer.pre_tokenize_str("12345 apples're")] == pieces
+    assert tok.decode(tok.encode("12345 apples're")) == "12345 apples're"
+
+
 def test_unsupported_gguf_architecture_and_tokenizer(tmp_path: Path) -> None:
     import gguf
 

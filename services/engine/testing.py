@@ -115,7 +115,8 @@ def write_tiny_checkpoint(path: str | Path, cfg: ModelConfig | None = None, *, s
     return path
 
 
-def write_tiny_gguf(path: str | Path, cfg: ModelConfig | None = None, *, seed: int = 0, qtype: str = "F32") -> Path:
+def write_tiny_gguf(path: str | Path, cfg: ModelConfig | None = None, *, seed: int = 0, qtype: str = "F32",
+                    pre: str = "default") -> Path:
     """The same random model as `write_tiny_checkpoint(cfg, seed)`, written the way llama.cpp converts it:
     GGUF names, Q/K rows permuted, llama3 rope scaling as a `rope_freqs` tensor, 2-D weights in `qtype`
     (F32 or Q8_0), and the byte-level BPE tokenizer as metadata."""
@@ -151,7 +152,7 @@ def write_tiny_gguf(path: str | Path, cfg: ModelConfig | None = None, *, seed: i
     vocab = {**tj["model"]["vocab"], **{c: i for i, c in added.items()}}
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types([3 if i in added else 1 for i in range(len(tokens))])
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])

@@ -17,7 +17,9 @@ from services.errors import InvalidArgument
 # GGUF token types (llama.cpp's llama_token_type)
 _CONTROL, _USER_DEFINED = 3, 4
 # llama.cpp pre-tokenizer names whose regex splits digits one by one before the GPT-2 split.
-_SINGLE_DIGIT_PRE = {"smollm", "deepseek-llm", "deepseek-coder"}
+_SINGLE_DIGIT_PRE = {"smollm"}
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 class Tokenizer:
@@ -104,11 +106,16 @@ class Tokenizer:
         merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
         vocab = {t: i for i, t in enumerate(tokens)}
         backend = HFTokenizer(tk_models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(fields.get("tokenizer.ggml.add_space_prefix")),
-                                              use_regex=True)
-        if fields.get("tokenizer.ggml.pre") in _SINGLE_DIGIT_PRE:
+        prefix_space = bool(fields.get("tokenizer.ggml.add_space_prefix"))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space, use_regex=True)
+        pre = fields.get("tokenizer.ggml.pre")
+        if pre in _SINGLE_DIGIT_PRE:
             digits = pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated")
             backend.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
+        elif pre == "llama-bpe":  # Llama 3's split replaces GPT-2's (numbers in groups of up to 3 digits)
+            split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated")
+            byte_level = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space, use_regex=False)
+            backend.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
         else:
             backend.pre_tokenizer = byte_level
         backend.decoder = tk_decoders.ByteLevel()
