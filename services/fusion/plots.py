@@ -16,6 +16,7 @@ def plot(result: dict, out_png: str | Path, title: str | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     runs = sorted(result["runs"], key=lambda r: r["rate_rps"])
     rates = [r["rate_rps"] for r in runs]
@@ -42,6 +43,8 @@ def plot(result: dict, out_png: str | Path, title: str | None = None) -> Path:
     ax_l.set(xlabel="arrival rate (requests/s)", ylabel="per-request latency (s)", title="latency", yscale="log")
     for ax in (ax_t, ax_l):
         ax.set_xscale("log")
+        ax.set_xticks(rates, [f"{r:.2g}" for r in rates])  # the measured rates, not log-axis decades
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, result, out_png, title)
