@@ -288,6 +288,10 @@ def config_from(quick: bool, rates: str | None, loads: str | None, model: str, d
                               param="max_new")
     if scale is not None and not scale > 0:
         raise InvalidArgument(f"scale must be > 0 (got {scale})", param="scale")
+    if device is not None and device != "cpu" and not device.startswith("cuda"):
+        raise InvalidArgument(f"device must be cpu or cuda (got {device!r})", param="device")
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgument("device 'cuda' requested but CUDA is not available on this machine", param="device")
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise InvalidArgument(f"dtype must be float32, bfloat16 or float16 (got {dtype!r})", param="dtype")
     base = BenchConfig.quick() if quick else BenchConfig()
@@ -300,4 +304,10 @@ def config_from(quick: bool, rates: str | None, loads: str | None, model: str, d
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from services.errors import TandemError
+
+    try:
+        sys.exit(main())
+    except TandemError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        sys.exit(2)
