@@ -253,3 +253,18 @@ def test_a_failing_step_fails_the_batch_and_the_loop_survives(engine) -> None:
         assert s.stats()["errors"] == 1 and s.stats()["kv_used_bytes"] == 0
     finally:
         s.stop()
+
+
+def test_seeded_sampling_is_per_request_and_batch_independent(engine) -> None:
+    s = FusionScheduler(engine, max_batch=4)
+    reqs = []
+    for i in range(4):
+        req, sink = make(engine, f"s{i}", 3 + i, 12, seed=i, ignore_eos=True)
+        req.params = SamplingParams(max_tokens=12, temperature=0.9, top_k=20, top_p=0.9, seed=100 + i,
+                                    ignore_eos=True)
+        reqs.append((req, sink))
+        s.submit(req)
+    run_until_idle(s)
+    for req, sink in reqs:
+        assert sink.tokens == solo_decode(engine, req.prompt_kv, req.first_token, req.params)
+    assert len({tuple(sink.tokens) for _, sink in reqs}) == 4
