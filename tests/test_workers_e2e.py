@@ -291,3 +291,12 @@ def test_health_is_not_serving_until_the_model_is_loaded(port: int) -> None:
             assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
     finally:
         w.stop()
+
+
+def test_mixed_generate_cancel_frees_slot(cluster: Cluster) -> None:
+    long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    first, stream = cluster.decode.generate("mixed-cancel", PROMPTS[3], long, timeout=60)
+    assert next(stream).token_id >= 0 and cluster.decode.info().live_requests == 1
+    stream.close()
+    info = wait_free(cluster)
+    assert info.live_requests == 0 and info.kv_free_bytes == info.kv_total_bytes

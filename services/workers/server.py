@@ -70,7 +70,8 @@ class WorkerServer:
         self.kv_overlap, self.threads = kv_overlap, threads
         self.kv_lease_s, self.kv_stall_s, self.kv_timeout_s, self.chunk_bytes = kv_lease_s, kv_stall_s, kv_timeout_s, chunk_bytes
         self.engine = self.batcher = self.decoder = self.mixed = self.scheduler = None
-        self.server = Server(address, [self._add], SERVICES)
+        # Every live Decode stream holds a server thread; leave room for pushes, Info and Generate beside them.
+        self.server = Server(address, [self._add], SERVICES, max_workers=max(32, 2 * self.batching.max_batch + 16))
         self.address = self.server.address
 
     def _add(self, server: grpc.Server) -> None:
