@@ -1,6 +1,24 @@
-"""Flover temporal fusion: a decode scheduler that fuses every live request into one step per iteration."""
+"""Flover temporal fusion: a decode scheduler that fuses every live request into one step per iteration.
 
-from services.fusion.request import NO_TOKEN, DecodeRequest
-from services.fusion.scheduler import POLICIES, FusionScheduler
+Names resolve lazily so that `tandem --help` (which imports services.fusion.cli) does not load torch.
+"""
 
-__all__ = ["NO_TOKEN", "POLICIES", "DecodeRequest", "FusionScheduler"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "NO_TOKEN": "services.fusion.request",
+    "DecodeRequest": "services.fusion.request",
+    "POLICIES": "services.fusion.scheduler",
+    "FusionScheduler": "services.fusion.scheduler",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'services.fusion' has no attribute {name!r}")
