@@ -15,6 +15,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         json_out: Path | None = typer.Option(None, "--json", help="write the results here"),
         n: int | None = typer.Option(None, "--n", help="eval prompts (default 30 quick, 300 full)"),
         ckpt: Path | None = typer.Option(None, "--ckpt", help="folder with dlm.pt and guide.pt"),
+        dlm_file: Path | None = typer.Option(None, "--dlm", help="another DLM checkpoint (e.g. checkpoints/dlm_weak.pt)"),
         block: int = typer.Option(4, "--block", help="block length B"),
         steps: int = typer.Option(4, "--steps", help="denoising steps per block"),
         accept: str = typer.Option("topk_rel", "--accept", help="top1 | topk | topk_rel"),
@@ -38,7 +39,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             raise InvalidArgument("--n: must be at least 1", param="n")
         torch.set_grad_enabled(False)
         torch.set_num_threads(threads)
-        dlm, guide, tok = load_pair(ckpt or CHECKPOINT_DIR)
+        dlm, guide, tok = load_pair(ckpt or CHECKPOINT_DIR, dlm_path=dlm_file)
         opts = Options(gen_len=GEN_LEN, block=block, steps_per_block=steps, accept=accept)
         opts.validate(dlm.cfg.max_len, dlm.cfg.max_len - GEN_LEN)
         names = VARIANTS + ABLATIONS
@@ -50,7 +51,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         p, g = dlm.cfg.max_len - GEN_LEN, GEN_LEN
         nb = g // block
         out = {**res, "exact_checks": checks,
-               "config": {"n": count, "prompt_len": p, "gen_len": g, "block": block, "steps_per_block": steps,
+               "config": {"n": count, "dlm": str(dlm_file or "dlm.pt"), "prompt_len": p, "gen_len": g, "block": block, "steps_per_block": steps,
                           "accept": accept, "k": opts.k, "tau": opts.tau,
                           "formula_linear_work_reduction": 2 * (p + g) * nb / (g * (nb + 1)),
                           "threads": torch.get_num_threads()}}

@@ -18,7 +18,7 @@ from services.dlm.sampler import Options, sample
 from services.dlm.tasks import encode_prompt, eval_set
 
 VARIANTS = ("baseline", "freecache", "guided", "freecache_guided")
-ABLATIONS = ("freecache_lag", "refresh_block")
+ABLATIONS = ("freecache_lag", "refresh_block", "parallel")
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -28,16 +28,18 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     den = 1 + z * z / n
     mid = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return mid - half, mid + half
+    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 def variant_options(name: str, base: Options) -> tuple[Options, bool]:
-    """(options, uses_guide) for a named variant; refresh_block is the FreeCache ablation."""
+    """(options, uses_guide) for a named variant. `parallel` commits every draft of one DLM forward with no
+    guide judging them (an accept-all guide): what Guided Diffusion is compared against."""
     table = {"baseline": ("off", False), "freecache": ("freecache", False),
              "freecache_lag": ("freecache_lag", False), "refresh_block": ("refresh_block", False),
-             "guided": ("off", True), "freecache_guided": ("freecache", True)}
+             "guided": ("off", True), "freecache_guided": ("freecache", True), "parallel": ("off", True)}
     cache, guided = table[name]
-    return replace(base, cache=cache), guided
+    opts = replace(base, cache=cache)
+    return (replace(opts, accept="all") if name == "parallel" else opts), guided
 
 
 def evaluate(dlm: torch.nn.Module, guide: torch.nn.Module, tok, n: int, base: Options,
@@ -83,8 +85,8 @@ def evaluate(dlm: torch.nn.Module, guide: torch.nn.Module, tok, n: int, base: Op
     return out
 
 
-def load_pair(ckpt_dir: Path = CHECKPOINT_DIR, device: str = "cpu"):
-    dlm, tok, _ = load(ckpt_dir / "dlm.pt", device)
+def load_pair(ckpt_dir: Path = CHECKPOINT_DIR, device: str = "cpu", dlm_path: Path | None = None):
+    dlm, tok, _ = load(dlm_path or ckpt_dir / "dlm.pt", device)
     guide, gtok, _ = load(ckpt_dir / "guide.pt", device)
     if gtok != tok:
         from services.errors import InvalidArgument

@@ -63,7 +63,7 @@ def bench_markdown(bench: dict) -> str:
     rows = ["| variant | accuracy [95% CI] | per task (add/rev/sort) | token agreement | DLM forwards | "
             "tokens/step | linear work | seconds | speed-up |", "|" + "---|" * 9]
     names = [n for n in ("baseline", "freecache", "freecache_lag", "refresh_block", "guided",
-                         "freecache_guided") if n in bench]
+                         "freecache_guided", "parallel") if n in bench]
     for n in names:
         r = bench[n]
         lo, hi = r["accuracy_ci95"]

@@ -69,7 +69,8 @@ class DLMEngine:
             if committed > sent or done:
                 text = self.tok.decode(x[0, self.prompt_len:self.prompt_len + committed].tolist())
                 sent = committed
-                yield Chunk(text[text_len:], committed, st.steps, st.forward_passes, st.dlm_tokens, done)
+                if len(text) > text_len or done:  # EOS padding adds no text: nothing to send until the end
+                    yield Chunk(text[text_len:], committed, st.steps, st.forward_passes, st.dlm_tokens, done)
                 text_len = len(text)
 
 

@@ -21,6 +21,7 @@ from services.dlm.tokenizer import CharTokenizer
 SIZES = {
     "dlm": dict(dim=192, n_layers=6, n_heads=6, ffn_dim=512),
     "guide": dict(dim=128, n_layers=4, n_heads=4, ffn_dim=384),
+    "weak": dict(dim=96, n_layers=4, n_heads=4, ffn_dim=256),
     "tiny": dict(dim=32, n_layers=2, n_heads=2, ffn_dim=64),
 }
 
@@ -86,7 +87,7 @@ def train(kind: str, size: str, seconds: float, out: Path, batch_size: int, lr: 
         if step % 1000 == 0:
             print(f"{kind} step {step} t={elapsed:.0f}s loss~{ema:.4f}", flush=True)
     est_steps = step
-    path = out / f"{kind}.pt"
+    path = out / f"{kind}{'' if size == kind else '_' + size}.pt"
     save(model.cpu().eval(), tok, path, meta={"steps": est_steps, "seconds": seconds, "batch": batch_size,
                                               "final_loss": ema, "examples": len(data)})
     print(f"{kind}: {est_steps} steps, loss~{ema}, {model.num_params()} params -> {path}", flush=True)
@@ -104,7 +105,10 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=200)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     train(a.model, a.size or a.model, a.seconds, a.out, a.batch, a.lr, a.chunks, a.workers, a.device)
 
