@@ -72,7 +72,7 @@ def test_logits_match_transformers_gguf(ours, reference) -> None:
         kv = ours.new_kv(1, ids.shape[1])
         with torch.inference_mode():
             got = ours.model(ids, kv, slice(0, 1), [0])[0]
-        torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)  # observed max |diff| 4.2e-5
 
 
 def test_greedy_continuations_agree_token_for_token(ours, reference) -> None:
