@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -31,8 +32,8 @@ def bench_policy(
     json_path: Path | None = typer.Option(None, "--json", help="write the results here"),
     checkpoint: Path | None = typer.Option(None, help="checkpoint directory (default: the committed one)"),
     budget: int = typer.Option(10, help="update budget S for --quick"),
-    episodes: int | None = typer.Option(None, help="rollouts per config (default 48 quick, 200 full)"),
-    reps: int | None = typer.Option(None, help="batch-1 latency repetitions (default 5 quick, 10 full)"),
+    episodes: int | None = typer.Option(None, help="rollouts per config (default 16 quick, 50 full)"),
+    reps: int | None = typer.Option(None, help="batch-1 latency repetitions (default 3 quick, 10 full)"),
     threads: int = typer.Option(2, help="torch CPU threads"),
 ) -> None:
     """Uncached vs uniform vs BAC on the same checkpoint, noise and scenes; JSON keys per method."""
@@ -50,14 +51,14 @@ def bench_policy(
     if str(budget) not in schedules.get("ddpm100", {}):
         raise InvalidArgument(f"budget: no schedule for S={budget}; have {sorted(schedules['ddpm100'])}", param="budget")
     configs = bench.quick_configs(budget) if quick else bench.full_configs()
-    episodes = episodes or (48 if quick else 200)
-    reps = reps or (5 if quick else 10)
+    episodes = episodes or (16 if quick else 50)
+    reps = reps or (3 if quick else 10)
     t0 = time.time()
     checks = bench.exact_checks(model, norm, schedules)
-    rows = bench.run_table(model, norm, schedules, configs, episodes, reps,
+    rows = bench.run_table(model, norm, schedules, configs, episodes, reps, n_mse=16 if quick else 64,
                            progress=lambda s: typer.echo(s, err=True))
     _table(rows)
-    out: dict = {"device": "cpu", "threads": threads, "checkpoint_sha256": meta["sha256"], "episodes": episodes,
+    out: dict = {"command": " ".join(sys.argv), "device": "cpu", "threads": threads, "checkpoint_sha256": meta["sha256"], "episodes": episodes,
                  "exact_checks": checks, "rows": rows, "wall_seconds": round(time.time() - t0, 1)}
     for r in rows:
         if r["sampler"] == "ddpm100" and r["method"] in ("uncached", "uniform", "bac") and r["budget"] in (None, budget):
@@ -116,14 +117,15 @@ def plots_cmd(
     out: Path = typer.Option(Path("docs"), help="folder for the PNGs"),
     checkpoint: Path | None = typer.Option(None, help="checkpoint directory (default: the committed one)"),
 ) -> None:
-    """Similarity matrices, schedules and the MSE/evaluations trade-off as PNGs for docs/policy.md."""
+    """PNGs (similarity, schedules, trade-off) for docs/policy.md; prints the table as Markdown."""
     import torch
 
     from services.policy import plots
 
     torch.set_num_threads(2)
     for path in plots.all_figures(out, table, str(checkpoint) if checkpoint else None):
-        typer.echo(f"wrote {path}")
+        typer.echo(f"wrote {path}", err=True)
+    typer.echo(plots.markdown_table(json.loads(table.read_text())))
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

@@ -62,23 +62,31 @@ def schedule_figure(out: Path, schedules: dict, budget: int = 10) -> Path:
 
 
 def tradeoff_figure(out: Path, table: dict) -> Path:
-    """Action MSE vs uncached against block evaluations, one marker per method (DDPM-100)."""
+    """MSE vs uncached and rollout success against block evaluations, one line per method (DDPM-100)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    rows = [r for r in table["rows"] if r["sampler"] == "ddpm100" and r["method"] != "uncached"]
-    for m, marker in (("uniform", "o"), ("unified", "s"), ("acs", "^"), ("bac", "*")):
-        pts = sorted((r["block_evals"], r["action_mse"]) for r in rows if r["method"] == m)
-        if pts:
-            ax.plot(*np.asarray(pts).T, marker=marker, label=m)
-    ax.set_xlabel("block evaluations per chunk (uncached 1800)")
-    ax.set_ylabel("action MSE vs uncached (same noise)")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = [r for r in table["rows"] if r["sampler"] == "ddpm100"]
+    base = next(r for r in rows if r["method"] == "uncached")
+    for m, marker in (("uniform", "o"), ("unified", "s"), ("acs", "^"), ("bac", "*"), ("bac-n9", "P")):
+        pts = sorted((r["block_evals"], r["action_mse"], r["success_rate"], *r["success_ci95"])
+                     for r in rows if r["method"] == m)
+        if not pts:
+            continue
+        ev, mse, succ, lo, hi = np.asarray(pts).T
+        ax1.plot(ev, mse, marker=marker, label=m)
+        ax2.errorbar(ev, succ, yerr=[succ - lo, hi - succ], marker=marker, capsize=3, label=m)
+    ax2.axhspan(*base["success_ci95"], color="grey", alpha=0.25, label="uncached 95% CI")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("action MSE vs uncached (same noise)")
+    ax2.set_ylabel("rollout success rate")
+    for ax in (ax1, ax2):
+        ax.set_xlabel(f"block evaluations per chunk (uncached {base['block_evals']})")
+        ax.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
     path = out / "policy_tradeoff.png"
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
@@ -92,3 +100,23 @@ def all_figures(out: Path, table_json: Path, checkpoint: str | None = None) -> l
     table = json.loads(table_json.read_text())
     return [similarity_figure(out, checkpoint), schedule_figure(out, ckpt.load_schedules(checkpoint)),
             tradeoff_figure(out, table)]
+
+
+def markdown_table(table: dict) -> str:
+    """The benchmark rows as a Markdown table (what docs/policy.md shows)."""
+    graph = any("seconds_graph" in r for r in table["rows"])
+    head = ["config", "block evals", "saved", "MSE vs uncached", "MSE held-out", "success [95% CI]",
+            "crash", "ms/chunk (eager)", "speed-up"]
+    if graph:
+        head += ["ms/chunk (graph)", "speed-up (graph)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table["rows"]:
+        lo, hi = r["success_ci95"]
+        cells = [r["config"], str(r["block_evals"]), f"{r['evals_saved']:.0%}", f"{r['action_mse']:.1e}",
+                 f"{r['action_mse_heldout']:.1e}", f"{r['success_rate']:.3f} [{lo:.3f}, {hi:.3f}]",
+                 f"{r['crash_rate']:.3f}" if "crash_rate" in r else "–",
+                 f"{r['seconds'] * 1e3:.1f}", f"{r['speedup']:.2f}x"]
+        if graph:
+            cells += [f"{r['seconds_graph'] * 1e3:.2f}", f"{r['speedup_graph']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
