@@ -101,10 +101,20 @@ class KVBuffer:
 
     def grow(self, capacity: int) -> None:
         """Reallocate to a larger capacity, keeping contents."""
-        if capacity <= self.capacity:
-            return
+        if capacity > self.capacity:
+            self.resize(self.slots, capacity)
+
+    def resize(self, slots: int, capacity: int) -> None:
+        """Reallocate to `slots` x `capacity`, keeping every slot below `slots` (and its tokens) that still fits."""
+        if slots < 1 or capacity < 1:
+            raise InvalidArgument(f"KV buffer needs slots >= 1 and capacity >= 1 (got {slots}, {capacity})")
+        keep = min(slots, self.slots)
+        if any(n > capacity for n in self.lengths[:keep]):
+            raise InvalidArgument(f"cannot shrink the KV capacity to {capacity}: a slot holds more tokens")
+        n = min(capacity, self.capacity)
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = old.new_zeros(old.shape[:2] + (capacity,) + old.shape[3:])
-            new[:, :, : old.shape[2]] = old
+            new = old.new_zeros(old.shape[:1] + (slots, capacity) + old.shape[3:])
+            new[:, :keep, :n] = old[:, :keep, :n]
             setattr(self, name, new)
+        self.lengths = self.lengths[:keep] + [0] * (slots - keep)

@@ -35,15 +35,25 @@ def next_capacity(need: int, current: int, limit: int) -> int:
     return min(cap, limit)
 
 
+def next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 class DenseBatch:
-    """Owns the KV buffer (max_batch slots) and the reservation ledger; knows nothing of policies."""
+    """Owns the KV buffer and the reservation ledger; knows nothing of policies.
+
+    The budget bounds both the reservations and the allocation: the buffer (slots x capacity, both grown
+    by doubling as rows need them, shrunk back to what the live rows need when that is the only way to
+    admit) never holds more than `budget_bytes`.
+    """
 
     def __init__(self, engine: Engine, max_batch: int, budget_bytes: int, initial_capacity: int) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.budget_bytes = budget_bytes
         self.bytes_per_token = engine.cfg.kv_bytes_per_token(engine.new_kv(1, 1).k.element_size())
-        self.kv: KVBuffer = engine.new_kv(max_batch, min(initial_capacity, engine.cfg.max_seq_len))
+        cap = max(1, min(initial_capacity, engine.cfg.max_seq_len, budget_bytes // self.bytes_per_token))
+        self.kv: KVBuffer = engine.new_kv(1, cap)
         self.rows: list[Row] = []
         self.reserved_tokens = 0
         self.moves = 0
@@ -58,14 +68,34 @@ class DenseBatch:
     def used_bytes(self) -> int:
         return self.reserved_tokens * self.bytes_per_token
 
+    def _shape_for(self, reserved: int) -> tuple[int, int] | None:
+        """Buffer shape (slots, capacity) that holds the live rows plus one of `reserved` tokens within the
+        budget: the current shape grown by doubling if that fits, else the tightest shape; None if none fits."""
+        n = len(self.rows) + 1
+        need = max([r.reserved for r in self.rows] + [reserved])
+        limit = self.engine.cfg.max_seq_len
+        slots, cap = self.kv.slots, self.kv.capacity
+        if slots >= n and cap >= need:
+            return slots, cap
+        grown = (max(slots, min(self.max_batch, next_pow2(n))), max(cap, next_capacity(need, cap, limit)))
+        for s, c in (grown, (n, need)):
+            if s * c * self.bytes_per_token <= self.budget_bytes:
+                return s, c
+        return None
+
     def fits(self, reserved: int) -> bool:
-        return len(self.rows) < self.max_batch and self.used_bytes + reserved * self.bytes_per_token <= self.budget_bytes
+        return (len(self.rows) < self.max_batch
+                and self.used_bytes + reserved * self.bytes_per_token <= self.budget_bytes
+                and self._shape_for(reserved) is not None)
 
     def admit(self, row: Row) -> int:
-        """Install the request's prompt KV into the next dense slot; grows capacity first if needed."""
-        if row.reserved > self.kv.capacity:
+        """Install the request's prompt KV into the next dense slot; reshapes the buffer first if needed."""
+        shape = self._shape_for(row.reserved)
+        if shape is None:
+            raise RuntimeError("admit() without fits()")
+        if shape != (self.kv.slots, self.kv.capacity):
             t0 = time.perf_counter()
-            self.kv.grow(next_capacity(row.reserved, self.kv.capacity, self.engine.cfg.max_seq_len))
+            self.kv.resize(*shape)
             self.grows += 1
             self.grow_s += time.perf_counter() - t0
         slot = len(self.rows)
@@ -96,6 +126,7 @@ class DenseBatch:
         n = len(self.rows)
         assert self.reserved_tokens == sum(r.reserved for r in self.rows), "reservation ledger drifted"
         assert self.used_bytes <= self.budget_bytes, "KV reservations exceed the budget"
+        assert self.kv.nbytes() <= self.budget_bytes, "the KV allocation exceeds the budget"
         assert all(length == 0 for length in self.kv.lengths[n:]), "a slot past the live rows holds KV"
         for s, r in enumerate(self.rows):
             want = r.frozen_len if r.done else r.req.prompt_len + r.generated - 1

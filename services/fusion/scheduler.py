@@ -251,7 +251,10 @@ class FusionScheduler:
 
     def _mark_done(self, slot: int, row: Row, reason: str) -> None:
         row.done = reason
-        row.frozen_len = self.batch.kv.lengths[slot]
+        # A padding row keeps running (static batching's waste) over its own, now dead, KV. Its next write
+        # lands at frozen_len, so keep that inside the reservation: the buffer is sized to reservations.
+        row.frozen_len = min(self.batch.kv.lengths[slot], row.reserved - 1)
+        self.batch.kv.lengths[slot] = row.frozen_len
         self._finish_bookkeeping(row.req, reason)
 
     def _finish_bookkeeping(self, req: DecodeRequest, reason: str) -> None:
