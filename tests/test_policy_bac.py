@@ -129,8 +129,10 @@ def test_make_plans_from_recording() -> None:
     outs = [rec.stacked(b) for b in range(model.cfg.n_blocks)]
     assert outs[0].shape == (10, 2, 16, 32)
     plans = make_plans(outs, budget=4, top_n=2)
-    assert set(plans) == {"acs", "bac", "unified", "uniform"}
+    assert set(plans) == {"acs", "bac", "bac-n6", "unified", "uniform"}  # bac-n6: the wider-BU ablation
     for m in ("acs", "unified", "uniform"):
         assert all(len(s) == 4 and s[0] == 0 and s[-1] == 9 for s in plans[m]["steps"])
     assert len(plans["bac"]["bu_blocks"]) == 2
-    assert all(set(a) <= set(b) for a, b in zip(plans["acs"]["steps"], plans["bac"]["steps"], strict=True))
+    for bu in ("bac", "bac-n6"):
+        assert all(set(a) <= set(b) for a, b in zip(plans["acs"]["steps"], plans[bu]["steps"], strict=True))
+    assert len(plans["bac-n6"]["bu_blocks"]) == 5  # every block but the last FFN
