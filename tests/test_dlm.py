@@ -192,3 +192,19 @@ def test_wilson_interval() -> None:
     lo, hi = wilson(50, 100)
     assert lo < 0.5 < hi and abs((lo + hi) / 2 - 0.5) < 1e-9
     assert wilson(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_guide_partially_accepts_weak_dlm_drafts() -> None:
+    """With the weak DLM the guide accepts some drafts and rejects others: several steps, each growing the
+    committed contiguous prefix by at least one token, until the whole response is committed."""
+    dlm, _, tok = load_pair(dlm_path=CHECKPOINT_DIR / "dlm_weak.pt")
+    _, guide, _ = load_pair()
+    steps = []
+    for ex in eval_set(6):
+        pr = encode_prompt(tok, ex.prompt)
+        res = sample(dlm, pr, Options(), tok.mask_id, tok.eos_id, guide=guide)
+        commits = res.stats.commits
+        assert commits == sorted(commits) and commits[-1] == GEN_LEN
+        assert all(b > a for a, b in zip([0] + commits, commits, strict=False))
+        steps.append(res.stats.steps)
+    assert max(steps) > 1 and min(steps) < GEN_LEN
