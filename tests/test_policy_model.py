@@ -73,7 +73,7 @@ def test_expert_is_bimodal_and_safe() -> None:
     right = [task.expert_path(scenes, i, 1) for i in range(40)]
     while not env.done.all():
         k = env.steps + 1
-        env.step(np.stack([(a[min(k, len(a) - 1)] + b[min(k, len(b) - 1)]) / 2 for a, b in zip(left, right)]))
+        env.step(np.stack([(a[min(k, len(a) - 1)] + b[min(k, len(b) - 1)]) / 2 for a, b in zip(left, right, strict=True)]))
     assert env.crashed.mean() > 0.9
 
 
