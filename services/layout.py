@@ -82,6 +82,10 @@ class SimSpec(_Strict):
     drain_s: float = Field(600.0, ge=0, description="simulate this long after the last arrival; unfinished requests count as dropped")
     tbt_slo_basis: Literal["request", "gap"] = Field(
         "request", description="TBT slowdown SLO over each request's mean gap (splitwise-sim) or over every gap")
+    dlm_fraction: float = Field(0.0, ge=0, lt=1, description="share of requests sent to the dlm pool")
+    dlm_profile: str = Field("dlm_profile.json", description="seconds per dlm request by hardware and sampler "
+                             "variant: a path, or a name under sim/data/ (`python -m services.dlm.profile`)")
+    dlm_variant: str = Field("freecache_guided", description="the dlm sampler variant the pool serves")
 
 
 class Layout(_Strict):

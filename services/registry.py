@@ -13,6 +13,7 @@ from services.layout import Layout, Role
 DEFAULT_BASE_PORT: dict[str, int] = {"prefill": 50100, "decode": 50200, "mixed": 50300, "dlm": 50400, "policy": 50500}
 METRICS_PORT_OFFSET = 1000  # a worker's Prometheus port is its gRPC port + this
 LLM_ROLES = ("prefill", "decode", "mixed")
+GATEWAY_ROLES = (*LLM_ROLES, "dlm")  # roles the gateway routes requests to (policy workers are called directly)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +66,12 @@ class StaticRegistry:
 
     @classmethod
     def from_pairs(cls, pairs: Iterable[str]) -> StaticRegistry:
-        """`ROLE=HOST:PORT` strings (the gateway's `--worker` flags in containers)."""
+        """`ROLE=HOST:PORT` strings (the gateway's `--worker` flags in containers); ROLE may also be `dlm`."""
         eps: list[Endpoint] = []
         for pair in pairs:
             role, sep, addr = pair.partition("=")
-            if not sep or role not in LLM_ROLES or ":" not in addr:
-                raise InvalidArgument(f"worker: expected ROLE=HOST:PORT with ROLE in {LLM_ROLES}, got {pair!r}",
+            if not sep or role not in GATEWAY_ROLES or ":" not in addr:
+                raise InvalidArgument(f"worker: expected ROLE=HOST:PORT with ROLE in {GATEWAY_ROLES}, got {pair!r}",
                                       param="worker")
             eps.append(Endpoint(role, sum(e.role == role for e in eps), addr))
         return cls(eps)

@@ -184,3 +184,36 @@ def make_router(policy: str, registry: Registry, info: InfoFn, ttl_s: float = 0.
         return POLICIES[policy](registry, info, ttl_s)
     except KeyError:
         raise InvalidArgument(f"router.policy: unknown policy {policy!r} (known: {sorted(POLICIES)})") from None
+
+
+class LeastBusy:
+    """One pool of workers without a load RPC (the dlm pool): the worker with the fewest requests this gateway
+    has in flight, ties in turn; a worker whose call failed is skipped for DOWN_TTL_S (all down: try anyway)."""
+
+    def __init__(self, registry: Registry, role: str) -> None:
+        self.registry, self.role = registry, role
+        self._inflight: dict[str, int] = {}
+        self._down: dict[str, float] = {}
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+
+    def pick(self) -> str:
+        eps = [e.address for e in self.registry.endpoints(self.role)]
+        if not eps:
+            raise Unavailable(f"no {self.role} worker to route to")
+        now = time.monotonic()
+        with self._lock:
+            up = [a for a in eps if now - self._down.get(a, -DOWN_TTL_S) >= DOWN_TTL_S] or eps
+            start = next(self._turn)
+            order = up[start % len(up):] + up[:start % len(up)]
+            addr = min(order, key=lambda a: self._inflight.get(a, 0))
+            self._inflight[addr] = self._inflight.get(addr, 0) + 1
+            return addr
+
+    def finished(self, address: str) -> None:
+        with self._lock:
+            self._inflight[address] = max(0, self._inflight.get(address, 0) - 1)
+
+    def failed(self, address: str) -> None:
+        with self._lock:
+            self._down[address] = time.monotonic()

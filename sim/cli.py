@@ -87,6 +87,13 @@ def _print_summary(console: object, res: dict) -> None:
         f"cost ${res['cost_per_hour']:.2f}/h  ${res['cost_per_million_tokens']:.3f}/1M tok  "
         f"power mean {res['power_mean_w']:.0f} W peak {res['power_peak_w']:.0f} W  "
         f"{res['energy_per_token_j']:.3f} J/token")
+    d = res.get("dlm")
+    if d:
+        console.print(  # type: ignore[attr-defined]
+            f"dlm pool ({d['machines']} machines, {d['variant']}): {d['completed']}/{d['requests']} requests  "
+            f"latency p50 {d['latency_p50_s']:.4f} s  p90 {d['latency_p90_s']:.4f} s  p99 {d['latency_p99_s']:.4f} s  "
+            f"utilization {d['utilization']:.2f}  ${d['cost_per_hour']:.2f}/h  "
+            f"${d['cost_per_million_requests']:.2f}/1M requests  {d['energy_per_request_j']:.2f} J/request")
 
 
 @sim_app.command("search")

@@ -13,6 +13,7 @@ import simpy
 from services.errors import InvalidArgument
 from services.layout import Layout
 from sim import catalog
+from sim.dlm import DLMPool, split
 from sim.machine import Machine
 from sim.perf import PerfModel, ProfileTable, load_profile
 from sim.state import Requests, Tally
@@ -57,12 +58,16 @@ class RunOutput:
     tally: Tally
     machines: list[Machine]
     end_s: float
+    dlm: dict | None = None  # the dlm pool's summary (sim/dlm.py), when the layout has one
 
 
 class Cluster:
     def __init__(self, layout: Layout, workload: Workload) -> None:
         self.layout = layout
         self.env = simpy.Environment()
+        self.entered = len(workload)
+        workload, dlm_arrivals = split(workload, layout.sim.dlm_fraction)  # the dlm share never meets the router
+        self.dlm = DLMPool.build(self.env, layout, dlm_arrivals)
         self.reqs = Requests(workload)
         self.workload = workload
         self.tally = Tally()
@@ -161,6 +166,8 @@ class Cluster:
     def run(self, progress: Callable[[float, float], None] | None = None) -> RunOutput:
         n = self.reqs.n
         last = float(self.reqs.arrival[-1]) if n else 0.0
+        if self.dlm is not None:
+            last = max(last, self.dlm.last_arrival)
         horizon = last + self.layout.sim.drain_s
         if n:
             ev = self.env.timeout(float(self.reqs.arrival[0]))
@@ -178,7 +185,8 @@ class Cluster:
         fin = self.reqs.finish[~np.isnan(self.reqs.finish)]
         if fin.size:
             end = max(float(fin.max()), last)
-        return RunOutput(self.layout, self.workload, self.reqs, self.tally, self.machines, end)
+        dlm = self.dlm.summary(end) if self.dlm is not None else None
+        return RunOutput(self.layout, self.workload, self.reqs, self.tally, self.machines, end, dlm)
 
     def _run_until(self, t: float) -> None:
         if t <= self.env.now:

@@ -73,6 +73,9 @@ def summarize_run(run: RunOutput) -> dict[str, float]:
         sim_events=tally.events,
     )
     res.update(slowdown_check(layout, run, done, ttft, tbt_mean, e2e, res))
+    if run.dlm is not None:  # the dlm pool's own share; the numbers above are the LLM requests only
+        res["dlm"] = run.dlm
+        res["cluster_cost_per_hour"] = cost_h + run.dlm["cost_per_hour"]
     return res
 
 

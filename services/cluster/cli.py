@@ -97,7 +97,10 @@ def serve_role(role: str, layout: str | None, address: str | None, index: int, m
         if port is None:
             raise InvalidArgument(f"port: `tandem serve {role}` needs --port (or a {role} pool in the layout)",
                                   param="port")
-        server.serve(port=port)
+        from services.registry import METRICS_PORT_OFFSET
+
+        # both services take metrics_port; pin it so `tandem up` and compose can list /metrics for them
+        server.serve(port=port, metrics_port=metrics_port if metrics_port is not None else port + METRICS_PORT_OFFSET)
         return
     from services.registry import METRICS_PORT_OFFSET, layout_endpoints
 

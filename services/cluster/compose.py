@@ -34,15 +34,17 @@ def compose_doc(layout: Layout) -> dict[str, Any]:
         port = ep.port
         if ep.role in ("dlm", "policy"):
             command = ["tandem", "serve", ep.role, "--layout", LAYOUT_IN_CONTAINER, "--port", str(port)]
+            if ep.role == "dlm":  # the gateway routes the dlm model's completions to it; policy is called directly
+                worker_flags += ["--worker", f"dlm={ep.name}:{port}"]
         else:
             command = ["tandem", "serve", ep.role, "--layout", LAYOUT_IN_CONTAINER, "--index", str(ep.index),
                        "--address", f"0.0.0.0:{port}"]
             worker_flags += ["--worker", f"{ep.role}={ep.name}:{port}"]
-        expose = [str(port)] + ([str(ep.metrics_port)] if ep.metrics_port and ep.role not in ("dlm", "policy") else [])
+        expose = [str(port)] + ([str(ep.metrics_port)] if ep.metrics_port else [])
         services[ep.name] = {**common, "command": command, "expose": expose,
                              "healthcheck": _healthcheck("grpc", f"127.0.0.1:{port}")}
     http, grpc_addr = _port(layout.gateway.http), _port(layout.gateway.grpc)
-    llm = [e.name for e in layout_endpoints(layout, ("prefill", "decode", "mixed"))]
+    llm = [e.name for e in layout_endpoints(layout, ("prefill", "decode", "mixed", "dlm"))]
     services["gateway"] = {
         **common,
         "command": ["tandem", "serve", "gateway", "--layout", LAYOUT_IN_CONTAINER, "--http", f"0.0.0.0:{http}",

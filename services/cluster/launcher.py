@@ -51,7 +51,7 @@ def plan(layout: Layout, layout_path: str | None) -> list[ProcSpec]:
             argv = [*serve, ep.role, *lay, "--port", str(ep.port)]
         host = ep.address.rsplit(":", 1)[0]
         extra = [f"metrics http://{host}:{ep.metrics_port}/metrics"] if ep.metrics_port and ep.role in (
-            "prefill", "decode", "mixed") else []
+            "prefill", "decode", "mixed", "dlm", "policy") else []
         specs.append(ProcSpec(ep.name, argv, grpc=_probe_addr(ep.address), endpoints=[f"grpc {ep.address}", *extra]))
     http, grpc_addr = layout.gateway.http, layout.gateway.grpc
     specs.append(ProcSpec("gateway", [*serve, "gateway", *lay, "--http", http, "--grpc", grpc_addr],

@@ -18,7 +18,7 @@ from services.errors import DeadlineExceeded, InvalidArgument, TandemError, Unav
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.textstream import TextStream
 from services.grpcutil import get_logger, log
-from services.registry import Registry
+from services.registry import LLM_ROLES, Registry
 from services.router import Route, make_router
 
 logger = get_logger("tandem.gateway")
@@ -71,6 +71,11 @@ class Gateway:
         self._lock = threading.Lock()
         self._context: int | None = None
         self.router = make_router(router_policy, registry, lambda addr: self.client(addr).info(timeout=1.0))
+        self.dlm: Any = None  # the diffusion-LM path, when the registry lists dlm workers
+        if registry.endpoints("dlm"):
+            from services.gateway.dlm import DLMPath
+
+            self.dlm = DLMPath(registry, self.metrics)
 
     def client(self, address: str) -> Any:
         with self._lock:
@@ -84,6 +89,8 @@ class Gateway:
         if self._context is None:
             lengths = []
             for ep in self.registry.all():
+                if ep.role not in LLM_ROLES:
+                    continue
                 try:
                     n = self.client(ep.address).info(timeout=1.0).max_seq_len
                 except TandemError:
@@ -119,6 +126,9 @@ class Gateway:
         decode slot and KV) and the iterator ends without a final chunk.
         """
         cancel = cancel or threading.Event()
+        if not isinstance(req, GenRequest):  # a DLMRequest (services.gateway.dlm): the diffusion path runs it
+            yield from self.dlm.run(req, cancel)
+            return
         m, n = self.metrics, len(req.prompt_ids)
         deadline = req.received + req.timeout_s
         route: Route | None = None
@@ -253,6 +263,8 @@ class Gateway:
         """Each worker's reachability and load; status 'ok' when a route can be made."""
         workers = []
         for ep in self.registry.all():
+            if ep.role not in LLM_ROLES:
+                continue
             entry: dict[str, Any] = {"name": ep.name, "role": ep.role, "address": ep.address}
             try:
                 i = self.client(ep.address).info(timeout=1.0)
@@ -263,9 +275,18 @@ class Gateway:
             workers.append(entry)
         up = {w["role"] for w in workers if w["ok"]}
         ok = "mixed" in up or {"prefill", "decode"} <= up
-        return {"status": "ok" if ok else "unavailable", "model": self.model_name, "workers": workers}
+        doc: dict[str, Any] = {"model": self.model_name, "workers": workers}
+        if self.dlm is not None:
+            dlm = self.dlm.health()
+            workers += dlm
+            doc["models"] = [self.model_name, self.dlm.model_name]
+            if not any(ep.role in LLM_ROLES for ep in self.registry.all()):
+                ok = any(w["ok"] for w in dlm)  # a dlm-only gateway
+        return {"status": "ok" if ok else "unavailable", **doc}
 
     def close(self) -> None:
+        if self.dlm is not None:
+            self.dlm.close()
         with self._lock:
             for c in self._clients.values():
                 c.close()

@@ -122,10 +122,12 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(gw)]}
+        return {"object": "list", "data": [_model_card(gw)] + ([gw.dlm.model_card()] if gw.dlm else [])}
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str) -> dict[str, Any]:
+        if gw.dlm is not None and gw.dlm.serves(model_id):
+            return gw.dlm.model_card()
         oa.check_model(gw, model_id)
         return _model_card(gw)
 
@@ -156,9 +158,14 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
             return _error(400, f"body: not valid JSON ({exc})", "invalid_request_error", "body", "invalid_json")
         body = oa.parse(data, kind)
         timeout = _timeout(request, gw.default_timeout_s)
-        req = await run_in_threadpool(oa.to_request, gw, body, rid, timeout, received)
+        model_name = gw.model_name
+        if gw.dlm is not None and gw.dlm.serves(body.model):  # the diffusion LM: its own worker pool
+            req = gw.dlm.to_request(kind, body, data, rid, timeout, received)
+            model_name = gw.dlm.model_name
+        else:
+            req = await run_in_threadpool(oa.to_request, gw, body, rid, timeout, received)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        shaper = oa.Shaper(kind, gw.model_name, rid, include_usage)
+        shaper = oa.Shaper(kind, model_name, rid, include_usage)
         chunks = relay(gw, req, pool)
         if not body.stream:
             collected = await _collect_unless_disconnected(request, chunks)

@@ -33,6 +33,8 @@ class GatewayMetrics:
                                     buckets=_TBT + (5, 10), registry=r)
         self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens admitted", registry=r)
         self.generation_tokens = Counter("tandem_generation_tokens", "Tokens generated", registry=r)
+        self.dlm_e2e = Histogram("tandem_gateway_dlm_seconds", "Diffusion-LM completions: received to last text",
+                                 buckets=_LATENCY, registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

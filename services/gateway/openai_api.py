@@ -100,7 +100,11 @@ def parse(body: Any, kind: Literal["completions", "chat"]) -> CompletionBody | C
 
 def check_model(gw: Gateway, name: str) -> None:
     if name and name != gw.model_name:
-        err = InvalidArgument(f"model: unknown model {name!r}; this gateway serves {gw.model_name!r}", param="model")
+        dlm = getattr(gw, "dlm", None)
+        if dlm is not None and dlm.serves(name):
+            raise InvalidArgument(f"model: {name} supports HTTP /v1/completions only", param="model")
+        served = repr(gw.model_name) + (f" and {dlm.model_name!r} (/v1/completions)" if dlm is not None else "")
+        err = InvalidArgument(f"model: unknown model {name!r}; this gateway serves {served}", param="model")
         err.openai_code = "model_not_found"  # type: ignore[attr-defined]
         raise err
 
