@@ -14,6 +14,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,14 +24,24 @@ VARIANTS = ("baseline", "freecache", "guided", "freecache_guided")
 def measure(n: int = 30, threads: int = 1, warmup: int = 3, seed: int = 12345) -> dict:
     """{variant: stats} over `n` held-out prompts (all three tasks), after `warmup` unmeasured requests."""
     import torch
+
+    from services.dlm.server import DLMEngine
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _measure(DLMEngine(), n, threads, warmup, seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(eng: Any, n: int, threads: int, warmup: int, seed: int) -> dict:
+    import torch
     from rich.progress import Progress
 
     from services.dlm.evaluate import variant_options
-    from services.dlm.server import DLMEngine
     from services.dlm.tasks import eval_set
 
-    torch.set_num_threads(threads)
-    eng = DLMEngine()
     prompts = [ex.prompt for ex in eval_set(n, seed)]
     out: dict[str, dict] = {}
     with Progress(transient=True) as bar:
