@@ -22,7 +22,7 @@ from services.cluster.compose import compose_doc
 from services.cluster.launcher import plan
 from services.dlm.client import MODEL_NAME
 from services.errors import InvalidArgument
-from services.layout import load_layout
+from services.layout import Pool, load_layout
 from services.registry import StaticRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +46,13 @@ def test_plan_and_compose_include_the_dlm_worker() -> None:
     assert gw["command"][-4:] == ["--worker", "mixed=mixed-0:50300", "--worker", "dlm=dlm-0:50400"]
     assert set(gw["depends_on"]) == {"mixed-0", "dlm-0"}
     assert doc["services"]["dlm-0"]["command"][-2:] == ["--port", "50400"]
+    # a policy pool gets its container and process, but no gateway route
+    with_policy = lay.model_copy(update={"pools": [*lay.pools, Pool(role="policy", count=1)]})
+    doc = compose_doc(with_policy)
+    assert validate(doc) == [] and doc["services"]["policy-0"]["command"][-2:] == ["--port", "50500"]
+    assert "policy-0" not in doc["services"]["gateway"]["depends_on"]
+    assert not any("policy" in a for a in doc["services"]["gateway"]["command"])
+    assert [s.name for s in plan(with_policy, None)] == ["mixed-0", "dlm-0", "policy-0", "gateway"]
 
 
 def test_gateway_worker_flags_take_dlm_but_not_policy() -> None:
@@ -69,7 +76,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("dlmcluster")
     tiny = write_tiny_checkpoint(d / "tiny", tiny_config())
     pools = [{"role": "mixed", "count": 1, "base_port": free_port()},
-             {"role": "dlm", "count": 1, "base_port": free_port()}]
+             {"role": "dlm", "count": 1, "base_port": free_port()},
+             {"role": "policy", "count": 1, "base_port": free_port()}]  # started too; no gateway route
     up = start_up(write_layout(d / "layout.yaml", str(tiny), pools, free_port(), free_port(), name="dlm"), d / "logs")
     yield up
     if up.proc.poll() is None:
@@ -114,6 +122,28 @@ def test_models_and_health_list_the_dlm(cluster) -> None:
     assert httpx.get(f"{cluster.http}/v1/models/{MODEL_NAME}").json()["id"] == MODEL_NAME
     health = httpx.get(f"{cluster.http}/health").json()
     assert health["status"] == "ok" and {w["role"]: w["ok"] for w in health["workers"]} == {"mixed": True, "dlm": True}
+
+
+@pytest.mark.slow
+def test_policy_worker_is_up_beside(cluster) -> None:
+    from services.cluster.probe import grpc_ok
+
+    port = yaml.safe_load((cluster.log_dir.parent / "layout.yaml").read_text())["pools"][2]["base_port"]
+    assert grpc_ok(f"127.0.0.1:{port}", 2.0)
+    assert "tandem_policy_requests" in httpx.get(f"http://127.0.0.1:{port + 1000}/metrics").text
+
+
+@pytest.mark.slow
+def test_grpc_front_door_points_to_http(cluster) -> None:
+    import grpc
+
+    from services.rpc.tandem.v1 import generation_pb2 as gpb
+    from services.rpc.tandem.v1 import generation_pb2_grpc as gpb_grpc
+
+    with grpc.insecure_channel(cluster.grpc) as ch, pytest.raises(grpc.RpcError) as err:
+        list(gpb_grpc.GenerationStub(ch).Generate(gpb.GenerateRequest(model=MODEL_NAME, text="R12="), timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == f"model: {MODEL_NAME} supports HTTP /v1/completions only"
 
 
 @pytest.mark.slow
@@ -236,7 +266,7 @@ def test_disconnect_cancels_the_worker_call(cluster) -> None:
 @pytest.mark.slow
 def test_up_stops_every_process(cluster) -> None:
     kids = cluster.children()
-    assert len(kids) == 3  # mixed, dlm, gateway
+    assert len(kids) == 4  # mixed, dlm, policy, gateway
     assert cluster.stop(signal.SIGTERM) == 0
     deadline = time.monotonic() + 10
     while any(alive(k) for k in kids) and time.monotonic() < deadline:
