@@ -185,7 +185,7 @@ class Cluster:
         fin = self.reqs.finish[~np.isnan(self.reqs.finish)]
         if fin.size:
             end = max(float(fin.max()), last)
-        dlm = self.dlm.summary(end) if self.dlm is not None else None
+        dlm = self.dlm.summary() if self.dlm is not None else None
         return RunOutput(self.layout, self.workload, self.reqs, self.tally, self.machines, end, dlm)
 
     def _run_until(self, t: float) -> None:

@@ -124,14 +124,15 @@ class DLMPool:
         m.queued -= 1
         self.finish[rid] = self.env.now
 
-    def summary(self, end_s: float) -> dict[str, float]:
-        """dlm requests' latency percentiles (arrival -> answer), throughput, cost and energy."""
+    def summary(self) -> dict[str, float]:
+        """dlm requests' latency percentiles (arrival -> answer); throughput, utilization, cost and energy over
+        the pool's own window (time 0 to its last arrival or answer, whichever is later)."""
         n = len(self.arrivals)
         done = ~np.isnan(self.finish)
         lat = self.finish[done] - self.arrivals[done]
         wait = self.start[done] - self.arrivals[done]
         fin = self.finish[done]
-        duration = max(end_s, float(fin.max()) if fin.size else 0.0, 1e-9)
+        duration = max(self.last_arrival, float(fin.max()) if fin.size else 0.0, 1e-9)
         cost_h = float(sum(m.hw.cost_per_hour for m in self.machines))
         idle_w = float(sum(m.hw.power_idle_w for m in self.machines))
         energy = idle_w * duration + sum((m.hw.power_peak_w - m.hw.power_idle_w) * m.busy_s for m in self.machines)
@@ -145,7 +146,7 @@ class DLMPool:
                 **{f"latency_p{q}_s": pct(lat, q) for q in (50, 90, 99)},
                 "latency_mean_s": float(lat.mean()) if lat.size else float("nan"),
                 "queue_p99_s": pct(wait, 99),
-                "throughput_rps": completed / duration,
+                "duration_s": duration, "throughput_rps": completed / duration,
                 "utilization": float(sum(m.busy_s for m in self.machines)) / (duration * len(self.machines)),
                 "cost_per_hour": cost_h,
                 "cost_per_million_requests": cost_h * duration / 3600.0 / completed * 1e6 if completed else float("nan"),
