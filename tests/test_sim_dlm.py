@@ -132,3 +132,10 @@ def test_profile_command_measures_and_merges(tmp_path: Path) -> None:
     # guided commits many drafts per forward: fewer DLM forwards than the uncached baseline
     assert v["guided"]["forward_passes_mean"] < v["baseline"]["forward_passes_mean"]
     assert np.isfinite(v["baseline"]["mean_s"])
+
+
+def test_docs_table_command_runs() -> None:
+    from sim.dlm_table import rows
+
+    out = rows(str(ROOT / "examples" / "local-dlm.yaml"), rate=4.0, duration_s=10.0, trace="fixed:64:8", seed=0)
+    assert len(out) == 6 and out[2].startswith("| baseline | 1 |") and out[5].startswith("| freecache_guided | 2 |")
