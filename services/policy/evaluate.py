@@ -55,13 +55,6 @@ def chunk(model: Denoiser, norm: Normalizer, sampler: Sampler, obs: np.ndarray, 
     return norm.act(pol.act(obs, seed))
 
 
-def action_mse(model: Denoiser, norm: Normalizer, sampler: Sampler, obs: np.ndarray, plan: np.ndarray,
-               seed: int = 7) -> float:
-    """MSE (normalised action units) between a plan's chunk and the uncached chunk on the same noise."""
-    ref = chunk(model, norm, sampler, obs, seed, None)
-    return float(np.mean((chunk(model, norm, sampler, obs, seed, plan) - ref) ** 2))
-
-
 @torch.no_grad()
 def record(model: Denoiser, norm: Normalizer, sampler: Sampler, obs: np.ndarray, seed: int = 3) -> list[torch.Tensor]:
     """Every block's output at every step of an uncached run: list over blocks of (K, B, T, E)."""
@@ -84,16 +77,18 @@ def plans_for(schedules: dict, budget: int, steps: int, n_blocks: int) -> dict[s
             if len(v["steps"]) == n_blocks}
 
 
-def latency(model: Denoiser, norm: Normalizer, sampler: Sampler, plan: np.ndarray | None, reps: int,
-            obs: np.ndarray) -> float:
-    """Median seconds per batch-1 chunk (eager)."""
-    pol = Policy(model, norm, sampler, plan)
-    pol.act(obs[:1], 0)
-    times = []
+def latencies(policies: list[Policy], reps: int, obs: np.ndarray) -> list[list[float]]:
+    """Batch-1 seconds per chunk (eager), round-robin over the policies so that load from other
+    processes lands on every config alike rather than on whichever ran during a spike."""
+    for pol in policies:
+        pol.act(obs[:1], 0)
+    times: list[list[float]] = [[] for _ in policies]
     for r in range(reps):
-        t0 = time.perf_counter()
-        pol.act(obs[r % len(obs):r % len(obs) + 1], r)
-        if pol.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        one = obs[r % len(obs):r % len(obs) + 1]
+        for i, pol in enumerate(policies):
+            t0 = time.perf_counter()
+            pol.act(one, r)
+            if pol.device.type == "cuda":
+                torch.cuda.synchronize()
+            times[i].append(time.perf_counter() - t0)
+    return times
