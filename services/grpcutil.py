@@ -6,6 +6,7 @@ import functools
 import inspect
 import json
 import logging
+import re
 import sys
 import time
 import uuid
@@ -17,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services import errors
 from services.errors import TandemError
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # KV chunks are <= 4 MiB; leave room for headers
@@ -31,6 +33,36 @@ _STATUS = {name: getattr(grpc.StatusCode, name) for name in (
 
 def status_code(exc: TandemError) -> grpc.StatusCode:
     return _STATUS.get(exc.code, grpc.StatusCode.INTERNAL)
+
+
+_FROM_STATUS: dict[grpc.StatusCode, type[errors.TandemError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.CANCELLED: errors.Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+}
+_FIELD = re.compile(r"^([a-z_][a-z0-9_.]*): ")  # our servers start a rejection with the field it names
+
+
+def error_from_rpc(exc: grpc.RpcError, peer: str) -> errors.TandemError:
+    """The services.errors exception for a failed call to `peer` (e.g. "worker 127.0.0.1:50061").
+
+    The server's message is kept verbatim; for INVALID_ARGUMENT its leading field name becomes `param`.
+    """
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    detail = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
+    kind = _FROM_STATUS.get(code, errors.TandemError)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        detail = f"{peer} unavailable: {detail}"
+    m = _FIELD.match(detail) if kind is errors.InvalidArgument else None
+    err = kind(detail or f"{code.name} from {peer}", param=m.group(1) if m else None)
+    if kind is errors.TandemError:
+        err.message = f"{peer}: {code.name}: {detail}"
+    return err
 
 
 class _JsonFormatter(logging.Formatter):

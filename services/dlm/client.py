@@ -7,7 +7,6 @@ Torch-free, so the gateway can import it. `MODEL_NAME` is the name the gateway s
 from __future__ import annotations
 
 import itertools
-import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,23 +14,12 @@ from dataclasses import dataclass
 import grpc
 
 from services import errors
-from services.grpcutil import REQUEST_ID_KEY, channel
+from services.grpcutil import REQUEST_ID_KEY, channel, error_from_rpc
 
 MODEL_NAME = "tandem-dlm-char"
 SERVICE = "tandem.v1.Diffusion"
 OPTION_FIELDS = ("gen_len", "block", "steps_per_block", "cache", "guided", "accept", "k", "tau")
 
-_ERRORS: dict[grpc.StatusCode, type[errors.TandemError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.InvalidArgument,
-    grpc.StatusCode.OUT_OF_RANGE: errors.InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
-    grpc.StatusCode.CANCELLED: errors.Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
-}
-_FIELD = re.compile(r"^([a-z_][a-z0-9_.]*): ")  # our servers start messages with the field they reject
 
 
 @dataclass(slots=True)
@@ -47,17 +35,8 @@ class DLMChunk:
 
 
 def to_error(exc: grpc.RpcError, address: str) -> errors.TandemError:
-    """The services.errors exception for a failed call; the field named at the start of the message is its param."""
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    detail = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
-    kind = _ERRORS.get(code, errors.TandemError)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        detail = f"dlm worker {address} unavailable: {detail}"
-    m = _FIELD.match(detail) if kind is errors.InvalidArgument else None
-    err = kind(detail or f"{code.name} from dlm worker {address}", param=m.group(1) if m else None)
-    if kind is errors.TandemError:
-        err.message = f"dlm worker {address}: {code.name}: {detail}"
-    return err
+    """The services.errors exception for a failed call (the server's message is kept verbatim)."""
+    return error_from_rpc(exc, f"dlm worker {address}")
 
 
 class DLMClient:

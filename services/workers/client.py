@@ -11,23 +11,13 @@ import grpc
 
 from services import errors
 from services.engine.sampling import SamplingParams
-from services.grpcutil import REQUEST_ID_KEY, channel
+from services.grpcutil import REQUEST_ID_KEY, channel, error_from_rpc
 from services.rpc.tandem.v1 import worker_pb2 as pb
 from services.rpc.tandem.v1 import worker_pb2_grpc as rpc
 
 T = TypeVar("T")
 NO_TOKEN = -1  # TokenEvent.token_id of a last event that adds no token
 
-_ERRORS: dict[grpc.StatusCode, type[errors.TandemError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.InvalidArgument,
-    grpc.StatusCode.OUT_OF_RANGE: errors.InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
-    grpc.StatusCode.CANCELLED: errors.Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
-}
 
 
 @dataclass(slots=True)
@@ -74,15 +64,7 @@ class WorkerInfo:
 
 def to_error(exc: grpc.RpcError, address: str) -> errors.TandemError:
     """The services.errors exception for a failed call (the server's message is kept verbatim)."""
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    detail = exc.details() if hasattr(exc, "details") else str(exc)
-    kind = _ERRORS.get(code, errors.TandemError)
-    if code == grpc.StatusCode.UNAVAILABLE:
-        detail = f"worker {address} unavailable: {detail}"
-    err = kind(detail or f"{code.name} from worker {address}")
-    if kind is errors.TandemError:
-        err.message = f"worker {address}: {code.name}: {detail}"
-    return err
+    return error_from_rpc(exc, f"worker {address}")
 
 
 def sampling_to_pb(p: SamplingParams) -> pb.WorkerSampling:
