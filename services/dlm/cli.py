@@ -21,6 +21,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         accept: str = typer.Option("topk_rel", "--accept", help="top1 | topk | topk_rel"),
         exact_prompts: int = typer.Option(3, "--exact-prompts", help="prompts for the exactness checks"),
         threads: int = typer.Option(1, "--threads", help="torch CPU threads (batch-1 forwards of a tiny model)"),
+        smollm2: bool = typer.Option(False, "--smollm2", help="the real-tokenizer path: the SmolLM2-tokenizer DLM "
+                                     "(checkpoints/dlm_smollm2.pt) guided by SmolLM2-135M (default n 20 quick, 200 full)"),
     ) -> None:
         """Accuracy (95% CI), token agreement, forward passes, tokens/step, linear work and time per variant."""
         import torch
@@ -39,6 +41,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             raise InvalidArgument("--n: must be at least 1", param="n")
         torch.set_grad_enabled(False)
         torch.set_num_threads(threads)
+        if smollm2:
+            _bench_smol(n if n is not None else (20 if quick else 200), json_out, dlm_file, block, steps, accept,
+                        exact_prompts)
+            return
         dlm, guide, tok = load_pair(ckpt or CHECKPOINT_DIR, dlm_path=dlm_file)
         opts = Options(gen_len=GEN_LEN, block=block, steps_per_block=steps, accept=accept)
         opts.validate(dlm.cfg.max_len, dlm.cfg.max_len - GEN_LEN)
@@ -58,6 +64,25 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         _print(Console(width=max(Console().width, 120)), out, names)
         if json_out:
             json_out.write_text(json.dumps(out, indent=1))
+
+
+def _bench_smol(n: int, json_out: Path | None, dlm_file: Path | None, block: int, steps: int, accept: str,
+                exact_prompts: int) -> None:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from services.dlm.smol_bench import VARIANTS, bench, print_table
+    from services.errors import InvalidArgument
+
+    if n < 1:
+        raise InvalidArgument("--n: must be at least 1", param="n")
+    with Progress(transient=True) as prog:
+        task = prog.add_task("dlm bench (SmolLM2)", total=n * len(VARIANTS))
+        out = bench(n, block=block, steps=steps, accept=accept, exact_prompts=exact_prompts, ckpt=dlm_file,
+                    progress=lambda _v, _i: prog.advance(task))
+    print_table(Console(width=max(Console().width, 120)), out)
+    if json_out:
+        json_out.write_text(json.dumps(out, indent=1))
 
 
 def _print(console, out: dict, names: tuple[str, ...]) -> None:

@@ -111,8 +111,7 @@ def sample_iter(model: DiffusionLM, prompt: list[int], opts: Options, mask_id: i
     """Yields (sequence, stats) after every step; the last yield is the finished sequence."""
     opts.validate(model.cfg.max_len, len(prompt))
     if guide is not None:
-        if guide.cfg.vocab_size != model.cfg.vocab_size:
-            raise InvalidArgument("guide: its vocabulary does not match the diffusion model's", param="guide")
+        check_guide(model, guide)
         if guide.cfg.max_len < len(prompt) + opts.gen_len:
             raise InvalidArgument("guide: too few positions for prompt + gen_len", param="guide")
     dev = model.embed.weight.device
@@ -125,6 +124,17 @@ def sample_iter(model: DiffusionLM, prompt: list[int], opts: Options, mask_id: i
     for _ in steps:
         stats.commits.append(_contiguous(x[0, p:], mask_id))
         yield x, stats
+
+
+def check_guide(model: DiffusionLM, guide: ARGuide) -> None:
+    """Guide and DLM must share a tokenizer. Models on a named vocabulary (`vocab_name`, e.g. SmolLM2's,
+    see smol.py) must carry the same name; unnamed ones (the task char tokenizer) must match in size."""
+    mine, theirs = getattr(model, "vocab_name", None), getattr(guide, "vocab_name", None)
+    if mine != theirs:
+        raise InvalidArgument(f"guide: its tokenizer ({theirs or 'the task char tokenizer'}) is not the diffusion "
+                              f"model's ({mine or 'the task char tokenizer'})", param="guide")
+    if mine is None and guide.cfg.vocab_size != model.cfg.vocab_size:
+        raise InvalidArgument("guide: its vocabulary does not match the diffusion model's", param="guide")
 
 
 def sample(model: DiffusionLM, prompt: list[int], opts: Options, mask_id: int, eos_id: int,
@@ -173,7 +183,9 @@ def _accepts(guide_logits: torch.Tensor, drafts: torch.Tensor, opts: Options) ->
 def _guided_steps(run: _Runner, p: int, opts: Options, mask_id: int, eos_id: int,
                   guide: ARGuide) -> Iterator[None]:
     x, total = run.x, run.x.shape[1]
-    gcache, c, frozen, first = GuideCache(), p, p, True
+    # A guide that owns another kind of cache (the engine guide's KVBuffer) makes its own.
+    gcache = guide.new_cache() if hasattr(guide, "new_cache") else GuideCache()
+    c, frozen, first = p, p, True
     while c < total:
         # FreeCache here freezes with a one-step lag: tokens committed by the previous step were masks in
         # that step's input, so their K/V is taken from this step's forward, where they are real tokens.
