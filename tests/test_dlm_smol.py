@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -138,3 +141,25 @@ def test_mismatched_pair_is_invalid_argument_naming_guide(smol, guide):
     dlm, bridge, _ = smol
     with pytest.raises(InvalidArgument, match="^guide:"):
         sample(dlm, _prompts(smol, 1)[0], OPTS, bridge.mask_id, bridge.eos_id, guide=char_guide)
+
+
+@pytest.mark.slow
+def test_bench_dlm_smollm2_json(tmp_path) -> None:
+    out = tmp_path / "smol.json"
+    cmd = [sys.executable, "-m", "services.cli", "bench", "dlm", "--smollm2", "--n", "1", "--exact-prompts", "1",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    for name in ("baseline", "guided", "freecache_guided"):
+        for key in ("accuracy", "forward_passes", "guide_forward_passes", "seconds"):
+            assert isinstance(res[name][key], float | int), (name, key)
+    assert res["baseline"]["guide_forward_passes"] == 0 and res["guided"]["guide_forward_passes"] > 0
+    assert res["guided"]["forward_passes"] <= res["baseline"]["forward_passes"] == GEN_LEN
+    assert res["exact_checks"] and all(res["exact_checks"].values())
+
+
+def test_bench_dlm_smollm2_rejects_bad_flags() -> None:
+    cmd = [sys.executable, "-m", "services.cli", "bench", "dlm", "--smollm2", "--block", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "block" in proc.stderr and "Traceback" not in proc.stderr

@@ -23,6 +23,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         threads: int = typer.Option(1, "--threads", help="torch CPU threads (batch-1 forwards of a tiny model)"),
         smollm2: bool = typer.Option(False, "--smollm2", help="the real-tokenizer path: the SmolLM2-tokenizer DLM "
                                      "(checkpoints/dlm_smollm2.pt) guided by SmolLM2-135M (default n 20 quick, 200 full)"),
+        guide_preamble: bool = typer.Option(True, "--guide-preamble/--no-guide-preamble",
+                                            help="with --smollm2: worked examples the guide reads before each prompt"),
     ) -> None:
         """Accuracy (95% CI), token agreement, forward passes, tokens/step, linear work and time per variant."""
         import torch
@@ -43,7 +45,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         torch.set_num_threads(threads)
         if smollm2:
             _bench_smol(n if n is not None else (20 if quick else 200), json_out, dlm_file, block, steps, accept,
-                        exact_prompts)
+                        exact_prompts, guide_preamble)
             return
         dlm, guide, tok = load_pair(ckpt or CHECKPOINT_DIR, dlm_path=dlm_file)
         opts = Options(gen_len=GEN_LEN, block=block, steps_per_block=steps, accept=accept)
@@ -67,7 +69,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
 
 def _bench_smol(n: int, json_out: Path | None, dlm_file: Path | None, block: int, steps: int, accept: str,
-                exact_prompts: int) -> None:
+                exact_prompts: int, guide_preamble: bool = True) -> None:
     from rich.console import Console
     from rich.progress import Progress
 
@@ -79,7 +81,7 @@ def _bench_smol(n: int, json_out: Path | None, dlm_file: Path | None, block: int
     with Progress(transient=True) as prog:
         task = prog.add_task("dlm bench (SmolLM2)", total=n * len(VARIANTS))
         out = bench(n, block=block, steps=steps, accept=accept, exact_prompts=exact_prompts, ckpt=dlm_file,
-                    progress=lambda _v, _i: prog.advance(task))
+                    guide_preamble=guide_preamble, progress=lambda _v, _i: prog.advance(task))
     print_table(Console(width=max(Console().width, 120)), out)
     if json_out:
         json_out.write_text(json.dumps(out, indent=1))

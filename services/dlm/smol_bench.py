@@ -72,8 +72,9 @@ def evaluate_smol(dlm, guide, bridge: SmolBridge, tok, n: int, base: Options,
 def bench(n: int, *, block: int = 4, steps: int = 4, accept: str = "topk_rel", exact_prompts: int = 3,
           ckpt: Path | None = None, guide_preamble: bool = True,
           progress: Callable[[str, int], None] | None = None) -> dict:
-    dlm, guide, bridge, tok = load_smol_pair(ckpt or SMOL_CHECKPOINT, guide_preamble=guide_preamble)
     opts = Options(gen_len=GEN_LEN, block=block, steps_per_block=steps, accept=accept, guide_chunk=block)
+    opts.validate(PROMPT_LEN + GEN_LEN, PROMPT_LEN)  # bad flags fail before SmolLM2 is loaded
+    dlm, guide, bridge, tok = load_smol_pair(ckpt or SMOL_CHECKPOINT, guide_preamble=guide_preamble)
     opts.validate(dlm.cfg.max_len, PROMPT_LEN)
     res = evaluate_smol(dlm, guide, bridge, tok, n, opts, progress=progress)
     prompts = [bridge.encode_prompt(tok, ex.prompt) for ex in eval_set(exact_prompts, seed=777)]
@@ -99,3 +100,25 @@ def print_table(console, out: dict) -> None:
                   f"{r['seconds']:.2f}", f"{r['speedup']:.2f}x")
     console.print(t)
     console.print("exact checks: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in out["exact_checks"].items()))
+
+
+def markdown(out: dict) -> str:
+    """The docs table, from a bench JSON: `python -m services.dlm.smol_bench docs/dlm/bench_cpu_smollm2.json`."""
+    head = ("| variant | accuracy [95% CI] | per task (copy/rev/sort/add) | token agreement | DLM forwards | "
+            "guide forwards | guide tokens | tokens/step | seconds | speed-up |")
+    rows = [head, "|" + "---|" * 10]
+    for name in VARIANTS:
+        r = out[name]
+        lo, hi = r["accuracy_ci95"]
+        per = "/".join(f"{r['accuracy_by_task'][t]:.2f}" for t in ("copy", "rev", "sort", "add"))
+        rows.append(f"| {name} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {per} | {r['token_agreement']:.4f} | "
+                    f"{r['forward_passes']:.2f} | {r['guide_forward_passes']:.2f} | {r['guide_tokens']:.1f} | "
+                    f"{r['tokens_per_step']:.2f} | {r['seconds']:.1f} | {r['speedup']:.2f}x |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(markdown(json.loads(Path(sys.argv[1]).read_text())))
