@@ -74,6 +74,7 @@ def schedule(
     checkpoint: Path | None = typer.Option(None, help="checkpoint directory (default: the committed one)"),
     calib_obs: int = typer.Option(16, help="calibration observations recorded"),
     top_n: int = typer.Option(3, help="blocks the Bubbling Union refreshes"),
+    threads: int = typer.Option(2, help="torch CPU threads"),
 ) -> None:
     """Record an uncached run, then write ACS, BAC, unified and uniform schedules to schedules.json."""
     import torch
@@ -81,7 +82,7 @@ def schedule(
     from services.policy import bench
     from services.policy import checkpoint as ckpt
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     model, norm, _ = ckpt.load(checkpoint)
     schedules = bench.compute_schedules(model, norm, n_obs=calib_obs, top_n=top_n)
     path = Path(checkpoint or ckpt.DEFAULT_DIR) / ckpt.SCHEDULES
