@@ -35,9 +35,16 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_ckpt: Path):
+def metrics_port() -> int:
+    from tests.conftest import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt: Path, metrics_port: int):
     srv = serve(0, str(tiny_ckpt), host="127.0.0.1", sampler="ddim20", cache="bac", budget=5, window_ms=100,
-                block=False)
+                metrics_port=metrics_port, block=False)
     yield srv
     srv.stop()
 
@@ -99,3 +106,13 @@ def test_missing_schedule_is_a_clear_error(tiny_ckpt: Path) -> None:
 
     with pytest.raises(InvalidArgument, match="budget 7"):
         serve(0, str(tiny_ckpt), host="127.0.0.1", sampler="ddim20", cache="bac", budget=7, block=False)
+
+
+def test_prometheus_metrics(server, metrics_port: int) -> None:
+    import urllib.request
+
+    with grpc.insecure_channel(server.address) as ch:
+        policy_pb2_grpc.PolicyStub(ch).Act(policy_pb2.ActRequest(observation=obs_values(1), seed=1), timeout=30)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert 'tandem_policy_requests_total{code="OK"}' in text
+    assert "tandem_policy_batch_size_bucket" in text and "tandem_policy_block_evals_total" in text
