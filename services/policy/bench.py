@@ -186,3 +186,20 @@ def run_table(model: Denoiser, norm: Normalizer, schedules: dict, configs: list[
         if graphs:
             row["speedup_graph"] = rows[ref]["seconds_graph"] / row["seconds_graph"]
     return rows
+
+
+@torch.no_grad()
+def chunk_flops(model: Denoiser, norm: Normalizer, schedules: dict, configs: list[Config]) -> dict[str, float]:
+    """FLOPs of one batch-1 chunk per config, counted by torch's FlopCounterMode on a real denoise."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    obs = torch.from_numpy(norm.obs(ev.eval_obs(1, 5)))
+    out = {}
+    for cfg in configs:
+        sampler = make_sampler(*SAMPLERS[cfg.sampler])
+        plan = plan_of(cfg, schedules, model.cfg.n_blocks)
+        noise = draw_noise(sampler, 1, model.cfg.horizon, model.cfg.act_dim, 0)
+        with FlopCounterMode(display=False) as counter:
+            denoise(model, sampler, obs, noise, CacheHook(plan) if plan is not None else None)
+        out[cfg.name] = float(counter.get_total_flops())
+    return out

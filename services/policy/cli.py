@@ -94,6 +94,20 @@ def schedule(
     typer.echo(f"wrote {path}")
 
 
+@policy_app.command("flops")
+def flops_cmd(checkpoint: Path | None = typer.Option(None, help="checkpoint directory (default: the committed one)")) -> None:
+    """FLOPs per batch-1 chunk for every benchmark config, and the reduction vs uncached DDPM-100."""
+    from services.policy import bench
+    from services.policy import checkpoint as ckpt
+
+    model, norm, _ = ckpt.load(checkpoint)
+    flops = bench.chunk_flops(model, norm, ckpt.load_schedules(checkpoint), bench.full_configs())
+    base = flops["ddpm100/uncached"]
+    typer.echo("| config | MFLOP per chunk | fewer FLOPs |\n|---|---|---|")
+    for name, f in flops.items():
+        typer.echo(f"| {name} | {f / 1e6:.1f} | {base / f:.2f}x |")
+
+
 @policy_app.command("train")
 def train_cmd(
     out: Path = typer.Option(..., help="checkpoint directory to write"),
