@@ -32,6 +32,10 @@ class Engine:
         self.model = model.to(device=device, dtype=dtype).eval()
         # .to(dtype) casts buffers too; rotary frequencies must stay float32 or long contexts lose their positions.
         self.model.inv_freq = inv_freq.to(self.model.inv_freq.device)
+        if self.model.inv_freq.device.type == "cuda":
+            # cuDNN's SDPA re-plans for every new key length (a decode step adds one), costing ~4 ms of CPU
+            # per layer per step; the flash/efficient kernels need no plan (benchmarks/gpu_step_probe.py).
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.tokenizer = tokenizer
         self.name = name
         self.device = torch.device(device)
