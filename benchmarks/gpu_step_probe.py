@@ -40,7 +40,20 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--json")
+    ap.add_argument("--sweep", action="store_true", help="bf16 only: step time at batch 1 and 8, cuDNN SDPA on vs off")
     a = ap.parse_args()
+    if a.sweep:
+        engine = random_engine(ModelConfig(**LLAMA_1B), device=a.device, dtype=torch.bfloat16)
+        rows = {}
+        for batch in (1, 8):
+            for cudnn in (True, False):
+                torch.backends.cuda.enable_cudnn_sdp(cudnn)
+                rows[f"batch{batch}_cudnn_{'on' if cudnn else 'off'}"] = ms = step_ms(engine, batch, a.context, a.iters)
+                print(f"bf16 batch {batch} cuDNN SDPA {'on ' if cudnn else 'off'}: {ms:.2f} ms/step", flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     out = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         engine = random_engine(ModelConfig(**LLAMA_1B), device=a.device, dtype=dtype)
