@@ -16,8 +16,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         n: int | None = typer.Option(None, "--n", help="eval prompts (default 30 quick, 300 full)"),
         ckpt: Path | None = typer.Option(None, "--ckpt", help="folder with dlm.pt and guide.pt"),
         dlm_file: Path | None = typer.Option(None, "--dlm", help="another DLM checkpoint (e.g. checkpoints/dlm_weak.pt)"),
-        block: int = typer.Option(4, "--block", help="block length B"),
-        steps: int = typer.Option(4, "--steps", help="denoising steps per block"),
+        block: int | None = typer.Option(None, "--block", help="block length B (default 2; 4 with --smollm2)"),
+        steps: int | None = typer.Option(None, "--steps", help="denoising steps per block (default 2; 4 with --smollm2)"),
         accept: str = typer.Option("topk_rel", "--accept", help="top1 | topk | topk_rel"),
         exact_prompts: int = typer.Option(3, "--exact-prompts", help="prompts for the exactness checks"),
         threads: int = typer.Option(1, "--threads", help="torch CPU threads (batch-1 forwards of a tiny model)"),
@@ -32,7 +32,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from rich.progress import Progress
 
         from services.dlm.checkpoint import CHECKPOINT_DIR
-        from services.dlm.evaluate import ABLATIONS, VARIANTS, evaluate, load_pair
+        from services.dlm.evaluate import ABLATIONS, BENCH_BLOCK, BENCH_STEPS, VARIANTS, evaluate, load_pair
         from services.dlm.exact import run_checks
         from services.dlm.sampler import Options
         from services.dlm.tasks import GEN_LEN, encode_prompt, eval_set
@@ -44,9 +44,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         torch.set_grad_enabled(False)
         torch.set_num_threads(threads)
         if smollm2:
+            block, steps = 4 if block is None else block, 4 if steps is None else steps
             _bench_smol(n if n is not None else (20 if quick else 200), json_out, dlm_file, block, steps, accept,
                         exact_prompts, guide_preamble)
             return
+        block = BENCH_BLOCK if block is None else block
+        steps = BENCH_STEPS if steps is None else steps
         dlm, guide, tok = load_pair(ckpt or CHECKPOINT_DIR, dlm_path=dlm_file)
         opts = Options(gen_len=GEN_LEN, block=block, steps_per_block=steps, accept=accept)
         opts.validate(dlm.cfg.max_len, dlm.cfg.max_len - GEN_LEN)
