@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +23,11 @@ EMBEDDED_SAMPLE = (
 )
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 def trace_candidates() -> list[Path]:
-    repo = Path(__file__).resolve().parents[2]
-    return [repo / "sim" / "data" / TRACE_NAME, repo.parent / "shared" / "data" / TRACE_NAME]
+    return [REPO / "sim" / "data" / TRACE_NAME, REPO.parent / "shared" / "data" / TRACE_NAME]
 
 
 def load_lengths() -> tuple[np.ndarray, np.ndarray, str]:
@@ -34,7 +37,7 @@ def load_lengths() -> tuple[np.ndarray, np.ndarray, str]:
             with path.open(newline="") as f:
                 rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
             ctx, gen = zip(*rows, strict=True)
-            return np.array(ctx), np.array(gen), str(path)
+            return np.array(ctx), np.array(gen), os.path.relpath(path, REPO)  # no machine paths in results
     ctx, gen = zip(*EMBEDDED_SAMPLE, strict=True)
     return np.array(ctx), np.array(gen), "embedded sample of " + TRACE_NAME
 

@@ -58,7 +58,7 @@ def bench_policy(
     rows = bench.run_table(model, norm, schedules, configs, episodes, reps, n_mse=16 if quick else 64,
                            progress=lambda s: typer.echo(s, err=True))
     _table(rows)
-    out: dict = {"command": " ".join(sys.argv), "device": "cpu", "threads": threads, "checkpoint_sha256": meta["sha256"], "episodes": episodes,
+    out: dict = {"command": " ".join(["tandem", *sys.argv[1:]]), "device": "cpu", "threads": threads, "checkpoint_sha256": meta["sha256"], "episodes": episodes,
                  "exact_checks": checks, "rows": rows, "wall_seconds": round(time.time() - t0, 1)}
     for r in rows:
         if r["sampler"] == "ddpm100" and r["method"] in ("uncached", "uniform", "bac") and r["budget"] in (None, budget):
