@@ -123,6 +123,20 @@ def sweep(dlm: torch.nn.Module, guide: torch.nn.Module, tok, n: int, configs: li
     return out
 
 
+def sweep_table(res: dict) -> str:
+    """Markdown rows for docs/dlm.md from `sweep`'s output (baseline vs FreeCache per configuration)."""
+    rows = ["| B | s | N | baseline | FreeCache [95% CI] | FreeCache sort | points lost | linear work | formula |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in res.items():
+        b, s = (int(v[1:]) for v in key.split("_"))
+        nb, base, fc = 24 // b, r["baseline"], r["freecache"]
+        lo, hi = fc["accuracy_ci95"]
+        rows.append(f"| {b} | {s} | {nb} | {base['accuracy']:.3f} | {fc['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                    f"{fc['accuracy_by_task']['sort']:.2f} | {100 * (base['accuracy'] - fc['accuracy']):+.1f} | "
+                    f"{fc['linear_work_reduction']:.2f}x | {2 * 48 * nb / (24 * (nb + 1)):.2f}x |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ckpt", type=Path, default=CHECKPOINT_DIR)
@@ -135,13 +149,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--table", type=Path, default=None, help="print the markdown table of a saved sweep and exit")
     a = ap.parse_args()
+    if a.table:
+        print(sweep_table(json.loads(a.table.read_text())))
+        return
     torch.set_grad_enabled(False)
     torch.set_num_threads(a.threads)
     dlm, guide, tok = load_pair(a.ckpt, a.device, dlm_path=a.dlm)
     if a.sweep:
         cfgs = [tuple(int(v) for v in c.split("x")) for c in a.sweep.split(",")]
         res = sweep(dlm, guide, tok, a.n, cfgs, tuple(a.variants.split(",")), a.seed)
+        print(sweep_table(res))
     else:
         res = evaluate(dlm, guide, tok, a.n, Options(block=BENCH_BLOCK, steps_per_block=BENCH_STEPS),
                        VARIANTS + ABLATIONS, seed=a.seed)
