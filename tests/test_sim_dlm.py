@@ -57,13 +57,15 @@ def test_light_load_latency_is_the_profiled_service_time() -> None:
 
 
 def test_overload_queues_and_more_machines_help() -> None:
-    slow = {"dlm_variant": "baseline"}  # ~0.2 s per request on this CPU
-    one = run(layout(0.5, 1, **slow), rate=16.0, duration=20.0)[0]["dlm"]  # ~8 req/s into a ~5 req/s machine
-    four = run(layout(0.5, 4, **slow), rate=16.0, duration=20.0)[0]["dlm"]
+    slow = {"dlm_variant": "baseline"}
+    mean_s = json.loads(PROFILE.read_text())["hardware"]["cpu"]["variants"]["baseline"]["mean_s"]
+    rate = 2 * 1.6 / mean_s  # half the requests go to the dlm pool: 1.6x one machine's capacity
+    one = run(layout(0.5, 1, **slow), rate=rate, duration=20.0)[0]["dlm"]
+    four = run(layout(0.5, 4, **slow), rate=rate, duration=20.0)[0]["dlm"]
     assert one["queue_p99_s"] > 1.0 and one["utilization"] > 0.9
     assert four["latency_p99_s"] < one["latency_p99_s"] / 5
     assert four["cost_per_hour"] == pytest.approx(4 * one["cost_per_hour"])
-    drained = run(layout(0.5, 1, drain_s=0.0, **slow), rate=16.0, duration=20.0)[0]["dlm"]
+    drained = run(layout(0.5, 1, drain_s=0.0, **slow), rate=rate, duration=20.0)[0]["dlm"]
     assert drained["unfinished"] > 0 and drained["completed"] + drained["unfinished"] == drained["requests"]
 
 

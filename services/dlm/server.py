@@ -20,6 +20,8 @@ from services.errors import InvalidArgument
 from services.rpc.tandem.v1 import dlm_pb2, dlm_pb2_grpc
 
 SERVICE = "tandem.v1.Diffusion"
+# One token per step in blocks of 2: where FreeCache keeps the baseline's accuracy (docs/dlm.md, "Choosing B and s").
+SERVED_BLOCKS = {"block": 2, "steps_per_block": 2}
 MODEL_NAME = "tandem-dlm-char"
 log = grpcutil.get_logger("tandem.dlm")
 
@@ -41,7 +43,7 @@ class DLMEngine:
         torch.set_grad_enabled(False)
         self.dlm, self.guide, self.tok = load_pair(Path(ckpt_dir))
         self.prompt_len = self.dlm.cfg.max_len - GEN_LEN
-        self.defaults = defaults or Options(cache="freecache")
+        self.defaults = defaults or Options(cache="freecache", **SERVED_BLOCKS)
         self.guided = guided
         self.sha256 = sha256(Path(ckpt_dir) / "dlm.pt")
 
@@ -163,7 +165,7 @@ def serve(port: int, checkpoint_dir: str | None = None, *, host: str = "0.0.0.0"
     port + 1000 when port is fixed, none when 0); blocks unless `block=False`."""
     if threads:
         torch.set_num_threads(threads)  # batch-1 forwards of a tiny model: more threads only spin
-    defaults = Options(cache=cache)
+    defaults = Options(cache=cache, **SERVED_BLOCKS)
     eng = DLMEngine(Path(checkpoint_dir) if checkpoint_dir else CHECKPOINT_DIR, defaults, guided)
     eng.options()  # reject bad defaults before listening
     metrics = _Metrics()
