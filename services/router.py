@@ -7,6 +7,7 @@ so a burst of requests spreads out before the next poll.
 
 from __future__ import annotations
 
+import abc
 import itertools
 import random
 import threading
@@ -110,7 +111,7 @@ def decode_key(load: Load) -> tuple:
     return (full, load.live_requests + load.waiting_requests, -load.kv_free_bytes)
 
 
-class _BaseRouter:
+class _BaseRouter(abc.ABC):
     def __init__(self, registry: Registry, info: InfoFn, ttl_s: float = 0.1) -> None:
         self.registry = registry
         self.board = _Board(info, ttl_s)
@@ -144,8 +145,9 @@ class _BaseRouter:
     def failed(self, address: str) -> None:
         self.board.forget(address)
 
+    @abc.abstractmethod
     def _choose(self, loads: list[Load], key: Callable[[Load], tuple]) -> Load:
-        raise NotImplementedError
+        """The worker to use among the healthy `loads` (each policy's one decision)."""
 
 
 class JSQRouter(_BaseRouter):
