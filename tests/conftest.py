@@ -46,6 +46,16 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc.wait(timeout=10)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Every in-process model runs on one torch thread: the test models are small, and on a 2-core machine
+    shared with worker subprocesses two OpenMP threads stall each other at every op."""
+    from services.engine.testing import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     try:
         import torch

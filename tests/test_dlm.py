@@ -38,14 +38,6 @@ def _random_pair(seed: int = 0, vocab: int | None = None) -> tuple[DiffusionLM, 
     return dlm, guide
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batch-1 forwards of a tiny model: extra threads only spin on the shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[DiffusionLM, ARGuide, CharTokenizer]:

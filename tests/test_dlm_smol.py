@@ -25,7 +25,6 @@ OPTS = Options(gen_len=GEN_LEN, block=4, steps_per_block=4)
 
 @pytest.fixture(scope="module")
 def smol():
-    torch.set_num_threads(1)
     dlm, bridge, meta = load(SMOL_CHECKPOINT)
     return dlm, bridge, smol_tokenizer()
 

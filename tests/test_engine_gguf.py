@@ -8,16 +8,12 @@ import pytest
 import torch
 
 from services.engine import load_engine
-from services.engine.testing import tiny_config, torch_threads, write_tiny_checkpoint, write_tiny_gguf
+from services.engine.testing import tiny_config, write_tiny_checkpoint, write_tiny_gguf
 from services.errors import InvalidArgument
 
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 32}
 

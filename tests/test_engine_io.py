@@ -15,16 +15,10 @@ import pytest
 from services.engine import load_engine
 from services.engine.generate import GenStats, StopMatcher, generate, generate_text
 from services.engine.sampling import SamplingParams
-from services.engine.testing import torch_threads, write_tiny_checkpoint
+from services.engine.testing import write_tiny_checkpoint
 from services.errors import InvalidArgument, NotFound
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

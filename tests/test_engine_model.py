@@ -11,15 +11,10 @@ from services.engine import load_engine
 from services.engine.generate import generate
 from services.engine.kv import KVBuffer
 from services.engine.sampling import Sampler, SamplingParams, sample_batch
-from services.engine.testing import tiny_config, torch_threads, write_tiny_checkpoint
+from services.engine.testing import tiny_config, write_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 32}

@@ -13,7 +13,6 @@ import torch
 from services.engine import default_model_path, load_engine
 from services.engine.generate import generate, generate_text
 from services.engine.sampling import SamplingParams
-from services.engine.testing import torch_threads
 from services.errors import NotFound
 
 transformers = pytest.importorskip("transformers")
@@ -22,12 +21,6 @@ pytest.importorskip("accelerate")  # transformers needs it for GGUF files
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="session")

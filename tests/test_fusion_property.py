@@ -21,14 +21,6 @@ POOL = 8  # distinct prompts; a drawn request picks one and its own max_tokens
 MAX_NEW = 14
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared 2-core box stalls OpenMP barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 @pytest.fixture(scope="module")
 def pool():
     engine = random_engine(CFG, seed=7)
