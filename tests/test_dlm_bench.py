@@ -30,6 +30,13 @@ def test_bench_dlm_quick_json(tmp_path) -> None:
     # The documented bench configuration (docs/dlm.md): B=2, s=2, FreeCache's linear work cut exactly as counted.
     assert (res["config"]["block"], res["config"]["steps_per_block"]) == (2, 2)
     assert res["baseline"]["dlm_tokens"] == 24 * 48 and res["freecache"]["dlm_tokens"] == 24 + 2 * sum(range(2, 25, 2))
+    # The batched table (all 3 prompts in one batch): same tokens as one at a time, same linear work per prompt.
+    bt = res["batched"]
+    assert bt["batch"] == 3 and set(bt) >= {"baseline", "freecache", "refresh_block"}
+    assert bt["baseline"]["accuracy"] == res["baseline"]["accuracy"]
+    assert bt["freecache"]["token_agreement"] == res["freecache"]["token_agreement"]
+    assert bt["freecache"]["dlm_tokens"] == res["freecache"]["dlm_tokens"]
+    assert bt["baseline"]["forward_passes"] == 24  # one forward per step for the whole batch
 
 
 @pytest.mark.slow
@@ -37,6 +44,8 @@ def test_bench_dlm_rejects_bad_flags(tmp_path) -> None:
     cmd = [sys.executable, "-m", "services.cli", "bench", "dlm", "--quick", "--block", "5"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "block" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run(cmd[:-2] + ["--batch", "-1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--batch" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from services.dlm.checkpoint import CHECKPOINT_DIR, load
-from services.dlm.sampler import Options, sample
+from services.dlm.sampler import Options, sample, sample_batch
 from services.dlm.tasks import encode_prompt, eval_set
 
 VARIANTS = ("baseline", "freecache", "guided", "freecache_guided")
@@ -23,6 +23,10 @@ ABLATIONS = ("freecache_lag", "refresh_block", "parallel")
 # development set (seed 4242, `--sweep`), not the held-out one: at B=4, s=4 FreeCache lost 2-3 points on
 # sorting; at B=2, s=2 it lost none with 3.43x less linear work (docs/dlm.md, "Choosing B and s").
 BENCH_BLOCK, BENCH_STEPS = 2, 2
+# How many drafts the guide reads per forward. It changes only cost, never which tokens are accepted (the
+# accepted prefix is decided position by position); on the development seed the whole response (24) in one
+# guide pass was fastest (docs/dlm.md). A guide that rejects early wastes the rest of a long chunk.
+BENCH_GUIDE_CHUNK = 24
 EVAL_SEED = 12345  # tasks.eval_set's held-out seed; configurations are chosen on other seeds
 
 
@@ -98,6 +102,46 @@ def evaluate(dlm: torch.nn.Module, guide: torch.nn.Module, tok, n: int, base: Op
     return out
 
 
+BATCH_VARIANTS = ("baseline", "freecache", "refresh_block")
+
+
+def evaluate_batched(dlm: torch.nn.Module, tok, n: int, base: Options, batch: int,
+                     variants: tuple[str, ...] = BATCH_VARIANTS, seed: int = EVAL_SEED,
+                     progress: Callable[[str, int], None] | None = None) -> dict:
+    """The block samplers on the same eval set, `batch` prompts per forward (all prompts are left-padded to
+    one length): what a worker serving many requests at once would see. Variants take turns batch by batch."""
+    examples = eval_set(n, seed=seed)
+    prompts = [encode_prompt(tok, ex.prompt) for ex in examples]
+    setups = {name: variant_options(name, base)[0] for name in variants}
+    toks = {v: [] for v in variants}
+    sec = dict.fromkeys(variants, 0.0)
+    fwd = dict.fromkeys(variants, 0)
+    pos = dict.fromkeys(variants, 0)
+    for i in range(0, n, batch):
+        chunk = prompts[i:i + batch]
+        for name, opts in setups.items():
+            t0 = time.perf_counter()
+            res = sample_batch(dlm, chunk, opts, tok.mask_id, tok.eos_id)
+            sec[name] += time.perf_counter() - t0
+            toks[name] += [r.tokens for r in res]
+            fwd[name] += res[0].stats.forward_passes
+            pos[name] += res[0].stats.dlm_tokens * len(chunk)
+            if progress:
+                progress(name, i)
+    out, base_tokens = {}, toks[variants[0]]
+    for name in variants:
+        correct = sum(tok.decode(t) == ex.answer for t, ex in zip(toks[name], examples, strict=True))
+        agree = sum(a == b for t, u in zip(toks[name], base_tokens, strict=True) for a, b in zip(t, u, strict=True))
+        out[name] = {"accuracy": correct / n, "accuracy_ci95": list(wilson(correct, n)),
+                     "token_agreement": agree / sum(len(t) for t in toks[name]),
+                     "forward_passes": fwd[name], "dlm_tokens": pos[name] / n, "seconds": sec[name],
+                     "tokens_per_s": n * base.gen_len / sec[name]}
+    for r in out.values():
+        r["speedup"] = out[variants[0]]["seconds"] / r["seconds"]
+        r["linear_work_reduction"] = out[variants[0]]["dlm_tokens"] / r["dlm_tokens"]
+    return {"batch": batch, "n": n, **out}
+
+
 def load_pair(ckpt_dir: Path = CHECKPOINT_DIR, device: str = "cpu", dlm_path: Path | None = None):
     dlm, tok, _ = load(dlm_path or ckpt_dir / "dlm.pt", device)
     guide, gtok, _ = load(ckpt_dir / "guide.pt", device)
@@ -109,11 +153,12 @@ def load_pair(ckpt_dir: Path = CHECKPOINT_DIR, device: str = "cpu", dlm_path: Pa
 
 
 def sweep(dlm: torch.nn.Module, guide: torch.nn.Module, tok, n: int, configs: list[tuple[int, int]],
-          variants: tuple[str, ...], seed: int) -> dict:
+          variants: tuple[str, ...], seed: int, guide_chunk: int = BENCH_GUIDE_CHUNK) -> dict:
     """Block size B and steps per block s, shared by every variant: accuracy per task and linear work."""
     out = {}
     for b, s in configs:
-        res = evaluate(dlm, guide, tok, n, Options(block=b, steps_per_block=s), variants, seed=seed)
+        res = evaluate(dlm, guide, tok, n, Options(block=b, steps_per_block=s, guide_chunk=guide_chunk), variants,
+                       seed=seed)
         out[f"B{b}_s{s}"] = {v: {k: r[k] for k in ("accuracy", "accuracy_ci95", "accuracy_by_task",
                                                    "token_agreement", "linear_work_reduction", "seconds")}
                              for v, r in res.items()}
@@ -146,6 +191,7 @@ def main() -> None:
                     help="eval-set seed (pick configurations on another seed than the held-out one)")
     ap.add_argument("--sweep", default=None, help="comma-separated BxS configurations, e.g. 4x4,6x6,8x8")
     ap.add_argument("--variants", default="baseline,freecache")
+    ap.add_argument("--guide-chunk", type=int, default=BENCH_GUIDE_CHUNK)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path)
@@ -159,10 +205,11 @@ def main() -> None:
     dlm, guide, tok = load_pair(a.ckpt, a.device, dlm_path=a.dlm)
     if a.sweep:
         cfgs = [tuple(int(v) for v in c.split("x")) for c in a.sweep.split(",")]
-        res = sweep(dlm, guide, tok, a.n, cfgs, tuple(a.variants.split(",")), a.seed)
+        res = sweep(dlm, guide, tok, a.n, cfgs, tuple(a.variants.split(",")), a.seed, a.guide_chunk)
         print(sweep_table(res))
     else:
-        res = evaluate(dlm, guide, tok, a.n, Options(block=BENCH_BLOCK, steps_per_block=BENCH_STEPS),
+        res = evaluate(dlm, guide, tok, a.n, Options(block=BENCH_BLOCK, steps_per_block=BENCH_STEPS,
+                                                     guide_chunk=a.guide_chunk),
                        VARIANTS + ABLATIONS, seed=a.seed)
     text = json.dumps(res, indent=1)
     print(text)

@@ -41,6 +41,10 @@ def timing_figure(timings: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # batch-1 eager rows only; the batch / CUDA-graph study has its own figure (scaling_figure)
+    timings = [{**t, "rows": [r for r in t["rows"] if r.get("batch", 1) == 1 and not r.get("graphs")]}
+               for t in timings]
+    timings = [t for t in timings if t["rows"]]
     fig, axes = plt.subplots(1, len(timings), figsize=(5.5 * len(timings), 3.8), squeeze=False)
     for ax, t in zip(axes[0], timings, strict=True):
         cases = sorted({(r["prompt"], r["gen"], r["block"]) for r in t["rows"]})
@@ -55,6 +59,44 @@ def timing_figure(timings: list[dict], out: Path) -> None:
         ax.set_ylabel("wall-clock speed-up vs baseline")
         ax.set_title(f"{t['device']} ({t['params'] / 1e6:.0f}M params, {t['dtype'].split('.')[-1]})", fontsize=9)
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def scaling_figure(timings: list[dict], out: Path) -> None:
+    """FreeCache's wall-clock speed-up over the baseline against batch size, eager vs CUDA graphs, per prompt
+    length, next to the formula: where the saved arithmetic shows up in time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(t, r) for t in timings for r in t["rows"] if r["variant"] == "freecache" and "batch" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    series: dict[tuple, list[tuple[int, float]]] = {}
+    for t, r in rows:
+        cudnn = "cuDNN attn on" if t.get("cudnn_sdpa", True) else "cuDNN attn off"
+        mode = "CUDA graphs" if r["graphs"] else "eager"
+        series.setdefault((r["prompt"], mode, cudnn), []).append((r["batch"], r["speedup"]))
+    for i, p in enumerate(sorted({k[0] for k in series})):
+        color = f"C{i}"
+        formula = next(r["formula"] for _, r in rows if r["prompt"] == p)
+        ax.axhline(formula, ls=":", lw=1, color=color)
+        for (pp, mode, cudnn), pts in sorted(series.items()):
+            if pp == p:
+                pts.sort()
+                style = ("o-" if "off" in cudnn else "^-") if mode == "CUDA graphs" else "s--"
+                ax.plot([b for b, _ in pts], [s for _, s in pts], style, color=color,
+                        alpha=1.0 if mode == "CUDA graphs" else 0.6, label=f"P={p}, {mode}, {cudnn}")
+        ax.text(1, formula * 1.03, f"formula P={p}: {formula:.2f}x", fontsize=7, color=color)
+    ax.axhline(1, c="gray", lw=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompts per batch")
+    ax.set_ylabel("FreeCache wall-clock speed-up vs baseline")
+    ax.set_title(f"{rows[0][0]['device']}, {rows[0][0]['params'] / 1e6:.0f}M-param DLM, G=256, B=32", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
@@ -75,13 +117,18 @@ def bench_markdown(bench: dict) -> str:
 
 
 def timing_markdown(t: dict) -> str:
-    rows = [f"{t['device']}, {t['dtype']}, DLM {t['params'] / 1e6:.0f}M params, guide {t['guide_params'] / 1e6:.0f}M", "",
-            "| P | G | B | variant | seconds | speed-up | DLM forwards | DLM positions | linear work | formula |",
-            "|" + "---|" * 10]
+    batched = any("batch" in r for r in t["rows"])
+    cudnn = "" if t.get("cudnn_sdpa") is None else f", cuDNN attention {'on' if t['cudnn_sdpa'] else 'off'}"
+    head = "| P | G | B | variant | " + ("batch | graphs | " if batched else "") + \
+        "seconds | speed-up | DLM forwards | DLM positions | linear work | formula |"
+    rows = [f"{t['device']}, {t['dtype']}, DLM {t['params'] / 1e6:.0f}M params, guide {t['guide_params'] / 1e6:.0f}M{cudnn}",
+            "", head, "|" + "---|" * (len(head.split("|")) - 2)]
     for r in t["rows"]:
-        rows.append(f"| {r['prompt']} | {r['gen']} | {r['block']} | {r['variant']} | {r['seconds']:.3f} | "
-                    f"{r['speedup']:.2f}x | {r['forward_passes']} | {r['dlm_tokens']} | "
-                    f"{r['linear_work_reduction']:.2f}x | {r['formula']:.2f}x |")
+        mode = f"{r['batch']} | {'yes' if r['graphs'] else 'no'} | " if batched else ""
+        speed = f"{r['speedup']:.2f}x" if "speedup" in r else "n/a"
+        rows.append(f"| {r['prompt']} | {r['gen']} | {r['block']} | {r['variant']} | {mode}{r['seconds']:.3f} | "
+                    f"{speed} | {r['forward_passes']} | {r['dlm_tokens']} | "
+                    f"{r.get('linear_work_reduction', float('nan')):.2f}x | {r['formula']:.2f}x |")
     return "\n".join(rows)
 
 
@@ -92,6 +139,7 @@ def main() -> None:
     ts = [json.loads(Path(t).read_text()) for t in timings]
     bench_figure(b, outdir / "dlm_bench_cpu.png")
     timing_figure(ts, outdir / "dlm_timing.png")
+    scaling_figure(ts, outdir / "dlm_freecache_scaling.png")
     print(bench_markdown(b))
     for t in ts:
         print()
