@@ -159,8 +159,8 @@ def sweep(dlm: torch.nn.Module, guide: torch.nn.Module, tok, n: int, configs: li
     for b, s in configs:
         res = evaluate(dlm, guide, tok, n, Options(block=b, steps_per_block=s, guide_chunk=guide_chunk), variants,
                        seed=seed)
-        out[f"B{b}_s{s}"] = {v: {k: r[k] for k in ("accuracy", "accuracy_ci95", "accuracy_by_task",
-                                                   "token_agreement", "linear_work_reduction", "seconds")}
+        out[f"B{b}_s{s}"] = {v: {k: r[k] for k in ("accuracy", "accuracy_ci95", "accuracy_by_task", "token_agreement",
+                                                   "linear_work_reduction", "seconds", "speedup", "guide_tokens")}
                              for v, r in res.items()}
         print(f"B={b} s={s}: " + "  ".join(
             f"{v} {r['accuracy']:.3f} {r['accuracy_by_task']} lw {r['linear_work_reduction']:.2f}x"
@@ -205,8 +205,10 @@ def main() -> None:
     dlm, guide, tok = load_pair(a.ckpt, a.device, dlm_path=a.dlm)
     if a.sweep:
         cfgs = [tuple(int(v) for v in c.split("x")) for c in a.sweep.split(",")]
-        res = sweep(dlm, guide, tok, a.n, cfgs, tuple(a.variants.split(",")), a.seed, a.guide_chunk)
-        print(sweep_table(res))
+        variants = tuple(a.variants.split(","))
+        res = sweep(dlm, guide, tok, a.n, cfgs, variants, a.seed, a.guide_chunk)
+        if {"baseline", "freecache"} <= set(variants):
+            print(sweep_table(res))
     else:
         res = evaluate(dlm, guide, tok, a.n, Options(block=BENCH_BLOCK, steps_per_block=BENCH_STEPS,
                                                      guide_chunk=a.guide_chunk),
