@@ -83,6 +83,31 @@ def test_bubbling_union_contains_acs_and_adds_deeper_ffn_steps() -> None:
     assert out[0] == per_block[0] and out[8] == per_block[8]
 
 
+def test_wider_bubbling_union_nests_and_saturates() -> None:
+    """Widening the union only adds blocks and steps; at width >= n_blocks - 1 every upstream block is
+    refreshed with all FFN steps at its layer or deeper, and the last FFN keeps its own schedule."""
+    rng = np.random.default_rng(3)
+    n_blocks, k = 12, 40  # 4 layers
+    per_block = [sorted({0, k - 1, *rng.choice(np.arange(1, k - 1), 5, replace=False).tolist()})
+                 for _ in range(n_blocks)]
+    errors = rng.random(n_blocks).tolist()
+    prev, prev_chosen = per_block, []
+    for n in range(0, n_blocks + 3):
+        out, chosen = bubbling_union(per_block, errors, n)
+        assert set(prev_chosen) <= set(chosen) and len(chosen) == min(n, n_blocks - 1)
+        assert all(set(a) <= set(b) for a, b in zip(prev, out, strict=True))
+        prev, prev_chosen = out, chosen
+    assert prev_chosen == list(range(n_blocks - 1))
+    for b in range(n_blocks - 1):
+        ffn = {s for f in range(3 * (b // 3) + 2, n_blocks, 3) for s in per_block[f]}
+        assert set(prev[b]) == set(per_block[b]) | ffn
+    assert prev[-1] == per_block[-1]
+    # the width decides which blocks get unions: the top-4 by error are exactly those changed at n = 4
+    out4, chosen4 = bubbling_union(per_block, errors, 4)
+    assert chosen4 == sorted(np.argsort(errors[:-1])[::-1][:4].tolist())
+    assert {b for b in range(n_blocks) if out4[b] != per_block[b]} <= set(chosen4)
+
+
 def test_statistics() -> None:
     outs = torch.randn(6, 3, 4, 5)
     sim = cosine_matrix(outs)
@@ -136,3 +161,33 @@ def test_make_plans_from_recording() -> None:
     for bu in ("bac", "bac-n6"):
         assert all(set(a) <= set(b) for a, b in zip(plans["acs"]["steps"], plans[bu]["steps"], strict=True))
     assert len(plans["bac-n6"]["bu_blocks"]) == 5  # every block but the last FFN
+    wide = make_plans(outs, budget=4, top_n=1, widths=(2, 4))
+    assert set(wide) == {"acs", "bac", "bac-n2", "bac-n4", "unified", "uniform"}
+    assert wide["acs"] == plans["acs"] and wide["uniform"] == plans["uniform"]
+    for narrow, broad in (("bac", "bac-n2"), ("bac-n2", "bac-n4")):
+        assert set(wide[narrow]["bu_blocks"]) <= set(wide[broad]["bu_blocks"])
+        assert all(set(a) <= set(b) for a, b in zip(wide[narrow]["steps"], wide[broad]["steps"], strict=True))
+
+
+def test_screen_rows_per_width_and_uniform() -> None:
+    """`tandem policy screen` core: one row per (S, width) and per uniform budget; wider unions cost more
+    evaluations; a plan that computes every step has zero error."""
+    from services.policy import bench, task
+    from services.policy.sampler import Normalizer
+
+    model = tiny_model()
+    obs, act = task.demonstrations(3, 16)
+    norm = Normalizer.fit(obs, act)
+    rows = bench.screen(model, norm, budgets=[4, 20], widths=[1, 5], uniform=[4], sampler_key="ddim20", n_obs=4,
+                        n_mse=4, dev_episodes=2, progress=lambda _: None)
+    by = {r["config"]: r for r in rows}
+    assert list(by) == ["ddim20/bac-n1/S=4", "ddim20/bac-n5/S=4", "ddim20/bac-n1/S=20", "ddim20/bac-n5/S=20",
+                        "ddim20/uniform/S=4"]
+    assert by["ddim20/bac-n1/S=4"]["block_evals"] <= by["ddim20/bac-n5/S=4"]["block_evals"]
+    assert by["ddim20/uniform/S=4"]["block_evals"] == 4 * model.cfg.n_blocks
+    assert by["ddim20/bac-n5/S=20"]["block_evals"] == 20 * model.cfg.n_blocks
+    assert by["ddim20/bac-n5/S=20"]["mse_max"] == 0.0  # S = K: every block every step, bitwise uncached
+    assert by["ddim20/uniform/S=4"]["mse_median"] > 0.0
+    for r in rows:
+        assert r["n_obs"] == 8 and r["mse_max"] >= r["mse_p90"] >= r["mse_median"] >= 0.0
+        assert 0.0 <= r["dev_success"] <= 1.0 and r["dev_ci95"][0] <= r["dev_success"] <= r["dev_ci95"][1]

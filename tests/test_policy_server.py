@@ -136,3 +136,16 @@ def test_committed_checkpoint_default_service() -> None:
         assert actions[-1, 1] > -0.6 and abs(actions[-1, 0]) > 0.05
     finally:
         srv.stop()
+
+
+def test_load_benchmark_reports_batches_formed(tiny_ckpt: Path) -> None:
+    """`tandem bench policy --server` machinery: real server, clients in another process, batch sizes seen."""
+    from services.policy import loadbench
+
+    doc = loadbench.run(str(tiny_ckpt), [1, 4], 1.5, sampler="ddim20", cache="bac", budget=5, window_ms=20)
+    solo, many = doc["rows"]
+    assert solo["clients"] == 1 and solo["max_batch"] == 1 and solo["batch_histogram"] == {"1": solo["requests"]}
+    assert many["clients"] == 4 and many["max_batch"] > 1 and many["mean_batch_per_pass"] > 1
+    for r in (solo, many):
+        assert r["requests"] > 1 and r["chunks_per_s"] > 0 and r["actions_per_s"] == r["chunks_per_s"] * 8
+        assert r["latency_p95_ms"] >= r["latency_p50_ms"] > 0

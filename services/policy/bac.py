@@ -162,21 +162,25 @@ def bubbling_union(per_block: list[list[int]], errors: list[float], top_n: int) 
 
 # ---------------------------------------------------------------- building all plans from a recording
 
-def make_plans(outs: list[torch.Tensor], budget: int, top_n: int = 3) -> dict[str, dict]:
-    """From per-block recorded outputs (K, B, T, E): ACS, BAC (ACS+BU), unified ACS and uniform plans."""
+def make_plans(outs: list[torch.Tensor], budget: int, top_n: int = 3,
+               widths: tuple[int, ...] | None = None) -> dict[str, dict]:
+    """From per-block recorded outputs (K, B, T, E): ACS, BAC (ACS+BU), unified ACS and uniform plans.
+
+    `top_n` is the Bubbling-Union width of the `bac` plan; every w in `widths` adds a `bac-n{w}` plan that
+    differs only in that width (w >= n_blocks - 1 means every upstream block). Default: (3 * top_n,).
+    """
     k = outs[0].shape[0]
     sims = [cosine_matrix(o) for o in outs]
     acs = [acs_steps(s, budget) for s in sims]
     errors = [reuse_error(o, s) for o, s in zip(outs, acs, strict=True)]
     bac, chosen = bubbling_union(acs, errors, top_n)
-    wide, wide_chosen = bubbling_union(acs, errors, 3 * top_n)  # ablation: BU over three times as many blocks
     unified = acs_steps(np.mean(sims, 0), budget)
     uni = uniform_steps(k, budget)
     n = len(outs)
-    return {
-        "acs": {"steps": acs},
-        "bac": {"steps": bac, "bu_blocks": chosen},
-        f"bac-n{3 * top_n}": {"steps": wide, "bu_blocks": wide_chosen},
-        "unified": {"steps": [unified] * n},
-        "uniform": {"steps": [uni] * n},
-    }
+    plans: dict[str, dict] = {"acs": {"steps": acs}, "bac": {"steps": bac, "bu_blocks": chosen}}
+    for w in (3 * top_n,) if widths is None else widths:
+        wide, wide_chosen = bubbling_union(acs, errors, w)  # same ACS schedules and errors, a wider union
+        plans[f"bac-n{w}"] = {"steps": wide, "bu_blocks": wide_chosen}
+    plans["unified"] = {"steps": [unified] * n}
+    plans["uniform"] = {"steps": [uni] * n}
+    return plans

@@ -66,10 +66,10 @@ def record(model: Denoiser, norm: Normalizer, sampler: Sampler, obs: np.ndarray,
 
 
 def calibrate(model: Denoiser, norm: Normalizer, sampler: Sampler, budgets: list[int], n_obs: int = 16,
-              seed: int = 11, top_n: int = 3) -> dict[str, dict]:
+              seed: int = 11, top_n: int = 3, widths: tuple[int, ...] | None = None) -> dict[str, dict]:
     """Schedules for every budget: {str(S): {method: {"steps": per-block lists, ...}}}."""
     outs = record(model, norm, sampler, eval_obs(n_obs, seed))
-    return {str(s): make_plans(outs, s, top_n) for s in budgets}
+    return {str(s): make_plans(outs, s, top_n, widths) for s in budgets}
 
 
 def plans_for(schedules: dict, budget: int, steps: int, n_blocks: int) -> dict[str, np.ndarray]:

@@ -71,7 +71,8 @@ def tradeoff_figure(out: Path, table: dict) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     rows = [r for r in table["rows"] if r["sampler"] == "ddpm100"]
     base = next(r for r in rows if r["method"] == "uncached")
-    for m, marker in (("uniform", "o"), ("unified", "s"), ("acs", "^"), ("bac", "*"), ("bac-n9", "P")):
+    for m, marker in (("uniform", "o"), ("unified", "s"), ("acs", "^"), ("bac", "*"), ("bac-n9", "P"),
+                      ("bac-n17", "X")):
         pts = sorted((r["block_evals"], r["action_mse"], r["success_rate"], *r["success_ci95"])
                      for r in rows if r["method"] == m)
         if not pts:
@@ -93,11 +94,23 @@ def tradeoff_figure(out: Path, table: dict) -> Path:
     return path
 
 
-def all_figures(out: Path, table_json: Path, checkpoint: str | None = None) -> list[Path]:
+def merge_tables(tables: list[dict]) -> dict:
+    """Rows of several runs on one checkpoint (same scenes and noise); a config's first row wins."""
+    seen, rows = set(), []
+    for t in tables:
+        for r in t["rows"]:
+            if r["config"] not in seen:
+                seen.add(r["config"])
+                rows.append(r)
+    return {"rows": rows}
+
+
+def all_figures(out: Path, table_json: Path | list[Path], checkpoint: str | None = None) -> list[Path]:
     from services.policy import checkpoint as ckpt
 
     out.mkdir(parents=True, exist_ok=True)
-    table = json.loads(table_json.read_text())
+    paths = table_json if isinstance(table_json, list) else [table_json]
+    table = merge_tables([json.loads(p.read_text()) for p in paths])
     return [similarity_figure(out, checkpoint), schedule_figure(out, ckpt.load_schedules(checkpoint)),
             tradeoff_figure(out, table)]
 
@@ -106,8 +119,9 @@ def markdown_table(table: dict) -> str:
     """The benchmark rows as a Markdown table (what docs/policy.md shows)."""
     graph = any("seconds_graph" in r for r in table["rows"])
     best = all("seconds_min" in r for r in table["rows"])
-    head = ["config", "block evals", "saved", "MSE vs uncached", "MSE held-out", "success [95% CI]",
-            "crash", "ms/chunk (eager)", "speed-up"]
+    runs = any("run" in r for r in table["rows"])
+    head = ["config", *(["run"] if runs else []), "block evals", "saved", "MSE vs uncached", "MSE held-out",
+            "success [95% CI]", "crash", "ms/chunk (eager)", "speed-up"]
     if best:
         head += ["min ms/chunk", "speed-up (min)"]
     if graph:
@@ -115,7 +129,7 @@ def markdown_table(table: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table["rows"]:
         lo, hi = r["success_ci95"]
-        cells = [r["config"], str(r["block_evals"]), f"{r['evals_saved']:.0%}", f"{r['action_mse']:.1e}",
+        cells = [r["config"], *([str(r.get("run", "–"))] if runs else []), str(r["block_evals"]), f"{r['evals_saved']:.0%}", f"{r['action_mse']:.1e}",
                  f"{r['action_mse_heldout']:.1e}", f"{r['success_rate']:.3f} [{lo:.3f}, {hi:.3f}]",
                  f"{r['crash_rate']:.3f}" if "crash_rate" in r else "–",
                  f"{r['seconds'] * 1e3:.1f}", f"{r['speedup']:.2f}x"]
