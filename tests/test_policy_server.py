@@ -119,19 +119,19 @@ def test_prometheus_metrics(server, metrics_port: int) -> None:
 
 
 def test_committed_checkpoint_default_service() -> None:
-    """What `tandem serve policy` starts: the committed checkpoint, DDPM-100 with BAC at S = 10."""
+    """What `tandem serve policy` starts: the committed checkpoint, DDPM-100 with BAC (9-block union) at S = 12."""
     srv = serve(0, host="127.0.0.1", block=False)
     try:
         with grpc.insecure_channel(srv.address) as ch:
             stub = policy_pb2_grpc.PolicyStub(ch)
             d = stub.Describe(policy_pb2.DescribeRequest(), timeout=10)
-            assert (d.sampler, d.cache, d.budget) == ("ddpm100", "bac", 10)
+            assert (d.sampler, d.cache, d.budget) == ("ddpm100", "bac-n9", 12)
             obs = task.observe(np.array([[0.0, -0.9]]), np.array([[0.0, -0.9]]),
                                task.Scenes(np.array([[0.0, -0.9]]), np.array([[0.0, 0.9]]),
                                            np.array([[0.0, 0.0]]), np.array([0.3])))
             r = stub.Act(policy_pb2.ActRequest(observation=obs.reshape(-1).tolist(), seed=0), timeout=60)
         actions = np.asarray(r.actions).reshape(16, 2)
-        assert r.block_evals == 218 < 1800
+        assert r.block_evals == 350 < 1800
         # a trained policy heads up towards the goal and steps sideways around the obstacle
         assert actions[-1, 1] > -0.6 and abs(actions[-1, 0]) > 0.05
     finally:

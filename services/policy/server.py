@@ -179,9 +179,12 @@ class PolicyServer:
 
 
 def serve(port: int, checkpoint: str | None = None, *, host: str = "0.0.0.0", sampler: str = "ddpm100",
-          cache: str = "bac", budget: int = 10, max_batch: int = 32, window_ms: float = 3.0,
+          cache: str = "bac-n9", budget: int = 12, max_batch: int = 32, window_ms: float = 3.0,
           metrics_port: int | None = None, block: bool = True) -> PolicyServer:
-    """Start the Policy service on host:port (0 = any free port); blocks unless `block=False`."""
+    """Start the Policy service on host:port (0 = any free port); blocks unless `block=False`.
+
+    The default schedule, BAC with a 9-block Bubbling Union at S = 12, is the most accurate cached DDPM-100
+    setting measured at >= 3x on the H200 (3.12x, success 0.960 vs 0.994 uncached; docs/policy.md)."""
     from services.policy.evaluate import N_ACTION_STEPS
 
     if max_batch < 1 or not math.isfinite(window_ms) or window_ms < 0:
