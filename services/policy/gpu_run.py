@@ -48,6 +48,11 @@ def main() -> None:
     checks = bench.exact_checks(model, norm, schedules)
     print(checks, flush=True)
     configs = [c for c in bench.full_configs() if args.only is None or c.name in args.only]
+    known = {c.name for c in configs}
+    for name in args.only or []:  # a row outside the standard table: "sampler/method/S=N" with a computed budget
+        if name not in known:
+            sampler, method, budget = name.split("/")
+            configs.append(bench.Config(sampler, int(budget.removeprefix("S=")), method))
     rows = bench.run_table(model, norm, schedules, configs, args.eval_episodes, args.reps,
                            graphs=dev == "cuda", progress=lambda s: print(s, flush=True))
     device = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
