@@ -86,8 +86,8 @@ def run(shape: str, guide_shape: str, cases: list[tuple[int, int, int]], device:
                     continue  # guided sampling runs one prompt at a time, eagerly
                 opts, cg = options[name], CudaGraphs() if use_graphs else None
                 prs = prompts[:batch]
-                fn = (lambda o=opts: sample(model, prs[0], o, MASK, EOS, guide=guide)) if guided else \
-                    (lambda o=opts, cg=cg: sample_batch(model, prs, o, MASK, EOS, graphs=cg)[0])
+                fn = (lambda o=opts, prs=prs: sample(model, prs[0], o, MASK, EOS, guide=guide)) if guided else \
+                    (lambda o=opts, cg=cg, prs=prs: sample_batch(model, prs, o, MASK, EOS, graphs=cg)[0])
                 sec, res = _time(fn, device, repeats)
                 st = res.stats
                 key = (p, g, b, name, batch)
