@@ -40,6 +40,12 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
+def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    """Fraction of response positions whose token equals the reference's, over all prompts."""
+    same = sum(a == b for t, u in zip(tokens, reference, strict=True) for a, b in zip(t, u, strict=True))
+    return same / sum(len(t) for t in tokens)
+
+
 def variant_options(name: str, base: Options) -> tuple[Options, bool]:
     """(options, uses_guide) for a named variant. `parallel` commits every draft of one DLM forward with no
     guide judging them (an accept-all guide): what Guided Diffusion is compared against."""
@@ -74,8 +80,6 @@ def evaluate(dlm: torch.nn.Module, guide: torch.nn.Module, tok, n: int, base: Op
                 progress(name, i)
     out, base_tokens = {}, toks[variants[0]]
     for name in variants:
-        agree = sum(a == b for t, u in zip(toks[name], base_tokens, strict=True)
-                    for a, b in zip(t, u, strict=True))
         total = sum(len(t) for t in toks[name])
         correct = sum(ok[name])
         lo, hi = wilson(correct, n)
@@ -86,7 +90,7 @@ def evaluate(dlm: torch.nn.Module, guide: torch.nn.Module, tok, n: int, base: Op
             by_task.setdefault(ex.task, []).append(good)
         out[name] = {
             "accuracy": correct / n, "accuracy_ci95": [lo, hi],
-            "token_agreement": agree / total,
+            "token_agreement": agreement(toks[name], base_tokens),
             "forward_passes": sum(s.forward_passes for s in st) / n,
             "steps": steps / n,
             "tokens_per_step": total / steps,
@@ -131,9 +135,8 @@ def evaluate_batched(dlm: torch.nn.Module, tok, n: int, base: Options, batch: in
     out, base_tokens = {}, toks[variants[0]]
     for name in variants:
         correct = sum(tok.decode(t) == ex.answer for t, ex in zip(toks[name], examples, strict=True))
-        agree = sum(a == b for t, u in zip(toks[name], base_tokens, strict=True) for a, b in zip(t, u, strict=True))
         out[name] = {"accuracy": correct / n, "accuracy_ci95": list(wilson(correct, n)),
-                     "token_agreement": agree / sum(len(t) for t in toks[name]),
+                     "token_agreement": agreement(toks[name], base_tokens),
                      "forward_passes": fwd[name], "dlm_tokens": pos[name] / n, "seconds": sec[name],
                      "tokens_per_s": n * base.gen_len / sec[name]}
     for r in out.values():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from services.dlm.evaluate import variant_options, wilson
+from services.dlm.evaluate import agreement, variant_options, wilson
 from services.dlm.exact import run_checks
 from services.dlm.sampler import Options, sample
 from services.dlm.smol import SMOL_CHECKPOINT, SmolBridge, load
@@ -48,12 +48,11 @@ def evaluate_smol(dlm, guide, bridge: SmolBridge, tok, n: int, base: Options,
                 progress(name, i)
         sec = time.perf_counter() - t0
         base_tokens = base_tokens or toks
-        agree = sum(a == b for t, u in zip(toks, base_tokens, strict=True) for a, b in zip(t, u, strict=True))
         correct = sum(sum(v) for v in by_task.values())
         steps = sum(s.steps for s in stats)
         out[name] = {
             "accuracy": correct / n, "accuracy_ci95": list(wilson(correct, n)),
-            "token_agreement": agree / sum(len(t) for t in toks),
+            "token_agreement": agreement(toks, base_tokens),
             "forward_passes": sum(s.forward_passes for s in stats) / n,
             "guide_forward_passes": sum(s.guide_passes for s in stats) / n,
             "guide_tokens": sum(s.guide_tokens for s in stats) / n,

@@ -51,8 +51,10 @@ def main() -> None:
     known = {c.name for c in configs}
     for name in args.only or []:  # a row outside the standard table: "sampler/method/S=N" with a computed budget
         if name not in known:
-            sampler, method, budget = name.split("/")
-            configs.append(bench.Config(sampler, int(budget.removeprefix("S=")), method))
+            parts = name.split("/")
+            if len(parts) != 3 or parts[0] not in bench.SAMPLERS or not parts[2].removeprefix("S=").isdigit():
+                p.error(f"--only: {name!r} is neither a table row nor sampler/method/S=N")
+            configs.append(bench.Config(parts[0], int(parts[2].removeprefix("S=")), parts[1]))
     rows = bench.run_table(model, norm, schedules, configs, args.eval_episodes, args.reps,
                            graphs=dev == "cuda", progress=lambda s: print(s, flush=True))
     device = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
