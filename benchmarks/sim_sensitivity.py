@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from services.layout import Layout, load_layout
+from services.contracts.layout import Layout, load_layout
 from sim import catalog, results
 from sim.search import max_rate, split_layout
 from sim.trace import load_trace

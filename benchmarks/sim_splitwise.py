@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from services.layout import load_layout
+from services.contracts.layout import load_layout
 from sim.search import best_under_budget
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,10 +15,10 @@ app.add_typer(bench_app, name="bench")
 AREAS = [
     "services.engine.cli",
     "services.cluster.cli",
-    "services.fusion.cli",
-    "services.workers.cli",
-    "services.dlm.cli",
-    "services.policy.cli",
+    "services.bench.fusion_cli",
+    "services.bench.kv_cli",
+    "services.bench.dlm_cli",
+    "services.bench.policy_cli",
     "sim.cli",
 ]
 
@@ -38,7 +38,7 @@ _register_areas()
 
 
 def main() -> None:
-    from services.errors import TandemError
+    from services.contracts.errors import TandemError
 
     try:
         app()

@@ -18,8 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services import errors
-from services.errors import TandemError
+from services.contracts import errors
+from services.contracts.errors import TandemError
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # KV chunks are <= 4 MiB; leave room for headers
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -49,7 +49,7 @@ _FIELD = re.compile(r"^([a-z_][a-z0-9_.]*): ")  # our servers start a rejection 
 
 
 def error_from_rpc(exc: grpc.RpcError, peer: str) -> errors.TandemError:
-    """The services.errors exception for a failed call to `peer` (e.g. "worker 127.0.0.1:50061").
+    """The services.contracts.errors exception for a failed call to `peer` (e.g. "worker 127.0.0.1:50061").
 
     The server's message is kept verbatim; for INVALID_ARGUMENT its leading field name becomes `param`.
     """

@@ -6,8 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.errors import InvalidArgument
-from services.layout import Layout, Role
+from services.contracts.errors import InvalidArgument
+from services.contracts.layout import Layout, Role
 
 # Default gRPC base port per role when a pool sets no base_port; instance i listens on base + i.
 DEFAULT_BASE_PORT: dict[str, int] = {"prefill": 50100, "decode": 50200, "mixed": 50300, "dlm": 50400, "policy": 50500}

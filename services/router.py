@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from services.errors import InvalidArgument, TandemError, Unavailable
+from services.contracts.errors import InvalidArgument, TandemError, Unavailable
 from services.registry import Registry
 
 

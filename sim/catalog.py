@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.errors import InvalidArgument
+from services.contracts.errors import InvalidArgument
 
 
 @dataclass(slots=True, frozen=True)

@@ -45,7 +45,7 @@ def run_cmd(
     from rich.console import Console
     from rich.progress import Progress
 
-    from services.layout import load_layout
+    from services.contracts.layout import load_layout
     from sim.cluster import Cluster
     from sim.results import summarize_run
     from sim.trace import make_workload
@@ -119,8 +119,8 @@ def search_cmd(
     from rich.progress import Progress
     from rich.table import Table
 
-    from services.errors import InvalidArgument
-    from services.layout import load_layout
+    from services.contracts.errors import InvalidArgument
+    from services.contracts.layout import load_layout
     from sim import search
 
     if (rate is None) == (budget is None):
@@ -172,7 +172,7 @@ def report_cmd(
     json_out: Path | None = typer.Option(None, "--json", help="also write every number as JSON here"),
 ) -> None:
     """Latency CDFs, throughput vs rate and the cost/power frontier of several layouts, as PNGs (+ JSON)."""
-    from services.errors import InvalidArgument
+    from services.contracts.errors import InvalidArgument
     from sim.report import make_report
 
     try:

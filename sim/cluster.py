@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import simpy
 
-from services.errors import InvalidArgument
-from services.layout import Layout
+from services.contracts.errors import InvalidArgument
+from services.contracts.layout import Layout
 from sim import catalog
 from sim.dlm import DLMPool, split
 from sim.machine import Machine

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from services.layout import load_layout, parse_layout
+from services.contracts.layout import load_layout, parse_layout
 from sim.cluster import simulate
 from sim.results import summarize_run
 from sim.trace import make_workload

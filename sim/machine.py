@@ -16,7 +16,7 @@ from functools import partial
 
 import simpy
 
-from services.layout import Batching
+from services.contracts.layout import Batching
 from sim.perf import PerfModel
 from sim.state import Requests, Tally
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.errors import InvalidArgument
+from services.contracts.errors import InvalidArgument
 from sim.catalog import Hardware, ModelSpec
 
 # Share of dynamic power drawn by memory-bound work relative to compute-bound work. Assumption, chosen so a

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.layout import load_layout
+from services.contracts.layout import load_layout
 from sim.cluster import simulate
 from sim.results import summarize_run
 from sim.search import max_rate

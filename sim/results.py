@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.layout import Layout
-from services.metrics import summarize_arrays
+from services.contracts.layout import Layout
+from services.contracts.metrics import summarize_arrays
 from sim.cluster import RunOutput, perf_for
 
 # Splitwise's SLOs as slowdown over the request running alone on a DGX-A100, at p50 / p90 / p99

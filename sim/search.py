@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from services.errors import InvalidArgument
-from services.layout import Layout
+from services.contracts.errors import InvalidArgument
+from services.contracts.layout import Layout
 from sim import catalog
 from sim.cluster import simulate
 from sim.results import summarize_run

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from services.layout import load_layout
+from services.contracts.layout import load_layout
 from sim.cluster import simulate
 from sim.machine import Machine
 from sim.results import summarize_run

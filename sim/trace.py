@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.errors import InvalidArgument
+from services.contracts.errors import InvalidArgument
 
 NAMED = {"conv": "AzureLLMInferenceTrace_conv.csv", "code": "AzureLLMInferenceTrace_code.csv"}
 COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")

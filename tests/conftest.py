@@ -50,7 +50,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def one_torch_thread() -> Iterator[None]:
     """Every in-process model runs on one torch thread: the test models are small, and on a 2-core machine
     shared with worker subprocesses two OpenMP threads stall each other at every op."""
-    from services.engine.testing import torch_threads
+    from kit.checkpoints import torch_threads
 
     with torch_threads(1):
         yield

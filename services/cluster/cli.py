@@ -11,13 +11,13 @@ from typing import Any
 
 import typer
 
-from services.errors import InvalidArgument, Unavailable
+from services.contracts.errors import InvalidArgument, Unavailable
 
 ROLES = ("prefill", "decode", "mixed", "gateway", "dlm", "policy")
 
 
 def _layout(path: str | None) -> Any:
-    from services.layout import load_layout
+    from services.contracts.layout import load_layout
 
     return load_layout(path)
 

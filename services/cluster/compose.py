@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from services.layout import Layout
+from services.contracts.layout import Layout
 from services.registry import layout_endpoints
 
 IMAGE = "tandem:latest"

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.cluster.probe import grpc_ok, http_ok
-from services.errors import Unavailable
-from services.layout import Layout
+from services.contracts.errors import Unavailable
+from services.contracts.layout import Layout
 from services.registry import layout_endpoints
 
 PR_SET_PDEATHSIG = 1

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
+from services.contracts.errors import InvalidArgument
 from services.dlm.layers import Config
 from services.dlm.tokenizer import CharTokenizer
-from services.errors import InvalidArgument
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 
@@ -48,3 +48,10 @@ def load(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
     model = cls(Config(**blob["config"]))
     model.load_state_dict({k: v.float() for k, v in blob["state"].items()})
     return model.to(device=device, dtype=dtype).eval(), CharTokenizer.from_dict(blob["tokenizer"]), blob["meta"]
+
+def load_pair(ckpt_dir: Path = CHECKPOINT_DIR, device: str = "cpu", dlm_path: Path | None = None):
+    dlm, tok, _ = load(dlm_path or ckpt_dir / "dlm.pt", device)
+    guide, gtok, _ = load(ckpt_dir / "guide.pt", device)
+    if gtok != tok:
+        raise InvalidArgument(f"guide: tokenizer {gtok.name} does not match the DLM's {tok.name}", param="guide")
+    return dlm, guide, tok

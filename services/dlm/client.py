@@ -1,4 +1,4 @@
-"""DLMClient: one gRPC channel to a dlm worker's `tandem.v1.Diffusion`; statuses come back as services.errors.
+"""DLMClient: one gRPC channel to a dlm worker's `tandem.v1.Diffusion`; statuses come back as services.contracts.errors.
 
 Torch-free, so the gateway can import it. `MODEL_NAME` is the name the gateway serves the char-level DLM under
 (the same string as services.dlm.server.MODEL_NAME; a test keeps them equal).
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from services import errors
+from services.contracts import errors
 from services.grpcutil import REQUEST_ID_KEY, channel, error_from_rpc
 
 MODEL_NAME = "tandem-dlm-char"
@@ -35,7 +35,7 @@ class DLMChunk:
 
 
 def to_error(exc: grpc.RpcError, address: str) -> errors.TandemError:
-    """The services.errors exception for a failed call (the server's message is kept verbatim)."""
+    """The services.contracts.errors exception for a failed call (the server's message is kept verbatim)."""
     return error_from_rpc(exc, f"dlm worker {address}")
 
 

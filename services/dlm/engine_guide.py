@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from services.contracts.errors import InvalidArgument
 from services.dlm.smol import tokenizer_fingerprint
-from services.errors import InvalidArgument
 
 
 @dataclass(frozen=True, slots=True)

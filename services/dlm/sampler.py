@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.contracts.errors import InvalidArgument
 from services.dlm.guide import ARGuide, GuideCache
 from services.dlm.model import DiffusionLM, KVStore
-from services.errors import InvalidArgument
 
 CACHE_MODES = ("off", "freecache", "freecache_lag", "refresh_block", "refresh_step")
 ACCEPT_RULES = ("top1", "topk", "topk_rel", "all")

@@ -12,11 +12,10 @@ from pathlib import Path
 import torch
 
 from services import grpcutil
-from services.dlm.checkpoint import CHECKPOINT_DIR, sha256
-from services.dlm.evaluate import load_pair
+from services.contracts.errors import InvalidArgument
+from services.dlm.checkpoint import CHECKPOINT_DIR, load_pair, sha256
 from services.dlm.sampler import Options, sample_iter
 from services.dlm.tasks import GEN_LEN, encode_prompt
-from services.errors import InvalidArgument
 from services.rpc.tandem.v1 import dlm_pb2, dlm_pb2_grpc
 
 SERVICE = "tandem.v1.Diffusion"

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from services.contracts.errors import InvalidArgument
 from services.dlm.checkpoint import CHECKPOINT_DIR, sha256
 from services.dlm.layers import Config
 from services.dlm.model import DiffusionLM, KVStore
 from services.dlm.smol_tasks import GEN_LEN, PROMPT_LEN, TextExample, make_example, response_text
-from services.errors import InvalidArgument
 
 SMOL_CHECKPOINT = CHECKPOINT_DIR / "dlm_smollm2.pt"
 

@@ -55,7 +55,7 @@ def eval_set(n: int, seed: int = 12345) -> list[Example]:
 
 
 def encode_prompt(tok: CharTokenizer, prompt: str, prompt_len: int = PROMPT_LEN) -> list[int]:
-    from services.errors import InvalidArgument
+    from services.contracts.errors import InvalidArgument
 
     ids = tok.encode(prompt)
     if not ids:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.errors import InvalidArgument
+from services.contracts.errors import InvalidArgument
 
 SPECIALS = ("[PAD]", "[MASK]", "[EOS]")
 CHARS = "0123456789+=ARS"

@@ -28,10 +28,10 @@ def generate_cmd(
     """Generate a continuation: text on stdout as it streams; timings and tokens/s on stderr."""
     import time
 
+    from services.contracts.errors import InvalidArgument
     from services.engine.generate import GenStats, generate_text
     from services.engine.loader import load_engine
     from services.engine.sampling import SamplingParams
-    from services.errors import InvalidArgument
 
     # Validate what needs no model first, so a typo fails in milliseconds.
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -72,8 +72,8 @@ def bench_engine_cmd(
     """Single-stream decode tokens/s: Tandem's engine vs transformers' generate on the same weights."""
     import torch
 
-    from services.engine.bench import run_bench
-    from services.errors import InvalidArgument
+    from services.bench.engine import run_bench
+    from services.contracts.errors import InvalidArgument
 
     if threads is not None:
         if threads < 1:

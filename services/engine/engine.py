@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
+from services.contracts.errors import InvalidArgument
 from services.engine.config import ModelConfig
 from services.engine.kv import KVBuffer
 from services.engine.model import Slots, Transformer
-from services.errors import InvalidArgument
 
 
 def model_fingerprint(model: Transformer) -> str:

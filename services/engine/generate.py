@@ -6,9 +6,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from services.contracts.errors import InvalidArgument
 from services.engine.engine import Engine
 from services.engine.sampling import Sampler, SamplingParams
-from services.errors import InvalidArgument
 
 
 @dataclass(slots=True)

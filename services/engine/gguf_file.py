@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.contracts.errors import InvalidArgument
 from services.engine.config import ModelConfig
 from services.engine.tokenizer import Tokenizer
-from services.errors import InvalidArgument
 
 # GGUF tensor names -> our (HF Llama) parameter names
 _GLOBAL = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
+from services.contracts.errors import InvalidArgument, NotFound
 from services.engine.config import ModelConfig
 from services.engine.tokenizer import Tokenizer
-from services.errors import InvalidArgument, NotFound
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:

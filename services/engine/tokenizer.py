@@ -12,7 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders as tk_decoders
 from tokenizers import models as tk_models
 
-from services.errors import InvalidArgument
+from services.contracts.errors import InvalidArgument
 
 # GGUF token types (llama.cpp's llama_token_type)
 _CONTROL, _USER_DEFINED = 3, 4

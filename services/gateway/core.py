@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.contracts.errors import DeadlineExceeded, InvalidArgument, TandemError, Unavailable
 from services.engine.sampling import SamplingParams
-from services.errors import DeadlineExceeded, InvalidArgument, TandemError, Unavailable
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.textstream import TextStream
 from services.grpcutil import get_logger, log

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.contracts.errors import DeadlineExceeded, InvalidArgument, TandemError, Unavailable
 from services.dlm.client import MODEL_NAME, OPTION_FIELDS, DLMClient
-from services.errors import DeadlineExceeded, InvalidArgument, TandemError, Unavailable
 from services.gateway.core import Chunk
 from services.gateway.metrics import GatewayMetrics
 from services.grpcutil import get_logger, log

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import grpc
 
+from services.contracts.errors import InvalidArgument
 from services.engine.sampling import SamplingParams
-from services.errors import InvalidArgument
 from services.gateway.core import Chunk, Gateway, GenRequest
 from services.gateway.openai_api import MAX_STOP, check_model
 from services.grpcutil import REQUEST_ID_KEY, get_logger, request_id, rpc_errors

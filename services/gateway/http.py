@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.errors import TandemError
+from services.contracts.errors import TandemError
 from services.gateway import openai_api as oa
 from services.gateway.core import Chunk, Gateway, GenRequest, new_request_id
 from services.grpcutil import REQUEST_ID_KEY, get_logger, log
@@ -231,7 +231,7 @@ def _timeout(request: Request, default: float) -> float:
     except ValueError:
         value = -1.0
     if not 0 < value <= 3600:
-        from services.errors import InvalidArgument
+        from services.contracts.errors import InvalidArgument
 
         raise InvalidArgument(f"{TIMEOUT_HEADER}: must be a number of seconds in (0, 3600] (got {raw!r})",
                               param=TIMEOUT_HEADER)

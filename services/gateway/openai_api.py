@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from services.contracts.errors import InvalidArgument
 from services.engine.sampling import SamplingParams
-from services.errors import InvalidArgument
 from services.gateway.core import Chunk, Gateway, GenRequest
 
 MAX_STOP = 4

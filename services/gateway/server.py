@@ -6,9 +6,9 @@ import signal
 import threading
 from collections.abc import Sequence
 
+from services.contracts.layout import Layout
 from services.gateway.core import Gateway
 from services.grpcutil import Server, get_logger, log
-from services.layout import Layout
 from services.registry import StaticRegistry
 
 logger = get_logger("tandem.gateway")
@@ -19,7 +19,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def split_hostport(addr: str, field: str) -> tuple[str, int]:
-    from services.errors import InvalidArgument
+    from services.contracts.errors import InvalidArgument
 
     host, sep, port = addr.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:

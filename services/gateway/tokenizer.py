@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from services.errors import InvalidArgument, NotFound
+from services.contracts.errors import InvalidArgument, NotFound
 
 
 def load_tokenizer(source: str | Path | None = None) -> Any:

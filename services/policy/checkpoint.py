@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from services.errors import InvalidArgument
+from services.contracts.errors import InvalidArgument
 from services.policy.model import Denoiser, ModelConfig
 from services.policy.sampler import Normalizer
 

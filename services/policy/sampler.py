@@ -11,6 +11,9 @@ from services.policy.bac import CacheHook, RecordHook
 from services.policy.model import Denoiser
 from services.policy.schedule import Sampler
 
+# Actions executed per predicted chunk (Diffusion Policy's n_action_steps).
+N_ACTION_STEPS = 8
+
 
 def draw_noise(sampler: Sampler, batch: int, horizon: int, act_dim: int, seed: int,
                device: str | torch.device = "cpu") -> torch.Tensor:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# The samplers a policy worker serves, by name: (schedule kind, denoising steps).
+SAMPLERS = {"ddpm100": ("ddpm", 100), "ddim20": ("ddim", 20), "ddim10": ("ddim", 10)}
+
 TRAIN_STEPS = 100
 
 

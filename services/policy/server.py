@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services import grpcutil
-from services.errors import InvalidArgument
+from services.contracts.errors import InvalidArgument
 from services.rpc.tandem.v1 import policy_pb2, policy_pb2_grpc
 
 SERVICE = "tandem.v1.Policy"
@@ -76,16 +76,15 @@ class PolicyEngine:
 
     def __init__(self, checkpoint: str | None, sampler: str, cache: str, budget: int) -> None:
 
-        from services.policy import bench
         from services.policy import checkpoint as ckpt
         from services.policy.bac import plan_from_steps
-        from services.policy.schedule import make_sampler
+        from services.policy.schedule import SAMPLERS, make_sampler
 
-        if sampler not in bench.SAMPLERS:
-            raise InvalidArgument(f"sampler: must be one of {sorted(bench.SAMPLERS)}, got {sampler!r}", param="sampler")
+        if sampler not in SAMPLERS:
+            raise InvalidArgument(f"sampler: must be one of {sorted(SAMPLERS)}, got {sampler!r}", param="sampler")
         self.model, self.norm, self.meta = ckpt.load(checkpoint)
         self.sampler_name, self.cache, self.budget = sampler, cache, budget if cache != "uncached" else 0
-        self.sampler = make_sampler(*bench.SAMPLERS[sampler])
+        self.sampler = make_sampler(*SAMPLERS[sampler])
         self.plan = None
         if cache != "uncached":
             table = ckpt.load_schedules(checkpoint).get(sampler, {}).get(str(budget), {})
@@ -185,7 +184,7 @@ def serve(port: int, checkpoint: str | None = None, *, host: str = "0.0.0.0", sa
 
     The default schedule, BAC with a 9-block Bubbling Union at S = 12, is the most accurate cached DDPM-100
     setting measured at >= 3x on the H200 (3.12x, success 0.960 vs 0.994 uncached; docs/policy.md)."""
-    from services.policy.evaluate import N_ACTION_STEPS
+    from services.policy.sampler import N_ACTION_STEPS
 
     if max_batch < 1 or not math.isfinite(window_ms) or window_ms < 0:
         raise InvalidArgument("max_batch must be >= 1 and window_ms >= 0", param="max_batch")

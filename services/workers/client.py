@@ -1,4 +1,4 @@
-"""WorkerClient: one gRPC channel to one worker; statuses come back as services.errors exceptions."""
+"""WorkerClient: one gRPC channel to one worker; statuses come back as services.contracts.errors exceptions."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import grpc
 
-from services import errors
+from services.contracts import errors
 from services.engine.sampling import SamplingParams
 from services.grpcutil import REQUEST_ID_KEY, channel, error_from_rpc
 from services.rpc.tandem.v1 import worker_pb2 as pb
@@ -63,7 +63,7 @@ class WorkerInfo:
 
 
 def to_error(exc: grpc.RpcError, address: str) -> errors.TandemError:
-    """The services.errors exception for a failed call (the server's message is kept verbatim)."""
+    """The services.contracts.errors exception for a failed call (the server's message is kept verbatim)."""
     return error_from_rpc(exc, f"worker {address}")
 
 

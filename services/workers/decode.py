@@ -1,6 +1,6 @@
 """The token phase: receive and validate pushed KV (KVTransfer), hold it under a lease, decode and stream it.
 
-Decoding runs on services.fusion's FusionScheduler; this module only turns its emit() callbacks into a
+Decoding runs on services.batching's FusionScheduler; this module only turns its emit() callbacks into a
 gRPC stream and guarantees the KV is freed on every exit path (finish, cancel, deadline, lease, bad push).
 """
 
@@ -13,16 +13,16 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
+from services.batching.scheduler import NO_TOKEN, DecodeRequest, FusionScheduler
+from services.contracts.errors import InvalidArgument, Unavailable
 from services.engine import Engine
 from services.engine.sampling import SamplingParams
-from services.errors import InvalidArgument, Unavailable
-from services.fusion.scheduler import NO_TOKEN, DecodeRequest, FusionScheduler
 from services.grpcutil import log, request_id
+from services.kv.proto import Piece
+from services.kv.store import Entry, KVStore, Layers
+from services.kv.wire import KVAssembler, KVSpec, dtype_name
 from services.rpc.tandem.v1 import worker_pb2 as pb
 from services.workers.client import sampling_from_pb
-from services.workers.kvproto import Piece
-from services.workers.kvstore import Entry, KVStore, Layers
-from services.workers.kvwire import KVAssembler, KVSpec, dtype_name
 
 
 class DecodeWorker:

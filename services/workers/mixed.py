@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from services.errors import DeadlineExceeded
+from services.contracts.errors import DeadlineExceeded
 from services.grpcutil import request_id
 from services.rpc.tandem.v1 import worker_pb2 as pb
 from services.workers.client import PrefillResult, sampling_from_pb

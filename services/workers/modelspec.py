@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from services.errors import InvalidArgument
+from services.contracts.errors import InvalidArgument
 
 # A tiny Llama shape for tests and benchmarks: same spec in two processes -> same weights -> same fingerprint.
 TINY = {"vocab_size": 256, "dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128,

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.contracts.errors import InvalidArgument, TandemError, Unavailable
 from services.engine import Engine
 from services.engine.sampling import Sampler, SamplingParams
-from services.errors import InvalidArgument, TandemError, Unavailable
+from services.kv.sender import Channels, KVSender
+from services.kv.wire import DEFAULT_CHUNK, KVSpec, dtype_name
 from services.workers.client import PrefillResult, Timings
-from services.workers.kvwire import DEFAULT_CHUNK, KVSpec, dtype_name
-from services.workers.sender import Channels, KVSender
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 

@@ -15,13 +15,13 @@ from typing import Any
 
 import grpc
 
-from services.errors import InvalidArgument, TandemError, Unavailable
+from services.contracts.errors import InvalidArgument, TandemError, Unavailable
 from services.grpcutil import Server, get_logger, log, request_id, rpc_errors
+from services.kv.proto import parse_chunk
+from services.kv.wire import DEFAULT_CHUNK, dtype_name
 from services.rpc.tandem.v1 import worker_pb2 as pb
 from services.rpc.tandem.v1 import worker_pb2_grpc as rpc
 from services.workers.client import sampling_from_pb
-from services.workers.kvproto import parse_chunk
-from services.workers.kvwire import DEFAULT_CHUNK, dtype_name
 from services.workers.metrics import WorkerMetrics
 from services.workers.mixed import MixedWorker, result_to_pb, wait_result
 from services.workers.prefill import PrefillJob
@@ -62,7 +62,7 @@ class WorkerServer:
                  kv_overlap: bool = True, threads: int | None = None) -> None:
         if role not in ROLES:
             raise InvalidArgument(f"role must be one of {', '.join(ROLES)} (got {role!r})", param="role")
-        from services.layout import Batching
+        from services.contracts.layout import Batching
 
         self.role, self.model_spec, self.device = role, model, device
         self.batching = batching if batching is not None else Batching()
@@ -99,7 +99,7 @@ class WorkerServer:
         return self
 
     def _load(self) -> None:
-        from services.fusion.scheduler import FusionScheduler
+        from services.batching.scheduler import FusionScheduler
         from services.workers.decode import DecodeWorker
         from services.workers.modelspec import load_model
         from services.workers.prefill import PrefillBatcher
@@ -238,7 +238,7 @@ def serve(role: str, address: str, model: str | None = None, batching: Any = Non
 
 
 def main() -> None:
-    from services.layout import Batching
+    from services.contracts.layout import Batching
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("role", choices=ROLES)

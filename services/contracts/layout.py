@@ -1,0 +1,143 @@
+"""The layout file: one schema for the simulator and the runtime (model, pools, router, batching, SLOs, ports).
+
+Pure pydantic; no torch, no service imports, so `sim/` may import it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from services.contracts.errors import InvalidArgument
+from services.contracts.metrics import SLO
+
+Role = Literal["prefill", "decode", "mixed", "dlm", "policy"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRef(_Strict):
+    """Which model the LLM pools serve. `path` is a HF directory or GGUF file; None = the embedded default."""
+
+    name: str = "smollm2-135m"
+    path: str | None = None
+
+
+class Pool(_Strict):
+    role: Role
+    count: int = Field(1, ge=0)
+    hardware: str = "cpu"
+    power_cap_w: float | None = Field(None, gt=0, description="per-machine power cap (Splitwise's HHcap)")
+    host: str = "127.0.0.1"
+    base_port: int | None = Field(None, ge=1, le=65535, description="instance i listens on base_port + i")
+    batching: Batching | None = Field(None, description="per-pool override of the layout's batching")
+
+
+class Router(_Strict):
+    policy: Literal["jsq", "round_robin", "random"] = "jsq"
+    mixed_fallback: bool = True
+
+
+class Batching(_Strict):
+    policy: Literal["fusion", "static", "sequential"] = "fusion"
+    max_batch: int = Field(32, ge=1)
+    max_batch_tokens: int = Field(2048, ge=1, description="prefill token budget per batch")
+    kv_budget_mb: float | None = Field(None, gt=0, description="decode KV memory budget per worker")
+
+
+Pool.model_rebuild()
+
+
+class SLOSpec(_Strict):
+    ttft_s: float | None = Field(None, gt=0)
+    tbt_s: float | None = Field(None, gt=0)
+    e2e_s: float | None = Field(None, gt=0)
+
+    def to_slo(self) -> SLO:
+        return SLO(self.ttft_s, self.tbt_s, self.e2e_s)
+
+
+class Gateway(_Strict):
+    http: str = "127.0.0.1:8000"
+    grpc: str = "127.0.0.1:50051"
+
+
+class KVLink(_Strict):
+    bandwidth_gbps: float = Field(200.0, gt=0, description="per-machine link for KV transfer, Gbit/s")
+    latency_s: float = Field(0.0, ge=0)
+
+
+class SimSpec(_Strict):
+    """Simulator-only knobs (the runtime ignores them)."""
+
+    perf_model: str = Field("roofline", description="'roofline', 'profile' (bundled splitwise_perf_model.csv) or a CSV path")
+    kv_usable_fraction: float = Field(0.9, gt=0, le=1, description="share of machine memory usable for weights + KV")
+    fallback_queue_tokens: int = Field(8192, ge=0, description="prefill backlog above which the router uses a decode machine (mixed pool)")
+    slowdown_ref: str = Field("dgx-a100", description="hardware whose uncontended latency defines SLO slowdowns")
+    drain_s: float = Field(600.0, ge=0, description="simulate this long after the last arrival; unfinished requests count as dropped")
+    tbt_slo_basis: Literal["request", "gap"] = Field(
+        "request", description="TBT slowdown SLO over each request's mean gap (splitwise-sim) or over every gap")
+    dlm_fraction: float = Field(0.0, ge=0, lt=1, description="share of requests sent to the dlm pool")
+    dlm_profile: str = Field("dlm_profile.json", description="seconds per dlm request by hardware and sampler "
+                             "variant: a path, or a name under sim/data/ (`python -m services.bench.dlm_profile`)")
+    dlm_variant: str = Field("freecache_guided", description="the dlm sampler variant the pool serves")
+
+
+class Layout(_Strict):
+    name: str = "default"
+    model: ModelRef = ModelRef()
+    pools: list[Pool] = Field(default_factory=lambda: [Pool(role="mixed", count=1)])
+    router: Router = Router()
+    batching: Batching = Batching()
+    slo: SLOSpec = SLOSpec()
+    gateway: Gateway = Gateway()
+    kv_link: KVLink = KVLink()
+    registry: str = Field("memory", description="'memory' or a redis:// URL")
+    sim: SimSpec = SimSpec()
+
+    @model_validator(mode="after")
+    def _check_pools(self) -> Layout:
+        roles = {p.role for p in self.pools if p.count > 0}
+        if not roles:
+            raise ValueError("pools: at least one pool needs count > 0")
+        if ("prefill" in roles) != ("decode" in roles) and "mixed" not in roles:
+            raise ValueError("pools: a prefill pool needs a decode pool (or a mixed pool) and vice versa")
+        return self
+
+    def pools_of(self, role: Role) -> list[Pool]:
+        return [p for p in self.pools if p.role == role and p.count > 0]
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(x) for x in loc) or "layout"
+
+
+def parse_layout(data: dict, source: str = "layout") -> Layout:
+    """Validate a layout mapping; errors name the field, e.g. `pools.1.count`."""
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Layout.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{_field_path(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        first = exc.errors()[0]
+        raise InvalidArgument(f"{source}: invalid layout: " + "; ".join(lines), param=_field_path(first["loc"])) from None
+
+
+def load_layout(path: str | Path | None) -> Layout:
+    """Read a layout YAML file; None gives the one-machine default (one mixed worker)."""
+    if path is None:
+        return Layout()
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidArgument(f"layout file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise InvalidArgument(f"{p}: not valid YAML: {exc}") from None
+    return parse_layout(data or {}, source=str(p))

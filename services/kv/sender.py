@@ -1,0 +1,103 @@
+"""The prefill side of a KV push: one client stream per request, fed layer by layer from a queue."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import grpc
+import torch
+
+from services.grpcutil import REQUEST_ID_KEY, channel
+from services.kv.proto import layer_piece_bytes
+from services.kv.wire import DEFAULT_CHUNK, KVSpec
+from services.rpc.tandem.v1 import worker_pb2 as pb
+from services.workers.client import to_error
+
+_DONE = object()
+PUSH = "/tandem.v1.KVTransfer/Push"
+
+
+class Channels:
+    """One gRPC channel per decode address, reused across pushes (connection setup stays off the hot path)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stubs: dict[str, tuple[grpc.Channel, grpc.StreamUnaryMultiCallable]] = {}
+
+    def push(self, address: str) -> grpc.StreamUnaryMultiCallable:
+        """KVTransfer.Push taking requests already serialized (kvwire's wire-form pieces)."""
+        with self._lock:
+            if address not in self._stubs:
+                ch = channel(address)
+                self._stubs[address] = (ch, ch.stream_unary(PUSH, request_serializer=None,
+                                                            response_deserializer=pb.KVReceipt.FromString))
+            return self._stubs[address][1]
+
+    def close(self) -> None:
+        with self._lock:
+            for ch, _ in self._stubs.values():
+                ch.close()
+            self._stubs.clear()
+
+
+class KVSender:
+    """Streams one request's KV to `address` while the caller is still computing later layers.
+
+    `put(layer, k, v)` in layer order from the compute thread; `close()` after the last layer; `wait()` for the
+    receipt. gRPC's own thread pulls the pieces (and does the serialization), so compute is never blocked.
+    """
+
+    def __init__(self, stubs: Channels, address: str, spec: KVSpec, request_id: str, timeout_s: float,
+                 lease_s: float = 0.0, chunk_bytes: int = DEFAULT_CHUNK) -> None:
+        self.address, self.spec, self.request_id = address, spec, request_id
+        self.chunk_bytes = chunk_bytes
+        self._q: queue.Queue = queue.Queue()
+        self._header = spec.header(request_id, lease_s).SerializeToString()
+        self.started = time.perf_counter()
+        self.first_piece_at = 0.0
+        self._future = stubs.push(address).future(self._chunks(), timeout=timeout_s,
+                                                        metadata=((REQUEST_ID_KEY, request_id),))
+
+    def _chunks(self):
+        yield self._header
+        while True:
+            try:
+                item = self._q.get(timeout=0.25)
+            except queue.Empty:
+                if self._future_done():
+                    return  # the call ended (deadline, cancel, rejection): stop feeding it
+                continue
+            if item is _DONE:
+                return
+            layer, k, v = item
+            if not self.first_piece_at:
+                self.first_piece_at = time.perf_counter()
+            yield from layer_piece_bytes(layer, k, v, self.chunk_bytes)
+
+    def _future_done(self) -> bool:
+        fut = getattr(self, "_future", None)
+        return fut is not None and fut.done()
+
+    def put(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._q.put((layer, k, v))
+
+    def close(self) -> None:
+        self._q.put(_DONE)
+
+    def cancel(self) -> None:
+        """Abandon the push (the receiver frees what it got)."""
+        self._future.cancel()
+        self._q.put(_DONE)
+
+    def wait(self) -> pb.KVReceipt:
+        """The receipt; the failure as a services.contracts.errors exception (naming the decode worker)."""
+        try:
+            return self._future.result()
+        except grpc.RpcError as exc:
+            raise to_error(exc, self.address) from None
+        except grpc.FutureCancelledError:
+            from services.contracts.errors import Unavailable
+
+            raise Unavailable(f"KV push to {self.address} was cancelled") from None
