@@ -3,13 +3,20 @@
 The one routing policy: the runtime router (`services/router.py`) feeds it polled `WorkerInfo` loads, the
 simulator (`sim/cluster.py`) feeds it its simulated workers' loads, so a simulation runs the runtime's own decision.
 
-The definition is the runtime's (it used to differ from the simulator's, which ranked prefill workers by
-estimated seconds of queued prompt work and decode workers by the share of KV capacity assigned):
-- prefill (and mixed) workers: fewest pending prompt tokens, then fewest requests (live + waiting);
+The definition is the runtime's, with one addition from the simulator. They used to differ: the simulator ranked
+prefill workers by estimated seconds of queued prompt work, decode workers by the share of KV capacity assigned,
+and a colocated (mixed) worker by the sum of the two. Now:
+- prefill (and mixed) workers: fewest pending prompt tokens, then the least KV in use (share), then the fewest
+  requests (live + waiting);
 - decode workers: one with free KV first, then the fewest requests (live + waiting), then the most free KV.
-Why the runtime's: it is what serves, and it ranks by what a real worker can report (`WorkerInfo`); the
-simulator's seconds and KV shares need the perf model and the requests' future output lengths, which the
-runtime cannot know. Within a pool of one hardware type, tokens and seconds of prompt work rank alike.
+Why the runtime's: it is what serves, and it ranks by what a real worker reports (`WorkerInfo`), which the
+router's own accounting moves between polls (pending tokens, requests), so a burst spreads out; the simulator's
+seconds need the perf model, and a KV share first in the decode ranking would send a whole burst between polls
+to one worker. Within a pool of one hardware type, tokens and seconds of prompt work rank alike.
+Why the KV share on prefill/mixed workers: a mixed worker's decode batch lives in its KV, so among workers with
+the same prompt backlog the one with the lighter batch memory should take the request (what the simulator's
+mixed ranking did); without it the colocated baseline in tests/sim (test_phase_split_beats_colocated_at_equal_power)
+lands on the other side of Splitwise's p90 TBT slowdown SLO (1.48 instead of 1.51 against 1.5).
 Split pools are used when both have a worker; otherwise the mixed pool serves both phases.
 """
 
