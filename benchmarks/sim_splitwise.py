@@ -43,7 +43,7 @@ def main() -> None:
         task = bar.add_task("designs", total=None)
         for label, php, thw, budget, cap in FAMILIES:
             results[label] = best_under_budget(base, a.trace, php, thw, "power", budget, duration_s=a.duration,
-                                               step=a.step, token_cap_w=cap,
+                                               step=a.step, decode_cap_w=cap,
                                                progress=lambda n: bar.update(task, advance=1, description=n))
     if a.json:
         a.json.write_text(json.dumps(results, indent=2) + "\n")

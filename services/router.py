@@ -1,8 +1,8 @@
 """Which workers serve a request: Splitwise's join-the-shortest-queue policy behind a small Router interface.
 
-Prefill workers are ranked by pending prompt tokens, decode workers by batch load and free KV memory.
-Loads come from `WorkerClient.info()` (cached for `ttl_s`) plus what this router itself sent since,
-so a burst of requests spreads out before the next poll.
+The ranking (prefill by pending prompt tokens, decode by batch load and free KV memory) is
+`services.contracts.routing`, shared with the simulator. Loads come from `WorkerClient.info()` (cached for
+`ttl_s`) plus what this router itself sent since, so a burst of requests spreads out before the next poll.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from services.contracts import routing
 from services.contracts.errors import InvalidArgument, TandemError, Unavailable
+from services.contracts.routing import Load
 from services.registry import Registry
 
 
@@ -31,19 +33,6 @@ class Route:
     @property
     def workers(self) -> list[str]:
         return [self.prefill] if self.mixed else [self.prefill, self.decode]
-
-
-@dataclass(slots=True)
-class Load:
-    """A worker's load as the router sees it (the fields of WorkerInfo it ranks by)."""
-
-    address: str
-    pending_prompt_tokens: int = 0
-    live_requests: int = 0
-    waiting_requests: int = 0
-    kv_free_bytes: int = 0
-    kv_total_bytes: int = 0
-    healthy: bool = True
 
 
 class Router(Protocol):
@@ -100,17 +89,6 @@ class _Board:
         self.polled.pop(address, None)
 
 
-def prefill_key(load: Load) -> tuple:
-    """JSQ over prefill workers: fewest pending prompt tokens, then fewest live requests."""
-    return (load.pending_prompt_tokens, load.live_requests + load.waiting_requests)
-
-
-def decode_key(load: Load) -> tuple:
-    """JSQ over decode workers: a worker with free KV first, then the lightest batch, then the most free KV."""
-    full = load.kv_total_bytes > 0 and load.kv_free_bytes <= 0
-    return (full, load.live_requests + load.waiting_requests, -load.kv_free_bytes)
-
-
 class _BaseRouter(abc.ABC):
     def __init__(self, registry: Registry, info: InfoFn, ttl_s: float = 0.1) -> None:
         self.registry = registry
@@ -121,17 +99,14 @@ class _BaseRouter(abc.ABC):
 
     def pick(self, prompt_tokens: int) -> Route:
         prefill, decode = self._healthy("prefill"), self._healthy("decode")
-        if prefill and decode:
-            route = Route(self._choose(prefill, prefill_key).address, self._choose(decode, decode_key).address)
-        else:
-            mixed = self._healthy("mixed")
-            if not mixed:
-                missing = "prefill" if not prefill else "decode"
-                if not self.registry.endpoints("prefill") and not self.registry.endpoints("decode"):
-                    missing = "mixed"
-                raise Unavailable(f"no healthy {missing} worker to route to")
-            addr = self._choose(mixed, prefill_key).address
-            route = Route(addr, addr, mixed=True)
+        picked = routing.route(prefill, decode, lambda: self._healthy("mixed"), self._choose)
+        if picked is None:
+            missing = "prefill" if not prefill else "decode"
+            if not self.registry.endpoints("prefill") and not self.registry.endpoints("decode"):
+                missing = "mixed"
+            raise Unavailable(f"no healthy {missing} worker to route to")
+        p, d, mixed = picked
+        route = Route(str(p.address), str(d.address), mixed=mixed)
         self.board.add(route.prefill, tokens=prompt_tokens)
         self.board.add(route.decode, requests=1)
         return route
@@ -154,7 +129,7 @@ class JSQRouter(_BaseRouter):
     """Splitwise's policy: the least-loaded worker of each pool (ties go to registry order)."""
 
     def _choose(self, loads: list[Load], key: Callable[[Load], tuple]) -> Load:
-        return min(loads, key=key)
+        return routing.jsq(loads, key)
 
 
 class RoundRobinRouter(_BaseRouter):
