@@ -172,7 +172,7 @@ def report_cmd(
     rates: str = typer.Option("10,20,30,40,50,60,70,80,90,100,110,120", help="loads for the throughput sweep"),
     duration: float = typer.Option(60.0, help="seconds of arrivals per simulation"),
     seed: int = typer.Option(0),
-    out_dir: Path = typer.Option(Path("docs"), help="where the PNGs and report.json go"),
+    out_dir: Path = typer.Option(Path("docs/results/sim"), help="where the PNGs and report.json go"),
     prefix: str = typer.Option("sim_", help="file-name prefix of the plots"),
     json_out: Path | None = typer.Option(None, "--json", help="also write every number as JSON here"),
 ) -> None:

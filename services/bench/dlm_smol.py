@@ -102,7 +102,7 @@ def print_table(console, out: dict) -> None:
 
 
 def markdown(out: dict) -> str:
-    """The docs table, from a bench JSON: `python -m services.bench.dlm_smol docs/dlm/bench_cpu_smollm2.json`."""
+    """The docs table, from a bench JSON: `python -m services.bench.dlm_smol docs/results/dlm/bench_cpu_smollm2.json`."""
     head = ("| variant | accuracy [95% CI] | per task (copy/rev/sort/add) | token agreement | DLM forwards | "
             "guide forwards | guide tokens | tokens/step | seconds | speed-up |")
     rows = [head, "|" + "---|" * 10]

@@ -49,7 +49,7 @@ class BenchConfig:
     max_batch: int = 16
     shape: Shape = field(default_factory=Shape)
     seed: int = 0
-    threads: int | None = None  # CPU threads for torch; None = 1 on CPU (see docs/fusion.md), untouched on CUDA
+    threads: int | None = None  # CPU threads for torch; None = 1 on CPU (see docs/batching.md), untouched on CUDA
 
     @classmethod
     def quick(cls, **overrides) -> BenchConfig:
@@ -217,7 +217,7 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None, partial: Calla
 
 
 def table(result: dict) -> str:
-    """The benchmark as a markdown table (what docs/fusion.md shows)."""
+    """The benchmark as a markdown table (what docs/batching.md shows)."""
     lines = ["| rate req/s (load) | policy | tokens/s | p50 latency s | p99 latency s | mean batch | tokens = solo |",
              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for run in result["runs"]:

@@ -205,7 +205,7 @@ def train_cmd(
 def plots_cmd(
     table: list[Path] = typer.Option(..., help="table JSON(s) from `tandem bench policy --json` or the GPU runs "
                                                "(repeat the flag to merge runs in the trade-off figure)"),
-    out: Path = typer.Option(Path("docs"), help="folder for the PNGs"),
+    out: Path = typer.Option(Path("docs/results/policy"), help="folder for the PNGs"),
     checkpoint: Path | None = typer.Option(None, help="checkpoint directory (default: the committed one)"),
 ) -> None:
     """PNGs (similarity, schedules, trade-off) for docs/policy.md; prints the table as Markdown."""

@@ -16,7 +16,7 @@ from services.policy.bac import block_evals
 from services.policy.schedule import make_sampler
 
 LARGE = Path(checkpoint.__file__).parent / "checkpoints_large"
-GPU_TABLE = Path(__file__).resolve().parents[2] / "docs" / "policy_gpu_large.json"
+GPU_TABLE = Path(__file__).resolve().parents[2] / "docs" / "results" / "policy" / "policy_gpu_large.json"
 
 
 @pytest.mark.slow
@@ -28,7 +28,7 @@ def test_large_checkpoint_schedules_and_bac_fidelity() -> None:
     assert all(checks.values()), checks
     # Action MSE against the uncached chunk (same noise, the bench's 64 observations), recomputed on the CPU: BAC
     # at S = 20 (548 evaluations) is closer to uncached than uniform at S = 22 (528), and agrees with the H200
-    # table in docs/policy_gpu_large.json.
+    # table in docs/results/policy/policy_gpu_large.json.
     sampler = make_sampler(*bench.SAMPLERS["ddpm100"])
     calib = ev.eval_obs(64, 11)
     ref = ev.chunk(model, norm, sampler, calib, 7, None)
