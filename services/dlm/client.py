@@ -34,11 +34,6 @@ class DLMChunk:
     done: bool
 
 
-def to_error(exc: grpc.RpcError, address: str) -> errors.TandemError:
-    """The services.contracts.errors exception for a failed call (the server's message is kept verbatim)."""
-    return error_from_rpc(exc, f"dlm worker {address}")
-
-
 class DLMClient:
     """Calls one dlm worker. Every call carries a deadline and the request id as `x-request-id` metadata."""
 
@@ -65,7 +60,7 @@ class DLMClient:
         try:
             first = next(call)
         except grpc.RpcError as exc:
-            raise to_error(exc, self.address) from None
+            raise error_from_rpc(exc, f"worker {self.address}") from None
         except StopIteration:
             raise errors.Unavailable(f"dlm worker {self.address} ended the stream without a message") from None
         return self._stream(call, first)
@@ -79,7 +74,7 @@ class DLMClient:
                         pass
                 yield c
         except grpc.RpcError as exc:
-            raise to_error(exc, self.address) from None
+            raise error_from_rpc(exc, f"worker {self.address}") from None
         finally:
             call.cancel()  # no-op when finished; tells the worker to stop when the caller leaves early
 
