@@ -13,8 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from services.contracts.errors import InvalidArgument
 from services.contracts.metrics import SLO
-
-Role = Literal["prefill", "decode", "mixed", "dlm", "policy"]
+from services.contracts.roles import PoolRole
 
 
 class _Strict(BaseModel):
@@ -29,7 +28,7 @@ class ModelRef(_Strict):
 
 
 class Pool(_Strict):
-    role: Role
+    role: PoolRole
     count: int = Field(1, ge=0)
     hardware: str = "cpu"
     power_cap_w: float | None = Field(None, gt=0, description="per-machine power cap (Splitwise's HHcap)")
@@ -109,7 +108,7 @@ class Layout(_Strict):
             raise ValueError("pools: a prefill pool needs a decode pool (or a mixed pool) and vice versa")
         return self
 
-    def pools_of(self, role: Role) -> list[Pool]:
+    def pools_of(self, role: PoolRole) -> list[Pool]:
         return [p for p in self.pools if p.role == role and p.count > 0]
 
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.contracts.errors import DeadlineExceeded, InvalidArgument, TandemError, Unavailable
+from services.contracts.roles import LLM_ROLES
 from services.engine.sampling import SamplingParams
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.textstream import TextStream
 from services.grpcutil import get_logger, log
-from services.registry import LLM_ROLES, Registry
+from services.registry import Registry
 from services.router import Route, make_router
 
 logger = get_logger("tandem.gateway")
