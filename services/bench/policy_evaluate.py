@@ -12,7 +12,7 @@ from services.policy import task
 from services.policy.bac import RecordHook, make_plans, plan_from_steps
 from services.policy.model import Denoiser
 from services.policy.sampler import N_ACTION_STEPS, Normalizer, Policy, denoise, draw_noise
-from services.policy.schedule import Sampler
+from services.policy.schedule import NoiseSchedule
 
 
 def rollout(policy: Policy, n: int, seed: int) -> task.Env:
@@ -46,7 +46,7 @@ def eval_obs(n: int, seed: int) -> np.ndarray:
     return obs[idx]
 
 
-def chunk(model: Denoiser, norm: Normalizer, sampler: Sampler, obs: np.ndarray, seed: int,
+def chunk(model: Denoiser, norm: Normalizer, sampler: NoiseSchedule, obs: np.ndarray, seed: int,
           plan: np.ndarray | None) -> np.ndarray:
     """Normalised action chunk for fixed noise (so plans compare on the same noise)."""
     pol = Policy(model, norm, sampler, plan)
@@ -54,7 +54,7 @@ def chunk(model: Denoiser, norm: Normalizer, sampler: Sampler, obs: np.ndarray, 
 
 
 @torch.no_grad()
-def record(model: Denoiser, norm: Normalizer, sampler: Sampler, obs: np.ndarray, seed: int = 3) -> list[torch.Tensor]:
+def record(model: Denoiser, norm: Normalizer, sampler: NoiseSchedule, obs: np.ndarray, seed: int = 3) -> list[torch.Tensor]:
     """Every block's output at every step of an uncached run: list over blocks of (K, B, T, E)."""
     dev = next(model.parameters()).device
     hook = RecordHook(model.cfg.n_blocks)
@@ -63,7 +63,7 @@ def record(model: Denoiser, norm: Normalizer, sampler: Sampler, obs: np.ndarray,
     return [hook.stacked(b) for b in range(model.cfg.n_blocks)]
 
 
-def calibrate(model: Denoiser, norm: Normalizer, sampler: Sampler, budgets: list[int], n_obs: int = 16,
+def calibrate(model: Denoiser, norm: Normalizer, sampler: NoiseSchedule, budgets: list[int], n_obs: int = 16,
               seed: int = 11, top_n: int = 3, widths: tuple[int, ...] | None = None) -> dict[str, dict]:
     """Schedules for every budget: {str(S): {method: {"steps": per-block lists, ...}}}."""
     outs = record(model, norm, sampler, eval_obs(n_obs, seed))

@@ -37,7 +37,9 @@ class Pool(_Strict):
     batching: Batching | None = Field(None, description="per-pool override of the layout's batching")
 
 
-class Router(_Strict):
+class RouterSpec(_Strict):
+    """The `router:` section: how the gateway picks workers (`policy` is the routing strategy's name)."""
+
     policy: Literal["jsq", "round_robin", "random"] = "jsq"
     mixed_fallback: bool = True
 
@@ -61,7 +63,9 @@ class SLOSpec(_Strict):
         return SLO(self.ttft_s, self.tbt_s, self.e2e_s)
 
 
-class Gateway(_Strict):
+class GatewaySpec(_Strict):
+    """The `gateway:` section: where the gateway process listens."""
+
     http: str = "127.0.0.1:8000"
     grpc: str = "127.0.0.1:50051"
 
@@ -91,10 +95,10 @@ class Layout(_Strict):
     name: str = "default"
     model: ModelRef = ModelRef()
     pools: list[Pool] = Field(default_factory=lambda: [Pool(role="mixed", count=1)])
-    router: Router = Router()
+    router: RouterSpec = RouterSpec()
     batching: Batching = Batching()
     slo: SLOSpec = SLOSpec()
-    gateway: Gateway = Gateway()
+    gateway: GatewaySpec = GatewaySpec()
     kv_link: KVLink = KVLink()
     registry: str = Field("memory", description="'memory' or a redis:// URL")
     sim: SimSpec = SimSpec()

@@ -94,7 +94,7 @@ def generate_text(prompt: str, **opts: object) -> Iterator[str]:
             yield chunk.text
 
 
-class _Metrics:
+class _DLMMetrics:
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -110,7 +110,7 @@ _FIELDS = ("gen_len", "block", "steps_per_block", "cache", "guided", "accept", "
 
 
 class DiffusionServicer(dlm_pb2_grpc.DiffusionServicer):
-    def __init__(self, eng: DLMEngine, metrics: _Metrics) -> None:
+    def __init__(self, eng: DLMEngine, metrics: _DLMMetrics) -> None:
         self.engine, self.metrics = eng, metrics
 
     @grpcutil.rpc_errors(log)
@@ -167,7 +167,7 @@ def serve(port: int, checkpoint_dir: str | None = None, *, host: str = "0.0.0.0"
     defaults = Options(cache=cache, **SERVED_BLOCKS)
     eng = DLMEngine(Path(checkpoint_dir) if checkpoint_dir else CHECKPOINT_DIR, defaults, guided)
     eng.options()  # reject bad defaults before listening
-    metrics = _Metrics()
+    metrics = _DLMMetrics()
     servicer = DiffusionServicer(eng, metrics)
     server = grpcutil.Server(f"{host}:{port}",
                              [lambda s: dlm_pb2_grpc.add_DiffusionServicer_to_server(servicer, s)], [SERVICE],

@@ -14,7 +14,7 @@ from services.contracts.errors import InvalidArgument
 from services.dlm.checkpoint import CHECKPOINT_DIR, load, save
 from services.dlm.guide import ARGuide, GuideCache
 from services.dlm.layers import Config
-from services.dlm.model import DiffusionLM, KVStore
+from services.dlm.model import DiffusionLM, WindowKV
 from services.dlm.sampler import CudaGraphs, Options, _accepts, sample, sample_batch, transfer_schedule
 from services.dlm.tasks import (
     GEN_LEN,
@@ -68,7 +68,7 @@ def test_window_forward_with_fresh_store_equals_full_and_stale_store_differs() -
     x = torch.randint(0, TOK.vocab_size, (2, 48))
     with torch.no_grad():
         full = dlm(x)
-        store = KVStore(dlm.cfg, 2, 48, x.device, torch.float32)
+        store = WindowKV(dlm.cfg, 2, 48, x.device, torch.float32)
         dlm.forward_window(x, 0, store)
         assert torch.allclose(dlm.forward_window(x[:, 30:], 30, store), full[:, 30:], atol=1e-5)
         store.k[:, :, :, :3] += 1.0  # stale prefix K/V must change the window's logits
