@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 
 from services.dlm.checkpoint import CHECKPOINT_DIR, load_pair
+from services.dlm.protocol import ABLATIONS, VARIANT_OPTIONS, VARIANTS
 from services.dlm.sampler import Options, sample, sample_batch
 from services.dlm.tasks import encode_prompt, eval_set
 
-VARIANTS = ("baseline", "freecache", "guided", "freecache_guided")
-ABLATIONS = ("freecache_lag", "refresh_block", "parallel")
 # The bench's sampling configuration, shared by every variant: blocks of 2, one token per step. Chosen on a
 # development set (seed 4242, `--sweep`), not the held-out one: at B=4, s=4 FreeCache lost 2-3 points on
 # sorting; at B=2, s=2 it lost none with 3.43x less linear work (docs/dlm.md, "Choosing B and s").
@@ -47,14 +46,10 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
 
 
 def variant_options(name: str, base: Options) -> tuple[Options, bool]:
-    """(options, uses_guide) for a named variant. `parallel` commits every draft of one DLM forward with no
-    guide judging them (an accept-all guide): what Guided Diffusion is compared against."""
-    table = {"baseline": ("off", False), "freecache": ("freecache", False),
-             "freecache_lag": ("freecache_lag", False), "refresh_block": ("refresh_block", False),
-             "guided": ("off", True), "freecache_guided": ("freecache", True), "parallel": ("off", True)}
-    cache, guided = table[name]
-    opts = replace(base, cache=cache)
-    return (replace(opts, accept="all") if name == "parallel" else opts), guided
+    """(options, uses_guide) for a named variant of services.dlm.protocol.VARIANT_OPTIONS."""
+    opts = dict(VARIANT_OPTIONS[name])
+    guided = bool(opts.pop("guided"))
+    return replace(base, **opts), guided
 
 
 def evaluate(dlm: torch.nn.Module, guide: torch.nn.Module, tok, n: int, base: Options,
