@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from services.bench.stats import wilson
 from services.dlm.checkpoint import CHECKPOINT_DIR, load_pair
 from services.dlm.protocol import ABLATIONS, VARIANT_OPTIONS, VARIANTS
 from services.dlm.sampler import Options, sample, sample_batch
@@ -27,16 +27,6 @@ BENCH_BLOCK, BENCH_STEPS = 2, 2
 # guide pass was fastest (docs/dlm.md). A guide that rejects early wastes the rest of a long chunk.
 BENCH_GUIDE_CHUNK = 24
 EVAL_SEED = 12345  # tasks.eval_set's held-out seed; configurations are chosen on other seeds
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 0.0
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:

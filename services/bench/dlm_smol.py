@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from services.bench.dlm_evaluate import agreement, variant_options, wilson
+from services.bench.dlm_evaluate import agreement, variant_options
 from services.bench.dlm_exact import run_checks
+from services.bench.stats import wilson
 from services.dlm import protocol
 from services.dlm.sampler import Options, sample
 from services.dlm.smol import SMOL_CHECKPOINT, SmolBridge, load

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from services.bench import policy_evaluate as ev
+from services.bench.stats import wilson
 from services.policy.bac import (
     CacheHook,
     acs_steps,
@@ -181,7 +182,7 @@ def run_table(model: Denoiser, norm: Normalizer, schedules: dict, configs: list[
         succ = env.success
         row = {"config": cfg.name, "sampler": cfg.sampler, "method": cfg.method, "budget": cfg.budget,
                "block_evals": block_evals(plan) if plan is not None else model.cfg.n_blocks * sampler.steps,
-               "success_rate": float(succ.mean()), "success_ci95": list(ev.wilson(int(succ.sum()), len(succ))),
+               "success_rate": float(succ.mean()), "success_ci95": list(wilson(int(succ.sum()), len(succ))),
                "crash_rate": float(env.crashed.mean()), "timeout_rate": float((~env.reached & ~env.crashed).mean()),
                "episodes": int(len(succ))}
         row["rollout_seconds"] = round(time.perf_counter() - t0, 2)
@@ -261,7 +262,7 @@ def screen(model: Denoiser, norm: Normalizer, budgets: list[int], widths: list[i
         if dev_episodes:
             env = ev.rollout(Policy(model, norm, sampler, plan), dev_episodes, dev_seed)
             n_ok = int(env.success.sum())
-            row |= {"dev_success": n_ok / dev_episodes, "dev_ci95": list(ev.wilson(n_ok, dev_episodes))}
+            row |= {"dev_success": n_ok / dev_episodes, "dev_ci95": list(wilson(n_ok, dev_episodes))}
         progress(f"{row['config']}: evals {row['block_evals']} median MSE {row['mse_median']:.2e}")
         rows.append(row)
     return rows

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -27,16 +26,6 @@ def rollout(policy: Policy, n: int, seed: int) -> task.Env:
             if env.done.all():
                 break
     return env
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a success rate."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 def eval_obs(n: int, seed: int) -> np.ndarray:

@@ -8,8 +8,9 @@ import shutil
 import pytest
 import torch
 
-from services.bench.dlm_evaluate import load_pair, wilson
+from services.bench.dlm_evaluate import load_pair
 from services.bench.dlm_exact import all_drafts, reference_generate, run_checks
+from services.bench.stats import wilson
 from services.contracts.errors import InvalidArgument
 from services.dlm.checkpoint import CHECKPOINT_DIR, load, save
 from services.dlm.guide import ARGuide, GuideCache
