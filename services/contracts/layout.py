@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.contracts.errors import InvalidArgument
 from services.contracts.metrics import SLO
@@ -100,8 +100,16 @@ class Layout(_Strict):
     slo: SLOSpec = SLOSpec()
     gateway: GatewaySpec = GatewaySpec()
     kv_link: KVLink = KVLink()
-    registry: str = Field("memory", description="'memory' or a redis:// URL")
+    registry: str = Field("memory", description="where workers are registered: 'memory' (the layout itself) is "
+                          "the only one until the Redis registry exists")
     sim: SimSpec = SimSpec()
+
+    @field_validator("registry")
+    @classmethod
+    def _check_registry(cls, value: str) -> str:
+        if value != "memory":
+            raise ValueError(f"only 'memory' is supported until the Redis registry exists (got {value!r})")
+        return value
 
     @model_validator(mode="after")
     def _check_pools(self) -> Layout:
