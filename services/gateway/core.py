@@ -57,7 +57,7 @@ def new_request_id() -> str:
 class Gateway:
     """Holds the tokenizer, the router and one WorkerClient per worker; runs requests."""
 
-    def __init__(self, tokenizer: Any, registry: Registry, model_name: str, *, router_policy: str = "jsq",
+    def __init__(self, tokenizer: Any, registry: Registry, model_name: str, *, routing: str = "jsq",
                  default_timeout_s: float = 300.0, client_factory: Any = None,
                  metrics: GatewayMetrics | None = None) -> None:
         if client_factory is None:
@@ -71,7 +71,7 @@ class Gateway:
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._context: int | None = None
-        self.router = make_router(router_policy, registry, lambda addr: self.client(addr).info(timeout=1.0))
+        self.router = make_router(routing, registry, lambda addr: self.client(addr).info(timeout=1.0))
         self.dlm: Any = None  # the diffusion-LM path, when the registry lists dlm workers
         if registry.endpoints("dlm"):
             from services.gateway.dlm import DLMPath
