@@ -14,7 +14,7 @@ from services.bench.stats import wilson
 from services.contracts.errors import InvalidArgument
 from services.dlm.checkpoint import CHECKPOINT_DIR, load, save
 from services.dlm.guide import ARGuide, GuideCache
-from services.dlm.layers import Config
+from services.dlm.layers import DLMConfig
 from services.dlm.model import DiffusionLM, WindowKV
 from services.dlm.sampler import CudaGraphs, Options, _accepts, sample, sample_batch, transfer_schedule
 from services.dlm.tasks import (
@@ -34,8 +34,8 @@ TOK = CharTokenizer()
 def _random_pair(seed: int = 0, vocab: int | None = None) -> tuple[DiffusionLM, ARGuide]:
     torch.manual_seed(seed)
     v = vocab or TOK.vocab_size
-    dlm = DiffusionLM(Config(vocab_size=v, dim=48, n_layers=2, n_heads=2, ffn_dim=96, max_len=48)).eval()
-    guide = ARGuide(Config(vocab_size=v, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_len=48)).eval()
+    dlm = DiffusionLM(DLMConfig(vocab_size=v, dim=48, n_layers=2, n_heads=2, ffn_dim=96, max_len=48)).eval()
+    guide = ARGuide(DLMConfig(vocab_size=v, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_len=48)).eval()
     return dlm, guide
 
 
