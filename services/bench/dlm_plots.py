@@ -133,6 +133,7 @@ def timing_markdown(t: dict) -> str:
 
 def render(bench: Path, timings: list[Path], outdir: Path) -> None:
     """The three figures into OUTDIR, and the markdown tables on stdout."""
+    outdir.mkdir(parents=True, exist_ok=True)
     b = json.loads(Path(bench).read_text())
     ts = [json.loads(Path(t).read_text()) for t in timings]
     bench_figure(b, outdir / "dlm_bench_cpu.png")
