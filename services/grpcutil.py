@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services import reflection_v1
 from services.contracts import errors
 from services.contracts.errors import TandemError
 
@@ -28,7 +29,7 @@ REQUEST_ID_KEY = "x-request-id"
 
 _STATUS = {name: getattr(grpc.StatusCode, name) for name in (
     "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL",
-    "CANCELLED", "FAILED_PRECONDITION")}
+    "CANCELLED", "FAILED_PRECONDITION", "UNAUTHENTICATED")}
 
 
 def status_code(exc: TandemError) -> grpc.StatusCode:
@@ -44,6 +45,7 @@ _FROM_STATUS: dict[grpc.StatusCode, type[errors.TandemError]] = {
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
     grpc.StatusCode.CANCELLED: errors.Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
 }
 _FIELD = re.compile(r"^([a-z_][a-z0-9_.]*): ")  # our servers start a rejection with the field it names
 
@@ -137,14 +139,19 @@ class Server:
     """A gRPC server with health (NOT_SERVING until `ready()`), reflection and generous message limits."""
 
     def __init__(self, address: str, add_fns: Iterable[Callable[[grpc.Server], None]], service_names: Iterable[str],
-                 max_workers: int = 32) -> None:
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS)
+                 max_workers: int = 32, *, interceptors: Iterable[grpc.ServerInterceptor] = (),
+                 max_receive_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        options = [*CHANNEL_OPTIONS[:1], ("grpc.max_receive_message_length", max_receive_bytes)]
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
+                                interceptors=list(interceptors))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         for add in add_fns:
             add(self.grpc)
         self.service_names = list(service_names)
-        reflection.enable_server_reflection([*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
+        names = [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME, reflection_v1.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.grpc)
+        reflection_v1.enable(names, self.grpc)
         self.port = self.grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
