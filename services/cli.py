@@ -40,6 +40,7 @@ bench_app = group("bench")
 AREAS = [
     "services.engine.cli",
     "services.cluster.cli",
+    "services.client.cli",
     "services.bench.cli",
     "services.train.cli",
     "sim.cli",
