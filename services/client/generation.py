@@ -173,6 +173,8 @@ class AsyncStream:
                     yield to_delta(msg)
                 return
             except asyncio.CancelledError:
+                if self._cancelled:  # grpc.aio reports our own cancel() this way: the stream just ends
+                    return
                 self.cancel()
                 raise
             except grpc.RpcError as exc:
