@@ -9,7 +9,7 @@ import pytest
 from kit.cluster import start_roles
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_checkpoint_4k(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random Llama with a 4096-token context, so a request can outlive the time a test needs to
     disconnect it."""
