@@ -30,7 +30,7 @@ EXAMPLE = ROOT / "examples" / "local-dlm.yaml"
 
 # -- the plan and the compose file of a layout with a dlm pool (fast) ------------------------------------------------
 def test_plan_and_compose_include_the_dlm_worker() -> None:
-    from test_cluster_compose import validate
+    from kit.compose import validate
 
     lay = load_layout(EXAMPLE)
     specs = plan(lay, str(EXAMPLE))
