@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from conftest import free_port
 from kit.cluster import start_up, write_layout
+from kit.net import free_port
 
 from services.client import AsyncClient, Client, Retry
 from services.contracts.errors import DeadlineExceeded, Unauthenticated, Unavailable

@@ -65,8 +65,8 @@ def edge_gateway(folder: Path, keys: Any = None, delay_s: float = 0.0, max_body:
                  ) -> Iterator[EdgeGateway]:
     """HTTP and gRPC front doors of one Gateway on free loopback ports, as `tandem serve gateway` wires them."""
     import uvicorn
-    from conftest import free_port
 
+    from kit.net import free_port
     from services.gateway.core import Gateway
     from services.gateway.edge import ApiKeyInterceptor, ApiKeys
     from services.gateway.grpc_front import SERVICE_NAME, add_to_server
