@@ -41,6 +41,7 @@ AREAS = [
     "services.engine.cli",
     "services.cluster.cli",
     "services.client.cli",
+    "services.tls",
     "services.bench.cli",
     "services.train.cli",
     "sim.cli",

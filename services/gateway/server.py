@@ -58,7 +58,7 @@ def serve(layout: Layout | None = None, http: str | None = None, grpc_address: s
     gw = build_gateway(layout, workers)
     # Request messages get the HTTP body limit (RESOURCE_EXHAUSTED above it); the gateway receives nothing larger.
     rpc = Server(grpc_address, [add_to_server(gw)], [SERVICE_NAME], interceptors=[ApiKeyInterceptor(keys)],
-                 max_receive_bytes=MAX_BODY_BYTES).start()
+                 max_receive_bytes=MAX_BODY_BYTES, client_certs=False).start()
     rpc.ready()
     log(logger, "gateway up", http=http, grpc=rpc.address, workers=[e.address for e in gw.registry.all()],
         auth="api-key" if keys else "open")
