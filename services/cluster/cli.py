@@ -77,7 +77,8 @@ def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float =
 
 
 def serve_role(role: str, layout: str | None, address: str | None, index: int, metrics_port: int | None,
-               http: str | None, grpc_address: str | None, workers: list[str], port: int | None) -> None:
+               http: str | None, grpc_address: str | None, workers: list[str], port: int | None,
+               advertise: str | None = None) -> None:
     """Run one service in the foreground."""
     if role not in ROLES:
         raise InvalidArgument(f"role: must be one of {', '.join(ROLES)} (got {role!r})", param="role")
@@ -115,7 +116,8 @@ def serve_role(role: str, layout: str | None, address: str | None, index: int, m
     pool = next((p for p in lay.pools if p.role == role and p.count > 0), None)
     batching = (pool.batching if pool and pool.batching else None) or lay.batching
     server = _optional("services.workers.server", role)
-    server.serve(role=role, address=address, model=lay.model.path, batching=batching, metrics_port=metrics_port)
+    server.serve(role=role, address=address, model=lay.model.path, batching=batching, metrics_port=metrics_port,
+                 registry=lay.registry, advertise=advertise or (eps[0].address if eps else None), index=index)
 
 
 def _optional(module: str, role: str) -> Any:
@@ -148,9 +150,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         grpc_address: str = typer.Option(None, "--grpc", help="gateway gRPC HOST:PORT (default: layout gateway.grpc)"),
         worker: list[str] = typer.Option([], "--worker", help="gateway: ROLE=HOST:PORT, repeatable; overrides the layout"),
         port: int = typer.Option(None, "--port", help="dlm/policy gRPC port"),
+        advertise: str = typer.Option(None, "--advertise", help="worker: HOST:PORT the gateway reaches it at, as "
+                                      "registered in a redis registry (default: the layout's address)"),
     ) -> None:
         """Run one service (prefill, decode, mixed, gateway, dlm, policy) until SIGINT/SIGTERM."""
-        serve_role(role, layout, address, index, metrics_port, http, grpc_address, list(worker), port)
+        serve_role(role, layout, address, index, metrics_port, http, grpc_address, list(worker), port, advertise)
 
     @app.command("compose")
     def compose_cmd(

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.contracts.errors import InvalidArgument
 from services.contracts.metrics import SLO
+from services.contracts.registry_url import parse_registry
 
 Role = Literal["prefill", "decode", "mixed", "dlm", "policy"]
 
@@ -97,8 +98,15 @@ class Layout(_Strict):
     slo: SLOSpec = SLOSpec()
     gateway: Gateway = Gateway()
     kv_link: KVLink = KVLink()
-    registry: str = Field("memory", description="'memory' or a redis:// URL")
+    registry: str = Field("memory", description="where workers register: 'memory' (in-process, the default) or "
+                          "redis://HOST[:PORT][/DB][?ttl_s=SECONDS]")
     sim: SimSpec = SimSpec()
+
+    @field_validator("registry")
+    @classmethod
+    def _check_registry(cls, value: str) -> str:
+        parse_registry(value)
+        return value
 
     @model_validator(mode="after")
     def _check_pools(self) -> Layout:

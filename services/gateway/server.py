@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from services.contracts.layout import Layout
 from services.gateway.core import Gateway
 from services.grpcutil import Server, get_logger, log
-from services.registry import StaticRegistry
+from services.registry.connect import gateway_registry
 
 logger = get_logger("tandem.gateway")
 
@@ -31,7 +31,7 @@ def build_gateway(layout: Layout, workers: Sequence[str] = (), tokenizer: object
     """A Gateway for a layout; `workers` (ROLE=HOST:PORT) overrides the addresses the layout implies."""
     from services.gateway.tokenizer import load_tokenizer
 
-    registry = StaticRegistry.from_pairs(workers) if workers else StaticRegistry.from_layout(layout)
+    registry = gateway_registry(layout, workers)
     tok = tokenizer if tokenizer is not None else load_tokenizer(layout.model.path)
     return Gateway(tok, registry, layout.model.name, router_policy=layout.router.policy)
 
