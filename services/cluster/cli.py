@@ -22,12 +22,17 @@ def _layout(path: str | None) -> Any:
     return load_layout(path)
 
 
-def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float = 300.0) -> int:
-    """Start the cluster, print its endpoints, block until SIGINT/SIGTERM, stop everything. Returns the exit code."""
+def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float = 300.0, fail_fast: bool = False,
+       restart_limit: int = 5) -> int:
+    """Start the cluster, print its endpoints, block until SIGINT/SIGTERM, stop everything. Returns the exit code.
+
+    A process that dies is restarted (with backoff, at most `restart_limit` times in 5 minutes) while the others
+    keep serving; with `fail_fast` the first death stops the whole cluster instead.
+    """
     from rich.console import Console
     from rich.table import Table
 
-    from services.cluster.launcher import Cluster, plan
+    from services.cluster.launcher import Cluster, RestartPolicy, plan
 
     lay = _layout(layout)
     specs = plan(lay, layout)
@@ -39,7 +44,7 @@ def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float =
         raise KeyboardInterrupt
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    cluster = Cluster(specs, log_dir)
+    cluster = Cluster(specs, log_dir, RestartPolicy(limit=restart_limit))
     code = 0
     try:
         workers = [s.name for s in specs if s.name != "gateway"]
@@ -58,9 +63,10 @@ def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float =
         sys.stdout.flush()
         while True:
             dead = cluster.dead()
-            if dead:
+            if dead and fail_fast:
                 raise Unavailable(f"{dead[0]} exited unexpectedly; last log lines:\n{cluster.log_tail(dead[0])}")
-            time.sleep(0.5)
+            cluster.supervise(lambda line: console.print(line, markup=False, highlight=False))
+            time.sleep(0.25)
     except KeyboardInterrupt:
         console.print(f"stopping ({signal.Signals(stop['signal'] or signal.SIGINT).name})...")
     except Unavailable:
@@ -135,9 +141,15 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         layout: str = typer.Argument(None, help="layout YAML; none = one mixed worker + gateway on this machine"),
         log_dir: str = typer.Option(None, "--log-dir", help="where each process writes its log (default: a temp dir)"),
         timeout_s: float = typer.Option(300.0, "--timeout", help="seconds to wait for every service to be healthy"),
+        fail_fast: bool = typer.Option(False, "--fail-fast", help="stop the whole cluster when any process dies "
+                                       "(default: restart it with backoff while the others keep serving)"),
+        restart_limit: int = typer.Option(5, "--restart-limit", min=0, help="restarts of one process within 5 "
+                                          "minutes before `tandem up` gives up and stops the cluster"),
     ) -> None:
-        """Start gateway + workers as local processes; stay in the foreground until Ctrl-C/SIGTERM, then stop all."""
-        raise typer.Exit(up(layout, log_dir, timeout_s))
+        """Start gateway + workers as local processes; stay in the foreground until Ctrl-C/SIGTERM, then stop all.
+
+        A process that dies is restarted (backoff 0.5 s doubling, log line in this terminal) unless --fail-fast."""
+        raise typer.Exit(up(layout, log_dir, timeout_s, fail_fast, restart_limit))
 
     @app.command("serve")
     def serve_cmd(

@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
 from services.contracts.errors import TandemError, Unavailable
+from services.contracts.registry_url import DEFAULT_TTL_S
 from services.grpcutil import get_logger, log
 from services.registry import Endpoint
 
-from services.contracts.registry_url import DEFAULT_TTL_S
 logger = get_logger("tandem.registry")
 
 

@@ -68,7 +68,7 @@ def test_register_heartbeat_expiry_and_deregister(server: RedisServer) -> None:
 def test_view_survives_pause_and_restart_and_workers_re_register(server: RedisServer) -> None:
     url = f"{server.url}?ttl_s={TTL}"
     view = RedisRegistry(url, refresh_s=0.05).watch()
-    beats = [Heartbeat(RedisRegistry(url), lambda a=a: rec(a, index=i)).start()
+    beats = [Heartbeat(RedisRegistry(url), lambda a=a, i=i: rec(a, index=i)).start()
              for i, a in enumerate(["d0:1", "d1:1"])]
     try:
         wait_until(lambda: len(view.all()) == 2)
