@@ -8,7 +8,8 @@ from typing import Any
 from services.contracts.errors import InvalidArgument
 from services.contracts.layout import Layout
 from services.contracts.registry_url import parse_registry
-from services.registry import LLM_ROLES, StaticRegistry
+from services.contracts.roles import LLM_ROLES
+from services.registry import StaticRegistry
 from services.registry.live import Heartbeat, LiveRegistry, MemoryRegistry, Poller, WorkerRecord
 
 POLL_S = 0.25  # the embedded registry asks each worker for its load this often
