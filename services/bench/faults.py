@@ -372,7 +372,7 @@ class Bench:
         return round(max(0.0, time.monotonic() - since), 2)
 
 
-def run_faults(model: str | None = None, streams: int = 16, max_tokens: int = 64, ttl_s: float = 1.5,
+def run_faults(model: str | None = None, streams: int = 16, max_tokens: int = 64, ttl_s: float = 3.0,
                stall_s: float = 2.0, scenarios: tuple[str, ...] = SCENARIOS, workdir: str | None = None,
                say: Callable[[str], None] = print) -> dict:
     """Start the cluster, take the fault-free reference, run each scenario; the result document."""

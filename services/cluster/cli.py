@@ -64,7 +64,7 @@ def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float =
             dead = cluster.dead()
             if dead and fail_fast:
                 raise Unavailable(f"{dead[0]} exited unexpectedly; last log lines:\n{cluster.log_tail(dead[0])}")
-            cluster.supervise(lambda line: console.print(line, markup=False, highlight=False))
+            cluster.supervise(lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
             time.sleep(0.25)
     except KeyboardInterrupt:
         console.print(f"stopping ({signal.Signals(stop['signal'] or signal.SIGINT).name})...")

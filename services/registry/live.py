@@ -91,9 +91,15 @@ class LiveRegistry:
         return True
 
     def live(self) -> list[WorkerRecord]:
+        """Records whose heartbeat is within its TTL. A role whose every worker lapsed at once keeps its last known
+        workers instead (more likely the heartbeats are late, e.g. a starved machine, than every worker dead; calls
+        to a dead one fail and are retried elsewhere); a deregistered worker is gone at once regardless."""
         now, expires = time.monotonic(), self._expires()
         with self._lock:
-            recs = [r for r, deadline in self._records.values() if not expires or deadline > now]
+            known = [(r, deadline) for r, deadline in self._records.values()]
+        fresh = [r for r, deadline in known if not expires or deadline > now]
+        roles = {r.role for r in fresh}
+        recs = fresh + [r for r, deadline in known if r.role not in roles and deadline <= now]
         return sorted(recs, key=lambda r: (r.role, r.index, r.address))
 
     def endpoints(self, role: str) -> list[Endpoint]:
@@ -103,12 +109,14 @@ class LiveRegistry:
         return [r.endpoint() for r in self.live()] + list(self.fixed)
 
     def info(self, address: str) -> WorkerRecord:
-        """The worker's last heartbeat (the router's load source); Unavailable once it lapsed."""
+        """The worker's last heartbeat (the router's load source); Unavailable once it is out of `live()`."""
         with self._lock:
             hit = self._records.get(address)
-        if hit is None or (self._expires() and hit[1] <= time.monotonic()):
-            raise Unavailable(f"worker {address} has no live heartbeat in the registry")
-        return hit[0]
+        if hit is not None and (not self._expires() or hit[1] > time.monotonic()):
+            return hit[0]
+        if hit is not None and any(r.address == address for r in self.live()):
+            return hit[0]
+        raise Unavailable(f"worker {address} has no live heartbeat in the registry")
 
     def _put(self, record: WorkerRecord, deadline: float) -> None:
         with self._lock:
@@ -220,8 +228,9 @@ class Heartbeat:
         return True
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.beat()
+        wait = self.interval_s
+        while not self._stop.wait(wait):
+            wait = self.interval_s if self.beat() else min(self.interval_s, 0.2)  # late: retry soon
 
     def _deregister(self) -> None:
         try:

@@ -20,7 +20,7 @@ from services.registry.live import LiveRegistry, WorkerRecord, logger
 
 PREFIX = "tandem:worker:"
 GONE = b"gone"  # a deregistered worker's key holds this for one TTL, so readers drop it at once
-IO_TIMEOUT_S = 0.5  # a paused Redis costs a heartbeat or a refresh this long, never a request
+IO_TIMEOUT_S = 1.0  # a paused Redis costs a heartbeat or a refresh this long (their own threads), never a request
 
 
 def connect(spec: RegistrySpec) -> redis.Redis:
