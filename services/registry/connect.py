@@ -15,11 +15,11 @@ from services.registry.live import Heartbeat, LiveRegistry, MemoryRegistry, Poll
 POLL_S = 0.25  # the embedded registry asks each worker for its load this often
 
 
-def gateway_registry(layout: Layout, workers: Sequence[str] = (),
-                     info: Callable[[str, float], Any] | None = None) -> LiveRegistry:
+def gateway_registry(layout: Layout, info: Callable[[str, float], Any], workers: Sequence[str] = ()) -> LiveRegistry:
     """The gateway's view of the workers.
 
-    `memory`: the layout's workers (or `workers`, ROLE=HOST:PORT), polled in the background.
+    `memory`: the layout's workers (or `workers`, ROLE=HOST:PORT), polled in the background with
+    `info(address, timeout)` (a WorkerInfo, or an error).
     `redis://`: whatever registered in Redis; `workers` may then only name dlm workers (they do not heartbeat).
     """
     spec = parse_registry(layout.registry)
@@ -33,21 +33,8 @@ def gateway_registry(layout: Layout, workers: Sequence[str] = (),
 
         return RedisRegistry(spec, fixed).watch()
     registry = MemoryRegistry(spec.ttl_s, fixed)
-    Poller(registry, [e for e in static.all() if e.role in LLM_ROLES], info or _client_info(), POLL_S).start()
+    Poller(registry, [e for e in static.all() if e.role in LLM_ROLES], info, POLL_S).start()
     return registry
-
-
-def _client_info() -> Callable[[str, float], Any]:
-    from services.workers.client import WorkerClient
-
-    clients: dict[str, WorkerClient] = {}
-
-    def info(address: str, timeout: float) -> Any:
-        if address not in clients:
-            clients[address] = WorkerClient(address)
-        return clients[address].info(timeout=timeout)
-
-    return info
 
 
 def worker_heartbeat(registry: str, record: Callable[[], WorkerRecord]) -> Heartbeat | None:
