@@ -341,11 +341,12 @@ class Bench:
 
         def fault() -> None:
             self.redis.pause(hold)
-            info["end"] = time.monotonic() + hold
+            info["watch"] = self._watch_registered(time.monotonic() + hold, info)
 
         out = tally("redis-pause", wave(self.cluster.http, self.max_tokens, self.streams, fault), self.reference)
+        info["watch"].join(150)
         out.fault = f"CLIENT PAUSE {hold:.1f}s (TTL {self.ttl_s}s) under {self.streams} live streams"
-        out.recovery_s = self._reregistered(info["end"])
+        out.recovery_s = info.get("recovery_s")
         return out
 
     def redis_kill(self) -> Outcome:
@@ -356,20 +357,28 @@ class Bench:
             self.redis.kill()
             time.sleep(down)
             self.redis.start()
-            info["end"] = time.monotonic()
+            info["watch"] = self._watch_registered(time.monotonic(), info)
 
         out = tally("redis-kill", wave(self.cluster.http, self.max_tokens, self.streams, fault), self.reference)
+        info["watch"].join(150)
         out.fault = f"redis-server SIGKILLed, restarted empty {down:.1f}s later, under {self.streams} live streams"
-        out.recovery_s = self._reregistered(info["end"])
+        out.recovery_s = info.get("recovery_s")
         return out
 
-    def _reregistered(self, since: float) -> float | None:
-        """From `since` until every worker's record is in Redis again (and the cluster is whole)."""
-        while registered(self.redis.port) < 3 or not self.cluster.whole():
-            if time.monotonic() - since > 120:
-                return None
-            time.sleep(0.05)
-        return round(max(0.0, time.monotonic() - since), 2)
+    def _watch_registered(self, since: float, result: dict) -> threading.Thread:
+        """In the background: from `since` (the fault's end) until every worker's record is in Redis again."""
+
+        def run() -> None:
+            time.sleep(max(0.0, since - time.monotonic()))
+            while registered(self.redis.port) < 3:
+                if time.monotonic() - since > 120:
+                    return
+                time.sleep(0.02)
+            result["recovery_s"] = round(max(0.0, time.monotonic() - since), 2)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t
 
 
 def run_faults(model: str | None = None, streams: int = 16, max_tokens: int = 64, ttl_s: float = 3.0,
