@@ -139,11 +139,15 @@ class Cluster:
                 return int(entry)
         raise LookupError(f"{name} is not running")
 
-    def live_on(self, name: str) -> int:
-        from services.workers.client import WorkerClient
+    def live_on(self, name: str, redis_port: int) -> int:
+        """The worker's live batch as its last heartbeat in the registry reported it (no RPC to a busy worker)."""
+        import redis
 
-        with WorkerClient(f"127.0.0.1:{self.ports[name]}") as c:
-            return c.info(timeout=2).live_requests
+        from services.registry.live import WorkerRecord
+        from services.registry.redis_store import PREFIX
+
+        raw = redis.Redis(port=redis_port, socket_timeout=1).get(f"{PREFIX}127.0.0.1:{self.ports[name]}")
+        return WorkerRecord.from_json(raw).live_requests if raw and raw != b"gone" else 0
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -269,14 +273,17 @@ class Bench:
         return getattr(self, name.replace("-", "_"))()
 
     def _busiest_decode(self) -> str:
-        return max(("decode-0", "decode-1"), key=self.cluster.live_on)
+        return max(("decode-0", "decode-1"), key=self._live)
+
+    def _live(self, name: str) -> int:
+        return self.cluster.live_on(name, self.redis.port)
 
     def kill(self) -> Outcome:
         info: dict = {}
 
         def fault() -> None:
             victim = self._busiest_decode()
-            live = self.cluster.live_on(victim)
+            live = self._live(victim)
             os.kill(self.cluster.pid(victim), signal.SIGKILL)
             info["fault"] = f"SIGKILL {victim} holding {live} live streams"
             info["watch"] = watch_recovery(self.cluster, time.monotonic(), True, info)
@@ -292,7 +299,7 @@ class Bench:
 
         def fault() -> None:
             victim = self._busiest_decode()
-            live = self.cluster.live_on(victim)
+            live = self._live(victim)
             pid = self.cluster.pid(victim)
             os.kill(pid, signal.SIGSTOP)
             time.sleep(hold)
