@@ -93,3 +93,11 @@ def start_up(layout: Path, log_dir: Path, timeout_s: float = 240.0, args: tuple[
         time.sleep(0.3)
     up.stop(signal.SIGKILL)
     raise RuntimeError(f"cluster not healthy in {timeout_s}s: {Path(out.name).read_text()[-3000:]}")
+
+
+def start_roles(d: Path, model_path: str | None, roles: list[str], name: str) -> Up:
+    """`tandem up` of one worker per entry of `roles` (each on free ports), its layout and logs under `d`."""
+    from kit.net import free_port
+
+    pools = [{"role": r, "count": 1, "base_port": free_port()} for r in roles]
+    return start_up(write_layout(d / "layout.yaml", model_path, pools, free_port(), free_port(), name=name), d / "logs")
