@@ -68,8 +68,33 @@ def bench_engine_cmd(
     random_weights: bool = typer.Option(False, "--random", help="Random weights of SmolLM2's shapes (no files)."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for both runtimes (default: torch's)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    roofline: bool = typer.Option(False, "--roofline", help="CUDA: decode step vs a plain graphed PyTorch step and "
+                                  "the HBM roofline at Llama-3.2-1B and SmolLM2 shapes, and prefill MFU."),
+    batches: str = typer.Option("1,8,16,32,64", "--batches", help="With --roofline: Llama-1B batch sizes."),
+    context: int = typer.Option(1024, "--context", help="With --roofline: tokens of KV per row."),
+    steps: int = typer.Option(32, "--steps", help="With --roofline: decode steps per timed run."),
 ) -> None:
     """Single-stream decode tokens/s: Tandem's engine vs transformers' generate on the same weights."""
+    if roofline:
+        from services.engine.roofline import parse_rows
+        from services.errors import InvalidArgument
+
+        rows = parse_rows(batches, context)
+        if steps < 1 or repeats < 1:
+            raise InvalidArgument("--steps and --repeats must be >= 1", param="steps")
+        if device is not None and device != "cuda" and not device.startswith("cuda:"):
+            raise InvalidArgument(f"--roofline measures a CUDA GPU; --device {device!r} is not one", param="device")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidArgument("--roofline needs a CUDA GPU, and CUDA is not available on this machine",
+                                  param="device")
+        from services.engine.roofline import run_roofline
+
+        if device is not None:
+            torch.cuda.set_device(device)
+        run_roofline(rows, steps=steps, reps=max(repeats, 5), json_out=json_out)
+        return
     import torch
 
     from services.engine.bench import run_bench
