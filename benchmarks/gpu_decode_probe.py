@@ -44,9 +44,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--json")
     a = ap.parse_args()
-    out = {f"{shape} B={b} fused_linear={f}": breakdown(shape, b, ctx, f)
-           for shape, b, ctx in (("llama-3.2-1b", 1, a.context), ("llama-3.2-1b", 64, a.context),
-                                 ("smollm2-135m", 1, 256)) for f in (True, False)}
+    cases = [("llama-3.2-1b", 1, a.context, True), ("llama-3.2-1b", 1, a.context, False),
+             ("llama-3.2-1b", 64, a.context, False), ("smollm2-135m", 1, 256, True), ("smollm2-135m", 1, 256, False)]
+    out = {f"{shape} B={b} fused_linear={f}": breakdown(shape, b, ctx, f) for shape, b, ctx, f in cases}
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

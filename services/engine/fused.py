@@ -161,8 +161,8 @@ def decode_step(fm: FusedModel, ops: SimpleNamespace, tokens: torch.Tensor, pos:
     """One token per row: row r appends tokens[r] at position pos[r] of KV slot slot[r] (pos < 0: padding).
 
     Attention of row r reads slot r (the dense batch). k, v: [n_layers, S, C, Hkv, D]. Logits [R, V] in the
-    weights' dtype, written into `out` when given. `fused_linear`: the norms, SiLU and residual adds run inside
-    the projections (`ops.linear`): 7 kernels a layer instead of 12, best for small batches."""
+    weights' dtype, written into `out` when given. `fused_linear` (one row): the norms, SiLU and residual adds
+    run inside the projections (`ops.linear`), 7 kernels a layer instead of 12."""
     x = F.embedding(tokens, fm.embed)
     if fused_linear:
         for i, lw in enumerate(fm.layers):

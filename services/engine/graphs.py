@@ -17,7 +17,7 @@ from services.engine.kv import KVBuffer
 from services.engine.model import Transformer
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
-VARIANTS = ("fused-linear", "cublas")
+VARIANTS = ("fused-linear", "cublas")  # fused-linear: batch-1 bucket only (one-row Triton projections)
 
 
 def bucket_for(n: int) -> int:
@@ -53,7 +53,7 @@ class DecodeGraphs:
         self.device = self.fused.embed.device
         self.ops = triton_ops()
         cfg = model.cfg
-        if any(k % 16 for k in (cfg.dim, cfg.n_heads * cfg.head_dim, cfg.hidden_dim)):
+        if any(k % min(256, 1 << (k - 1).bit_length()) for k in (cfg.dim, cfg.n_heads * cfg.head_dim, cfg.hidden_dim)):
             variants = tuple(v for v in variants if v != "fused-linear") or ("cublas",)
         self.variants = variants
         self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -72,6 +72,7 @@ class DecodeGraphs:
         key = (kv.k.data_ptr(), kv.v.data_ptr(), tuple(kv.k.shape), kv.k.dtype)
         if key != self.kv_key:
             self.graphs.clear()
+            self.pool = torch.cuda.graph_pool_handle()  # the old pool dies with its last graph
             self.kv_key = key
         lengths = kv.lengths[:n]
         top = max(lengths)
@@ -111,13 +112,14 @@ class DecodeGraphs:
         logits = torch.empty(b, fm.lm_head.shape[0], dtype=fm.lm_head.dtype, device=self.device)
         splits = attn_splits(b, fm.n_kv, self.sms)
         best: tuple[float, _Graph] | None = None
-        for variant in self.variants:
+        variants = [v for v in self.variants if b == 1 or v != "fused-linear"] or ["cublas"]
+        for variant in variants:
             def step(fused: bool = variant == "fused-linear") -> None:
                 decode_step(fm, self.ops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits,
                             fused_linear=fused, sms=self.sms)
 
             graph = _graph_of(step, self.device, self.pool)
-            ms = _replay_ms(graph) if len(self.variants) > 1 else 0.0
+            ms = _replay_ms(graph) if len(variants) > 1 else 0.0
             if best is None or ms < best[0]:
                 best = (ms, _Graph(b, inp, logits, graph, variant))
         assert best is not None

@@ -206,71 +206,57 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, y_ptr, r_ptr, g_ptr, M, N, K, eps,
-                   NORM: tl.constexpr, SILU: tl.constexpr, ADD: tl.constexpr, IEEE: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """y = f(x) @ w.T (+ r) for few rows: f is RMSNorm with gain g (NORM) or silu(gate) * up of x = [gate | up]
-    (SILU); every program streams BN rows of w through the whole of K."""
-    rm = tl.arange(0, BM)
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, r_ptr, g_ptr, N, K, eps,
+                 NORM: tl.constexpr, SILU: tl.constexpr, ADD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """y = f(x) @ w.T (+ r) for one row: f is RMSNorm with gain g (NORM) or silu(gate) * up of x = [gate | up]
+    (SILU). Each program streams BN rows of w through the whole of K into a [BN, BK] float32 accumulator."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    mm = rm < M
     nm = rn < N
-    if SILU:
-        xs = 2 * K
-    else:
-        xs = K
     if NORM:
-        ss = tl.zeros([BM], tl.float32)
+        ss = tl.zeros([BK], tl.float32)
         for k0 in range(0, K, BK):
-            xv = tl.load(x_ptr + rm[:, None] * xs + (k0 + rk)[None, :], mask=mm[:, None], other=0.0).to(tl.float32)
-            ss += tl.sum(xv * xv, 1)
-        rstd = 1.0 / tl.sqrt(ss / K + eps)
-    acc = tl.zeros([BM, BN], tl.float32)
+            xv = tl.load(x_ptr + k0 + rk).to(tl.float32)
+            ss += xv * xv
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+    acc = tl.zeros([BN, BK], tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
-        a = tl.load(x_ptr + rm[:, None] * xs + kk[None, :], mask=mm[:, None], other=0.0)
+        a = tl.load(x_ptr + kk)
         if SILU:
-            up = tl.load(x_ptr + rm[:, None] * xs + K + kk[None, :], mask=mm[:, None], other=0.0)
+            up = tl.load(x_ptr + K + kk)
             gf = a.to(tl.float32)
             a = ((gf / (1.0 + tl.exp(-gf))).to(a.dtype).to(tl.float32) * up.to(tl.float32)).to(a.dtype)
         if NORM:
             gain = tl.load(g_ptr + kk).to(tl.float32)
-            a = ((a.to(tl.float32) * rstd[:, None]).to(a.dtype).to(tl.float32) * gain[None, :]).to(a.dtype)
+            a = ((a.to(tl.float32) * rstd).to(a.dtype).to(tl.float32) * gain).to(a.dtype)
         w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=nm[:, None], other=0.0)
-        if IEEE:
-            acc += tl.dot(a, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(a, tl.trans(w))
+        acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
+    y = tl.sum(acc, 1)
     if ADD:
-        acc += tl.load(r_ptr + rm[:, None] * N + rn[None, :], mask=mm[:, None] & nm[None, :], other=0.0).to(tl.float32)
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
-
-
-def linear_shape_ok(k: int) -> bool:
-    """The fused linear kernel needs K to be a multiple of 16 (its K tile divides K)."""
-    return k % 16 == 0
+        y += tl.load(r_ptr + rn, mask=nm, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=nm)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
            silu: bool = False, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
            sms: int = 132) -> torch.Tensor:
-    """f(x) @ w.T (+ residual) for a decode batch (a few rows): f = RMSNorm(., norm) or silu(gate) * up.
+    """f(x) @ w.T (+ residual) for a batch of one row: f = RMSNorm(., norm) or silu(gate) * up.
 
     One pass over w; the prologue and epilogue replace the separate norm, SiLU and residual kernels."""
-    m, n = x.shape[0], w.shape[0]
+    if x.shape[0] != 1:
+        raise ValueError(f"the fused linear kernel takes one row (got {x.shape[0]})")
+    n = w.shape[0]
     k = x.shape[1] // 2 if silu else x.shape[1]
-    bm = max(16, triton.next_power_of_2(m))
-    bn = 64
-    while bn > 16 and triton.cdiv(n, bn) < 2 * sms:
+    bk = min(256, triton.next_power_of_2(k))
+    if k % bk:
+        raise ValueError(f"the fused linear kernel needs K ({k}) to be a multiple of {bk}")
+    bn = 32
+    while bn > 4 and triton.cdiv(n, bn) < 2 * sms:
         bn //= 2
-    bk = min(256 if bm <= 16 else 128, triton.next_power_of_2(k))
-    while k % bk:
-        bk //= 2
-    y = out if out is not None else x.new_empty(m, n)
-    _linear_kernel[(triton.cdiv(n, bn),)](x, w, y, residual if residual is not None else y,
-                                          norm if norm is not None else w, m, n, k, eps,
-                                          NORM=norm is not None, SILU=silu, ADD=residual is not None,
-                                          IEEE=x.dtype == torch.float32, BM=bm, BN=bn, BK=bk,
-                                          num_warps=4, num_stages=4)
+    y = out if out is not None else x.new_empty(1, n)
+    _gemv_kernel[(triton.cdiv(n, bn),)](x, w, y, residual if residual is not None else y,
+                                        norm if norm is not None else w, n, k, eps,
+                                        NORM=norm is not None, SILU=silu, ADD=residual is not None, BN=bn, BK=bk,
+                                        num_warps=4, num_stages=3)
     return y
