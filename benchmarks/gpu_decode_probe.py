@@ -1,4 +1,4 @@
-"""Where the decode step spends its time (GPU diagnosis): per-kernel device time of each variant of the fused step.
+"""Where the decode step spends its time (GPU diagnosis): per-kernel device time of the fused step.
 
     PYTHONPATH=. python benchmarks/gpu_decode_probe.py --json probe.json
 """
@@ -15,7 +15,7 @@ from services.engine.graphs import attn_splits
 from services.engine.roofline import cuda_random_engine
 
 
-def breakdown(shape: str, batch: int, context: int, fused_linear: bool) -> str:
+def breakdown(shape: str, batch: int, context: int) -> str:
     """Per-kernel device time of the fused step run eagerly (the graph replays the same kernels)."""
     engine = cuda_random_engine(shape)
     fm, ops = engine.graphs.fused, triton_ops()
@@ -28,14 +28,14 @@ def breakdown(shape: str, batch: int, context: int, fused_linear: bool) -> str:
     splits = attn_splits(batch, fm.n_kv, 132)
     with torch.inference_mode():
         for _ in range(3):
-            decode_step(fm, ops, tok, pos, slot, kv.k, kv.v, splits, fused_linear=fused_linear)
+            decode_step(fm, ops, tok, pos, slot, kv.k, kv.v, splits)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                decode_step(fm, ops, tok, pos, slot, kv.k, kv.v, splits, fused_linear=fused_linear)
+                decode_step(fm, ops, tok, pos, slot, kv.k, kv.v, splits)
             torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14)
-    print(f"--- {shape} B={batch} ctx {context} fused_linear={fused_linear}: 5 steps, eager launch of the fused step\n{table}", flush=True)
+    print(f"--- {shape} B={batch} ctx {context}: 5 steps, eager launch of the fused step\n{table}", flush=True)
     return table
 
 
@@ -44,9 +44,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--json")
     a = ap.parse_args()
-    cases = [("llama-3.2-1b", 1, a.context, True), ("llama-3.2-1b", 1, a.context, False),
-             ("llama-3.2-1b", 64, a.context, False), ("smollm2-135m", 1, 256, True), ("smollm2-135m", 1, 256, False)]
-    out = {f"{shape} B={b} fused_linear={f}": breakdown(shape, b, ctx, f) for shape, b, ctx, f in cases}
+    cases = [("llama-3.2-1b", 1, a.context), ("llama-3.2-1b", 64, a.context), ("smollm2-135m", 1, 256)]
+    out = {f"{shape} B={b}": breakdown(shape, b, ctx) for shape, b, ctx in cases}
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -91,7 +91,7 @@ def bench_engine_cmd(
                                   param="device")
         from services.engine.roofline import run_roofline
 
-        if device is not None:
+        if device is not None and ":" in device:
             torch.cuda.set_device(device)
         run_roofline(rows, steps=steps, reps=max(repeats, 5), json_out=json_out)
         return

@@ -130,51 +130,24 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, po
     return out.reshape(rows, n_heads * hd)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
-            silu: bool = False, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-            sms: int = 0) -> torch.Tensor:
-    del sms
-    if norm is not None:
-        x = _rmsnorm(x, norm, eps)
-    if silu:
-        x = _silu_mul(x)
-    y = F.linear(x, w)
-    if residual is not None:
-        y = residual + y
-    return y if out is None else out.copy_(y)
-
-
 TORCH_OPS = SimpleNamespace(rmsnorm=_rmsnorm, add_rmsnorm=_add_rmsnorm, silu_mul=_silu_mul, rope_kv=_rope_kv,
-                            attention=_attention, linear=_linear)
+                            attention=_attention)
 
 
 def triton_ops() -> SimpleNamespace:
     from services.engine import kernels
 
     return SimpleNamespace(rmsnorm=kernels.rmsnorm, add_rmsnorm=kernels.add_rmsnorm, silu_mul=kernels.silu_mul,
-                           rope_kv=kernels.rope_kv, attention=kernels.decode_attention, linear=kernels.linear)
+                           rope_kv=kernels.rope_kv, attention=kernels.decode_attention)
 
 
 def decode_step(fm: FusedModel, ops: SimpleNamespace, tokens: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
-                k: torch.Tensor, v: torch.Tensor, splits: int = 1, out: torch.Tensor | None = None,
-                fused_linear: bool = False, sms: int = 132) -> torch.Tensor:
+                k: torch.Tensor, v: torch.Tensor, splits: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row: row r appends tokens[r] at position pos[r] of KV slot slot[r] (pos < 0: padding).
 
     Attention of row r reads slot r (the dense batch). k, v: [n_layers, S, C, Hkv, D]. Logits [R, V] in the
-    weights' dtype, written into `out` when given. `fused_linear` (one row): the norms, SiLU and residual adds
-    run inside the projections (`ops.linear`), 7 kernels a layer instead of 12."""
+    weights' dtype, written into `out` when given."""
     x = F.embedding(tokens, fm.embed)
-    if fused_linear:
-        for i, lw in enumerate(fm.layers):
-            qkv = ops.linear(x, lw.wqkv, norm=lw.in_norm, eps=fm.eps, sms=sms)
-            if lw.bqkv is not None:
-                qkv = qkv + lw.bqkv
-            q = ops.rope_kv(qkv, pos, slot, fm.cos, fm.sin, k[i], v[i], fm.n_heads, fm.n_kv)
-            o = ops.attention(q, k[i], v[i], pos, splits)
-            x = ops.linear(o, lw.wo, residual=x, sms=sms)
-            gu = ops.linear(x, lw.wgu, norm=lw.post_norm, eps=fm.eps, sms=sms)
-            x = ops.linear(gu, lw.wdown, silu=True, residual=x, sms=sms)
-        return ops.linear(x, fm.lm_head, norm=fm.norm, eps=fm.eps, out=out, sms=sms)
     h = ops.rmsnorm(x, fm.layers[0].in_norm, fm.eps)
     for i, lw in enumerate(fm.layers):
         qkv = F.linear(h, lw.wqkv, lw.bqkv)

@@ -17,7 +17,6 @@ from services.engine.kv import KVBuffer
 from services.engine.model import Transformer
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
-VARIANTS = ("fused-linear", "cublas")  # fused-linear: batch-1 bucket only (one-row Triton projections)
 
 
 def bucket_for(n: int) -> int:
@@ -42,20 +41,15 @@ class _Graph:
     inp: torch.Tensor  # [3, rows] int64 on the device: tokens, positions, slots
     logits: torch.Tensor  # [rows, V] in the model's dtype
     graph: torch.cuda.CUDAGraph
-    variant: str  # "fused-linear" (Triton projections with norm/SiLU/residual inside) or "cublas"
 
 
 class DecodeGraphs:
     """Owns the fused weights, the graphs of the current KV buffer, and the pinned staging of step inputs."""
 
-    def __init__(self, model: Transformer, variants: tuple[str, ...] = VARIANTS) -> None:
+    def __init__(self, model: Transformer) -> None:
         self.fused: FusedModel = fuse_weights(model)
         self.device = self.fused.embed.device
         self.ops = triton_ops()
-        cfg = model.cfg
-        if any(k % min(256, 1 << (k - 1).bit_length()) for k in (cfg.dim, cfg.n_heads * cfg.head_dim, cfg.hidden_dim)):
-            variants = tuple(v for v in variants if v != "fused-linear") or ("cublas",)
-        self.variants = variants
         self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, _Graph] = {}
@@ -104,28 +98,19 @@ class DecodeGraphs:
         return self.stage[self.flip]
 
     def _capture(self, b: int, kv: KVBuffer) -> _Graph:
-        """Capture every variant of the step for bucket b, keep the one whose replay is fastest."""
         fm = self.fused
         inp = torch.zeros(3, b, dtype=torch.int64, device=self.device)
-        inp[1] = -1  # warm-up, capture and timing run as padding: they write no KV
+        inp[1] = -1  # warm-up and capture run as padding: they write no KV
         inp[2] = torch.arange(b, device=self.device)
         logits = torch.empty(b, fm.lm_head.shape[0], dtype=fm.lm_head.dtype, device=self.device)
         splits = attn_splits(b, fm.n_kv, self.sms)
-        best: tuple[float, _Graph] | None = None
-        variants = [v for v in self.variants if b == 1 or v != "fused-linear"] or ["cublas"]
-        for variant in variants:
-            def step(fused: bool = variant == "fused-linear") -> None:
-                decode_step(fm, self.ops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits,
-                            fused_linear=fused, sms=self.sms)
 
-            graph = _graph_of(step, self.device, self.pool)
-            ms = _replay_ms(graph) if len(variants) > 1 else 0.0
-            if best is None or ms < best[0]:
-                best = (ms, _Graph(b, inp, logits, graph, variant))
-        assert best is not None
-        self.graphs[b] = best[1]
+        def step() -> None:
+            decode_step(fm, self.ops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits)
+
+        self.graphs[b] = g = _Graph(b, inp, logits, _graph_of(step, self.device, self.pool))
         self.captures += 1
-        return best[1]
+        return g
 
 
 def _graph_of(step: Callable[[], None], device: torch.device, pool: tuple) -> torch.cuda.CUDAGraph:
@@ -139,14 +124,3 @@ def _graph_of(step: Callable[[], None], device: torch.device, pool: tuple) -> to
     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         step()
     return graph
-
-
-def _replay_ms(graph: torch.cuda.CUDAGraph, n: int = 10) -> float:
-    graph.replay()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(n):
-        graph.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / n

@@ -134,7 +134,7 @@ def decode_row(engine: Engine, shape: str, batch: int, context: int, steps: int,
             eager_ms = _events_ms(run, 1) / steps
         finally:
             engine.graphs = graphs
-    bucket = engine.graphs.graphs.get(bucket_for(batch)) if engine.graphs is not None else None
+    graphed = engine.graphs is not None and bucket_for(batch) in engine.graphs.graphs
     kv.lengths[:] = [0] * batch
     kv.resize(1, 1)  # free the buffer before the baseline allocates its own
     replay, set_pos = plain_graph_step(engine, batch, context + steps + 1)
@@ -153,7 +153,7 @@ def decode_row(engine: Engine, shape: str, batch: int, context: int, steps: int,
             "step_ms": step_ms, "roofline_ms": roof_ms, "roofline_share": roof_ms / step_ms,
             "baseline_graph_step_ms": base_ms, "baseline_roofline_share": roof_ms / base_ms,
             "eager_step_ms": eager_ms, "weight_bytes": wbytes, "kv_bytes_read": int(kv_bytes),
-            "tokens_per_s": batch / step_ms * 1e3, "variant": bucket.variant if bucket else "eager"}
+            "tokens_per_s": batch / step_ms * 1e3, "path": "cuda-graph" if graphed else "eager"}
 
 
 def prefill_flops(cfg: ModelConfig, tokens: int) -> float:
@@ -217,7 +217,7 @@ def _print_row(r: dict[str, Any]) -> None:
     eager = f" | eager {r['eager_step_ms']:.2f} ms" if r["eager_step_ms"] is not None else ""
     print(f"{r['shape']} B={r['batch']} ctx {r['context']}: engine {r['step_ms']:.3f} ms "
           f"({r['roofline_share']:.0%} of roofline {r['roofline_ms']:.3f} ms) | plain graph "
-          f"{r['baseline_graph_step_ms']:.3f} ms ({r['baseline_roofline_share']:.0%}){eager} [{r['variant']}]",
+          f"{r['baseline_graph_step_ms']:.3f} ms ({r['baseline_roofline_share']:.0%}){eager} [{r['path']}]",
           flush=True)
 
 
