@@ -12,12 +12,12 @@ import torch
 
 from services.engine.fused import decode_step, triton_ops
 from services.engine.graphs import attn_splits
-from services.engine.roofline import cuda_random_engine
+from services.fusion.bench import SHAPES, random_on_device
 
 
 def breakdown(shape: str, batch: int, context: int) -> str:
     """Per-kernel device time of the fused step run eagerly (the graph replays the same kernels)."""
-    engine = cuda_random_engine(shape)
+    engine = random_on_device(SHAPES[shape], "cuda", torch.bfloat16, shape)
     fm, ops = engine.graphs.fused, triton_ops()
     kv = engine.new_kv(batch, context + 8)
     kv.k.normal_()

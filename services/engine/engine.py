@@ -84,6 +84,8 @@ class Engine:
         tokens = torch.zeros(len(prompts), T, dtype=torch.long)
         for i, ids in enumerate(prompts):
             tokens[i, : len(ids)] = torch.tensor(ids)
+        if self.graphs is not None and kv.k.is_cuda and kv.dtype == self.dtype:
+            return self.graphs.prefill(tokens.to(self.device), kv, slots, lens).float()
         logits = self.model(tokens.to(self.device), kv, torch.tensor(slots, device=self.device), [0] * len(prompts),
                             n_new=lens, logits_at=[n - 1 for n in lens])
         return logits.float()

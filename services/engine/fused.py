@@ -160,3 +160,34 @@ def decode_step(fm: FusedModel, ops: SimpleNamespace, tokens: torch.Tensor, pos:
     if out is None:
         return F.linear(h, fm.lm_head)
     return torch.mm(h, fm.lm_head.t(), out=out)
+
+
+def _causal_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """q [B, T, H, D], keys/vals [B, T, Hkv, D] -> [B * T, H * D]; KV heads repeated so SDPA can take flash."""
+    b, t, h, d = q.shape
+    g = h // keys.shape[2]
+    if g > 1:
+        keys, vals = keys.repeat_interleave(g, dim=2), vals.repeat_interleave(g, dim=2)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), is_causal=True)
+    return o.transpose(1, 2).reshape(b * t, h * d)
+
+
+def prefill_step(fm: FusedModel, ops: SimpleNamespace, tokens: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Prompts tokens [B, T] (right-padded) from position 0 into KV slots `slots` [B]; logits [B, V] of the rows
+    `last` [B] (each prompt's last real token). Causal attention over the prompt itself, so padding after a
+    prompt's end never reaches its real tokens."""
+    b, t = tokens.shape
+    pos = torch.arange(t, device=tokens.device).repeat(b)
+    slot = slots.repeat_interleave(t)
+    x = F.embedding(tokens.reshape(-1), fm.embed)
+    h = ops.rmsnorm(x, fm.layers[0].in_norm, fm.eps)
+    for i, lw in enumerate(fm.layers):
+        qkv = F.linear(h, lw.wqkv, lw.bqkv)
+        q = ops.rope_kv(qkv, pos, slot, fm.cos, fm.sin, k[i], v[i], fm.n_heads, fm.n_kv)
+        o = _causal_attention(q.view(b, t, fm.n_heads, -1), k[i][slots, :t], v[i][slots, :t])
+        x, h = ops.add_rmsnorm(x, F.linear(o, lw.wo), lw.post_norm, fm.eps)
+        m = ops.silu_mul(F.linear(h, lw.wgu))
+        nxt = fm.layers[i + 1].in_norm if i + 1 < len(fm.layers) else fm.norm
+        x, h = ops.add_rmsnorm(x, F.linear(m, lw.wdown), nxt, fm.eps)
+    return F.linear(h[torch.arange(b, device=tokens.device) * t + last], fm.lm_head)

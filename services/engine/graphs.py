@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine.fused import FusedModel, decode_step, fuse_weights, triton_ops
+from services.engine.fused import FusedModel, decode_step, fuse_weights, prefill_step, triton_ops
 from services.engine.kv import KVBuffer
 from services.engine.model import Transformer
 
@@ -85,6 +85,19 @@ class DecodeGraphs:
         self.replays += 1
         out = g.logits[:n]
         return out.float() if out.dtype != torch.float32 else out.clone()
+
+    def prefill(self, tokens: torch.Tensor, kv: KVBuffer, slots: list[int], lens: list[int]) -> torch.Tensor:
+        """Engine.prefill on the fused weights (no graph: prompt shapes vary); logits [B, V] in the model's dtype."""
+        t = tokens.shape[1]
+        for s in slots:
+            kv.reserve(s, t)  # slot in range and the prompt fits: the kernels do not bounds-check
+        dev = self.device
+        slot_t = torch.tensor(slots, device=dev)
+        last = torch.tensor([n - 1 for n in lens], device=dev)
+        logits = prefill_step(self.fused, self.ops, tokens, slot_t, last, kv.k, kv.v)
+        for s, n in zip(slots, lens, strict=True):
+            kv.lengths[s] = n
+        return logits
 
     def _stage(self, b: int) -> torch.Tensor:
         """A pinned [2, >= b] buffer whose previous copy has finished (two alternate, so the host runs ahead)."""

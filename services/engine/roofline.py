@@ -15,17 +15,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from services.engine.bench import SMOLLM2_SHAPES
 from services.engine.config import ModelConfig
 from services.engine.engine import Engine
 from services.engine.graphs import bucket_for
 from services.engine.layers import apply_rope, rope_cos_sin
+from services.fusion.bench import SHAPES, random_on_device
 
-LLAMA_1B_SHAPES = dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
-                       rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True,
-                       rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-SHAPES = {"llama-3.2-1b": LLAMA_1B_SHAPES, "smollm2-135m": SMOLLM2_SHAPES}
 PREFILL_TOKENS = (512, 2048, 8192)
 
 
@@ -73,7 +68,7 @@ def decode_weight_bytes(engine: Engine) -> int:
 
 def plain_graph_step(engine: Engine, batch: int, cap: int) -> tuple[Callable[[], None], Callable[[int], None]]:
     """A plain PyTorch decode step (separate q/k/v and gate/up matmuls, SDPA with a mask over a static cache of
-    `cap` tokens, gpt-fast's layout), captured in one CUDA graph. Returns (replay, set_position)."""
+    `cap` tokens in gpt-fast's [B, Hkv, cap, D] layout), captured in one CUDA graph. Returns (replay, set_position)."""
     m, cfg, dt = engine.model, engine.cfg, engine.dtype
     H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     kc = torch.randn(cfg.n_layers, batch, Hkv, cap, D, device="cuda", dtype=dt)
@@ -89,12 +84,13 @@ def plain_graph_step(engine: Engine, batch: int, cap: int) -> tuple[Callable[[],
         for i, blk in enumerate(m.layers):
             a = blk.self_attn
             h = blk.input_layernorm(x)
-            q = apply_rope(a.q_proj(h).view(batch, 1, H, D), cos, sin).transpose(1, 2)
+            # GQA as a query group per KV head (one mask broadcast over it), so SDPA takes a fused kernel
+            q = apply_rope(a.q_proj(h).view(batch, 1, H, D), cos, sin).view(batch, Hkv, H // Hkv, D)
             k = apply_rope(a.k_proj(h).view(batch, 1, Hkv, D), cos, sin)
             kc[i][rows, :, pos] = k[:, 0]
             vc[i][rows, :, pos] = a.v_proj(h).view(batch, Hkv, D)
-            o = F.scaled_dot_product_attention(q, kc[i], vc[i], attn_mask=mask, enable_gqa=H != Hkv)
-            x = x + a.o_proj(o.transpose(1, 2).reshape(batch, 1, H * D))
+            o = F.scaled_dot_product_attention(q, kc[i], vc[i], attn_mask=mask)
+            x = x + a.o_proj(o.reshape(batch, 1, H * D))
             x = x + blk.mlp(blk.post_attention_layernorm(x))
         m.lm_head(m.norm(x))
         pos.add_(1)
@@ -137,7 +133,7 @@ def decode_row(engine: Engine, shape: str, batch: int, context: int, steps: int,
     graphed = engine.graphs is not None and bucket_for(batch) in engine.graphs.graphs
     kv.lengths[:] = [0] * batch
     kv.resize(1, 1)  # free the buffer before the baseline allocates its own
-    replay, set_pos = plain_graph_step(engine, batch, context + steps + 1)
+    replay, set_pos = plain_graph_step(engine, batch, -(-(context + steps + 1) // 64) * 64)
 
     def run_plain() -> None:
         set_pos(context)
@@ -181,7 +177,7 @@ def run_roofline(rows: list[tuple[str, int, int]], steps: int, reps: int, json_o
                            "copy_bandwidth_GBps": bw / 1e9, "bf16_matmul_peak_TFLOPs": peak / 1e12,
                            "steps": steps, "reps": reps, "rows": [], "prefill": []}
     for shape in dict.fromkeys(r[0] for r in rows):
-        engine = cuda_random_engine(shape)
+        engine = random_on_device(SHAPES[shape], "cuda", torch.bfloat16, shape)
         for _, batch, context in (r for r in rows if r[0] == shape):
             row = decode_row(engine, shape, batch, context, steps, reps, bw, eager)
             res["rows"].append(row)
@@ -198,19 +194,6 @@ def run_roofline(rows: list[tuple[str, int, int]], steps: int, reps: int, json_o
     if json_out is not None:
         json_out.write_text(json.dumps(res, indent=1) + "\n")
     return res
-
-
-def cuda_random_engine(shape: str, dtype: torch.dtype = torch.bfloat16) -> Engine:
-    """Random weights of a named shape, initialised on the GPU (a CPU init of 1B parameters takes long)."""
-    from services.engine.model import Transformer
-
-    with torch.device("cuda"):
-        model = Transformer(ModelConfig(**SHAPES[shape]))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(std=0.02)
-    return Engine(model, name=shape, device="cuda", dtype=dtype)
 
 
 def _print_row(r: dict[str, Any]) -> None:
