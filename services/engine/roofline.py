@@ -68,27 +68,26 @@ def decode_weight_bytes(engine: Engine) -> int:
 
 def plain_graph_step(engine: Engine, batch: int, cap: int) -> tuple[Callable[[], None], Callable[[int], None]]:
     """A plain PyTorch decode step (separate q/k/v and gate/up matmuls, SDPA with a mask over a static cache of
-    `cap` tokens in gpt-fast's [B, Hkv, cap, D] layout), captured in one CUDA graph. Returns (replay, set_position)."""
+    `cap` tokens in gpt-fast's [B, Hkv, cap, D] layout, every row at the same position), captured in one CUDA graph.
+    Returns (replay, set_position)."""
     m, cfg, dt = engine.model, engine.cfg, engine.dtype
     H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     kc = torch.randn(cfg.n_layers, batch, Hkv, cap, D, device="cuda", dtype=dt)
     vc = torch.randn_like(kc)
     tokens = torch.randint(0, cfg.vocab_size, (batch, 1), device="cuda")
-    pos = torch.zeros(batch, dtype=torch.long, device="cuda")
-    rows = torch.arange(batch, device="cuda")
+    pos = torch.zeros(1, dtype=torch.long, device="cuda")  # one position for the whole batch, as in gpt-fast
 
     def step() -> None:
         x = m.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(m.inv_freq, pos[:, None], dt)
-        mask = (torch.arange(cap, device="cuda")[None, :] <= pos[:, None])[:, None, None]
+        cos, sin = rope_cos_sin(m.inv_freq, pos.expand(batch, 1), dt)
+        mask = (torch.arange(cap, device="cuda") <= pos)[None, None, None]
         for i, blk in enumerate(m.layers):
             a = blk.self_attn
             h = blk.input_layernorm(x)
             # GQA as a query group per KV head (one mask broadcast over it), so SDPA takes a fused kernel
             q = apply_rope(a.q_proj(h).view(batch, 1, H, D), cos, sin).view(batch, Hkv, H // Hkv, D)
-            k = apply_rope(a.k_proj(h).view(batch, 1, Hkv, D), cos, sin)
-            kc[i][rows, :, pos] = k[:, 0]
-            vc[i][rows, :, pos] = a.v_proj(h).view(batch, Hkv, D)
+            kc[i][:, :, pos] = apply_rope(a.k_proj(h).view(batch, 1, Hkv, D), cos, sin).transpose(1, 2)
+            vc[i][:, :, pos] = a.v_proj(h).view(batch, 1, Hkv, D).transpose(1, 2)
             o = F.scaled_dot_product_attention(q, kc[i], vc[i], attn_mask=mask)
             x = x + a.o_proj(o.reshape(batch, 1, H * D))
             x = x + blk.mlp(blk.post_attention_layernorm(x))
