@@ -39,6 +39,24 @@ def breakdown(shape: str, batch: int, context: int) -> str:
     return table
 
 
+def baseline_breakdown(batch: int, context: int) -> str:
+    """The same for the plain PyTorch step that `tandem bench engine --roofline` graphs as its baseline."""
+    from services.engine.roofline import plain_graph_step
+
+    engine = random_on_device(SHAPES["llama-3.2-1b"], "cuda", torch.bfloat16, "llama-3.2-1b")
+    _, set_pos, step = plain_graph_step(engine, batch, context + 64)
+    with torch.inference_mode():
+        set_pos(context)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14)
+    print(f"--- plain baseline llama-3.2-1b B={batch} ctx {context}: 5 steps, eager launch\n{table}", flush=True)
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--context", type=int, default=1024)
@@ -46,6 +64,7 @@ def main() -> None:
     a = ap.parse_args()
     cases = [("llama-3.2-1b", 1, a.context), ("llama-3.2-1b", 64, a.context), ("smollm2-135m", 1, 256)]
     out = {f"{shape} B={b}": breakdown(shape, b, ctx) for shape, b, ctx in cases}
+    out["plain baseline llama-3.2-1b B=1"] = baseline_breakdown(1, a.context)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

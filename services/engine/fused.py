@@ -95,7 +95,7 @@ def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _add_rmsnorm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    s = x + a
+    s = x + (a[0] if a.dim() == 3 else a)
     return s, _rmsnorm(s, w, eps)
 
 
@@ -130,15 +130,19 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, po
     return out.reshape(rows, n_heads * hd)
 
 
+def _down(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)[None]  # one "partial": the Triton ops split K here (kernels.splitk_linear)
+
+
 TORCH_OPS = SimpleNamespace(rmsnorm=_rmsnorm, add_rmsnorm=_add_rmsnorm, silu_mul=_silu_mul, rope_kv=_rope_kv,
-                            attention=_attention)
+                            attention=_attention, down=_down)
 
 
 def triton_ops() -> SimpleNamespace:
     from services.engine import kernels
 
     return SimpleNamespace(rmsnorm=kernels.rmsnorm, add_rmsnorm=kernels.add_rmsnorm, silu_mul=kernels.silu_mul,
-                           rope_kv=kernels.rope_kv, attention=kernels.decode_attention)
+                           rope_kv=kernels.rope_kv, attention=kernels.decode_attention, down=kernels.splitk_linear)
 
 
 def decode_step(fm: FusedModel, ops: SimpleNamespace, tokens: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
@@ -156,7 +160,7 @@ def decode_step(fm: FusedModel, ops: SimpleNamespace, tokens: torch.Tensor, pos:
         x, h = ops.add_rmsnorm(x, F.linear(o, lw.wo), lw.post_norm, fm.eps)
         m = ops.silu_mul(F.linear(h, lw.wgu))
         nxt = fm.layers[i + 1].in_norm if i + 1 < len(fm.layers) else fm.norm
-        x, h = ops.add_rmsnorm(x, F.linear(m, lw.wdown), nxt, fm.eps)
+        x, h = ops.add_rmsnorm(x, ops.down(m, lw.wdown), nxt, fm.eps)
     if out is None:
         return F.linear(h, fm.lm_head)
     return torch.mm(h, fm.lm_head.t(), out=out)

@@ -9,18 +9,23 @@ storage dtype where the eager code rounds.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, a_ptr, sum_ptr, out_ptr, w_ptr, N, eps, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rmsnorm_kernel(x_ptr, a_ptr, sum_ptr, out_ptr, w_ptr, N, eps, A_PARTS: tl.constexpr, BLOCK: tl.constexpr):
+    """x + a (a given as A_PARTS partial sums [A_PARTS, R, N], 0 for none) and RMSNorm of it, per row."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     m = cols < N
     x = tl.load(x_ptr + row * N + cols, mask=m, other=0.0)
-    if HAS_ADD:
-        x = (x.to(tl.float32) + tl.load(a_ptr + row * N + cols, mask=m, other=0.0).to(tl.float32)).to(x.dtype)
+    if A_PARTS > 0:
+        a = tl.zeros([BLOCK], tl.float32)
+        for p in tl.static_range(A_PARTS):
+            a += tl.load(a_ptr + (p * tl.num_programs(0) + row) * N + cols, mask=m, other=0.0).to(tl.float32)
+        x = (x.to(tl.float32) + a).to(x.dtype)
         tl.store(sum_ptr + row * N + cols, x, mask=m)
     h = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
@@ -32,17 +37,32 @@ def _add_rmsnorm_kernel(x_ptr, a_ptr, sum_ptr, out_ptr, w_ptr, N, eps, HAS_ADD: 
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of contiguous rows x [R, N]."""
     out = torch.empty_like(x)
-    _add_rmsnorm_kernel[(x.shape[0],)](x, x, x, out, w, x.shape[1], eps, HAS_ADD=False,
+    _add_rmsnorm_kernel[(x.shape[0],)](x, x, x, out, w, x.shape[1], eps, A_PARTS=0,
                                        BLOCK=triton.next_power_of_2(x.shape[1]))
     return out
 
 
 def add_rmsnorm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + a, RMSNorm(x + a)) in one pass; the sum is rounded to x's dtype first, as the eager residual is."""
+    """(x + a, RMSNorm(x + a)) in one pass; a is [R, N] or split-K partials [P, R, N] summed here.
+    The sum is rounded to x's dtype before the norm, as the eager residual is."""
     s, out = torch.empty_like(x), torch.empty_like(x)
-    _add_rmsnorm_kernel[(x.shape[0],)](x, a, s, out, w, x.shape[1], eps, HAS_ADD=True,
+    parts = a.shape[0] if a.dim() == 3 else 1
+    _add_rmsnorm_kernel[(x.shape[0],)](x, a.contiguous(), s, out, w, x.shape[1], eps, A_PARTS=parts,
                                        BLOCK=triton.next_power_of_2(x.shape[1]))
     return s, out
+
+
+def splitk_linear(x: torch.Tensor, w: torch.Tensor, parts: int = 8) -> torch.Tensor:
+    """x @ w.T as `parts` float32 partial products [parts, R, N] over slices of K, for add_rmsnorm to sum:
+    more thread blocks than cuBLAS gives a long-K, short-N projection (the MLP's down), and no reduce kernel."""
+    m, k = x.shape
+    if k % parts:
+        return F.linear(x, w)[None]
+    xs = x.view(m, parts, k // parts).transpose(0, 1)
+    ws = w.view(w.shape[0], parts, k // parts).permute(1, 2, 0)
+    if x.dtype == torch.float32:
+        return torch.bmm(xs, ws)
+    return torch.bmm(xs, ws, out_dtype=torch.float32)
 
 
 @triton.jit

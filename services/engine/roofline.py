@@ -66,10 +66,11 @@ def decode_weight_bytes(engine: Engine) -> int:
     return total
 
 
-def plain_graph_step(engine: Engine, batch: int, cap: int) -> tuple[Callable[[], None], Callable[[int], None]]:
+def plain_graph_step(engine: Engine, batch: int, cap: int,
+                     ) -> tuple[Callable[[], None], Callable[[int], None], Callable[[], None]]:
     """A plain PyTorch decode step (separate q/k/v and gate/up matmuls, SDPA with a mask over a static cache of
     `cap` tokens in gpt-fast's [B, Hkv, cap, D] layout, every row at the same position), captured in one CUDA graph.
-    Returns (replay, set_position)."""
+    Returns (replay, set_position, the uncaptured step)."""
     m, cfg, dt = engine.model, engine.cfg, engine.dtype
     H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     kc = torch.randn(cfg.n_layers, batch, Hkv, cap, D, device="cuda", dtype=dt)
@@ -104,7 +105,7 @@ def plain_graph_step(engine: Engine, batch: int, cap: int) -> tuple[Callable[[],
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-    return graph.replay, lambda p: pos.fill_(p)
+    return graph.replay, lambda p: pos.fill_(p), step
 
 
 def decode_row(engine: Engine, shape: str, batch: int, context: int, steps: int, reps: int, bw: float,
@@ -132,7 +133,7 @@ def decode_row(engine: Engine, shape: str, batch: int, context: int, steps: int,
     graphed = engine.graphs is not None and bucket_for(batch) in engine.graphs.graphs
     kv.lengths[:] = [0] * batch
     kv.resize(1, 1)  # free the buffer before the baseline allocates its own
-    replay, set_pos = plain_graph_step(engine, batch, -(-(context + steps + 1) // 64) * 64)
+    replay, set_pos, _ = plain_graph_step(engine, batch, -(-(context + steps + 1) // 64) * 64)
 
     def run_plain() -> None:
         set_pos(context)
