@@ -1,5 +1,5 @@
 """Triton kernels of the CUDA decode step: RMSNorm (with the residual add), RoPE + KV-cache write, SiLU*up,
-and split-K decode attention that reads only each slot's live KV.
+split-K decode attention that reads only each slot's live KV; and the MLP down projection as split-K partials.
 
 A row whose position is negative is padding (a batch-size bucket larger than the live batch): kernels skip
 its KV write and its attention. Numerics follow the eager modules: float32 inside, one rounding to the
