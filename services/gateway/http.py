@@ -20,7 +20,7 @@ from services.contracts.errors import NotFound, TandemError
 from services.gateway import openai_api as oa
 from services.gateway.core import Chunk, Gateway, GenRequest, new_request_id
 from services.gateway.edge import ApiKeys, EdgeMiddleware
-from services.gateway.schema import MAX_BODY_BYTES
+from services.gateway.schema import MAX_BODY_BYTES, openapi_body
 from services.grpcutil import REQUEST_ID_KEY, get_logger, log
 
 logger = get_logger("tandem.gateway.http")
@@ -135,11 +135,11 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None, keys: ApiKey
         oa.check_model(gw, model_id, NotFound)
         return _model_card(gw)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi_body(oa.CompletionBody))
     async def completions(request: Request) -> Response:
         return await _generate(request, "completions")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi_body(oa.ChatBody))
     async def chat(request: Request) -> Response:
         return await _generate(request, "chat")
 

@@ -193,3 +193,20 @@ def parse(body: Any, kind: Literal["completions", "chat"],
         return (CompletionBody if kind == "completions" else ChatBody).model_validate(body)
     except ValidationError as exc:
         raise _pydantic_error(exc) from None
+
+
+def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The route's OpenAPI `requestBody` from a body model, refs inlined (the routes read the raw body)."""
+    doc = model.model_json_schema()
+    defs = doc.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(doc)}}}}
