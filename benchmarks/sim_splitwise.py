@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--tbt-basis", choices=("request", "gap"), default="request",
                     help="TBT SLO over per-request mean gaps (splitwise-sim) or every gap")
+    ap.add_argument("--jobs", type=int, default=1, help="designs probed at once (local processes)")
     a = ap.parse_args()
     base = load_layout(REPO / "examples/sim/splitwise-hh.yaml")
     base = base.model_copy(update={"sim": base.sim.model_copy(update={"tbt_slo_basis": a.tbt_basis})})
@@ -44,7 +45,8 @@ def main() -> None:
         for label, php, thw, budget, cap in FAMILIES:
             results[label] = best_under_budget(base, a.trace, php, thw, "power", budget, duration_s=a.duration,
                                                step=a.step, decode_cap_w=cap,
-                                               progress=lambda n: bar.update(task, advance=1, description=n))
+                                               progress=lambda n, _total: bar.update(task, advance=1, description=n),
+                                               jobs=a.jobs)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2) + "\n")
     _plot(results, a.out, a.tbt_basis)
