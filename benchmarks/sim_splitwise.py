@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.progress import Progress
 
 from services.contracts.layout import load_layout
+from sim.reference import SPLITWISE_ALL, with_settings
 from sim.search import best_under_budget
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,8 +37,12 @@ def main() -> None:
     ap.add_argument("--tbt-basis", choices=("request", "gap"), default="request",
                     help="TBT SLO over per-request mean gaps (splitwise-sim) or every gap")
     ap.add_argument("--jobs", type=int, default=1, help="designs probed at once (local processes)")
+    ap.add_argument("--splitwise-choices", action="store_true",
+                    help="with splitwise-sim's modelling choices (sim/reference.py SPLITWISE_ALL)")
     a = ap.parse_args()
     base = load_layout(REPO / "examples/sim/splitwise-hh.yaml")
+    if a.splitwise_choices:
+        base = with_settings(base, SPLITWISE_ALL)
     base = base.model_copy(update={"sim": base.sim.model_copy(update={"tbt_slo_basis": a.tbt_basis})})
     results = {}
     with Progress(transient=True) as bar:
