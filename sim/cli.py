@@ -118,7 +118,7 @@ def search_cmd(
     out: Path | None = typer.Option(None, "--json", "--out", help="write all designs as JSON"),
     jobs: int = typer.Option(1, help="designs probed at once, in local processes (same answer as 1)"),
     ray: str | None = typer.Option(None, "--ray", help="run the probes on a Ray cluster at this address "
-                                   "('local' starts one here); needs `pip install tandem[ray]`"),
+                                   "('local' starts one here); needs the ray extra (pip install 'tandem\\[ray]')"),
 ) -> None:
     """Cheapest layout for a load (--rate) or best throughput within a power/cost budget (--budget)."""
     from rich.console import Console
@@ -181,7 +181,7 @@ def report_cmd(
     json_out: Path | None = typer.Option(None, "--json", help="also write every number as JSON here"),
     jobs: int = typer.Option(1, help="layouts simulated at once, in local processes (same answer as 1)"),
     ray: str | None = typer.Option(None, "--ray", help="run on a Ray cluster at this address ('local' starts "
-                                   "one here); needs `pip install tandem[ray]`"),
+                                   "one here); needs the ray extra (pip install 'tandem\\[ray]')"),
 ) -> None:
     """Latency CDFs, throughput vs rate and the cost/power frontier of several layouts, as PNGs (+ JSON)."""
     from services.contracts.errors import InvalidArgument
