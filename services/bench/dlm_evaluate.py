@@ -3,9 +3,6 @@ Wilson 95% CI), token agreement with the baseline, forward passes, tokens per st
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -13,12 +10,12 @@ from pathlib import Path
 
 import torch
 
+from services.bench.stats import wilson
 from services.dlm.checkpoint import CHECKPOINT_DIR, load_pair
+from services.dlm.protocol import ABLATIONS, VARIANT_OPTIONS, VARIANTS
 from services.dlm.sampler import Options, sample, sample_batch
 from services.dlm.tasks import encode_prompt, eval_set
 
-VARIANTS = ("baseline", "freecache", "guided", "freecache_guided")
-ABLATIONS = ("freecache_lag", "refresh_block", "parallel")
 # The bench's sampling configuration, shared by every variant: blocks of 2, one token per step. Chosen on a
 # development set (seed 4242, `--sweep`), not the held-out one: at B=4, s=4 FreeCache lost 2-3 points on
 # sorting; at B=2, s=2 it lost none with 3.43x less linear work (docs/dlm.md, "Choosing B and s").
@@ -30,16 +27,6 @@ BENCH_GUIDE_CHUNK = 24
 EVAL_SEED = 12345  # tasks.eval_set's held-out seed; configurations are chosen on other seeds
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 0.0
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
-
-
 def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
     """Fraction of response positions whose token equals the reference's, over all prompts."""
     same = sum(a == b for t, u in zip(tokens, reference, strict=True) for a, b in zip(t, u, strict=True))
@@ -47,14 +34,10 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
 
 
 def variant_options(name: str, base: Options) -> tuple[Options, bool]:
-    """(options, uses_guide) for a named variant. `parallel` commits every draft of one DLM forward with no
-    guide judging them (an accept-all guide): what Guided Diffusion is compared against."""
-    table = {"baseline": ("off", False), "freecache": ("freecache", False),
-             "freecache_lag": ("freecache_lag", False), "refresh_block": ("refresh_block", False),
-             "guided": ("off", True), "freecache_guided": ("freecache", True), "parallel": ("off", True)}
-    cache, guided = table[name]
-    opts = replace(base, cache=cache)
-    return (replace(opts, accept="all") if name == "parallel" else opts), guided
+    """(options, uses_guide) for a named variant of services.dlm.protocol.VARIANT_OPTIONS."""
+    opts = dict(VARIANT_OPTIONS[name])
+    guided = bool(opts.pop("guided"))
+    return replace(base, **opts), guided
 
 
 def evaluate(dlm: torch.nn.Module, guide: torch.nn.Module, tok, n: int, base: Options,
@@ -99,11 +82,7 @@ def evaluate(dlm: torch.nn.Module, guide: torch.nn.Module, tok, n: int, base: Op
             "seconds": sec[name],
             "accuracy_by_task": {k: sum(v) / len(v) for k, v in sorted(by_task.items())},
         }
-    b = out[variants[0]]
-    for r in out.values():
-        r["speedup"] = b["seconds"] / r["seconds"]
-        r["linear_work_reduction"] = b["dlm_tokens"] / r["dlm_tokens"]
-    return out
+    return with_ratios(out, variants[0])
 
 
 BATCH_VARIANTS = ("baseline", "freecache", "refresh_block")
@@ -176,42 +155,27 @@ def sweep_table(res: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--ckpt", type=Path, default=CHECKPOINT_DIR)
-    ap.add_argument("--dlm", type=Path, default=None, help="another DLM checkpoint file")
-    ap.add_argument("--n", type=int, default=150)
-    ap.add_argument("--seed", type=int, default=EVAL_SEED,
-                    help="eval-set seed (pick configurations on another seed than the held-out one)")
-    ap.add_argument("--sweep", default=None, help="comma-separated BxS configurations, e.g. 4x4,6x6,8x8")
-    ap.add_argument("--variants", default="baseline,freecache")
-    ap.add_argument("--guide-chunk", type=int, default=BENCH_GUIDE_CHUNK)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--table", type=Path, default=None, help="print the markdown table of a saved sweep and exit")
-    a = ap.parse_args()
-    if a.table:
-        print(sweep_table(json.loads(a.table.read_text())))
-        return
+def run(ckpt: Path | None, dlm_path: Path | None, n: int, seed: int, sweep_text: str | None, variants: str,
+        guide_chunk: int, threads: int, device: str) -> dict:
+    """`tandem dlm evaluate`: a B x s sweep (`sweep_text` "BxS,..."), or every variant at the bench's B and s."""
     torch.set_grad_enabled(False)
-    torch.set_num_threads(a.threads)
-    dlm, guide, tok = load_pair(a.ckpt, a.device, dlm_path=a.dlm)
-    if a.sweep:
-        cfgs = [tuple(int(v) for v in c.split("x")) for c in a.sweep.split(",")]
-        variants = tuple(a.variants.split(","))
-        res = sweep(dlm, guide, tok, a.n, cfgs, variants, a.seed, a.guide_chunk)
-        if {"baseline", "freecache"} <= set(variants):
+    torch.set_num_threads(threads)
+    dlm, guide, tok = load_pair(ckpt or CHECKPOINT_DIR, device, dlm_path=dlm_path)
+    if sweep_text:
+        cfgs = [tuple(int(v) for v in c.split("x")) for c in sweep_text.split(",")]
+        names = tuple(variants.split(","))
+        res = sweep(dlm, guide, tok, n, cfgs, names, seed, guide_chunk)
+        if {"baseline", "freecache"} <= set(names):
             print(sweep_table(res))
-    else:
-        res = evaluate(dlm, guide, tok, a.n, Options(block=BENCH_BLOCK, steps_per_block=BENCH_STEPS,
-                                                     guide_chunk=a.guide_chunk),
-                       VARIANTS + ABLATIONS, seed=a.seed)
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        a.out.write_text(text)
+        return res
+    return evaluate(dlm, guide, tok, n, Options(block=BENCH_BLOCK, steps_per_block=BENCH_STEPS, guide_chunk=guide_chunk),
+                    VARIANTS + ABLATIONS, seed=seed)
 
 
-if __name__ == "__main__":
-    main()
+def with_ratios(out: dict, base: str) -> dict:
+    """Add each variant's wall-clock `speedup` and `linear_work_reduction` against the `base` variant."""
+    b = out[base]
+    for r in out.values():
+        r["speedup"] = b["seconds"] / r["seconds"]
+        r["linear_work_reduction"] = b["dlm_tokens"] / r["dlm_tokens"]
+    return out

@@ -1,6 +1,6 @@
 """One device call: train, calibrate schedules, and run the full table with CUDA graphs.
 
-`PYTHONPATH=. python -m services.bench.policy_gpu --out $OUT` (torch/numpy only); results land in
+`PYTHONPATH=. python -m services.bench.policy_gpu --out-dir $OUT` (torch/numpy only); results land in
 $OUT/ckpt (checkpoint + schedules) and $OUT/gpu_table.json.
 """
 
@@ -15,13 +15,14 @@ import torch
 
 from services.bench import policy as bench
 from services.policy import checkpoint
-from services.policy.model import ModelConfig
+from services.policy.model import DenoiserConfig
 from services.train import policy as train
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out-dir", dest="out", type=Path, help="folder for the checkpoint and gpu_table.json (required)")
+    p.add_argument("--out", dest="out", type=Path, help=argparse.SUPPRESS)  # the old spelling of --out-dir
     p.add_argument("--train-seconds", type=float, default=150)
     p.add_argument("--episodes", type=int, default=3000)
     p.add_argument("--eval-episodes", type=int, default=500)
@@ -32,12 +33,14 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="skip training and use this checkpoint")
     p.add_argument("--only", nargs="*", default=None, help="run just these config names")
     args = p.parse_args()
+    if args.out is None:
+        p.error("--out-dir is required")
     args.out.mkdir(parents=True, exist_ok=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False  # keep fp32 numerics comparable with the CPU table
     ckpt = args.out / "ckpt"
     if args.checkpoint is None:
-        cfg = ModelConfig(n_layer=args.n_layer, n_emb=args.n_emb)
+        cfg = DenoiserConfig(n_layer=args.n_layer, n_emb=args.n_emb)
         model, norm, info = train.train(cfg, args.episodes, args.train_seconds, 10**7, args.batch, 3e-4, dev)
         checkpoint.save(model, norm, ckpt, info)
     else:
@@ -56,7 +59,7 @@ def main() -> None:
             parts = name.split("/")
             if len(parts) != 3 or parts[0] not in bench.SAMPLERS or not parts[2].removeprefix("S=").isdigit():
                 p.error(f"--only: {name!r} is neither a table row nor sampler/method/S=N")
-            configs.append(bench.Config(parts[0], int(parts[2].removeprefix("S=")), parts[1]))
+            configs.append(bench.PolicyBenchConfig(parts[0], int(parts[2].removeprefix("S=")), parts[1]))
     rows = bench.run_table(model, norm, schedules, configs, args.eval_episodes, args.reps,
                            graphs=dev == "cuda", progress=lambda s: print(s, flush=True))
     device = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
