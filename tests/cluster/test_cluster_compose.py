@@ -13,6 +13,7 @@ import yaml
 
 from services.cluster.compose import compose_doc, render
 from services.cluster.launcher import plan
+from services.cluster.topology import drain_s
 from services.contracts.layout import Layout, load_layout, parse_layout
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +37,9 @@ def test_committed_compose_is_fresh_and_valid() -> None:
     assert set(gw["depends_on"]) == {"prefill-0", "decode-0", "decode-1"}
     assert gw["command"][-6:] == ["--worker", "prefill=prefill-0:50100", "--worker", "decode=decode-0:50200",
                                   "--worker", "decode=decode-1:50201"]
+    for svc in doc["services"].values():  # crashes restart; a stop drains before the SIGKILL
+        assert svc["restart"] == "unless-stopped" and svc["stop_signal"] == "SIGTERM"
+        assert int(svc["stop_grace_period"].rstrip("s")) > drain_s(load_layout(ROOT / EXAMPLE))
     # the layout travels inline and parses back to the same layout
     assert parse_layout(yaml.safe_load(doc["configs"]["layout"]["content"])) == load_layout(ROOT / EXAMPLE)
 
