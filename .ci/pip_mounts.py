@@ -33,7 +33,9 @@ def local_paths(conf: dict[str, str]) -> set[str]:
     paths = set()
     for value in conf.values():
         for token in str(value).split():
-            path = token.removeprefix("file://")
+            path = token.removeprefix("file://").rstrip("/")
+            if token.startswith("file://") and path.endswith("/simple"):
+                path = os.path.dirname(path)  # a local index links to files beside it (../files/...)
             if path.startswith("/") and os.path.exists(path):
                 paths.add(path)
     return paths
