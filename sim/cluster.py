@@ -14,6 +14,7 @@ import simpy
 from services.contracts import routing
 from services.contracts.errors import InvalidArgument
 from services.contracts.layout import Layout
+from services.contracts.roles import LLM_ROLES
 from sim import catalog
 from sim.dlm import DLMPool, split
 from sim.perf import PerfModel, ProfileTable, load_profile
@@ -79,7 +80,7 @@ class SimulatedCluster:
         for pi, pool in enumerate(layout.pools):
             if pool.count == 0:
                 continue
-            if pool.role not in ("prefill", "decode", "mixed"):
+            if pool.role not in LLM_ROLES:
                 continue  # diffusion workers (dlm, policy) serve no LLM requests: not simulated
             perf = perf_for(layout, pool.hardware, pool.power_cap_w, field=f"pools.{pi}.hardware")
             if perf.kv_capacity_tokens(layout.sim.kv_usable_fraction) <= 0 and pool.role != "prefill":

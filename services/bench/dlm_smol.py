@@ -9,13 +9,15 @@ from pathlib import Path
 
 import torch
 
-from services.bench.dlm_evaluate import agreement, variant_options, wilson
+from services.bench.dlm_evaluate import agreement, variant_options
 from services.bench.dlm_exact import run_checks
+from services.bench.stats import wilson
+from services.dlm import protocol
 from services.dlm.sampler import Options, sample
 from services.dlm.smol import SMOL_CHECKPOINT, SmolBridge, load
 from services.dlm.smol_tasks import GEN_LEN, PROMPT_LEN, eval_set, preamble
 
-VARIANTS = ("baseline", "freecache", "guided", "freecache_guided", "parallel")
+VARIANTS = (*protocol.VARIANTS, "parallel")
 
 
 def load_smol_pair(path: Path = SMOL_CHECKPOINT, *, guide_preamble: bool = True):

@@ -193,10 +193,10 @@ def train_cmd(
 ) -> None:
     """Train a checkpoint on scripted-expert demonstrations (the committed one was trained on a GPU)."""
     from services.policy import checkpoint as ckpt
-    from services.policy.model import ModelConfig
+    from services.policy.model import DenoiserConfig
     from services.train import policy as train
 
-    model, norm, info = train.train(ModelConfig(), episodes, seconds, 10**7, batch, 3e-4, device)
+    model, norm, info = train.train(DenoiserConfig(), episodes, seconds, 10**7, batch, 3e-4, device)
     ckpt.save(model, norm, out, info)
     typer.echo(f"wrote {out}: {info}")
 

@@ -25,6 +25,7 @@ from services.cluster.topology import (
     stop_grace_s,
 )
 from services.contracts.layout import Layout
+from services.contracts.roles import DIFFUSION_ROLES
 
 IMAGE = "tandem:latest"  # CPU pools (the repo's Dockerfile)
 GPU_IMAGE = "tandem-gpu:latest"  # GPU pools (the Dockerfile's CUDA variant, docs/deploy.md)
@@ -140,7 +141,7 @@ def _redis() -> dict[str, Doc]:
 def _worker(layout: Layout, pool: PoolSpec) -> dict[str, Doc]:
     name = f"tandem-{pool.name}"
     port = pool.port
-    if pool.role in ("dlm", "policy"):
+    if pool.role in DIFFUSION_ROLES:
         args = ["serve", pool.role, "--layout", LAYOUT_FILE, "--port", str(port)]
     else:  # every replica listens on the pool's port; it registers under its own pod IP
         args = ["serve", pool.role, "--layout", LAYOUT_FILE, "--address", f"0.0.0.0:{port}",

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from services.contracts.layout import Batching, Layout
+from services.contracts.roles import POOL_ROLES
 from services.registry import METRICS_PORT_OFFSET, layout_endpoints
 
 DEFAULT_DRAIN_S = 30.0  # how long a stopping service may finish in-flight requests (layout gateway.drain_s)
@@ -41,7 +42,7 @@ def pools(layout: Layout) -> list[PoolSpec]:
     for ep in layout_endpoints(layout):
         first_port.setdefault((ep.role, ep.index), ep.port)
     live = [p for p in layout.pools if p.count > 0]
-    out, seen = [], dict.fromkeys(("prefill", "decode", "mixed", "dlm", "policy"), 0)
+    out, seen = [], dict.fromkeys(POOL_ROLES, 0)
     for pool in live:
         same = [q for q in live if q.role == pool.role]
         name = pool.role

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.contracts.errors import DeadlineExceeded, InvalidArgument, TandemError, Unavailable
+from services.contracts.roles import LLM_ROLES
 from services.engine.sampling import SamplingParams
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.textstream import TextStream
 from services.grpcutil import get_logger, log
-from services.registry import LLM_ROLES, Registry
+from services.registry import Registry
 from services.router import Route, make_router
 
 logger = get_logger("tandem.gateway")
@@ -56,7 +57,7 @@ def new_request_id() -> str:
 class Gateway:
     """Holds the tokenizer, the router and one WorkerClient per worker; runs requests."""
 
-    def __init__(self, tokenizer: Any, registry: Registry, model_name: str, *, router_policy: str = "jsq",
+    def __init__(self, tokenizer: Any, registry: Registry, model_name: str, *, routing: str = "jsq",
                  default_timeout_s: float = 300.0, client_factory: Any = None,
                  metrics: GatewayMetrics | None = None) -> None:
         if client_factory is None:
@@ -70,7 +71,7 @@ class Gateway:
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._context: int | None = None
-        self.router = make_router(router_policy, registry, lambda addr: self.client(addr).info(timeout=1.0))
+        self.router = make_router(routing, registry, lambda addr: self.client(addr).info(timeout=1.0))
         self.dlm: Any = None  # the diffusion-LM path, when the registry lists dlm workers
         if registry.endpoints("dlm"):
             from services.gateway.dlm import DLMPath

@@ -33,7 +33,7 @@ def build_gateway(layout: Layout, workers: Sequence[str] = (), tokenizer: object
 
     registry = StaticRegistry.from_pairs(workers) if workers else StaticRegistry.from_layout(layout)
     tok = tokenizer if tokenizer is not None else load_tokenizer(layout.model.path)
-    return Gateway(tok, registry, layout.model.name, router_policy=layout.router.policy)
+    return Gateway(tok, registry, layout.model.name, routing=layout.router.policy)
 
 
 def serve(layout: Layout | None = None, http: str | None = None, grpc_address: str | None = None,

@@ -34,7 +34,7 @@ def test_large_checkpoint_schedules_and_bac_fidelity() -> None:
     ref = ev.chunk(model, norm, sampler, calib, 7, None)
     gpu = {r["config"]: r for r in json.loads(GPU_TABLE.read_text())["rows"]}
     errs = {}
-    for cfg in (bench.Config("ddpm100", 20, "bac"), bench.Config("ddpm100", 22, "uniform")):
+    for cfg in (bench.PolicyBenchConfig("ddpm100", 20, "bac"), bench.PolicyBenchConfig("ddpm100", 22, "uniform")):
         plan = bench.plan_of(cfg, schedules, model.cfg.n_blocks)
         assert block_evals(plan) == gpu[cfg.name]["block_evals"] < 0.25 * 100 * 24
         errs[cfg.name] = float(np.mean((ev.chunk(model, norm, sampler, calib, 7, plan) - ref) ** 2))
