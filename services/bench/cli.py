@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from services.bench import dlm_cli, dlm_tools_cli, engine_cli, fusion_cli, kv_cli, policy_cli
+from services.bench import dlm_cli, dlm_tools_cli, engine_cli, faults_cli, fusion_cli, kv_cli, policy_cli
 
 SIM_LAYOUT = Path(__file__).resolve().parents[2] / "examples/sim/splitwise-hh.yaml"
 
@@ -32,6 +32,7 @@ def register(group: Callable[[str], typer.Typer]) -> None:
     bench.command("dlm")(dlm_cli.bench_dlm)
     bench.command("policy")(policy_cli.bench_policy)
     bench.command("sim")(bench_sim)
+    bench.command("faults")(faults_cli.bench_faults)
 
     dlm = group("dlm")
     dlm.command("evaluate")(dlm_tools_cli.evaluate_cmd)

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from services.cluster.compose import dump_yaml
+from services.cluster.compose import REDIS_IMAGE, dump_yaml, redis_service_name
 from services.cluster.topology import (
     PRESTOP_S,
     PoolSpec,
@@ -25,11 +25,11 @@ from services.cluster.topology import (
     stop_grace_s,
 )
 from services.contracts.layout import Layout
+from services.contracts.registry_url import parse_registry
 from services.contracts.roles import DIFFUSION_ROLES
 
 IMAGE = "tandem:latest"  # CPU pools (the repo's Dockerfile)
 GPU_IMAGE = "tandem-gpu:latest"  # GPU pools (the Dockerfile's CUDA variant, docs/deploy.md)
-REDIS_IMAGE = "redis:7.2-alpine"
 REDIS_PORT = 6379
 HW_LABEL = "tandem.dev/hardware"
 LAYOUT_DIR = "/etc/tandem"
@@ -112,28 +112,30 @@ def _pdb(name: str, component: str) -> Doc:
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _selector(name)}}}
 
 
-def registry_url(layout: Layout, redis_url: str | None = None) -> tuple[str, bool]:
-    """(the URL pods use, whether to deploy our own Redis): an explicit or layout redis:// URL is external."""
+def registry_url(layout: Layout, redis_url: str | None = None) -> tuple[str, str | None]:
+    """(the URL pods use, the Redis Service to deploy or None). As in compose, a redis:// URL whose host is a
+    bare name (`redis://redis:6379/0`) names a Redis we run under that name; any other host is external, and
+    so is `redis_url`. `memory` (in-process) cannot span pods: it becomes our own `tandem-redis`."""
     if redis_url:
-        return redis_url, False
-    if layout.registry.startswith(("redis://", "rediss://")):
-        return layout.registry, False
-    return f"redis://tandem-redis:{REDIS_PORT}/0", True
+        return redis_url, None
+    spec = parse_registry(layout.registry)
+    if spec.kind == "redis" and spec.host != "localhost":
+        return layout.registry, redis_service_name(spec.host)
+    return f"redis://tandem-redis:{REDIS_PORT}/0", "tandem-redis"
 
 
-def _redis() -> dict[str, Doc]:
-    name = "tandem-redis"
-    probe = {"tcpSocket": {"port": REDIS_PORT}, "periodSeconds": 5}
+def _redis(name: str, port: int) -> dict[str, Doc]:
+    probe = {"tcpSocket": {"port": port}, "periodSeconds": 5}
     pod = {"metadata": {"labels": {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "tandem"}},
            "spec": {"securityContext": {"runAsNonRoot": True, "runAsUser": 999},
                     "containers": [{"name": "redis", "image": REDIS_IMAGE, "imagePullPolicy": "IfNotPresent",
-                                    "args": ["--save", "", "--appendonly", "no"],
-                                    "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
+                                    "args": ["--port", str(port), "--save", "", "--appendonly", "no"],
+                                    "ports": [{"name": "redis", "containerPort": port}],
                                     "readinessProbe": probe, "livenessProbe": probe,
                                     "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]}}
     dep = _deployment(name, "registry", 1, pod)
     dep["spec"]["strategy"] = {"type": "Recreate"}
-    svc = _service(name, "registry", [{"name": "redis", "port": REDIS_PORT, "targetPort": REDIS_PORT,
+    svc = _service(name, "registry", [{"name": "redis", "port": port, "targetPort": port,
                                        "appProtocol": "redis"}], headless=False)
     return {"redis-deployment.yaml": dep, "redis-service.yaml": svc}
 
@@ -188,14 +190,14 @@ def _gateway(layout: Layout, specs: list[PoolSpec]) -> dict[str, Doc]:
 
 def manifests(layout: Layout, redis_url: str | None = None) -> dict[str, Doc]:
     """File name -> Kubernetes object, in apply order (config, registry, workers, gateway)."""
-    url, own_redis = registry_url(layout, redis_url)
+    url, redis_name = registry_url(layout, redis_url)
     in_cluster = layout.model_copy(update={"registry": url})
     text = yaml.safe_dump(in_cluster.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
     out: dict[str, Doc] = {"layout-configmap.yaml": {
         "apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta("tandem-layout", "config"),
         "data": {"layout.yaml": text}}}
-    if own_redis:
-        out.update(_redis())
+    if redis_name:
+        out.update(_redis(redis_name, parse_registry(url).port))
     specs = pools(layout)
     for pool in specs:
         out.update(_worker(layout, pool))

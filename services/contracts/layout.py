@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from services.contracts.errors import InvalidArgument
 from services.contracts.metrics import SLO
+from services.contracts.registry_url import parse_registry
 from services.contracts.roles import PoolRole
 
 
@@ -100,15 +101,14 @@ class Layout(_Strict):
     slo: SLOSpec = SLOSpec()
     gateway: GatewaySpec = GatewaySpec()
     kv_link: KVLink = KVLink()
-    registry: str = Field("memory", description="where workers are registered: 'memory' (the layout itself) is "
-                          "the only one until the Redis registry exists")
+    registry: str = Field("memory", description="where workers register: 'memory' (in-process, the default) or "
+                          "redis://HOST[:PORT][/DB][?ttl_s=SECONDS]")
     sim: SimSpec = SimSpec()
 
     @field_validator("registry")
     @classmethod
     def _check_registry(cls, value: str) -> str:
-        if value != "memory":
-            raise ValueError(f"only 'memory' is supported until the Redis registry exists (got {value!r})")
+        parse_registry(value)
         return value
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ from services.cluster.k8s import HW_LABEL, manifests, write
 from services.cluster.launcher import plan
 from services.cluster.topology import drain_s
 from services.contracts.layout import load_layout, parse_layout
+from services.contracts.registry_url import parse_registry
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "local-split.yaml"
@@ -93,6 +94,22 @@ def test_workers_have_grpc_probes_drain_and_pdb() -> None:
     assert "--worker" not in gw["args"]  # LLM workers register in Redis
     layout_in_pod = yaml.safe_load(docs["layout-configmap.yaml"]["data"]["layout.yaml"])
     assert layout_in_pod["registry"] == "redis://tandem-redis:6379/0" and "redis-deployment.yaml" in docs
+
+
+@pytest.mark.parametrize("registry, url, service", [
+    ("memory", "redis://tandem-redis:6379/0", "tandem-redis"),  # in-process cannot span pods: our own Redis
+    ("redis://redis:6380/1?ttl_s=2", "redis://redis:6380/1?ttl_s=2", "redis"),  # a bare name: ours, as in compose
+    ("redis://redis.infra.svc:6379/0", "redis://redis.infra.svc:6379/0", None),  # anything else: external
+])
+def test_registry_in_the_cluster(registry: str, url: str, service: str | None) -> None:
+    docs = manifests(parse_layout({"registry": registry}))
+    assert yaml.safe_load(docs["layout-configmap.yaml"]["data"]["layout.yaml"])["registry"] == url
+    if service is None:
+        assert "redis-service.yaml" not in docs and "redis-deployment.yaml" not in docs
+    else:
+        svc = docs["redis-service.yaml"]
+        assert svc["metadata"]["name"] == service and svc["spec"]["ports"][0]["port"] == parse_registry(url).port
+        assert k8s_errors(svc) == [] and k8s_errors(docs["redis-deployment.yaml"]) == []
 
 
 def test_heterogeneous_pools_are_placed_by_hardware() -> None:
