@@ -72,3 +72,17 @@ def test_cli_errors_are_clear(args: list[str], needle: str, monkeypatch: pytest.
         cli.main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "error:" in err and needle in err and "Traceback" not in err
+
+
+def test_ci_runs_the_compose_cluster_after_the_suite() -> None:
+    # the real run needs root, apt and minutes (docs/deploy.md); here: it is wired in, parses and tears down on exit
+    import os
+    import subprocess
+
+    run = (ROOT / ".ci" / "run").read_text()
+    assert run.index("python -m pytest") < run.index("bash .ci/compose-cluster")
+    script = ROOT / ".ci" / "compose-cluster"
+    assert os.access(script, os.X_OK)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "trap cleanup EXIT" in text and "compose down" in text and "flock -n" in text
