@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -76,9 +78,6 @@ def test_cli_errors_are_clear(args: list[str], needle: str, monkeypatch: pytest.
 
 def test_ci_runs_the_compose_cluster_after_the_suite() -> None:
     # the real run needs root, apt and minutes (docs/deploy.md); here: it is wired in, parses and tears down on exit
-    import os
-    import subprocess
-
     run = (ROOT / ".ci" / "run").read_text()
     assert run.index("python -m pytest") < run.index("bash .ci/compose-cluster")
     script = ROOT / ".ci" / "compose-cluster"
