@@ -17,11 +17,17 @@ def bench_sim(
     trace: str = typer.Option("conv"),
     layout: Path = typer.Option(SIM_LAYOUT),
     repeats: int = typer.Option(3),
+    reference: Path | None = typer.Option(None, help="a splitwise-sim checkout: also measure its CPU per "
+                                          "request next to ours on one trace (benchmarks/sim_reference.py)"),
+    reference_python: str = typer.Option("python", help="the Python with splitwise-sim's requirements"),
 ) -> None:
     """Simulated requests per CPU second replaying one hour of a trace (benchmarks/sim_speed.py)."""
-    from sim.speed import speed_table
+    from sim.speed import reference_speed_table, speed_table
 
     typer.echo(speed_table(layout, trace, repeats))
+    if reference is not None:
+        typer.echo("")
+        typer.echo(reference_speed_table(reference.resolve(), reference_python))
 
 
 def register(group: Callable[[str], typer.Typer]) -> None:

@@ -1,4 +1,4 @@
-"""CLI verbs of the cluster area: `tandem up`, `tandem serve ROLE`, `tandem compose`."""
+"""CLI verbs of the cluster area: `tandem up`, `tandem serve ROLE`, `tandem compose`, `tandem k8s`."""
 
 from __future__ import annotations
 
@@ -184,3 +184,17 @@ def register(group: Callable[[str], typer.Typer]) -> None:
             typer.echo(f"wrote {output}", err=True)
         else:
             typer.echo(text, nl=False)
+
+    @app.command("k8s")
+    def k8s_cmd(
+        layout: str = typer.Argument(None, help="layout YAML; none = the one-machine default"),
+        output: str = typer.Option(..., "-o", "--output", help="directory for kustomization.yaml + one file per object"),
+        namespace: str = typer.Option(None, "--namespace", help="set in kustomization.yaml (default: none)"),
+        redis_url: str = typer.Option(None, "--redis-url", help="an existing Redis for the registry instead of "
+                                      "deploying one (default: the layout's redis:// registry, else our own)"),
+    ) -> None:
+        """Write the layout's cluster as Kubernetes manifests (Kustomize-ready): `kubectl apply -k DIR`."""
+        from services.cluster.k8s import write
+
+        paths = write(_layout(layout), output, layout, namespace, redis_url)
+        typer.echo(f"wrote {len(paths)} files to {output} (kubectl apply -k {output})", err=True)
