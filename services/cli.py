@@ -40,6 +40,8 @@ bench_app = group("bench")
 AREAS = [
     "services.engine.cli",
     "services.cluster.cli",
+    "services.client.cli",
+    "services.tls",
     "services.bench.cli",
     "services.train.cli",
     "sim.cli",

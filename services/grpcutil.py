@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services import reflection_v1, tls
 from services.contracts import errors
 from services.contracts.errors import TandemError
 
@@ -28,7 +29,7 @@ REQUEST_ID_KEY = "x-request-id"
 
 _STATUS = {name: getattr(grpc.StatusCode, name) for name in (
     "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL",
-    "CANCELLED", "FAILED_PRECONDITION")}
+    "CANCELLED", "FAILED_PRECONDITION", "UNAUTHENTICATED")}
 
 
 def status_code(exc: TandemError) -> grpc.StatusCode:
@@ -44,6 +45,7 @@ _FROM_STATUS: dict[grpc.StatusCode, type[errors.TandemError]] = {
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
     grpc.StatusCode.CANCELLED: errors.Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
 }
 _FIELD = re.compile(r"^([a-z_][a-z0-9_.]*): ")  # our servers start a rejection with the field it names
 
@@ -137,15 +139,28 @@ class Server:
     """A gRPC server with health (NOT_SERVING until `ready()`), reflection and generous message limits."""
 
     def __init__(self, address: str, add_fns: Iterable[Callable[[grpc.Server], None]], service_names: Iterable[str],
-                 max_workers: int = 32) -> None:
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS)
+                 max_workers: int = 32, *, interceptors: Iterable[grpc.ServerInterceptor] = (),
+                 max_receive_bytes: int = MAX_MESSAGE_BYTES, client_certs: bool = True) -> None:
+        """With TANDEM_TLS_* set (services.tls) it listens with TLS, demanding client certificates unless
+        `client_certs` is False (a public front door)."""
+        options = [*CHANNEL_OPTIONS[:1], ("grpc.max_receive_message_length", max_receive_bytes)]
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
+                                interceptors=list(interceptors))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         for add in add_fns:
             add(self.grpc)
         self.service_names = list(service_names)
-        reflection.enable_server_reflection([*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
-        self.port = self.grpc.add_insecure_port(address)
+        names = [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME, reflection_v1.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.grpc)
+        reflection_v1.enable(names, self.grpc)
+        files = tls.from_env()
+        if files is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            creds = grpc.ssl_server_credentials([(files.key, files.cert)], root_certificates=files.ca,
+                                                require_client_auth=client_certs)
+            self.port = self.grpc.add_secure_port(address, creds)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
@@ -169,7 +184,12 @@ class Server:
 
 
 def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """A channel to another Tandem process: mutual TLS when TANDEM_TLS_* are set (services.tls), else plaintext."""
+    files = tls.from_env()
+    if files is None:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(files.ca, files.key, files.cert),
+                               options=CHANNEL_OPTIONS)
 
 
 def wait_healthy(address: str, timeout_s: float = 30.0, service: str = "") -> None:

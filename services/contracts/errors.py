@@ -44,3 +44,9 @@ class DeadlineExceeded(TandemError, TimeoutError):
     code = "DEADLINE_EXCEEDED"
     http_status = 504
     openai_type = "timeout_error"
+
+
+class Unauthenticated(TandemError, PermissionError):
+    code = "UNAUTHENTICATED"
+    http_status = 401
+    openai_type = "invalid_request_error"

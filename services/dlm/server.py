@@ -165,7 +165,7 @@ def serve(port: int, checkpoint_dir: str | None = None, *, host: str = "0.0.0.0"
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, registry=metrics.registry)
+        start_http_server(metrics_port, addr=host.strip("[]") or "127.0.0.1", registry=metrics.registry)
     server.ready()
     grpcutil.log(log, "dlm serving", address=server.address, cache=cache, guided=guided, sha256=eng.sha256)
     running = DLMServer(server, metrics_port)

@@ -6,33 +6,63 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any, Literal
 
 import grpc
 
 from services.contracts.errors import InvalidArgument
-from services.engine.sampling import SamplingParams
 from services.gateway.core import Chunk, Gateway, GenRequest
-from services.gateway.openai_api import MAX_STOP, check_model
+from services.gateway.openai_api import parse, to_request
 from services.grpcutil import REQUEST_ID_KEY, get_logger, request_id, rpc_errors
 from services.rpc.tandem.v1 import generation_pb2 as pb
 from services.rpc.tandem.v1 import generation_pb2_grpc as pb_grpc
 
 logger = get_logger("tandem.gateway.grpc")
 SERVICE_NAME = "tandem.v1.Generation"
+DEFAULT_MAX_TOKENS = 16  # proto: "Unset: 16" (for chat too)
+MAX_TIMEOUT_S = 3600.0  # as HTTP's x-tandem-timeout-s
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
 
-def sampling_params(s: pb.SamplingOptions) -> SamplingParams:
-    if len(s.stop) > MAX_STOP:
-        raise InvalidArgument(f"sampling.stop: at most {MAX_STOP} stop strings (got {len(s.stop)})", param="stop")
-    for name in ("temperature", "top_p"):
-        if s.HasField(name) and not math.isfinite(getattr(s, name)):
-            raise InvalidArgument(f"sampling.{name}: must be finite", param=name)
-    return SamplingParams(max_tokens=s.max_tokens if s.HasField("max_tokens") else 16,
-                          temperature=s.temperature if s.HasField("temperature") else 1.0,
-                          top_k=s.top_k, top_p=s.top_p if s.HasField("top_p") else 1.0,
-                          seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop),
-                          ignore_eos=s.ignore_eos)
+def to_body(request: pb.GenerateRequest) -> tuple[Literal["completions", "chat"], dict[str, Any], dict[str, str]]:
+    """The request as the JSON body HTTP would get, its endpoint, and how to name its fields in errors."""
+    kind = request.WhichOneof("input")
+    body: dict[str, Any] = {"model": request.model}
+    names = {f: f"sampling.{f}" for f in ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos")}
+    if kind == "text":
+        body["prompt"], names["prompt"] = request.text, "text"
+    elif kind == "token_ids":
+        body["prompt"], names["prompt"] = list(request.token_ids.ids), "token_ids"
+    elif kind == "chat":
+        body["messages"] = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        names["messages"] = "chat.messages"
+    else:
+        raise InvalidArgument("input: set one of text, token_ids or chat", param="input")
+    s = request.sampling
+    body["max_tokens"] = s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+    for name in ("temperature", "top_p", "seed"):
+        if s.HasField(name):
+            body[name] = getattr(s, name)
+    if s.top_k:
+        body["top_k"] = s.top_k
+    if s.stop:
+        body["stop"] = list(s.stop)
+    if s.ignore_eos:
+        body["ignore_eos"] = True
+    return ("chat" if kind == "chat" else "completions"), body, names
+
+
+def _renamed(exc: InvalidArgument, names: dict[str, str]) -> InvalidArgument:
+    """An error naming an HTTP field, renamed to the proto field the gRPC client set."""
+    param = exc.param or ""
+    root, dot, rest = param.partition(".")
+    if root not in names:
+        return exc
+    new = names[root] + dot + rest
+    message = new + exc.message[len(param):] if exc.message.startswith(param + ":") else exc.message
+    err = InvalidArgument(message, param=new)
+    err.openai_code = getattr(exc, "openai_code", None)  # type: ignore[attr-defined]
+    return err
 
 
 def to_pb(chunk: Chunk, rid: str) -> pb.GenerateResponse:
@@ -51,30 +81,23 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     def _request(self, request: pb.GenerateRequest, rid: str, context: grpc.ServicerContext,
                  received: float) -> GenRequest:
-        check_model(self.gw, request.model)
-        kind = request.WhichOneof("input")
-        tok = self.gw.tokenizer
-        if kind == "text":
-            if not request.text:
-                raise InvalidArgument("text: must not be empty", param="text")
-            ids, param = tok.encode(request.text), "text"
-        elif kind == "token_ids":
-            ids, param = list(request.token_ids.ids), "token_ids"
-        elif kind == "chat":
-            if not request.chat.messages:
-                raise InvalidArgument("chat.messages: must not be empty", param="chat")
-            ids, param = tok.encode_chat([{"role": m.role, "content": m.content} for m in request.chat.messages]), "chat"
-        else:
-            raise InvalidArgument("input: set one of text, token_ids or chat", param="input")
-        params = sampling_params(request.sampling)
-        self.gw.check(ids, params, prompt_param=param)
-        if request.timeout_s < 0 or not math.isfinite(request.timeout_s):
-            raise InvalidArgument(f"timeout_s: must be >= 0 (got {request.timeout_s})", param="timeout_s")
+        if isinstance(request, _Unparsable):
+            raise InvalidArgument(f"request: not a valid tandem.v1.GenerateRequest message ({request.why[:200]})",
+                                  param="request")
+        if not math.isfinite(request.timeout_s) or not 0 <= request.timeout_s <= MAX_TIMEOUT_S:
+            raise InvalidArgument(f"timeout_s: must be in [0, {MAX_TIMEOUT_S:.0f}] seconds (got {request.timeout_s})",
+                                  param="timeout_s")
         timeout = request.timeout_s or self.gw.default_timeout_s
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = min(timeout, remaining)
-        return GenRequest(ids, params, request_id=rid, timeout_s=timeout, api="grpc", received=received)
+        kind, body, names = to_body(request)
+        try:  # the same schema and checks as HTTP (services.gateway.schema, openai_api.to_request)
+            req = to_request(self.gw, parse(body, kind), rid, timeout, received)
+        except InvalidArgument as exc:
+            raise _renamed(exc, names) from None
+        req.api = "grpc"
+        return req
 
     @rpc_errors(logger)
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:  # noqa: N802
@@ -88,6 +111,25 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             yield to_pb(chunk, rid)
 
 
+class _Unparsable:
+    """Stands for request bytes that are not a GenerateRequest (grpc treats a None request as INTERNAL)."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def _parse_request(data: bytes) -> pb.GenerateRequest | _Unparsable:
+    try:
+        return pb.GenerateRequest.FromString(data)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError (e.g. a string that is not UTF-8)
+        return _Unparsable(str(exc) or type(exc).__name__)
+
+
 def add_to_server(gw: Gateway) -> object:
+    """Registers Generate by hand so a message that does not parse is INVALID_ARGUMENT, not INTERNAL."""
     servicer = GenerationServicer(gw)
-    return lambda server: pb_grpc.add_GenerationServicer_to_server(servicer, server)
+    handler = grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=_parse_request,
+            response_serializer=pb.GenerateResponse.SerializeToString)})
+    return lambda server: server.add_generic_rpc_handlers((handler,))

@@ -16,9 +16,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.contracts.errors import TandemError
+from services.contracts.errors import NotFound, TandemError
 from services.gateway import openai_api as oa
 from services.gateway.core import Chunk, Gateway, GenRequest, new_request_id
+from services.gateway.edge import ApiKeys, EdgeMiddleware
+from services.gateway.schema import MAX_BODY_BYTES, openapi_body
 from services.grpcutil import REQUEST_ID_KEY, get_logger, log
 
 logger = get_logger("tandem.gateway.http")
@@ -94,8 +96,10 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
+def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None, keys: ApiKeys | None = None,
+               max_body: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="Tandem gateway", version="1")
+    app.add_middleware(EdgeMiddleware, keys=keys, max_body=max_body)  # inside RequestId: refusals carry the id
     app.add_middleware(RequestIdMiddleware)
     pool = pool or ThreadPoolExecutor(max_workers=64, thread_name_prefix="gateway")
     app.state.gateway, app.state.pool = gw, pool
@@ -128,14 +132,14 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
     async def model(model_id: str) -> dict[str, Any]:
         if gw.dlm is not None and gw.dlm.serves(model_id):
             return gw.dlm.model_card()
-        oa.check_model(gw, model_id)
+        oa.check_model(gw, model_id, NotFound)
         return _model_card(gw)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi_body(oa.CompletionBody))
     async def completions(request: Request) -> Response:
         return await _generate(request, "completions")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi_body(oa.ChatBody))
     async def chat(request: Request) -> Response:
         return await _generate(request, "chat")
 
@@ -156,7 +160,10 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             return _error(400, f"body: not valid JSON ({exc})", "invalid_request_error", "body", "invalid_json")
-        body = oa.parse(data, kind)
+        except RecursionError:
+            return _error(400, "body: JSON nested too deeply", "invalid_request_error", "body", "invalid_json")
+        dlm = gw.dlm is not None and isinstance(data, dict) and gw.dlm.serves(data.get("model"))
+        body = oa.parse(data, kind, _dlm_fields() if dlm else ())
         timeout = _timeout(request, gw.default_timeout_s)
         model_name = gw.model_name
         if gw.dlm is not None and gw.dlm.serves(body.model):  # the diffusion LM: its own worker pool
@@ -236,6 +243,12 @@ def _timeout(request: Request, default: float) -> float:
         raise InvalidArgument(f"{TIMEOUT_HEADER}: must be a number of seconds in (0, 3600] (got {raw!r})",
                               param=TIMEOUT_HEADER)
     return value
+
+
+def _dlm_fields() -> tuple[str, ...]:
+    from services.dlm.protocol import OPTION_FIELDS
+
+    return OPTION_FIELDS
 
 
 def _model_card(gw: Gateway) -> dict[str, Any]:

@@ -1,110 +1,28 @@
-"""OpenAI request shapes -> GenRequest (validated, errors name the field) and Chunks -> OpenAI response JSON."""
+"""Validated OpenAI bodies (services.gateway.schema) -> GenRequest, and Chunks -> OpenAI response JSON."""
 
 from __future__ import annotations
 
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from services.contracts.errors import InvalidArgument
+from services.contracts.errors import InvalidArgument, NotFound
 from services.engine.sampling import SamplingParams
 from services.gateway.core import Chunk, Gateway, GenRequest
+from services.gateway.schema import MAX_STOP, ChatBody, CompletionBody, parse
 
-MAX_STOP = 4
+__all__ = ["MAX_STOP", "ChatBody", "CompletionBody", "parse", "check_model", "to_request", "Shaper", "error_body"]
+
 CHAT_DEFAULT_MAX_TOKENS = 1024  # chat requests without max_tokens get this, capped by the context left
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
-
-
-class _Common(BaseModel):
-    """Fields both endpoints share. Unknown fields are ignored (clients send extras); unsupported ones fail."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # extension (vLLM spelling)
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
-    presence_penalty: float = Field(0.0, ge=0, le=0)
-    frequency_penalty: float = Field(0.0, ge=0, le=0)
-    ignore_eos: bool = False  # extension, for benchmarks
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings")
-        if any(not s for s in stops):
-            raise ValueError("stop strings must be non-empty")
-        return stops
-
-
-class CompletionBody(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: Literal[False] = False
-    logprobs: None = None
-    best_of: int | None = Field(None, ge=1, le=1)
-    suffix: None = None
-
-
-class ChatPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ChatPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class ChatBody(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Literal[False] | None = None
-    tools: None = None
-
-
-def _pydantic_error(exc: ValidationError) -> InvalidArgument:
-    first = exc.errors()[0]
-    # drop union-branch names (e.g. 'prompt.str') so the param is the request field the client wrote
-    loc = [str(x) for x in first["loc"] if not (isinstance(x, str) and ("[" in x or x in ("str", "list")))]
-    param = ".".join(loc) or "body"
-    if first["type"] == "missing":
-        return InvalidArgument(f"{param}: is required", param=param)
-    return InvalidArgument(f"{param}: {first['msg']} (got {first.get('input')!r})"[:500], param=param)
-
-
-def parse(body: Any, kind: Literal["completions", "chat"]) -> CompletionBody | ChatBody:
-    if not isinstance(body, dict):
-        raise InvalidArgument("body: expected a JSON object", param="body")
-    try:
-        return (CompletionBody if kind == "completions" else ChatBody).model_validate(body)
-    except ValidationError as exc:
-        raise _pydantic_error(exc) from None
-
-
-def check_model(gw: Gateway, name: str) -> None:
+def check_model(gw: Gateway, name: str, missing: type[InvalidArgument] | type[NotFound] = InvalidArgument) -> None:
+    """Raise `missing` (model_not_found) unless this gateway serves `name` ("" = the cluster's model)."""
     if name and name != gw.model_name:
         dlm = getattr(gw, "dlm", None)
         if dlm is not None and dlm.serves(name):
             raise InvalidArgument(f"model: {name} supports HTTP /v1/completions only", param="model")
         served = repr(gw.model_name) + (f" and {dlm.model_name!r} (/v1/completions)" if dlm is not None else "")
-        err = InvalidArgument(f"model: unknown model {name!r}; this gateway serves {served}", param="model")
+        err = missing(f"model: unknown model {name!r}; this gateway serves {served}", param="model")
         err.openai_code = "model_not_found"  # type: ignore[attr-defined]
         raise err
 

@@ -56,23 +56,32 @@ def serve(layout: Layout | None = None, http: str | None = None, grpc_address: s
     """Blocks until SIGINT/SIGTERM. Addresses default to the layout's `gateway` section."""
     import uvicorn
 
+    from services.gateway.edge import ApiKeyInterceptor, ApiKeys, is_loopback
     from services.gateway.grpc_front import SERVICE_NAME, add_to_server
     from services.gateway.http import create_app
+    from services.gateway.schema import MAX_BODY_BYTES
 
     layout = layout or Layout()
     http = http or layout.gateway.http
     grpc_address = grpc_address or layout.gateway.grpc
     host, port = split_hostport(http, "gateway.http")
-    split_hostport(grpc_address, "gateway.grpc")
+    grpc_host, _ = split_hostport(grpc_address, "gateway.grpc")
+    keys = ApiKeys.load()
+    if not keys and not (is_loopback(host) and is_loopback(grpc_host)):
+        log(logger, "no API keys configured and the gateway listens beyond loopback: anyone who can reach it may "
+            "use it (set TANDEM_API_KEYS or TANDEM_API_KEYS_FILE)", 30, http=http, grpc=grpc_address)
     gw = build_gateway(layout, workers)
-    rpc = Server(grpc_address, [add_to_server(gw)], [SERVICE_NAME]).start()
+    # Request messages get the HTTP body limit (RESOURCE_EXHAUSTED above it); the gateway receives nothing larger.
+    rpc = Server(grpc_address, [add_to_server(gw)], [SERVICE_NAME], interceptors=[ApiKeyInterceptor(keys)],
+                 max_receive_bytes=MAX_BODY_BYTES, client_certs=False).start()
     rpc.ready()
-    log(logger, "gateway up", http=http, grpc=rpc.address, workers=[e.address for e in gw.registry.all()])
+    log(logger, "gateway up", http=http, grpc=rpc.address, workers=[e.address for e in gw.registry.all()],
+        auth="api-key" if keys else "open")
     # uvicorn re-raises the signal that stopped it once it is done; make SIGTERM end in our cleanup too
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     try:
-        uvicorn.Server(uvicorn.Config(create_app(gw), host=host, port=port, log_level="warning",
+        uvicorn.Server(uvicorn.Config(create_app(gw, keys=keys), host=host, port=port, log_level="warning",
                                       timeout_graceful_shutdown=3)).run()
     except KeyboardInterrupt:
         pass

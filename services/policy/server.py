@@ -197,7 +197,7 @@ def serve(port: int, checkpoint: str | None = None, *, host: str = "0.0.0.0", sa
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, registry=metrics.registry)
+        start_http_server(metrics_port, addr=host.strip("[]") or "127.0.0.1", registry=metrics.registry)
     server.ready()
     grpcutil.log(log, "policy serving", address=server.address, sampler=sampler, cache=cache, budget=budget)
     running = PolicyServer(server, batcher)

@@ -94,7 +94,8 @@ class WorkerServer:
         if self.metrics_port is not None:
             from prometheus_client import start_http_server
 
-            start_http_server(self.metrics_port)
+            # next to the worker's own gRPC address (loopback unless the layout binds wider), never 0.0.0.0 by default
+            start_http_server(self.metrics_port, addr=self.address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1")
         self._load()
         self.server.ready()
         log(logger, "worker ready", role=self.role, address=self.address, model=self.engine.name,

@@ -26,7 +26,8 @@ from pathlib import Path
 
 SERVING = ("services.engine", "services.kv", "services.batching", "services.workers", "services.gateway",
            "services.cluster", "services.dlm", "services.policy", "services.rpc", "services.contracts",
-           "services.router", "services.registry", "services.grpcutil")
+           "services.router", "services.registry", "services.grpcutil", "services.client", "services.tls",
+           "services.reflection_v1")
 NOT_SERVING = ("services.bench", "services.train", "matplotlib")
 CONTRACTS = "services.contracts"
 
