@@ -8,6 +8,7 @@ TCP is the floor: a length prefix, the same tensor bytes, a receiver that reads 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import socket
 import struct
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from services.contracts.errors import InvalidArgument
 from services.grpcutil import channel, wait_healthy
 from services.kv.proto import encode_wire
 from services.kv.sender import PUSH
@@ -59,12 +61,65 @@ def _raw_sink(port: int, ready: Any) -> None:
                 conn.sendall(struct.pack("<Q", total))
 
 
-def _spawn_worker(role: str, spec: str | None, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+def worker_device(value: str | None, param: str) -> tuple[list[str], dict[str, str]]:
+    """'cpu' or 'cuda:N' -> (the worker's --device arguments, the environment pinning it to GPU N alone).
+
+    A worker on 'cuda:N' runs with CUDA_VISIBLE_DEVICES=N and --device cuda, so it sees that one GPU only."""
+    if value is None:
+        return [], {}
+    v = value.strip().lower()
+    if v == "cpu":
+        return ["--device", "cpu"], {}
+    head, sep, index = v.partition(":")
+    if head == "cuda" and sep and index.isdigit():
+        return ["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": str(int(index))}
+    raise InvalidArgument(f"{param} must be 'cpu' or 'cuda:N' with N a GPU index, e.g. cuda:0 (got {value!r})",
+                          param=param.lstrip("-").replace("-", "_"))
+
+
+def model_for_ttft(model: str | None, dtype: str | None, lengths: list[int]) -> str | None:
+    """The worker spec for --ttft: a SHAPES name (random weights of that shape, context fitted to the longest
+    prompt) becomes a random spec; any other spec passes through. `dtype` applies to SHAPES names only."""
+    from dataclasses import asdict
+
+    from services.bench.fusion import SHAPES
+    from services.workers.modelspec import DTYPES
+
+    if dtype is not None and dtype not in DTYPES:
+        raise InvalidArgument(f"--ttft-dtype must be one of {', '.join(DTYPES)} (got {dtype!r})", param="ttft_dtype")
+    if model not in SHAPES:
+        if dtype is not None:
+            raise InvalidArgument(f"--ttft-dtype applies to a shape name ({', '.join(SHAPES)}), not to {model!r}; "
+                                  "put \"dtype\" in a random:<json> spec instead", param="ttft_dtype")
+        return model
+    cfg = asdict(SHAPES[model])
+    cfg["max_seq_len"] = max(cfg["max_seq_len"], max(lengths) + 64)
+    return random_spec(**cfg, **({"dtype": dtype} if dtype else {}))
+
+
+def _spawn_worker(role: str, spec: str | None, extra: list[str] | None = None,
+                  env: dict[str, str] | None = None, log: Any = None) -> tuple[subprocess.Popen, str]:
     addr = f"127.0.0.1:{_free_port()}"
     model = ["--model", spec] if spec else []  # None: the worker loads the embedded default model
     proc = subprocess.Popen([sys.executable, "-m", "services.workers.server", role, "--address", addr, *model,
-                             *(extra or [])], stderr=subprocess.DEVNULL)
+                             *(extra or [])], stderr=log or subprocess.DEVNULL, env={**os.environ, **(env or {})})
     return proc, addr
+
+
+def _wait_started(started: list[tuple[subprocess.Popen, str]], timeout_s: float) -> None:
+    """Every worker healthy; a worker that exits first fails at once (not after the whole timeout)."""
+    deadline = time.monotonic() + timeout_s
+    for proc, addr in started:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker at {addr} exited with code {proc.returncode} before it was healthy "
+                                   "(--worker-log FILE keeps its stderr)")
+            try:
+                wait_healthy(addr, 2)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -148,15 +203,18 @@ def _one_ttft(pc: Any, dc: Any, mc: Any, sc: Any, d_addr: str, prompt: list[int]
     list(rest)
     assert first.first_token == r.first_token == rs.first_token
     return {"split_ttft_s": split, "split_serial_ttft_s": serial, "mixed_ttft_s": mixed,
-            "prefill_s": r.timings.prefill_s, "kv_exposed_s": r.timings.kv_transfer_s,
+            "prefill_s": r.timings.prefill_s, "queue_s": r.timings.queue_s, "kv_exposed_s": r.timings.kv_transfer_s,
+            "mixed_prefill_s": first.timings.prefill_s,
             "kv_serial_s": rs.timings.kv_transfer_s, "kv_bytes": r.kv_bytes}
 
 
 def ttft(model: str | None, lengths: list[int], max_tokens: int = 2, progress: Any = None,
-         repeats: int = 1) -> list[dict[str, Any]]:
+         repeats: int = 1, devices: dict[str, str | None] | None = None, log: Any = None) -> list[dict[str, Any]]:
     """TTFT per prompt length: prefill -> layer-wise KV push -> decode worker, the same with the push after the
     forward pass (no overlap), and the mixed worker (no push). One process per worker, requests one at a time;
-    each column is the best of `repeats` interleaved runs."""
+    each column is the best of `repeats` interleaved runs. `devices` maps "prefill" (both prefill workers),
+    "decode" and "mixed" to 'cpu' / 'cuda:N' (None: the worker's default); `log`, a file the workers' stderr
+    goes to."""
     from services.engine.sampling import SamplingParams
     from services.workers.client import WorkerClient
 
@@ -164,14 +222,14 @@ def ttft(model: str | None, lengths: list[int], max_tokens: int = 2, progress: A
     # the longest context) within memory for 4096-token prompts.
     args = ["--max-batch-tokens", str(max(lengths)), "--kv-timeout-s", "300", "--kv-stall-s", "120",
             "--max-batch", "2"]
-    started = [_spawn_worker(r, model, args + x) for r, x in
+    placed = {role: worker_device((devices or {}).get(role), f"--{role}-device") for role in ("prefill", "decode", "mixed")}
+    started = [_spawn_worker(r, model, args + x + placed[r][0], placed[r][1], log) for r, x in
                (("prefill", []), ("decode", []), ("mixed", []), ("prefill", ["--no-kv-overlap"]))]
     procs = [p for p, _ in started]
     (_, p_addr), (_, d_addr), (_, m_addr), (_, s_addr) = started
     rows = []
     try:
-        for _, a in started:
-            wait_healthy(a, 300)
+        _wait_started(started, 600)
         pc, dc, mc, sc = WorkerClient(p_addr), WorkerClient(d_addr), WorkerClient(m_addr), WorkerClient(s_addr)
         vocab = pc.info().vocab_size
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -183,7 +241,7 @@ def ttft(model: str | None, lengths: list[int], max_tokens: int = 2, progress: A
                         repeats=repeats)
             rows.append(best)
             if progress:
-                progress()
+                progress(best if len(rows) > 1 else None)  # None: the warm-up row, not reported
         for c in (pc, dc, mc, sc):
             c.close()
     finally:

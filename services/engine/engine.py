@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -75,8 +77,12 @@ class Engine:
             raise InvalidArgument(f"token id {bad[0]} outside the vocabulary (size {self.cfg.vocab_size})", param="prompt")
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], kv: KVBuffer, slots: list[int]) -> torch.Tensor:
-        """Run prompts (any lengths) into their slots from position 0; float32 logits of each last token [B, V]."""
+    def prefill(self, prompts: list[list[int]], kv: KVBuffer, slots: list[int],
+                on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Run prompts (any lengths) into their slots from position 0; float32 logits of each last token [B, V].
+
+        `on_layer(i)` is called on this thread once layer i's K/V are in `kv` (work queued on the device's current
+        stream, on CUDA), while later layers are still to run: the layer-wise KV push hangs on it."""
         for ids in prompts:
             self.check_prompt(ids)
         lens = [len(p) for p in prompts]
@@ -85,9 +91,14 @@ class Engine:
         for i, ids in enumerate(prompts):
             tokens[i, : len(ids)] = torch.tensor(ids)
         if self.graphs is not None and kv.k.is_cuda and kv.dtype == self.dtype:
-            return self.graphs.prefill(tokens.to(self.device), kv, slots, lens).float()
-        logits = self.model(tokens.to(self.device), kv, torch.tensor(slots, device=self.device), [0] * len(prompts),
-                            n_new=lens, logits_at=[n - 1 for n in lens])
+            return self.graphs.prefill(tokens.to(self.device), kv, slots, lens, on_layer).float()
+        hooks = [] if on_layer is None else [_layer_hook(layer, i, on_layer) for i, layer in enumerate(self.model.layers)]
+        try:
+            logits = self.model(tokens.to(self.device), kv, torch.tensor(slots, device=self.device),
+                                [0] * len(prompts), n_new=lens, logits_at=[n - 1 for n in lens])
+        finally:
+            for h in hooks:
+                h.remove()
         return logits.float()
 
     @torch.inference_mode()
@@ -100,6 +111,16 @@ class Engine:
         starts = [kv.lengths[s] for s in ids]
         t = torch.tensor(tokens, device=self.device, dtype=torch.long)[:, None]
         return self.model(t, kv, slots, starts, logits_at=[0] * len(tokens)).float()
+
+
+def _layer_hook(layer: torch.nn.Module, index: int, on_layer: Callable[[int], None]) -> Any:
+    """A forward hook calling on_layer(index) for this thread's pass only (another thread may decode on the model)."""
+    thread = threading.get_ident()
+
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if threading.get_ident() == thread:
+            on_layer(index)
+    return layer.register_forward_hook(hook)
 
 
 def random_engine(cfg: ModelConfig, seed: int = 0, **kwargs: Any) -> Engine:

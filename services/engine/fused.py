@@ -8,6 +8,7 @@ and the eager path computes exactly what it did. `decode_step` runs one token pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -177,10 +178,10 @@ def _causal_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor) -
 
 
 def prefill_step(fm: FusedModel, ops: SimpleNamespace, tokens: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
-                 k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                 k: torch.Tensor, v: torch.Tensor, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
     """Prompts tokens [B, T] (right-padded) from position 0 into KV slots `slots` [B]; logits [B, V] of the rows
     `last` [B] (each prompt's last real token). Causal attention over the prompt itself, so padding after a
-    prompt's end never reaches its real tokens."""
+    prompt's end never reaches its real tokens. `on_layer(i)` after layer i (its K/V are written by then)."""
     b, t = tokens.shape
     pos = torch.arange(t, device=tokens.device).repeat(b)
     slot = slots.repeat_interleave(t)
@@ -194,4 +195,6 @@ def prefill_step(fm: FusedModel, ops: SimpleNamespace, tokens: torch.Tensor, slo
         m = ops.silu_mul(F.linear(h, lw.wgu))
         nxt = fm.layers[i + 1].in_norm if i + 1 < len(fm.layers) else fm.norm
         x, h = ops.add_rmsnorm(x, F.linear(m, lw.wdown), nxt, fm.eps)
+        if on_layer is not None:
+            on_layer(i)
     return F.linear(h[torch.arange(b, device=tokens.device) * t + last], fm.lm_head)

@@ -86,7 +86,8 @@ class DecodeGraphs:
         out = g.logits[:n]
         return out.float() if out.dtype != torch.float32 else out.clone()
 
-    def prefill(self, tokens: torch.Tensor, kv: KVBuffer, slots: list[int], lens: list[int]) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, kv: KVBuffer, slots: list[int], lens: list[int],
+                on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Engine.prefill on the fused weights (no graph: prompt shapes vary); logits [B, V] in the model's dtype."""
         t = tokens.shape[1]
         for s in slots:
@@ -94,7 +95,7 @@ class DecodeGraphs:
         dev = self.device
         slot_t = torch.tensor(slots, device=dev)
         last = torch.tensor([n - 1 for n in lens], device=dev)
-        logits = prefill_step(self.fused, self.ops, tokens, slot_t, last, kv.k, kv.v)
+        logits = prefill_step(self.fused, self.ops, tokens, slot_t, last, kv.k, kv.v, on_layer)
         for s, n in zip(slots, lens, strict=True):
             kv.lengths[s] = n
         return logits

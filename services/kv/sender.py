@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from typing import Any
 
 import grpc
 import torch
@@ -70,7 +71,9 @@ class KVSender:
                 continue
             if item is _DONE:
                 return
-            layer, k, v = item
+            layer, k, v, ready = item
+            if ready is not None:
+                ready.synchronize()  # the device->host copy of this layer has landed (CUDA event)
             if not self.first_piece_at:
                 self.first_piece_at = time.perf_counter()
             yield from layer_piece_bytes(layer, k, v, self.chunk_bytes)
@@ -79,8 +82,9 @@ class KVSender:
         fut = getattr(self, "_future", None)
         return fut is not None and fut.done()
 
-    def put(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._q.put((layer, k, v))
+    def put(self, layer: int, k: torch.Tensor, v: torch.Tensor, ready: Any = None) -> None:
+        """Queue a layer; `ready` (a CUDA event, or None) fires once k and v hold their bytes."""
+        self._q.put((layer, k, v, ready))
 
     def close(self) -> None:
         self._q.put(_DONE)

@@ -8,12 +8,13 @@ from typing import Any
 from services.contracts.errors import InvalidArgument
 
 # A tiny Llama shape for tests and benchmarks: same spec in two processes -> same weights -> same fingerprint.
+DTYPES = ("float32", "bfloat16", "float16")  # a random spec's optional "dtype" key
 TINY = {"vocab_size": 256, "dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128,
         "max_seq_len": 512, "eos_ids": [1]}
 
 
 def random_spec(**cfg: Any) -> str:
-    """The spec string for a random model with this config (keys of ModelConfig, plus optional "seed")."""
+    """The spec string for a random model with this config (keys of ModelConfig, plus optional "seed" and "dtype")."""
     return "random:" + json.dumps(cfg, sort_keys=True)
 
 
@@ -36,12 +37,21 @@ def load_model(spec: str | None, device: str | None = None) -> Any:
         if not isinstance(cfg, dict):
             raise InvalidArgument(f"model spec {spec!r}: the JSON must be an object", param="model")
     seed = cfg.pop("seed", 0)
+    dtype = cfg.pop("dtype", None)
+    if dtype is not None and dtype not in DTYPES:
+        raise InvalidArgument(f"model spec {spec!r}: dtype must be one of {', '.join(DTYPES)} (got {dtype!r})",
+                              param="model")
     if "eos_ids" in cfg:
         cfg["eos_ids"] = tuple(cfg["eos_ids"])
     try:
         mc = ModelConfig(**cfg)
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"model spec {spec!r}: {exc}", param="model") from None
-    engine = random_engine(mc, seed=seed, **({"device": device} if device else {}))
+    opts: dict[str, Any] = {"device": device} if device else {}
+    if dtype:
+        import torch
+
+        opts["dtype"] = getattr(torch, dtype)
+    engine = random_engine(mc, seed=seed, **opts)
     engine.name = spec
     return engine

@@ -1,7 +1,8 @@
 """The prompt phase: batch waiting prompts under a token budget, stream each layer's KV out as it is computed.
 
-A forward hook on every transformer block copies that layer's K/V of each prompt into the request's
-KVSender while the next layers are still running (Splitwise's layer-wise overlapped transfer).
+Engine.prefill calls back after every layer; the callback copies that layer's K/V of each prompt into the
+request's KVSender while the next layers are still running (Splitwise's layer-wise overlapped transfer). On
+CUDA the copy is a device->host copy into pinned memory on its own stream, so compute never waits for it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ class PrefillJob:
 
 @dataclass(slots=True)
 class _Batch:
-    thread: int
     kv: object
     lens: list[int]
     senders: list[KVSender | None]
@@ -64,7 +64,7 @@ class PrefillBatcher:
         self._pending_tokens = 0
         self._active: _Batch | None = None
         self._stopping = False
-        self._hooks = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(engine.model.layers)]
+        self._copy_stream = None  # CUDA: the stream the per-layer device->host KV copies run on
         self._thread = threading.Thread(target=self._loop, name="prefill-batcher", daemon=True)
         self._thread.start()
 
@@ -96,8 +96,6 @@ class PrefillBatcher:
             self._stopping = True
             self._cv.notify_all()
         self._thread.join(timeout=10)
-        for h in self._hooks:
-            h.remove()
         for job in self._queue:
             job.future.set_exception(Unavailable("prefill worker is shutting down"))
         self.channels.close()
@@ -131,16 +129,35 @@ class PrefillBatcher:
                 with self._cv:
                     self._pending_tokens -= sum(len(j.prompt) for j in batch)
 
-    def _hook(self, index: int):
-        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-            b = self._active
-            if b is None or b.thread != threading.get_ident() or not self.overlap:
-                return  # a decode step on the same model in another thread (mixed worker)
-            for slot, sender in enumerate(b.senders):
-                if sender is not None:
-                    n = b.lens[slot]
-                    sender.put(index, b.kv.k[index, slot, :n].clone(), b.kv.v[index, slot, :n].clone())
-        return hook
+    def _layer_done(self, index: int) -> None:
+        """Engine.prefill's on_layer: hand layer `index` of every remote prompt to its sender."""
+        b = self._active
+        if b is None:
+            return
+        for slot, sender in enumerate(b.senders):
+            if sender is not None:
+                self._put(sender, index, b.kv, slot, b.lens[slot])
+
+    def _put(self, sender: KVSender, layer: int, kv: object, slot: int, n: int) -> None:
+        """On CPU a copy; on CUDA a device->host copy into pinned memory on a copy stream, ordered after the layer's
+        kernels by an event, so the compute stream never waits; the sender serializes once `ready` has fired."""
+        k, v = kv.k[layer, slot, :n], kv.v[layer, slot, :n]
+        if not k.is_cuda:
+            sender.put(layer, k.clone(), v.clone())
+            return
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(k.device)
+        computed = torch.cuda.Event()
+        computed.record()
+        hk = torch.empty(k.shape, dtype=k.dtype, pin_memory=True)
+        hv = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(computed)
+            hk.copy_(k, non_blocking=True)
+            hv.copy_(v, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        sender.put(layer, hk, hv, ready)
 
     def _spec(self, n_tokens: int) -> KVSpec:
         cfg = self.engine.cfg
@@ -159,10 +176,13 @@ class PrefillBatcher:
         # Overlapped: open every push before the forward pass; the hooks feed it layer by layer. Serial
         # baseline: open it only once the cache is complete (an open push with no data would look stalled).
         senders = self._open(jobs, remote) if self.overlap else [None] * len(jobs)
-        self._active = _Batch(threading.get_ident(), kv, lens, senders)
+        self._active = _Batch(kv, lens, senders)
         try:
-            logits = self.engine.prefill([j.prompt for j in jobs], kv, list(range(len(jobs))))
+            logits = self.engine.prefill([j.prompt for j in jobs], kv, list(range(len(jobs))),
+                                         self._layer_done if self.overlap else None)
         except BaseException:
+            if self._copy_stream is not None:
+                self._copy_stream.synchronize()
             for s in senders:
                 if s is not None:
                     s.cancel()
@@ -173,7 +193,7 @@ class PrefillBatcher:
             senders = self._open(jobs, remote)
             for i, s in enumerate(senders):
                 for layer in range(self.engine.cfg.n_layers) if s is not None else ():
-                    s.put(layer, kv.k[layer, i, :lens[i]].clone(), kv.v[layer, i, :lens[i]].clone())
+                    self._put(s, layer, kv, i, lens[i])
         firsts = [j.sampler.sample(logits[i]) for i, j in enumerate(jobs)]
         t1 = time.perf_counter()
         eos = set(self.engine.cfg.eos_ids)
@@ -186,6 +206,8 @@ class PrefillBatcher:
         for i, j in enumerate(jobs):
             if j.decode_address is None and finished[i] is None:
                 j.layers = kv.export(i)
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()  # the copies have read `kv` before it goes back to the allocator
         del kv  # the batch's cache is freed here; senders hold their own per-layer copies
         # Receipts are awaited off the batcher thread, so the next batch computes while this one's tail lands.
         threading.Thread(target=self._finish, args=(jobs, firsts, senders, finished, t0, t1), daemon=True,

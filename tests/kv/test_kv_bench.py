@@ -26,3 +26,48 @@ def test_bench_kv_rejects_bad_chunk_size() -> None:
     proc = subprocess.run([sys.executable, "-m", "services.cli", "bench", "kv", "--chunk-mb", "16"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "error: chunk_bytes must be in" in proc.stderr
+
+
+def _kv_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli", "bench", "kv", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--ttft", "--prefill-device", "gpu0"], "--prefill-device must be 'cpu' or 'cuda:N'"),
+    (["--ttft", "--decode-device", "cuda:"], "--decode-device must be 'cpu' or 'cuda:N'"),
+    (["--ttft", "--mixed-device", "cuda:x"], "--mixed-device must be 'cpu' or 'cuda:N'"),
+    (["--decode-device", "cuda:1"], "apply to --ttft only"),
+    (["--ttft", "--ttft-model", "llama-3.2-1b", "--ttft-dtype", "bf16"], "--ttft-dtype must be one of"),
+    (["--ttft", "--ttft-model", "random:tiny", "--ttft-dtype", "bfloat16"], "--ttft-dtype applies to a shape name"),
+])
+def test_bench_kv_rejects_bad_placement(args: list[str], message: str) -> None:
+    proc = _kv_cli(*args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_worker_device_pins_one_gpu() -> None:
+    from services.bench.kv import model_for_ttft, worker_device
+
+    assert worker_device(None, "--decode-device") == ([], {})
+    assert worker_device("cpu", "--decode-device") == (["--device", "cpu"], {})
+    assert worker_device("CUDA:1", "--decode-device") == (["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": "1"})
+    spec = model_for_ttft("llama-3.2-1b", "bfloat16", [512, 9000])
+    cfg = json.loads(spec[len("random:"):])
+    assert cfg["dtype"] == "bfloat16" and cfg["max_seq_len"] >= 9000 and cfg["n_layers"] == 16
+    assert model_for_ttft("random:tiny", None, [16]) == "random:tiny"
+
+
+@pytest.mark.slow
+def test_bench_kv_ttft_places_workers(tmp_path: Path) -> None:
+    out = tmp_path / "kv.json"
+    proc = _kv_cli("--ttft", "--skip-throughput", "--ttft-model", "tiny", "--ttft-dtype", "bfloat16",
+                   "--prefill-device", "cpu", "--decode-device", "cpu", "--mixed-device", "cpu", "--lengths", "8,40",
+                   "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert "grpc_gbps" not in res and res["ttft_setup"]["devices"]["decode"] == "cpu"
+    assert [r["prompt_tokens"] for r in res["ttft"]] == [8, 40] and "partial" not in res
+    for r in res["ttft"]:
+        assert r["kv_bytes"] == r["prompt_tokens"] * 2 * 2 * 2 * 16 * 2  # layers x K,V x kv heads x head dim x bf16
+        assert r["kv_exposed_s"] >= 0 and r["split_ttft_s"] > 0 and r["mixed_prefill_s"] > 0
