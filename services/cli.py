@@ -19,6 +19,7 @@ AREAS = [
     "services.bench.kv_cli",
     "services.bench.dlm_cli",
     "services.bench.policy_cli",
+    "services.bench.verify_cli",
     "sim.cli",
 ]
 

@@ -77,6 +77,7 @@ class SimulatedCluster:
         self.workload = workload
         self.tally = Tally()
         self.workers: list[Worker] = []
+        self.lanes: dict[int, Worker] = {}  # mixed worker index -> its concurrent prefill lane
         for pi, pool in enumerate(layout.pools):
             if pool.count == 0:
                 continue
@@ -91,6 +92,14 @@ class SimulatedCluster:
                 self.workers.append(Worker(self.env, len(self.workers), pool.role, perf, batching, self.reqs,
                                            self.tally, self, layout.sim.kv_usable_fraction,
                                            layout.kv_link.bandwidth_gbps, layout.kv_link.latency_s))
+                if pool.role == "mixed" and perf.concurrent_phases:
+                    # the runtime's mixed worker: its prefill batcher runs beside the decode scheduler (own
+                    # thread), so prompts never stall the decode batch; the prefill lane shares the router's view
+                    dec = self.workers[-1]
+                    lane = Worker(self.env, -1 - len(self.lanes), "prefill", perf, batching, self.reqs, self.tally,
+                                  self, layout.sim.kv_usable_fraction, 1e9, 0.0)
+                    lane.load, lane.twin = dec.load, dec
+                    self.lanes[dec.idx] = lane
         if not self.workers:
             raise InvalidArgument("pools: the simulator needs at least one prefill, decode or mixed worker",
                                   param="pools")
@@ -102,6 +111,8 @@ class SimulatedCluster:
         if not (self.prefill_loads and self.decode_loads):
             self.prefill_loads = self.decode_loads = []
         self.fallback_tokens = layout.sim.fallback_queue_tokens if layout.router.mixed_fallback else None
+        # the gateway's own time per request (tokenize, route, RPC hops), when the profile measured it
+        self.gateway_s = max(w.perf.request_overhead_s for w in self.workers)
         self.rng = np.random.default_rng(0)
         self._rr = 0
         self.done = 0
@@ -139,7 +150,7 @@ class SimulatedCluster:
         r.dest[rid] = d
         r.prefill_on[rid] = p
         workers[d].assign_decode(need)
-        workers[p].add_prefill(rid)
+        self.lanes.get(p, workers[p]).add_prefill(rid)
 
     def on_done(self, rid: int) -> None:
         r = self.reqs
@@ -148,7 +159,10 @@ class SimulatedCluster:
 
     # -- run ----------------------------------------------------------------------------------------------------
     def _arrive(self, rid: int, _ev: object) -> None:
-        self.route(rid)
+        if self.gateway_s > 0:
+            self.env.timeout(self.gateway_s).callbacks.append(lambda _ev, rid=rid: self.route(rid))
+        else:
+            self.route(rid)
         nxt = rid + 1
         if nxt < self.reqs.n:
             ev = self.env.timeout(self.reqs.arrival[nxt] - self.env.now)

@@ -77,6 +77,9 @@ class Worker:
         self.layers = perf.spec.layers
         self.link_Bps = link_gbps * 1e9 / 8.0
         self.link_latency = link_latency_s
+        if perf.profile is not None and perf.profile.kv_Bps is not None:  # a measured push (tandem profile)
+            self.link_Bps, self.link_latency = perf.profile.kv_Bps, perf.profile.kv_latency_s or 0.0
+        self.twin: Worker | None = None  # a mixed worker's decode half, when its phases run concurrently
         self.idle_w = perf.hw.power_idle_w
         # what the router ranks by (services.contracts.routing); KV counts every token routed here for decode
         self.load = Load(idx, kv_free_bytes=cap * self.kv_bytes, kv_total_bytes=cap * self.kv_bytes)
@@ -206,6 +209,7 @@ class Worker:
         if self.heap:  # the riding decode requests got one token each
             self._advance(1, t0, t, t)
         workers = self.cluster.workers
+        perf = self.perf
         for rid in batch:
             r.first_tok[rid] = now
             r.gen[rid] += 1
@@ -216,9 +220,16 @@ class Worker:
             dest = r.dest[rid]
             if dest == self.idx:
                 self.dec_wait.append(rid)
+                continue
+            to = workers[dest]
+            delay = 0.0 if to is self.twin else self._transfer_delay(r.prompt[rid], t)
+            if perf.first_token_after_kv:  # our runtime answers Prefill once the pushed KV has landed
+                r.first_tok[rid] = now + delay
+            delay += perf.decode_join_s
+            if delay > 0:
+                self.env.timeout(delay).callbacks.append(partial(_deliver, to, rid))
             else:
-                delay = self._transfer_delay(r.prompt[rid], t)
-                self.env.timeout(delay).callbacks.append(partial(_deliver, workers[dest], rid))
+                to.add_decode(rid)
         self.busy = False
         self._next()
 
