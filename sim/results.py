@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from services.contracts.errors import InvalidArgument
 from services.contracts.layout import Layout
 from services.contracts.metrics import request_samples, summarize_arrays, weighted_percentile
 from sim.cluster import RunOutput, perf_for
@@ -15,7 +16,11 @@ SLOWDOWN_SLO = {"ttft": (2.0, 3.0, 6.0), "tbt": (1.25, 1.5, 5.0), "e2e": (1.25, 
 
 def reference_latency(layout: Layout, prompt: np.ndarray, output: np.ndarray) -> tuple[np.ndarray, ...]:
     """Uncontended TTFT, mean TBT and E2E of each request on the layout's slowdown reference hardware."""
-    perf = perf_for(layout, layout.sim.slowdown_ref, field="sim.slowdown_ref")
+    try:
+        perf = perf_for(layout, layout.sim.slowdown_ref, field="sim.slowdown_ref")
+    except InvalidArgument:  # a measured table without the reference hardware (tandem profile): its roofline
+        roof = layout.sim.model_copy(update={"perf_model": "roofline"})
+        perf = perf_for(layout.model_copy(update={"sim": roof}), layout.sim.slowdown_ref, field="sim.slowdown_ref")
     a, c, _ = perf.decode(1)
     uniq, inv = np.unique(prompt, return_inverse=True)
     ttft = np.array([perf.prefill(int(p))[0] for p in uniq])[inv]

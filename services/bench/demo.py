@@ -54,7 +54,6 @@ def ask(lay: Any, console: Console) -> None:
 
 def run_demo(layout: Path, rate: float, duration: float, plot: Path, seed: int = 1) -> dict[str, Any]:
     from services.bench.verify_cli import profile_to
-    from services.contracts.layout import load_layout
     from sim.cluster import simulate
     from sim.results import run_samples, summarize_run
 

@@ -131,6 +131,8 @@ def kv_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, float]]:
     from services.workers.modelspec import load_model, random_spec
 
     cfg = engine.cfg
+    if not plan.kv_tokens:
+        return []
     spec_str = random_spec(vocab_size=256, dim=64, n_layers=cfg.n_layers, n_heads=cfg.n_kv_heads,
                            n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_dim=64,
                            max_seq_len=max(plan.kv_tokens) + 8)
@@ -209,7 +211,7 @@ def run_profile(engine: Any, model_name: str, hardware: str, plan: Plan, gateway
     rows += [_row(model_name, hardware, "token", batch_size=b, token_size=c, token_time=round(s * 1e3, 4))
              for b, c, s in d_rows]
     rows += [_row(model_name, hardware, "kv", kv_bytes=nb, kv_time=round(s * 1e3, 4)) for nb, s in k_rows]
-    kv_latency, kv_s_per_byte = fit_linear([nb for nb, _ in k_rows], [s for _, s in k_rows])
+    kv_latency, kv_s_per_byte = fit_linear([nb for nb, _ in k_rows], [s for _, s in k_rows]) if len(k_rows) > 1 else (0, 0)
     # the decode step the overhead probe divides by: the scheduler's time at batch b, context c (linear in c)
     by_b: dict[int, list[tuple[int, float]]] = {}
     for b, c, s in d_rows:

@@ -87,9 +87,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """Replay a (scaled) trace through the layout's gateway; measure TTFT/TBT/E2E like the simulator."""
         from rich.console import Console
         from rich.progress import Progress
+        from rich.table import Table
 
         from services.bench.cluster import Scaling, run_bench_cluster
-        from sim.cli import _print_summary
 
         console = Console(stderr=True)
         scaling = Scaling(prompt_scale, output_scale, max_prompt, max_output)
@@ -100,8 +100,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         if out is not None:
             _write_json(out, res)
             console.print(f"wrote {out} (workload: {res['workload_csv']})")
-        _print_summary(console, {**res, "layout": Path(layout).stem, "cost_per_hour": float("nan"),
-                                 "power_mean_w": float("nan"), "energy_per_token_j": float("nan")})
+        t = Table(title=f"measured: {Path(layout).stem} on {trace} (scaled), {res['requests']} requests")
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        for k in ("ttft_p50_s", "ttft_p99_s", "tbt_p50_s", "tbt_p99_s", "e2e_p50_s", "e2e_p99_s", "throughput_rps",
+                  "tokens_per_s", "completed", "dropped"):
+            t.add_row(k, f"{res[k]:.4g}")
+        Console().print(t)
 
     @app.command("compare")
     def compare_cmd(
