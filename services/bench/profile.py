@@ -31,10 +31,10 @@ Progress = Callable[[str], None]
 class Plan:
     """What to measure. `quick()` is the demo's: about 20 s of measurements on a 2-core CPU."""
 
-    prompt_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256, 512])
+    prompt_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256])
     prompt_batches: list[int] = field(default_factory=lambda: [1, 2, 4])
     decode_batches: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    contexts: list[int] = field(default_factory=lambda: [16, 128, 512])
+    contexts: list[int] = field(default_factory=lambda: [16, 128, 384])
     kv_tokens: list[int] = field(default_factory=lambda: [16, 64, 256, 1024])
     repeats: int = 3
     steps: int = 4
