@@ -104,7 +104,7 @@ def print_table(console, out: dict) -> None:
 
 
 def markdown(out: dict) -> str:
-    """The docs table, from a bench JSON: `python -m services.bench.dlm_smol docs/results/dlm/bench_cpu_smollm2.json`."""
+    """The docs table, from a bench JSON: `tandem dlm table --smollm2 docs/results/dlm/bench_cpu_smollm2.json`."""
     head = ("| variant | accuracy [95% CI] | per task (copy/rev/sort/add) | token agreement | DLM forwards | "
             "guide forwards | guide tokens | tokens/step | seconds | speed-up |")
     rows = [head, "|" + "---|" * 10]
@@ -117,9 +117,3 @@ def markdown(out: dict) -> str:
                     f"{r['tokens_per_step']:.2f} | {r['seconds']:.1f} | {r['speedup']:.2f}x |")
     return "\n".join(rows)
 
-
-if __name__ == "__main__":
-    import json
-    import sys
-
-    print(markdown(json.loads(Path(sys.argv[1]).read_text())))

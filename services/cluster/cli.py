@@ -6,6 +6,7 @@ import importlib
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,9 @@ def _optional(module: str, role: str) -> Any:
         raise
 
 
-def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+def register(group: Callable[[str], typer.Typer]) -> None:
+    app = group("")
+
     @app.command("up")
     def up_cmd(
         layout: str = typer.Argument(None, help="layout YAML; none = one mixed worker + gateway on this machine"),

@@ -87,7 +87,7 @@ class SimSpec(_Strict):
         "request", description="TBT slowdown SLO over each request's mean gap (splitwise-sim) or over every gap")
     dlm_fraction: float = Field(0.0, ge=0, lt=1, description="share of requests sent to the dlm pool")
     dlm_profile: str = Field("dlm_profile.json", description="seconds per dlm request by hardware and sampler "
-                             "variant: a path, or a name under sim/data/ (`python -m services.bench.dlm_profile`)")
+                             "variant: a path, or a name under sim/data/ (`tandem dlm profile`)")
     dlm_variant: str = Field("freecache_guided", description="the dlm sampler variant the pool serves")
 
 
