@@ -75,11 +75,16 @@ def prefill_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, int
             return jobs[0].future.result(60).timings.prefill_s
 
         run(plan.prompt_sizes[0], 1)  # warm-up
-        for n in plan.prompt_sizes:
-            for b in plan.prompt_batches:
-                if n < engine.cfg.max_seq_len:
-                    out.append((n, b, statistics.median(run(n, b) for _ in range(plan.repeats))))
-                tick(f"prefill {n} x {b}")
+        cells = [(n, b) for n in plan.prompt_sizes for b in plan.prompt_batches if n < engine.cfg.max_seq_len]
+        times: dict[tuple[int, int], list[float]] = {c: [] for c in cells}
+        # round robin over the cells: a drift in the machine's load (shared cores) spreads over every cell
+        # instead of bending one end of the curve
+        for r in range(plan.repeats):
+            for n, b in cells:
+                times[(n, b)].append(run(n, b))
+                if r == plan.repeats - 1:
+                    tick(f"prefill {n} x {b}")
+        out = [(n, b, statistics.median(times[(n, b)])) for n, b in cells]
     finally:
         batcher.stop()
     return out
@@ -93,26 +98,27 @@ def decode_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, int,
     from services.engine.sampling import SamplingParams
 
     cfg = engine.cfg
-    out = []
+    params = SamplingParams(max_tokens=plan.steps + 8, temperature=0.0, ignore_eos=True)
+    cells = {}
     for ctx in [c for c in plan.contexts if c + plan.steps + 8 < cfg.max_seq_len]:
         for b in plan.decode_batches:
             sched = FusionScheduler(engine, "fusion", max_batch=b, kv_budget_bytes=None)
-            params = SamplingParams(max_tokens=plan.steps + 8, temperature=0.0, ignore_eos=True)
             shape = (ctx, cfg.n_kv_heads, cfg.head_dim)
             for i in range(b):
                 kv = [(torch.randn(shape, dtype=engine.dtype) * 0.1, torch.randn(shape, dtype=engine.dtype) * 0.1)
                       for _ in range(cfg.n_layers)]
                 sched.submit(DecodeRequest(f"d{i}", kv, 5, params, emit=lambda tok, reason: None))
             sched.step()  # admits every request (installs their KV) and runs the first step
-            times = []
-            for _ in range(plan.steps):
-                t0 = time.perf_counter()
-                sched.step()
-                times.append(time.perf_counter() - t0)
-            sched.stop()
-            out.append((b, ctx, statistics.median(times)))
-            tick(f"decode batch {b} context {ctx}")
-    return out
+            cells[(b, ctx)] = (sched, [])
+    for r in range(plan.steps):  # round robin, as for prefill
+        for (b, ctx), (sched, times) in cells.items():
+            t0 = time.perf_counter()
+            sched.step()
+            times.append(time.perf_counter() - t0)
+            if r == plan.steps - 1:
+                sched.stop()
+                tick(f"decode batch {b} context {ctx}")
+    return [(b, ctx, statistics.median(times)) for (b, ctx), (_, times) in cells.items()]
 
 
 # -- the KV path: a real push to a decode worker process ----------------------------------------------------------
