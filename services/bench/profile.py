@@ -79,10 +79,12 @@ def prefill_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, int
         times: dict[tuple[int, int], list[float]] = {c: [] for c in cells}
         # round robin over the cells: a drift in the machine's load (shared cores) spreads over every cell
         # instead of bending one end of the curve
-        for r in range(plan.repeats):
+        for r in range(plan.repeats + 1):  # round 0 warms each shape (first-call costs), then is dropped
             for n, b in cells:
-                times[(n, b)].append(run(n, b))
-                if r == plan.repeats - 1:
+                t = run(n, b)
+                if r:
+                    times[(n, b)].append(t)
+                if r == plan.repeats:
                     tick(f"prefill {n} x {b}")
         out = [(n, b, statistics.median(times[(n, b)])) for n, b in cells]
     finally:
