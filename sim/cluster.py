@@ -98,7 +98,7 @@ class SimulatedCluster:
                     dec = self.workers[-1]
                     lane = Worker(self.env, -1 - len(self.lanes), "prefill", perf, batching, self.reqs, self.tally,
                                   self, layout.sim.kv_usable_fraction, 1e9, 0.0)
-                    lane.load, lane.twin = dec.load, dec
+                    lane.load, lane.twin, dec.lane = dec.load, dec, lane
                     self.lanes[dec.idx] = lane
         if not self.workers:
             raise InvalidArgument("pools: the simulator needs at least one prefill, decode or mixed worker",

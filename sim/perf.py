@@ -155,6 +155,9 @@ class PerfModel:
         self.prefill_ratio = ovh.get("prefill_ratio", 1.0)
         self.first_token_after_kv = bool(ovh.get("first_token_after_kv", 0.0))  # our runtime's Prefill reply
         self.concurrent_phases = bool(ovh.get("concurrent_phases", 0.0))  # mixed: prefill and decode threads
+        # ... which share the process's cores: each phase's slowdown while the other runs (measured side by side)
+        self.mixed_prefill_slowdown = ovh.get("mixed_prefill_slowdown", 1.0)
+        self.mixed_decode_slowdown = ovh.get("mixed_decode_slowdown", 1.0)
 
     # -- power -------------------------------------------------------------------------------------------
     def _power_and_slowdown(self, t_compute: float, t_memory: float, t: float) -> tuple[float, float]:

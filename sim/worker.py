@@ -80,6 +80,7 @@ class Worker:
         if perf.profile is not None and perf.profile.kv_Bps is not None:  # a measured push (tandem profile)
             self.link_Bps, self.link_latency = perf.profile.kv_Bps, perf.profile.kv_latency_s or 0.0
         self.twin: Worker | None = None  # a mixed worker's decode half, when its phases run concurrently
+        self.lane: Worker | None = None  # ... and, on that decode half, its prefill lane
         self.idle_w = perf.hw.power_idle_w
         # what the router ranks by (services.contracts.routing); KV counts every token routed here for decode
         self.load = Load(idx, kv_free_bytes=cap * self.kv_bytes, kv_total_bytes=cap * self.kv_bytes)
@@ -161,6 +162,11 @@ class Worker:
             sum_sq += float(p) * p
         b = len(self.heap)  # decode requests riding along (mixed iteration)
         t, watts = self.perf.prefill(tokens + b, sum_sq)
+        twin = self.twin
+        if twin is not None and twin.busy:  # a concurrent mixed worker: both threads share the process's cores
+            t *= self.perf.mixed_prefill_slowdown
+            if twin.seg and twin.seg[0] == "decode":
+                twin._cut()  # its next decode segment runs beside this prefill, at the shared speed
         if b:
             t += self.perf.decode(b)[1] * self.ctx  # reading the decoders' KV
         self.busy = True
@@ -171,6 +177,8 @@ class Worker:
     def _start_decode(self) -> None:
         b = len(self.heap)
         a, c, watts = self.perf.decode(b)
+        if self.lane is not None and self.lane.busy:
+            a, c = a * self.perf.mixed_decode_slowdown, c * self.perf.mixed_decode_slowdown
         if self.fusion:
             k = self.heap[0][0] - self.it
             if self.segment_limit is not None:
@@ -210,6 +218,7 @@ class Worker:
             self._advance(1, t0, t, t)
         workers = self.cluster.workers
         perf = self.perf
+        self.busy = False  # before handing requests on: a concurrent twin must see this lane idle
         for rid in batch:
             r.first_tok[rid] = now
             r.gen[rid] += 1
@@ -230,7 +239,6 @@ class Worker:
                 self.env.timeout(delay).callbacks.append(partial(_deliver, to, rid))
             else:
                 to.add_decode(rid)
-        self.busy = False
         self._next()
 
     def _transfer_delay(self, prompt_tokens: int, prefill_s: float) -> float:

@@ -123,6 +123,64 @@ def decode_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, int,
     return [(b, ctx, statistics.median(times)) for (b, ctx), (_, times) in cells.items()]
 
 
+def side_by_side(engine: Any, plan: Plan, prompt: int = 64, batch: int = 4, ctx: int = 64) -> dict[str, float]:
+    """A mixed worker runs its batcher and its scheduler on two threads of one process: each phase's slowdown
+    while the other runs (prefill of `prompt` tokens beside a decode batch of `batch` x `ctx`), alone first."""
+    import threading
+
+    import torch
+
+    from services.batching.scheduler import DecodeRequest, FusionScheduler
+    from services.engine.sampling import Sampler, SamplingParams
+    from services.workers.prefill import PrefillBatcher, PrefillJob
+
+    cfg = engine.cfg
+    params = SamplingParams(max_tokens=100000, temperature=0.0, ignore_eos=True)
+    sched = FusionScheduler(engine, "fusion", max_batch=batch, kv_budget_bytes=None)
+    shape = (ctx, cfg.n_kv_heads, cfg.head_dim)
+    for i in range(batch):
+        kv = [(torch.randn(shape) * 0.1, torch.randn(shape) * 0.1) for _ in range(cfg.n_layers)]
+        sched.submit(DecodeRequest(f"s{i}", [(k.to(engine.dtype), v.to(engine.dtype)) for k, v in kv], 5, params,
+                                   emit=lambda tok, reason: None))
+    sched.step()
+    batcher = PrefillBatcher(engine, max_batch_tokens=1 << 30, max_batch=1, overlap=False)
+    p1 = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+    def prefill() -> float:
+        job = PrefillJob("side", [3 + k % 200 for k in range(min(prompt, cfg.max_seq_len - 1))], p1, None,
+                         sampler=Sampler(p1))
+        batcher._run([job])
+        return job.future.result(60).timings.prefill_s
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        sched.step()
+        return time.perf_counter() - t0
+
+    try:
+        prefill()
+        alone_p = statistics.median(prefill() for _ in range(plan.repeats))
+        alone_d = statistics.median(step() for _ in range(max(plan.steps, 3)))
+        beside: list[float] = []
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.is_set():
+                beside.append(step())
+
+        th = threading.Thread(target=loop, daemon=True)
+        th.start()
+        time.sleep(min(0.5, 2 * alone_d))
+        during = [prefill() for _ in range(plan.repeats)]
+        stop.set()
+        th.join()
+    finally:
+        sched.stop()
+        batcher.stop()
+    return {"mixed_prefill_slowdown": max(1.0, statistics.median(during) / alone_p),
+            "mixed_decode_slowdown": max(1.0, statistics.median(beside) / alone_d) if beside else 1.0}
+
+
 # -- the KV path: a real push to a decode worker process ----------------------------------------------------------
 def kv_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, float]]:
     """(bytes, seconds) of whole pushes (header + every layer, crc32 and validation) to a decode worker process
@@ -240,6 +298,7 @@ def run_profile(engine: Any, model_name: str, hardware: str, plan: Plan, gateway
     overheads = {"request_overhead_s": 0.0, "decode_join_s": 0.0, "decode_step_ratio": 1.0, "prefill_ratio": 1.0}
     if gateway:
         overheads = overhead_values(gateway, step_s, prefill_s, plan.overhead_requests)
+    overheads.update(side_by_side(engine, plan))
     overheads["first_token_after_kv"] = 1.0  # the runtime answers Prefill once the KV push has landed
     overheads["concurrent_phases"] = 1.0  # a mixed worker runs its batcher and scheduler on two threads
     tick("overheads")
