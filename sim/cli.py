@@ -121,6 +121,9 @@ def search_cmd(
     target: float = typer.Option(0.99, help="SLO attainment target for --criterion attainment"),
     json_out: Path | None = typer.Option(None, "--json", help="write all designs as JSON"),
     out: Path | None = typer.Option(None, "--out", hidden=True, help="old spelling of --json"),
+    jobs: int = typer.Option(1, help="designs probed at once, in local processes (same answer as 1)"),
+    ray: str | None = typer.Option(None, "--ray", help="run the probes on a Ray cluster at this address "
+                                   "('local' starts one here); needs the ray extra (pip install 'tandem\\[ray]')"),
 ) -> None:
     """Cheapest layout for a load (--rate) or best throughput within a power/cost budget (--budget)."""
     out = json_out or out
@@ -142,13 +145,14 @@ def search_cmd(
     console = Console(stderr=True)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("searching", total=None)
-        tick = lambda name: bar.update(task, advance=1, description=name)  # noqa: E731
+        tick = lambda name, total: bar.update(task, advance=1, total=total, description=name)  # noqa: E731
         if rate is not None:
             if rate <= 0:
                 raise InvalidArgument(f"rate: must be > 0, got {rate}", param="rate")
             rows = search.cheapest_for_load(base, trace, rate, [h.strip() for h in hardware.split(",")],
                                             max_machines=max_machines, duration_s=duration, seed=seed,
-                                            criterion=criterion, target=target, progress=tick)
+                                            criterion=criterion, target=target, progress=tick, jobs=jobs,
+                                            ray_address=ray)
         else:
             kind, _, value = budget.partition("=")
             try:
@@ -158,7 +162,7 @@ def search_cmd(
                                       param="budget") from None
             rows = search.best_under_budget(base, trace, prefill_hw, decode_hw, kind.strip(), amount,
                                             duration_s=duration, seed=seed, step=step, decode_cap_w=decode_cap_w,
-                                            progress=tick)
+                                            progress=tick, jobs=jobs, ray_address=ray)
     t = Table(title="designs (best first)")
     for col in ("name", "max rate (req/s)", "$/h", "provisioned kW"):
         t.add_column(col)
@@ -181,6 +185,9 @@ def report_cmd(
     out_dir: Path = typer.Option(Path("docs/results/sim"), help="where the PNGs and report.json go"),
     prefix: str = typer.Option("sim_", help="file-name prefix of the plots"),
     json_out: Path | None = typer.Option(None, "--json", help="also write every number as JSON here"),
+    jobs: int = typer.Option(1, help="layouts simulated at once, in local processes (same answer as 1)"),
+    ray: str | None = typer.Option(None, "--ray", help="run on a Ray cluster at this address ('local' starts "
+                                   "one here); needs the ray extra (pip install 'tandem\\[ray]')"),
 ) -> None:
     """Latency CDFs, throughput vs rate and the cost/power frontier of several layouts, as PNGs (+ JSON)."""
     from services.contracts.errors import InvalidArgument
@@ -193,7 +200,7 @@ def report_cmd(
     if not rate_list or min(rate_list) <= 0:
         raise InvalidArgument("rates: need at least one rate, all > 0", param="rates")
     summary = make_report(layouts, trace=trace, rate=rate, rates=rate_list, duration_s=duration, seed=seed,
-                          out_dir=out_dir, prefix=prefix, json_out=json_out)
+                          out_dir=out_dir, prefix=prefix, json_out=json_out, jobs=jobs, ray_address=ray)
     typer.echo(summary)
 
 

@@ -19,6 +19,7 @@ import simpy
 
 from services.contracts.layout import Batching
 from services.contracts.routing import Load
+from sim.kvlink import Fabric
 from sim.perf import PerfModel
 from sim.state import Requests, Tally
 
@@ -49,7 +50,7 @@ class Worker:
 
     def __init__(self, env: simpy.Environment, idx: int, role: str, perf: PerfModel, batching: Batching,
                  reqs: Requests, tally: Tally, cluster: object, kv_usable_fraction: float,
-                 link_gbps: float, link_latency_s: float) -> None:
+                 fabric: Fabric, *, kv_transfer: str = "layerwise", mixed_overhead: float = 0.0) -> None:
         self.env, self.idx, self.role, self.perf, self.reqs, self.tally = env, idx, role, perf, reqs, tally
         self.cluster = cluster  # has .workers and .on_done(rid)
         self.policy = batching.policy
@@ -75,10 +76,9 @@ class Worker:
         self.seg: tuple = ()
         self.kv_bytes = perf.spec.kv_bytes_per_token
         self.layers = perf.spec.layers
-        self.link_Bps = link_gbps * 1e9 / 8.0
-        self.link_latency = link_latency_s
-        if perf.profile is not None and perf.profile.kv_Bps is not None:  # a measured push (tandem profile)
-            self.link_Bps, self.link_latency = perf.profile.kv_Bps, perf.profile.kv_latency_s or 0.0
+        self.fabric = fabric
+        self.layerwise = kv_transfer == "layerwise"
+        self.mixed_overhead = mixed_overhead
         self.twin: Worker | None = None  # a mixed worker's decode half, when its phases run concurrently
         self.lane: Worker | None = None  # ... and, on that decode half, its prefill lane
         self.idle_w = perf.hw.power_idle_w
@@ -168,11 +168,29 @@ class Worker:
             if twin.seg and twin.seg[0] == "decode":
                 twin._cut()  # its next decode segment runs beside this prefill, at the shared speed
         if b:
-            t += self.perf.decode(b)[1] * self.ctx  # reading the decoders' KV
+            # a mixed iteration: sim.mixed_overhead (splitwise-sim: 0.1) plus reading the decoders' KV
+            t = t * (1.0 + self.mixed_overhead) + self.perf.decode(b)[1] * self.ctx
         self.busy = True
         self.version += 1
-        self.seg = ("prefill", self.env.now, t, watts, batch, tokens)
+        now = self.env.now
+        self.seg = ("prefill", now, t, watts, batch, tokens)
         self.env.timeout(t).callbacks.append(partial(self._end_prefill, self.version))
+        self._push_kv(batch, now, t)
+
+    def _push_kv(self, batch: list[int], t0: float, t: float) -> None:
+        """Start the KV transfers of the prompts that decode elsewhere (sim/kvlink.py): layer-wise from the
+        first layer's end, or whole after the prefill."""
+        r, workers, fabric = self.reqs, self.cluster.workers, self.fabric
+        for rid in batch:
+            dest = r.dest[rid]
+            if dest == self.idx or r.output[rid] <= 1 or workers[dest] is self.twin:
+                continue
+            nbytes = r.prompt[rid] * self.kv_bytes
+            if self.layerwise:
+                ready, floor = t0 + t / self.layers, t0 + t + fabric.alone_s(nbytes / self.layers)
+            else:
+                ready = floor = t0 + t
+            fabric.send(self.idx, dest, nbytes, ready, floor, partial(self._landed, rid))
 
     def _start_decode(self) -> None:
         b = len(self.heap)
@@ -216,8 +234,6 @@ class Worker:
         self.load.waiting_requests -= len(batch)
         if self.heap:  # the riding decode requests got one token each
             self._advance(1, t0, t, t)
-        workers = self.cluster.workers
-        perf = self.perf
         self.busy = False  # before handing requests on: a concurrent twin must see this lane idle
         for rid in batch:
             r.first_tok[rid] = now
@@ -225,27 +241,27 @@ class Worker:
             if r.output[rid] <= 1:
                 r.finish[rid] = now
                 self.cluster.on_done(rid)
-                continue
-            dest = r.dest[rid]
-            if dest == self.idx:
+            elif r.dest[rid] == self.idx:
                 self.dec_wait.append(rid)
-                continue
-            to = workers[dest]
-            delay = 0.0 if to is self.twin else self._transfer_delay(r.prompt[rid], t)
-            if perf.first_token_after_kv:  # our runtime answers Prefill once the pushed KV has landed
-                r.first_tok[rid] = now + delay
-            delay += perf.decode_join_s
-            if delay > 0:
-                self.env.timeout(delay).callbacks.append(partial(_deliver, to, rid))
-            else:
-                to.add_decode(rid)
+            elif self.cluster.workers[r.dest[rid]] is self.twin:  # a concurrent mixed worker: no transfer
+                self._join(rid)
+            # else: its KV is on the way (_push_kv); _landed hands it to the destination
         self._next()
 
-    def _transfer_delay(self, prompt_tokens: int, prefill_s: float) -> float:
-        """Layer-wise KV push overlapped with the prefill: only what outlasts the compute shows."""
-        total = prompt_tokens * self.kv_bytes / self.link_Bps
-        per_layer = total / self.layers
-        return self.link_latency + max(per_layer, total - prefill_s * (self.layers - 1) / self.layers)
+    def _landed(self, rid: int) -> None:
+        """A pushed KV arrived at its decode worker. Our runtime answers Prefill only now (tandem profile's
+        first_token_after_kv), so the first token leaves here, not at the prefill's end."""
+        if self.perf.first_token_after_kv:
+            self.reqs.first_tok[rid] = max(self.reqs.first_tok[rid], self.env.now)
+        self._join(rid)
+
+    def _join(self, rid: int) -> None:
+        """Hand the request to its decode worker after the runtime's join delay (Decode call, KV claim)."""
+        to = self.cluster.workers[self.reqs.dest[rid]]
+        if self.perf.decode_join_s > 0:
+            self.env.timeout(self.perf.decode_join_s).callbacks.append(partial(_deliver, to, rid))
+        else:
+            to.add_decode(rid)
 
     def _end_decode(self, version: int, _ev: object) -> None:
         if version != self.version:

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import typer
 
-from services.bench import dlm_cli, dlm_tools_cli, engine_cli, fusion_cli, kv_cli, policy_cli, verify_cli
+from services.bench import (
+    dlm_cli,
+    dlm_tools_cli,
+    engine_cli,
+    faults_cli,
+    fusion_cli,
+    kv_cli,
+    policy_cli,
+    verify_cli,
+)
 
 SIM_LAYOUT = Path(__file__).resolve().parents[2] / "examples/sim/splitwise-hh.yaml"
 
@@ -17,11 +26,17 @@ def bench_sim(
     trace: str = typer.Option("conv"),
     layout: Path = typer.Option(SIM_LAYOUT),
     repeats: int = typer.Option(3),
+    reference: Path | None = typer.Option(None, help="a splitwise-sim checkout: also measure its CPU per "
+                                          "request next to ours on one trace (benchmarks/sim_reference.py)"),
+    reference_python: str = typer.Option("python", help="the Python with splitwise-sim's requirements"),
 ) -> None:
     """Simulated requests per CPU second replaying one hour of a trace (benchmarks/sim_speed.py)."""
-    from sim.speed import speed_table
+    from sim.speed import reference_speed_table, speed_table
 
     typer.echo(speed_table(layout, trace, repeats))
+    if reference is not None:
+        typer.echo("")
+        typer.echo(reference_speed_table(reference.resolve(), reference_python))
 
 
 def register(group: Callable[[str], typer.Typer]) -> None:
@@ -32,6 +47,7 @@ def register(group: Callable[[str], typer.Typer]) -> None:
     bench.command("dlm")(dlm_cli.bench_dlm)
     bench.command("policy")(policy_cli.bench_policy)
     bench.command("sim")(bench_sim)
+    bench.command("faults")(faults_cli.bench_faults)
     bench.command("cluster")(verify_cli.bench_cluster_cmd)
 
     top = group("")  # the verify loop (issue 13): plan -> deploy -> verify

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from services.bench.dlm_evaluate import agreement, variant_options
+from services.bench.dlm_evaluate import agreement, variant_options, with_ratios
 from services.bench.dlm_exact import run_checks
 from services.bench.stats import wilson
 from services.dlm import protocol
@@ -63,11 +63,7 @@ def evaluate_smol(dlm, guide, bridge: SmolBridge, tok, n: int, base: Options,
             "seconds": sec,
             "accuracy_by_task": {k: sum(v) / len(v) for k, v in sorted(by_task.items())},
         }
-    b = out[variants[0]]
-    for r in out.values():
-        r["speedup"] = b["seconds"] / r["seconds"]
-        r["linear_work_reduction"] = b["dlm_tokens"] / r["dlm_tokens"]
-    return out
+    return with_ratios(out, variants[0])
 
 
 def bench(n: int, *, block: int = 4, steps: int = 4, accept: str = "topk_rel", exact_prompts: int = 3,

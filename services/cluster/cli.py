@@ -1,4 +1,4 @@
-"""CLI verbs of the cluster area: `tandem up`, `tandem serve ROLE`, `tandem compose`."""
+"""CLI verbs of the cluster area: `tandem up`, `tandem serve ROLE`, `tandem compose`, `tandem k8s`."""
 
 from __future__ import annotations
 
@@ -22,12 +22,17 @@ def _layout(path: str | None) -> Any:
     return load_layout(path)
 
 
-def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float = 300.0) -> int:
-    """Start the cluster, print its endpoints, block until SIGINT/SIGTERM, stop everything. Returns the exit code."""
+def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float = 300.0, fail_fast: bool = False,
+       restart_limit: int = 5) -> int:
+    """Start the cluster, print its endpoints, block until SIGINT/SIGTERM, stop everything. Returns the exit code.
+
+    A process that dies is restarted (with backoff, at most `restart_limit` times in 5 minutes) while the others
+    keep serving; with `fail_fast` the first death stops the whole cluster instead.
+    """
     from rich.console import Console
     from rich.table import Table
 
-    from services.cluster.launcher import Cluster, plan
+    from services.cluster.launcher import Cluster, RestartPolicy, plan
 
     lay = _layout(layout)
     specs = plan(lay, layout)
@@ -39,7 +44,7 @@ def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float =
         raise KeyboardInterrupt
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    cluster = Cluster(specs, log_dir)
+    cluster = Cluster(specs, log_dir, RestartPolicy(limit=restart_limit))
     code = 0
     try:
         workers = [s.name for s in specs if s.name != "gateway"]
@@ -58,9 +63,10 @@ def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float =
         sys.stdout.flush()
         while True:
             dead = cluster.dead()
-            if dead:
+            if dead and fail_fast:
                 raise Unavailable(f"{dead[0]} exited unexpectedly; last log lines:\n{cluster.log_tail(dead[0])}")
-            time.sleep(0.5)
+            cluster.supervise(lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+            time.sleep(0.25)
     except KeyboardInterrupt:
         console.print(f"stopping ({signal.Signals(stop['signal'] or signal.SIGINT).name})...")
     except Unavailable:
@@ -77,7 +83,8 @@ def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float =
 
 
 def serve_role(role: str, layout: str | None, address: str | None, index: int, metrics_port: int | None,
-               http: str | None, grpc_address: str | None, workers: list[str], port: int | None) -> None:
+               http: str | None, grpc_address: str | None, workers: list[str], port: int | None,
+               advertise: str | None = None) -> None:
     """Run one service in the foreground."""
     if role not in ROLES:
         raise InvalidArgument(f"role: must be one of {', '.join(ROLES)} (got {role!r})", param="role")
@@ -115,7 +122,8 @@ def serve_role(role: str, layout: str | None, address: str | None, index: int, m
     pool = next((p for p in lay.pools if p.role == role and p.count > 0), None)
     batching = (pool.batching if pool and pool.batching else None) or lay.batching
     server = _optional("services.workers.server", role)
-    server.serve(role=role, address=address, model=lay.model.path, batching=batching, metrics_port=metrics_port)
+    server.serve(role=role, address=address, model=lay.model.path, batching=batching, metrics_port=metrics_port,
+                 registry=lay.registry, advertise=advertise or (eps[0].address if eps else None), index=index)
 
 
 def _optional(module: str, role: str) -> Any:
@@ -135,9 +143,15 @@ def register(group: Callable[[str], typer.Typer]) -> None:
         layout: str = typer.Argument(None, help="layout YAML; none = one mixed worker + gateway on this machine"),
         log_dir: str = typer.Option(None, "--log-dir", help="where each process writes its log (default: a temp dir)"),
         timeout_s: float = typer.Option(300.0, "--timeout", help="seconds to wait for every service to be healthy"),
+        fail_fast: bool = typer.Option(False, "--fail-fast", help="stop the whole cluster when any process dies "
+                                       "(default: restart it with backoff while the others keep serving)"),
+        restart_limit: int = typer.Option(5, "--restart-limit", min=0, help="restarts of one process within 5 "
+                                          "minutes before `tandem up` gives up and stops the cluster"),
     ) -> None:
-        """Start gateway + workers as local processes; stay in the foreground until Ctrl-C/SIGTERM, then stop all."""
-        raise typer.Exit(up(layout, log_dir, timeout_s))
+        """Start gateway + workers as local processes; stay in the foreground until Ctrl-C/SIGTERM, then stop all.
+
+        A process that dies is restarted (backoff 0.5 s doubling, log line in this terminal) unless --fail-fast."""
+        raise typer.Exit(up(layout, log_dir, timeout_s, fail_fast, restart_limit))
 
     @app.command("serve")
     def serve_cmd(
@@ -150,9 +164,11 @@ def register(group: Callable[[str], typer.Typer]) -> None:
         grpc_address: str = typer.Option(None, "--grpc", help="gateway gRPC HOST:PORT (default: layout gateway.grpc)"),
         worker: list[str] = typer.Option([], "--worker", help="gateway: ROLE=HOST:PORT, repeatable; overrides the layout"),
         port: int = typer.Option(None, "--port", help="dlm/policy gRPC port"),
+        advertise: str = typer.Option(None, "--advertise", help="worker: HOST:PORT the gateway reaches it at, as "
+                                      "registered in a redis registry (default: the layout's address)"),
     ) -> None:
         """Run one service (prefill, decode, mixed, gateway, dlm, policy) until SIGINT/SIGTERM."""
-        serve_role(role, layout, address, index, metrics_port, http, grpc_address, list(worker), port)
+        serve_role(role, layout, address, index, metrics_port, http, grpc_address, list(worker), port, advertise)
 
     @app.command("compose")
     def compose_cmd(
@@ -168,3 +184,17 @@ def register(group: Callable[[str], typer.Typer]) -> None:
             typer.echo(f"wrote {output}", err=True)
         else:
             typer.echo(text, nl=False)
+
+    @app.command("k8s")
+    def k8s_cmd(
+        layout: str = typer.Argument(None, help="layout YAML; none = the one-machine default"),
+        output: str = typer.Option(..., "-o", "--output", help="directory for kustomization.yaml + one file per object"),
+        namespace: str = typer.Option(None, "--namespace", help="set in kustomization.yaml (default: none)"),
+        redis_url: str = typer.Option(None, "--redis-url", help="an existing Redis for the registry instead of "
+                                      "deploying one (default: the layout's redis:// registry, else our own)"),
+    ) -> None:
+        """Write the layout's cluster as Kubernetes manifests (Kustomize-ready): `kubectl apply -k DIR`."""
+        from services.cluster.k8s import write
+
+        paths = write(_layout(layout), output, layout, namespace, redis_url)
+        typer.echo(f"wrote {len(paths)} files to {output} (kubectl apply -k {output})", err=True)

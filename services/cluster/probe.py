@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sys
-import urllib.error
-import urllib.request
 
 
 def grpc_ok(address: str, timeout_s: float = 1.0) -> bool:
@@ -22,6 +20,9 @@ def grpc_ok(address: str, timeout_s: float = 1.0) -> bool:
 
 
 def http_ok(url: str, timeout_s: float = 1.0) -> bool:
+    import urllib.error  # here, not at the top: the gRPC probe runs often and should start fast
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - our own loopback URL
             return resp.status == 200
