@@ -42,8 +42,8 @@ class Plan:
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(prompt_sizes=[8, 32, 96, 256], prompt_batches=[1, 2], decode_batches=[1, 4, 16],
-                   contexts=[16, 256], kv_tokens=[16, 256, 1024], repeats=2, steps=3, overhead_requests=4)
+        return cls(prompt_sizes=[8, 48, 192], prompt_batches=[1, 2], decode_batches=[1, 4, 16],
+                   contexts=[16, 256], kv_tokens=[16, 1024], repeats=2, steps=3, overhead_requests=4)
 
     def units(self) -> int:
         """Progress units: one per measured cell."""
