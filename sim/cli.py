@@ -51,7 +51,7 @@ def run_cmd(
 
     from services.contracts.layout import load_layout
     from sim.cluster import SimulatedCluster
-    from sim.results import summarize_run
+    from sim.results import run_samples, summarize_run
     from sim.trace import make_workload
 
     lay = load_layout(layout)
@@ -69,7 +69,7 @@ def run_cmd(
     res = summarize_run(run)
     res = {"layout": lay.name, "trace": trace, "rate": rate, "duration": duration, "seed": seed, **res}
     if out is not None:
-        write_json(out, res)
+        write_json(out, {**res, "samples": run_samples(run)})  # per-request samples for `tandem compare`
     _print_summary(console, res)
 
 

@@ -83,10 +83,14 @@ class SimulatedCluster:
         self.workload = workload
         self.tally = Tally()
         self.workers: list[Worker] = []
+        self.lanes: dict[int, Worker] = {}  # mixed worker index -> its concurrent prefill lane
         llm = [p for p in layout.pools if p.count > 0 and p.role in ("prefill", "decode", "mixed")]
         link, s = layout.kv_link, layout.sim
-        self.fabric = Fabric(self.env, sum(p.count for p in llm), link.bandwidth_gbps, link.latency_s,
-                             link.switch_gbps, s.kv_link_sharing)
+        gbps, latency = link.bandwidth_gbps, link.latency_s
+        measured = perf_for(layout, llm[0].hardware).profile if llm else None
+        if measured is not None and measured.kv_Bps is not None and 0 < measured.kv_Bps < float("inf"):
+            gbps, latency = measured.kv_Bps * 8 / 1e9, measured.kv_latency_s or 0.0  # a measured push (tandem profile)
+        self.fabric = Fabric(self.env, sum(p.count for p in llm), gbps, latency, link.switch_gbps, s.kv_link_sharing)
         for pi, pool in enumerate(layout.pools):
             if pool.count == 0:
                 continue
@@ -101,6 +105,14 @@ class SimulatedCluster:
                 self.workers.append(Worker(self.env, len(self.workers), pool.role, perf, batching, self.reqs,
                                            self.tally, self, s.kv_usable_fraction, self.fabric,
                                            kv_transfer=s.kv_transfer, mixed_overhead=s.mixed_overhead))
+                if pool.role == "mixed" and perf.concurrent_phases:
+                    # the runtime's mixed worker: its prefill batcher runs beside the decode scheduler (own
+                    # thread), so prompts never stall the decode batch; the prefill lane shares the router's view
+                    dec = self.workers[-1]
+                    lane = Worker(self.env, -1 - len(self.lanes), "prefill", perf, batching, self.reqs, self.tally,
+                                  self, s.kv_usable_fraction, self.fabric, kv_transfer=s.kv_transfer)
+                    lane.load, lane.twin, dec.lane = dec.load, dec, lane
+                    self.lanes[dec.idx] = lane
         if not self.workers:
             raise InvalidArgument("pools: the simulator needs at least one prefill, decode or mixed worker",
                                   param="pools")
@@ -112,6 +124,8 @@ class SimulatedCluster:
         if not (self.prefill_loads and self.decode_loads):
             self.prefill_loads = self.decode_loads = []
         self.fallback_tokens = layout.sim.fallback_queue_tokens if layout.router.mixed_fallback else None
+        # the gateway's own time per request (tokenize, route, RPC hops), when the profile measured it
+        self.gateway_s = max(w.perf.request_overhead_s for w in self.workers)
         self.rng = np.random.default_rng(0)
         self._rr = 0
         self.done = 0
@@ -149,7 +163,7 @@ class SimulatedCluster:
         r.dest[rid] = d
         r.prefill_on[rid] = p
         workers[d].assign_decode(need)
-        workers[p].add_prefill(rid)
+        self.lanes.get(p, workers[p]).add_prefill(rid)
 
     def on_done(self, rid: int) -> None:
         r = self.reqs
@@ -158,7 +172,10 @@ class SimulatedCluster:
 
     # -- run ----------------------------------------------------------------------------------------------------
     def _arrive(self, rid: int, _ev: object) -> None:
-        self.route(rid)
+        if self.gateway_s > 0:
+            self.env.timeout(self.gateway_s).callbacks.append(lambda _ev, rid=rid: self.route(rid))
+        else:
+            self.route(rid)
         nxt = rid + 1
         if nxt < self.reqs.n:
             ev = self.env.timeout(self.reqs.arrival[nxt] - self.env.now)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import bisect
 import csv
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,6 +32,11 @@ class ProfileTable:
     prompt_s: list[float]
     batch: list[float]
     token_s: list[float]
+    # from `tandem profile` tables (rows with a `kind` column); None/empty for splitwise_perf_model.csv
+    token_c: list[float] | None = None  # per batch size: seconds per token of total batch context in a step
+    kv_latency_s: float | None = None  # a KV push: latency + bytes / kv_Bps
+    kv_Bps: float | None = None
+    overheads: dict[str, float] = field(default_factory=dict)  # runtime costs the engine profile cannot see
 
 
 def _interp(x: float, xs: list[float], ys: list[float]) -> float:
@@ -42,11 +48,19 @@ def _interp(x: float, xs: list[float], ys: list[float]) -> float:
     return max(y, ys[0] * 0.5)
 
 
+def _interp_c(x: float, xs: list[float], ys: list[float]) -> float:
+    """Piecewise-linear in batch size, held constant past both ends (a slope per context token)."""
+    return float(np.interp(x, xs, ys))
+
+
 @lru_cache(maxsize=16)
 def _read_profile_rows(path: str) -> tuple[dict[str, str], ...]:
     p = Path(path)
     if not p.is_file():
         raise InvalidArgument(f"sim.perf_model: profile table not found: {p}", param="sim.perf_model")
+    if p.suffix.lower() == ".json":  # `tandem profile --out x.json`: the same rows plus the fit
+        rows = json.loads(p.read_text()).get("rows") or []
+        return tuple({k: "" if v is None else str(v) for k, v in r.items()} for r in rows)
     with p.open(newline="") as f:
         reader = csv.DictReader(f)
         need = {"model", "hardware", "prompt_size", "batch_size", "prompt_time", "token_time"}
@@ -63,7 +77,10 @@ def load_profile(path: str | Path, model_name: str, hw_name: str, tensor_paralle
     decode_time_by="batch_tokens" keys token time by prompt_size x batch_size as well (median of the runs), as
     splitwise-sim's predictor does; it is then queried with the decode batch size, below the table's smallest
     key, so a decode iteration costs about the batch-1 time at any batch size (35.5 ms for BLOOM on an H100,
-    where the profile measured 63.8 ms at batch 64)."""
+    where the profile measured 63.8 ms at batch 64).
+
+    A table with a `kind` column (`tandem profile`) has separate prompt, token, kv and overhead rows; its token
+    rows also vary the context (token_size per request), from which the context term c(b) is fitted."""
     rows = [r for r in _read_profile_rows(str(path))
             if r["model"] == model_name and r["hardware"] == hw_name
             and int(r.get("tensor_parallel") or tensor_parallel) == tensor_parallel]
@@ -72,21 +89,57 @@ def load_profile(path: str | Path, model_name: str, hw_name: str, tensor_paralle
                               f"(tensor_parallel={tensor_parallel})", param="sim.perf_model")
     prompt: dict[int, list[float]] = {}
     token: dict[int, list[float]] = {}
+    ctx_rows: list[tuple[int, float, float]] = []
+    kv: list[tuple[float, float]] = []
+    overheads: dict[str, float] = {}
     for n, r in enumerate(rows, start=2):
+        kind = r.get("kind") or ""
         try:
-            ps, bs = int(r["prompt_size"]), int(r["batch_size"])
-            pt, tt = float(r["prompt_time"]) / 1e3, float(r["token_time"]) / 1e3
-        except ValueError as exc:
+            if kind in ("", "prompt"):
+                ps, bs = int(r["prompt_size"]), int(r["batch_size"])
+                prompt.setdefault(ps * bs, []).append(float(r["prompt_time"]) / 1e3)
+            if kind in ("", "token"):
+                bs, tt = int(r["batch_size"]), float(r["token_time"]) / 1e3
+                key = int(r["prompt_size"]) * bs if decode_time_by == "batch_tokens" and not kind else bs
+                token.setdefault(key, []).append(tt)
+                if kind:
+                    ctx_rows.append((bs, bs * float(r["token_size"]), tt))
+            if kind == "kv":
+                kv.append((float(r["kv_bytes"]), float(r["kv_time"]) / 1e3))
+            if kind == "overhead":
+                overheads[r["name"]] = float(r["value"])
+        except (KeyError, ValueError) as exc:
             raise InvalidArgument(f"{path}: row {n}: {exc}", param="sim.perf_model") from None
-        prompt.setdefault(ps * bs, []).append(pt)
-        token.setdefault(ps * bs if decode_time_by == "batch_tokens" else bs, []).append(tt)
     if len(prompt) < 2 or len(token) < 2:
         raise InvalidArgument(f"sim.perf_model: {path} needs at least two prompt sizes and two batch sizes for "
                               f"{model_name} on {hw_name}", param="sim.perf_model")
     pk, tk = sorted(prompt), sorted(token)
     reduce = np.median if decode_time_by == "batch_tokens" else np.mean
-    return ProfileTable([float(k) for k in pk], [float(np.mean(prompt[k])) for k in pk],
-                        [float(k) for k in tk], [float(reduce(token[k])) for k in tk])
+    table = ProfileTable([float(k) for k in pk], [float(np.mean(prompt[k])) for k in pk],
+                         [float(k) for k in tk], [float(reduce(token[k])) for k in tk], overheads=overheads)
+    if len({c for _, c, _ in ctx_rows}) > len(tk):  # contexts vary within a batch size: fit a(b) + c·C
+        table.token_s, table.token_c = _fit_decode(ctx_rows, tk)
+    if len(kv) >= 2:
+        slope, icpt = np.polyfit([b for b, _ in kv], [t for _, t in kv], 1)
+        table.kv_latency_s, table.kv_Bps = max(float(icpt), 0.0), (1.0 / slope if slope > 0 else float("inf"))
+    return table
+
+
+def _fit_decode(rows: list[tuple[int, float, float]], batches: list[int]) -> tuple[list[float], list[float]]:
+    """Per batch size b, least squares of t = a(b) + c(b)·C over its (C, t) rows; c(b) >= 0 (context never
+    makes a step cheaper: with a negative slope the intercept is the mean). Exact with two contexts per b."""
+    a_out, c_out = [], []
+    for b in batches:
+        pts = [(c, t) for b2, c, t in rows if b2 == b]
+        if len({c for c, _ in pts}) < 2:
+            a, c = float(np.mean([t for _, t in pts])), 0.0
+        else:
+            c, a = (float(v) for v in np.polyfit([c for c, _ in pts], [t for _, t in pts], 1))
+            if c < 0:
+                a, c = float(np.mean([t for _, t in pts])), 0.0
+        a_out.append(max(a, 1e-6))
+        c_out.append(c)
+    return a_out, c_out
 
 
 class PerfModel:
@@ -119,6 +172,17 @@ class PerfModel:
         self._flops = hw.peak_flops * hw.mfu
         self._bw = hw.hbm_bw * hw.mbu
         self._decode_cache: dict[int, tuple[float, float, float]] = {}
+        ovh = profile.overheads if profile is not None else {}
+        # runtime costs measured by `tandem profile` through a running cluster (0 / 1 without them)
+        self.request_overhead_s = ovh.get("request_overhead_s", 0.0)  # gateway: tokenize, route, RPC hops
+        self.decode_join_s = ovh.get("decode_join_s", 0.0)  # Decode call + KV claim before a request joins
+        self.decode_ratio = ovh.get("decode_step_ratio", 1.0)  # in-cluster step / engine-alone step
+        self.prefill_ratio = ovh.get("prefill_ratio", 1.0)
+        self.first_token_after_kv = bool(ovh.get("first_token_after_kv", 0.0))  # our runtime's Prefill reply
+        self.concurrent_phases = bool(ovh.get("concurrent_phases", 0.0))  # mixed: prefill and decode threads
+        # ... which share the process's cores: each phase's slowdown while the other runs (measured side by side)
+        self.mixed_prefill_slowdown = ovh.get("mixed_prefill_slowdown", 1.0)
+        self.mixed_decode_slowdown = ovh.get("mixed_decode_slowdown", 1.0)
 
     # -- power -------------------------------------------------------------------------------------------
     def _power_and_slowdown(self, t_compute: float, t_memory: float, t: float) -> tuple[float, float]:
@@ -145,7 +209,7 @@ class PerfModel:
         t_c = flops / self._flops
         t_m = (s.weight_bytes + tokens * s.kv_bytes_per_token) / self._bw
         if self.profile is not None:
-            t = _interp(tokens, self.profile.prompt_tokens, self.profile.prompt_s)
+            t = _interp(tokens, self.profile.prompt_tokens, self.profile.prompt_s) * self.prefill_ratio
         else:
             t = self.hw.iter_overhead_s + max(t_c, t_m)
         watts, slow = self._power_and_slowdown(t_c, t_m, t)
@@ -165,8 +229,10 @@ class PerfModel:
         t_w = s.weight_bytes / self._bw
         c = s.kv_bytes_per_token / self._bw
         if self.profile is not None:
-            a = _interp(batch, self.profile.batch, self.profile.token_s)
-            c = 0.0  # the profiled token time barely moves with context (token_size 128..8192)
+            a = _interp(batch, self.profile.batch, self.profile.token_s) * self.decode_ratio
+            # splitwise_perf_model.csv: the token time barely moves with context (token_size 128..8192)
+            c = 0.0 if not self.profile.token_c else _interp_c(batch, self.profile.batch, self.profile.token_c)
+            c *= self.decode_ratio
         else:
             a = self.hw.iter_overhead_s + max(t_c, t_w)
         # power judged at a typical context (1k tokens per request); the cap then scales the whole iteration

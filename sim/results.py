@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from services.contracts.errors import InvalidArgument
 from services.contracts.layout import Layout
-from services.contracts.metrics import summarize_arrays, weighted_percentile
+from services.contracts.metrics import request_samples, summarize_arrays, weighted_percentile
 from sim.cluster import RunOutput, perf_for
 
 # Splitwise's SLOs as slowdown over the request running alone on a DGX-A100, at p50 / p90 / p99
@@ -15,7 +16,11 @@ SLOWDOWN_SLO = {"ttft": (2.0, 3.0, 6.0), "tbt": (1.25, 1.5, 5.0), "e2e": (1.25, 
 
 def reference_latency(layout: Layout, prompt: np.ndarray, output: np.ndarray) -> tuple[np.ndarray, ...]:
     """Uncontended TTFT, mean TBT and E2E of each request on the layout's slowdown reference hardware."""
-    perf = perf_for(layout, layout.sim.slowdown_ref, field="sim.slowdown_ref")
+    try:
+        perf = perf_for(layout, layout.sim.slowdown_ref, field="sim.slowdown_ref")
+    except InvalidArgument:  # a measured table without the reference hardware (tandem profile): its roofline
+        roof = layout.sim.model_copy(update={"perf_model": "roofline"})
+        perf = perf_for(layout.model_copy(update={"sim": roof}), layout.sim.slowdown_ref, field="sim.slowdown_ref")
     a, c, _ = perf.decode(1)
     uniq, inv = np.unique(prompt, return_inverse=True)
     ttft = np.array([perf.prefill(int(p))[0] for p in uniq])[inv]
@@ -77,6 +82,17 @@ def summarize_run(run: RunOutput) -> dict[str, float]:
         res["dlm"] = run.dlm
         res["cluster_cost_per_hour"] = cost_h + run.dlm["cost_per_hour"]
     return res
+
+
+def run_samples(run: RunOutput) -> dict[str, list[float]]:
+    """Per-request TTFT, mean TBT and E2E of the completed requests (the `samples` key; `tandem compare` CDFs)."""
+    r = run.reqs
+    done = ~np.isnan(r.finish)
+    out_tok = r.output[done]
+    tbt = np.full(int(done.sum()), np.nan)
+    multi = out_tok > 1
+    tbt[multi] = (r.finish[done][multi] - r.first_tok[done][multi]) / (out_tok[multi] - 1)
+    return request_samples(r.first_tok[done] - r.arrival[done], tbt, r.finish[done] - r.arrival[done])
 
 
 def slowdown_check(layout: Layout, run: RunOutput, done: np.ndarray, ttft: np.ndarray, tbt_mean: np.ndarray,

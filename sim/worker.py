@@ -79,6 +79,8 @@ class Worker:
         self.fabric = fabric
         self.layerwise = kv_transfer == "layerwise"
         self.mixed_overhead = mixed_overhead
+        self.twin: Worker | None = None  # a mixed worker's decode half, when its phases run concurrently
+        self.lane: Worker | None = None  # ... and, on that decode half, its prefill lane
         self.idle_w = perf.hw.power_idle_w
         # what the router ranks by (services.contracts.routing); KV counts every token routed here for decode
         self.load = Load(idx, kv_free_bytes=cap * self.kv_bytes, kv_total_bytes=cap * self.kv_bytes)
@@ -160,6 +162,11 @@ class Worker:
             sum_sq += float(p) * p
         b = len(self.heap)  # decode requests riding along (mixed iteration)
         t, watts = self.perf.prefill(tokens + b, sum_sq)
+        twin = self.twin
+        if twin is not None and twin.busy:  # a concurrent mixed worker: both threads share the process's cores
+            t *= self.perf.mixed_prefill_slowdown
+            if twin.seg and twin.seg[0] == "decode":
+                twin._cut()  # its next decode segment runs beside this prefill, at the shared speed
         if b:
             # a mixed iteration: sim.mixed_overhead (splitwise-sim: 0.1) plus reading the decoders' KV
             t = t * (1.0 + self.mixed_overhead) + self.perf.decode(b)[1] * self.ctx
@@ -176,18 +183,20 @@ class Worker:
         r, workers, fabric = self.reqs, self.cluster.workers, self.fabric
         for rid in batch:
             dest = r.dest[rid]
-            if dest == self.idx or r.output[rid] <= 1:
+            if dest == self.idx or r.output[rid] <= 1 or workers[dest] is self.twin:
                 continue
             nbytes = r.prompt[rid] * self.kv_bytes
             if self.layerwise:
                 ready, floor = t0 + t / self.layers, t0 + t + fabric.alone_s(nbytes / self.layers)
             else:
                 ready = floor = t0 + t
-            fabric.send(self.idx, dest, nbytes, ready, floor, partial(workers[dest].add_decode, rid))
+            fabric.send(self.idx, dest, nbytes, ready, floor, partial(self._landed, rid))
 
     def _start_decode(self) -> None:
         b = len(self.heap)
         a, c, watts = self.perf.decode(b)
+        if self.lane is not None and self.lane.busy:
+            a, c = a * self.perf.mixed_decode_slowdown, c * self.perf.mixed_decode_slowdown
         if self.fusion:
             k = self.heap[0][0] - self.it
             if self.segment_limit is not None:
@@ -225,6 +234,7 @@ class Worker:
         self.load.waiting_requests -= len(batch)
         if self.heap:  # the riding decode requests got one token each
             self._advance(1, t0, t, t)
+        self.busy = False  # before handing requests on: a concurrent twin must see this lane idle
         for rid in batch:
             r.first_tok[rid] = now
             r.gen[rid] += 1
@@ -233,9 +243,25 @@ class Worker:
                 self.cluster.on_done(rid)
             elif r.dest[rid] == self.idx:
                 self.dec_wait.append(rid)
-            # else: its KV is on the way (_push_kv); the destination's add_decode runs on delivery
-        self.busy = False
+            elif self.cluster.workers[r.dest[rid]] is self.twin:  # a concurrent mixed worker: no transfer
+                self._join(rid)
+            # else: its KV is on the way (_push_kv); _landed hands it to the destination
         self._next()
+
+    def _landed(self, rid: int) -> None:
+        """A pushed KV arrived at its decode worker. Our runtime answers Prefill only now (tandem profile's
+        first_token_after_kv), so the first token leaves here, not at the prefill's end."""
+        if self.perf.first_token_after_kv:
+            self.reqs.first_tok[rid] = max(self.reqs.first_tok[rid], self.env.now)
+        self._join(rid)
+
+    def _join(self, rid: int) -> None:
+        """Hand the request to its decode worker after the runtime's join delay (Decode call, KV claim)."""
+        to = self.cluster.workers[self.reqs.dest[rid]]
+        if self.perf.decode_join_s > 0:
+            self.env.timeout(self.perf.decode_join_s).callbacks.append(partial(_deliver, to, rid))
+        else:
+            to.add_decode(rid)
 
     def _end_decode(self, version: int, _ev: object) -> None:
         if version != self.version:
@@ -281,3 +307,7 @@ class Worker:
                 tally.gap_values.append((end - t0 - s1) / (steps - 1))
                 tally.gap_weights.append(float(steps - 1))
             on_done(rid)
+
+
+def _deliver(worker: Worker, rid: int, _ev: object) -> None:
+    worker.add_decode(rid)

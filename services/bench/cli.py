@@ -8,7 +8,16 @@ from pathlib import Path
 
 import typer
 
-from services.bench import dlm_cli, dlm_tools_cli, engine_cli, faults_cli, fusion_cli, kv_cli, policy_cli
+from services.bench import (
+    dlm_cli,
+    dlm_tools_cli,
+    engine_cli,
+    faults_cli,
+    fusion_cli,
+    kv_cli,
+    policy_cli,
+    verify_cli,
+)
 
 SIM_LAYOUT = Path(__file__).resolve().parents[2] / "examples/sim/splitwise-hh.yaml"
 
@@ -39,6 +48,12 @@ def register(group: Callable[[str], typer.Typer]) -> None:
     bench.command("policy")(policy_cli.bench_policy)
     bench.command("sim")(bench_sim)
     bench.command("faults")(faults_cli.bench_faults)
+    bench.command("cluster")(verify_cli.bench_cluster_cmd)
+
+    top = group("")  # the verify loop (issue 13): plan -> deploy -> verify
+    top.command("profile")(verify_cli.profile_cmd)
+    top.command("compare")(verify_cli.compare_cmd)
+    top.command("demo")(verify_cli.demo_cmd)
 
     dlm = group("dlm")
     dlm.command("evaluate")(dlm_tools_cli.evaluate_cmd)

@@ -143,3 +143,13 @@ def summarize(records: Iterable[RequestRecord], *, duration_s: float | None = No
         dropped=dropped,
         slo=slo,
     )
+
+
+def request_samples(ttft: np.ndarray, tbt_mean: np.ndarray, e2e: np.ndarray) -> dict[str, list[float]]:
+    """Per-request samples for CDFs (the `samples` key of a result JSON, simulated or measured): TTFT, each
+    request's mean TBT (requests with one token have none), E2E; microsecond precision."""
+    def clean(a: np.ndarray) -> list[float]:
+        a = np.asarray(a, dtype=np.float64)
+        return [round(float(x), 6) for x in a[np.isfinite(a)]]
+
+    return {"ttft_s": clean(ttft), "tbt_mean_s": clean(tbt_mean), "e2e_s": clean(e2e)}

@@ -1,0 +1,106 @@
+"""The fidelity study of docs/fidelity.md: per layout, profile once (its own requests), then at each load replay a
+scaled conv trace with another seed, simulate the same requests with that profile, and compare.
+
+    python -m services.bench.fidelity --out docs/results/fidelity LAYOUT=RATE,RATE ...
+
+Each step is the CLI verb of the same name: `tandem profile LAYOUT --out P.csv`, `tandem bench cluster LAYOUT
+--trace conv --rate R --duration S --seed N --json M.json`, `tandem sim run LAYOUT --trace M.trace.csv --perf
+P.csv --json S.json`, `tandem compare S.json M.json --plot F.png`. One cluster per layout serves the profile's
+overhead probe and every load (started once: model loading is most of a start on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from services.bench.cluster import Scaling, bench, running_cluster, scaled_workload
+from services.bench.compare import HEADLINE, compare, plot_cdfs, table
+from services.bench.load import write_trace
+
+
+def _simulate(layout_path: Path, profile: Path, trace_csv: Path) -> dict[str, Any]:
+    from services.contracts.layout import load_layout
+    from sim.cluster import simulate
+    from sim.results import run_samples, summarize_run
+    from sim.trace import make_workload
+
+    lay = load_layout(layout_path)
+    lay = lay.model_copy(update={"sim": lay.sim.model_copy(update={"perf_model": str(profile)})})
+    run = simulate(lay, make_workload(str(trace_csv)))
+    return {**summarize_run(run), "samples": run_samples(run)}
+
+
+def study(layout: Path, rates: list[float], duration: float, seed: int, out: Path, quick: bool,
+          console: Console) -> list[dict[str, Any]]:
+    from services.bench.verify_cli import _write_json, profile_to
+
+    name = layout.stem
+    rows = []
+    with running_cluster(layout, note=console.print) as (lay, served):
+        prof = out / f"{name}-profile.csv"
+        profile_to(prof, str(served), None, None, "cpu", None, quick, True, console)
+        for rate in rates:
+            tag = f"{name}-r{rate:g}"
+            w = scaled_workload("conv", rate, duration, seed, Scaling())
+            write_trace(w, out / f"{tag}.trace.csv")
+            console.rule(f"{tag}: {len(w)} requests")
+            measured = bench(lay, w)
+            _write_json(out / f"{tag}-measured.json", {"layout": str(layout), "rate": rate, "duration": duration,
+                                                       "seed": seed, **measured})
+            predicted = _simulate(layout, prof, out / f"{tag}.trace.csv")
+            _write_json(out / f"{tag}-predicted.json", predicted)
+            cmp = compare(predicted, measured)
+            plot_cdfs(predicted, measured, out / f"{tag}-cdf.png", f"{name}, conv scaled, {rate:g} req/s")
+            console.print(table(cmp, tag))
+            rows.append({"layout": name, "rate": rate, "requests": len(w), **cmp,
+                         "loadavg": measured["loadavg_before"]})
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = "| layout | req/s | n | " + " | ".join(f"{k} pred / meas (err)" for k in HEADLINE) + " |"
+    lines = [head, "|" + "---|" * (3 + len(HEADLINE))]
+    for r in rows:
+        cells = []
+        for k in HEADLINE:
+            e = r["relative_error"].get(k)
+            cells.append(f"{r['predicted'][k]:.3f} / {r['measured'][k]:.3f} ({'-' if e is None else f'{e:+.0%}'})")
+        lines.append(f"| {r['layout']} | {r['rate']:g} | {r['requests']} | " + " | ".join(cells) + " |")
+    p50 = [abs(r["relative_error"][k]) for r in rows for k in ("ttft_p50_s", "tbt_p50_s", "e2e_p50_s")
+           if r["relative_error"].get(k) is not None]
+    p99 = [abs(r["relative_error"][k]) for r in rows for k in ("ttft_p99_s", "tbt_p99_s", "e2e_p99_s")
+           if r["relative_error"].get(k) is not None]
+    if p50 and p99:
+        lines.append(f"\nmedian |relative error|: p50 keys {statistics.median(p50):.0%}, p99 keys "
+                     f"{statistics.median(p99):.0%}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="LAYOUT=RATE[,RATE...]")
+    ap.add_argument("--out", type=Path, default=Path("docs/results/fidelity"))
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--seed", type=int, default=1, help="the replayed trace's seed (the profile uses its own requests)")
+    ap.add_argument("--quick", action="store_true", help="the quick profile plan")
+    a = ap.parse_args()
+    console = Console()
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for run in a.runs:
+        path, _, rates = run.partition("=")
+        rows += study(Path(path), [float(x) for x in rates.split(",")], a.duration, a.seed, a.out, a.quick, console)
+        (a.out / "summary.json").write_text(json.dumps(rows, indent=1, default=float))
+    md = markdown(rows)
+    (a.out / "summary.md").write_text(md)
+    console.print(md)
+
+
+if __name__ == "__main__":
+    main()

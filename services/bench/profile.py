@@ -1,0 +1,320 @@
+"""`tandem profile`: measure the real engine, batcher, scheduler and KV path on this machine and write the
+simulator's performance table (sim/perf.py reads it through `sim.perf_model: PATH`).
+
+Rows (CSV or JSON, one `kind` each; times in ms like splitwise_perf_model.csv):
+- prompt:   prompt_size x batch_size -> prompt_time   (PrefillBatcher: forward pass + first sample)
+- token:    batch_size, token_size (context per request) -> token_time   (one FusionScheduler.step())
+- kv:       kv_bytes -> kv_time   (a whole push over gRPC to a decode worker process: KVTransfer.Push)
+- overhead: name -> value   (seconds; measured through a running cluster's gateway at light load)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COLUMNS = ["model", "hardware", "kind", "prompt_size", "batch_size", "token_size", "prompt_time", "token_time",
+           "kv_bytes", "kv_time", "name", "value"]
+Progress = Callable[[str], None]
+
+
+@dataclass(slots=True)
+class Plan:
+    """What to measure. `quick()` is the demo's: about 20 s of measurements on a 2-core CPU."""
+
+    prompt_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256])
+    prompt_batches: list[int] = field(default_factory=lambda: [1, 2, 4])
+    decode_batches: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    contexts: list[int] = field(default_factory=lambda: [16, 128, 384])
+    kv_tokens: list[int] = field(default_factory=lambda: [16, 64, 256, 1024])
+    repeats: int = 3
+    steps: int = 4
+    overhead_requests: int = 6
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(prompt_sizes=[8, 48, 192], prompt_batches=[1, 2], decode_batches=[1, 4, 16],
+                   contexts=[16, 256], kv_tokens=[16, 1024], repeats=2, steps=3, overhead_requests=4)
+
+    def units(self) -> int:
+        """Progress units: one per measured cell."""
+        return (len(self.prompt_sizes) * len(self.prompt_batches) + len(self.decode_batches) * len(self.contexts)
+                + len(self.kv_tokens) + 1)
+
+
+def _row(model: str, hardware: str, kind: str, **kw: Any) -> dict[str, Any]:
+    row = dict.fromkeys(COLUMNS, "")
+    row.update(model=model, hardware=hardware, kind=kind, **kw)
+    return row
+
+
+# -- the engine: prefill through the batcher, decode through the scheduler -------------------------------------
+def prefill_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, int, float]]:
+    """(prompt_size, batch_size, seconds): the worker's PrefillBatcher on jobs that stay in-process."""
+    from services.engine.sampling import Sampler, SamplingParams
+    from services.workers.prefill import PrefillBatcher, PrefillJob
+
+    vocab = engine.cfg.vocab_size
+    batcher = PrefillBatcher(engine, max_batch_tokens=1 << 30, max_batch=max(plan.prompt_batches), overlap=False)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    out = []
+    try:
+        def run(n: int, b: int) -> float:
+            jobs = [PrefillJob(f"p{n}-{b}-{i}", [(7 * i + 13 * k) % (vocab - 4) + 3 for k in range(n)], params, None,
+                               sampler=Sampler(params)) for i in range(b)]
+            batcher._run(jobs)  # the batch exactly as the batcher's loop runs it, without the queue wait
+            return jobs[0].future.result(60).timings.prefill_s
+
+        run(plan.prompt_sizes[0], 1)  # warm-up
+        cells = [(n, b) for n in plan.prompt_sizes for b in plan.prompt_batches if n < engine.cfg.max_seq_len]
+        times: dict[tuple[int, int], list[float]] = {c: [] for c in cells}
+        # round robin over the cells: a drift in the machine's load (shared cores) spreads over every cell
+        # instead of bending one end of the curve
+        for r in range(plan.repeats + 1):  # round 0 warms each shape (first-call costs), then is dropped
+            for n, b in cells:
+                t = run(n, b)
+                if r:
+                    times[(n, b)].append(t)
+                if r == plan.repeats:
+                    tick(f"prefill {n} x {b}")
+        out = [(n, b, statistics.median(times[(n, b)])) for n, b in cells]
+    finally:
+        batcher.stop()
+    return out
+
+
+def decode_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, int, float]]:
+    """(batch_size, context per request, seconds per step): FusionScheduler.step() over b live requests."""
+    import torch
+
+    from services.batching.scheduler import DecodeRequest, FusionScheduler
+    from services.engine.sampling import SamplingParams
+
+    cfg = engine.cfg
+    params = SamplingParams(max_tokens=plan.steps + 8, temperature=0.0, ignore_eos=True)
+    cells = {}
+    for ctx in [c for c in plan.contexts if c + plan.steps + 8 < cfg.max_seq_len]:
+        for b in plan.decode_batches:
+            sched = FusionScheduler(engine, "fusion", max_batch=b, kv_budget_bytes=None)
+            shape = (ctx, cfg.n_kv_heads, cfg.head_dim)
+            for i in range(b):
+                kv = [(torch.randn(shape, dtype=engine.dtype) * 0.1, torch.randn(shape, dtype=engine.dtype) * 0.1)
+                      for _ in range(cfg.n_layers)]
+                sched.submit(DecodeRequest(f"d{i}", kv, 5, params, emit=lambda tok, reason: None))
+            sched.step()  # admits every request (installs their KV) and runs the first step
+            cells[(b, ctx)] = (sched, [])
+    for r in range(plan.steps):  # round robin, as for prefill
+        for (b, ctx), (sched, times) in cells.items():
+            t0 = time.perf_counter()
+            sched.step()
+            times.append(time.perf_counter() - t0)
+            if r == plan.steps - 1:
+                sched.stop()
+                tick(f"decode batch {b} context {ctx}")
+    return [(b, ctx, statistics.median(times)) for (b, ctx), (_, times) in cells.items()]
+
+
+def side_by_side(engine: Any, plan: Plan, prompt: int = 64, batch: int = 4, ctx: int = 64) -> dict[str, float]:
+    """A mixed worker runs its batcher and its scheduler on two threads of one process: each phase's slowdown
+    while the other runs (prefill of `prompt` tokens beside a decode batch of `batch` x `ctx`), alone first."""
+    import threading
+
+    import torch
+
+    from services.batching.scheduler import DecodeRequest, FusionScheduler
+    from services.engine.sampling import Sampler, SamplingParams
+    from services.workers.prefill import PrefillBatcher, PrefillJob
+
+    cfg = engine.cfg
+    params = SamplingParams(max_tokens=100000, temperature=0.0, ignore_eos=True)
+    sched = FusionScheduler(engine, "fusion", max_batch=batch, kv_budget_bytes=None)
+    shape = (ctx, cfg.n_kv_heads, cfg.head_dim)
+    for i in range(batch):
+        kv = [(torch.randn(shape) * 0.1, torch.randn(shape) * 0.1) for _ in range(cfg.n_layers)]
+        sched.submit(DecodeRequest(f"s{i}", [(k.to(engine.dtype), v.to(engine.dtype)) for k, v in kv], 5, params,
+                                   emit=lambda tok, reason: None))
+    sched.step()
+    batcher = PrefillBatcher(engine, max_batch_tokens=1 << 30, max_batch=1, overlap=False)
+    p1 = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+    def prefill() -> float:
+        job = PrefillJob("side", [3 + k % 200 for k in range(min(prompt, cfg.max_seq_len - 1))], p1, None,
+                         sampler=Sampler(p1))
+        batcher._run([job])
+        return job.future.result(60).timings.prefill_s
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        sched.step()
+        return time.perf_counter() - t0
+
+    try:
+        prefill()
+        alone_p = statistics.median(prefill() for _ in range(plan.repeats))
+        alone_d = statistics.median(step() for _ in range(max(plan.steps, 3)))
+        beside: list[float] = []
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.is_set():
+                beside.append(step())
+
+        th = threading.Thread(target=loop, daemon=True)
+        th.start()
+        time.sleep(min(0.5, 2 * alone_d))
+        during = [prefill() for _ in range(plan.repeats)]
+        stop.set()
+        th.join()
+    finally:
+        sched.stop()
+        batcher.stop()
+    return {"mixed_prefill_slowdown": max(1.0, statistics.median(during) / alone_p),
+            "mixed_decode_slowdown": max(1.0, statistics.median(beside) / alone_d) if beside else 1.0}
+
+
+# -- the KV path: a real push to a decode worker process ----------------------------------------------------------
+def kv_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, float]]:
+    """(bytes, seconds) of whole pushes (header + every layer, crc32 and validation) to a decode worker process
+    whose model has this engine's KV shape (small random weights: it loads in a second)."""
+    import torch
+
+    from services.bench.kv import _spawn_worker, _stop
+    from services.grpcutil import channel, wait_healthy
+    from services.kv.proto import encode_wire
+    from services.kv.sender import PUSH
+    from services.kv.wire import DEFAULT_CHUNK, KVSpec, dtype_name
+    from services.rpc.tandem.v1 import worker_pb2 as pb
+    from services.rpc.tandem.v1 import worker_pb2_grpc as rpc
+    from services.workers.modelspec import load_model, random_spec
+
+    cfg = engine.cfg
+    if not plan.kv_tokens:
+        return []
+    spec_str = random_spec(vocab_size=256, dim=64, n_layers=cfg.n_layers, n_heads=cfg.n_kv_heads,
+                           n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_dim=64,
+                           max_seq_len=max(plan.kv_tokens) + 8)
+    receiver_fp = load_model(spec_str).fingerprint
+    proc, addr = _spawn_worker("decode", spec_str, ["--kv-budget-mb", "512"])
+    out = []
+    try:
+        wait_healthy(addr, 120)
+        with channel(addr) as ch:
+            stub = rpc.KVTransferStub(ch)
+            push = ch.stream_unary(PUSH, request_serializer=None, response_deserializer=pb.KVReceipt.FromString)
+            for n in [plan.kv_tokens[0], *plan.kv_tokens]:  # the first push warms the channel up
+                spec = KVSpec(receiver_fp, cfg.n_layers, dtype_name(engine.dtype), n, cfg.n_kv_heads, cfg.head_dim)
+                layers = [(torch.randn(spec.shape), torch.randn(spec.shape)) for _ in range(cfg.n_layers)]
+                times = []
+                for i in range(plan.repeats):
+                    t0 = time.perf_counter()
+                    receipt = push(encode_wire(spec, f"kv-{n}-{i}", layers, DEFAULT_CHUNK), timeout=120)
+                    times.append(time.perf_counter() - t0)
+                    stub.Release(pb.KVReleaseRequest(handle=receipt.handle), timeout=10)
+                out.append((spec.nbytes, statistics.median(times)))
+            out = out[1:]
+        for _ in out:
+            tick("kv push")
+    finally:
+        _stop([proc])
+    return out
+
+
+def fit_linear(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares intercept and slope (both clipped at 0)."""
+    slope, icpt = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
+    return max(float(icpt), 0.0), max(float(slope), 0.0)
+
+
+# -- overheads through a running cluster ----------------------------------------------------------------------------
+def overhead_values(gateway: str, step_s: Callable[[int, int], float], prefill_s: Callable[[int], float], n: int,
+                    prompt: int = 32, output: int = 8) -> dict[str, float]:
+    """One request at a time through the gateway (gRPC): what the engine profile cannot see.
+
+    request_overhead_s: client-side TTFT minus the worker's own queue + prefill + KV transfer (tokenize,
+    route, RPC hops); decode_join_s: the first decode gap minus one profiled step (Decode call, KV claim,
+    admission); decode_step_ratio, prefill_ratio: in-cluster times over the engine-alone profile (the other
+    processes' threads and the gRPC streams share the cores)."""
+    from services.bench.load import prompt_ids, stream_one
+
+    rows = []
+    for i in range(n + 1):  # the first request warms every process up
+        r = stream_one(gateway, prompt_ids(prompt, i), output, f"profile-{i}")
+        if i:
+            rows.append(r)
+    ovh = [r["ttft_s"] - r["queue_s"] - r["prefill_s"] - r["kv_transfer_s"] for r in rows]
+    join = [r["gaps"][0] - step_s(1, prompt + 1) for r in rows if r["gaps"]]
+    ratio = [float(np.median(r["gaps"][1:])) / step_s(1, prompt + output // 2) for r in rows if len(r["gaps"]) > 1]
+    pre = [r["prefill_s"] / prefill_s(prompt) for r in rows]
+    return {"request_overhead_s": max(0.0, statistics.median(ovh)), "prefill_ratio": statistics.median(pre),
+            "decode_join_s": max(0.0, statistics.median(join)) if join else 0.0,
+            "decode_step_ratio": statistics.median(ratio) if ratio else 1.0}
+
+
+def machine_note() -> dict[str, Any]:
+    load = os.getloadavg()
+    return {"cpus": len(os.sched_getaffinity(0)), "loadavg": [round(x, 2) for x in load],
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def run_profile(engine: Any, model_name: str, hardware: str, plan: Plan, gateway: str | None = None,
+                progress: Progress | None = None) -> dict[str, Any]:
+    """Everything measured, as {"model", "hardware", "machine", "fit", "rows"}."""
+    tick = progress or (lambda _msg: None)
+    p_rows = prefill_rows(engine, plan, tick)
+    d_rows = decode_rows(engine, plan, tick)
+    k_rows = kv_rows(engine, plan, tick)
+    rows = [_row(model_name, hardware, "prompt", prompt_size=n, batch_size=b, prompt_time=round(s * 1e3, 4))
+            for n, b, s in p_rows]
+    rows += [_row(model_name, hardware, "token", batch_size=b, token_size=c, token_time=round(s * 1e3, 4))
+             for b, c, s in d_rows]
+    rows += [_row(model_name, hardware, "kv", kv_bytes=nb, kv_time=round(s * 1e3, 4)) for nb, s in k_rows]
+    kv_latency, kv_s_per_byte = fit_linear([nb for nb, _ in k_rows], [s for _, s in k_rows]) if len(k_rows) > 1 else (0, 0)
+    # the decode step the overhead probe divides by: the scheduler's time at batch b, context c (linear in c)
+    by_b: dict[int, list[tuple[int, float]]] = {}
+    for b, c, s in d_rows:
+        by_b.setdefault(b, []).append((c, s))
+
+    def step_s(b: int, ctx: int) -> float:
+        pts = by_b.get(b) or by_b[min(by_b)]
+        if len(pts) < 2:
+            return pts[0][1]
+        a, slope = fit_linear([c for c, _ in pts], [s for _, s in pts])
+        return a + slope * ctx
+
+    single = sorted((n, s) for n, b, s in p_rows if b == 1)
+
+    def prefill_s(n: int) -> float:
+        return float(np.interp(n, [x for x, _ in single], [y for _, y in single]))
+
+    overheads = {"request_overhead_s": 0.0, "decode_join_s": 0.0, "decode_step_ratio": 1.0, "prefill_ratio": 1.0}
+    if gateway:
+        overheads = overhead_values(gateway, step_s, prefill_s, plan.overhead_requests)
+    overheads.update(side_by_side(engine, plan))
+    overheads["first_token_after_kv"] = 1.0  # the runtime answers Prefill once the KV push has landed
+    overheads["concurrent_phases"] = 1.0  # a mixed worker runs its batcher and scheduler on two threads
+    tick("overheads")
+    rows += [_row(model_name, hardware, "overhead", name=k, value=round(v, 6)) for k, v in overheads.items()]
+    fit = {"kv_latency_s": kv_latency, "kv_gbps": (8 / kv_s_per_byte / 1e9) if kv_s_per_byte > 0 else None,
+           **overheads}
+    return {"model": model_name, "hardware": hardware, "machine": machine_note(), "fit": fit, "rows": rows}
+
+
+def write_profile(result: dict[str, Any], path: Path) -> None:
+    """CSV (the simulator's table) or JSON (the same rows plus the fit and the machine's load)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        return
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(result["rows"])
