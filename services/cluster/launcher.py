@@ -117,19 +117,22 @@ class Cluster:
         path = self.log_dir / f"{name}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """Gateway first (no new requests), then the workers; SIGKILL whatever outlives the grace."""
-        order = sorted(self.procs, key=lambda n: n != "gateway")
-        for name in order:
-            self._signal(self.procs[name], signal.SIGTERM)
+    def stop(self, grace_s: float = 40.0) -> None:
+        """Gateway first: it drains (refuses new requests, lets in-flight streams finish) and exits; then the
+        workers, which drain whatever is left. SIGKILL whatever outlives the grace."""
         deadline = time.monotonic() + grace_s
-        for name in order:
-            proc = self.procs[name]
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self._signal(proc, signal.SIGKILL)
-                proc.wait(5)
+        gateway = [n for n in self.procs if n == "gateway"]
+        workers = [n for n in self.procs if n != "gateway"]
+        for group in (gateway, workers):
+            for name in group:
+                self._signal(self.procs[name], signal.SIGTERM)
+            for name in group:
+                proc = self.procs[name]
+                try:
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    self._signal(proc, signal.SIGKILL)
+                    proc.wait(5)
         for proc in self.procs.values():  # grandchildren in the same session, if any
             self._signal(proc, signal.SIGKILL, group_only=True)
 

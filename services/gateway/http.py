@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.contracts.errors import TandemError
 from services.gateway import openai_api as oa
+from services.gateway.admission import RETRY_AFTER_S, Ticket
 from services.gateway.core import Chunk, Gateway, GenRequest, new_request_id
 from services.grpcutil import REQUEST_ID_KEY, get_logger, log
 
@@ -32,11 +34,17 @@ def _error(status: int, message: str, type_: str, param: str | None = None, code
 
 def tandem_error_response(exc: TandemError) -> JSONResponse:
     code = getattr(exc, "openai_code", None) or exc.code.lower()
-    return _error(exc.http_status, exc.message, exc.openai_type, exc.param, code)
+    resp = _error(exc.http_status, exc.message, exc.openai_type, exc.param, code)
+    retry = getattr(exc, "retry_after_s", None)
+    if retry is not None or exc.http_status == 503:
+        resp.headers["retry-after"] = str(max(1, math.ceil(retry or RETRY_AFTER_S)))
+    return resp
 
 
-async def relay(gw: Gateway, req: GenRequest, pool: ThreadPoolExecutor) -> AsyncIterator[Chunk]:
-    """Drive Gateway.run on a worker thread; leaving this iterator early (disconnect) cancels upstream."""
+async def relay(gw: Gateway, req: GenRequest, pool: ThreadPoolExecutor,
+                ticket: Ticket | None = None) -> AsyncIterator[Chunk]:
+    """Drive Gateway.run on a worker thread; leaving this iterator early (disconnect) cancels upstream.
+    The admission `ticket` is given back when the run ends, however it ends."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
@@ -54,6 +62,8 @@ async def relay(gw: Gateway, req: GenRequest, pool: ThreadPoolExecutor) -> Async
         except BaseException as exc:  # noqa: BLE001 - handed to the async side, which raises it
             put(exc)
         finally:
+            if ticket is not None:
+                ticket.release()
             put(_END)
 
     pool.submit(produce)
@@ -97,7 +107,8 @@ class RequestIdMiddleware:
 def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
     app = FastAPI(title="Tandem gateway", version="1")
     app.add_middleware(RequestIdMiddleware)
-    pool = pool or ThreadPoolExecutor(max_workers=64, thread_name_prefix="gateway")
+    # one thread per admitted request: the admission bound, not this pool, is what queues are measured by
+    pool = pool or ThreadPoolExecutor(max_workers=max(64, gw.admission.limit + 8), thread_name_prefix="gateway")
     app.state.gateway, app.state.pool = gw, pool
 
     @app.exception_handler(TandemError)
@@ -141,6 +152,8 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if gw.admission.draining:  # no worker polls while shutting down
+            return JSONResponse({"status": "draining", "model": gw.model_name}, status_code=503)
         doc = await run_in_threadpool(gw.health)
         return JSONResponse(doc, status_code=200 if doc["status"] == "ok" else 503)
 
@@ -150,6 +163,19 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
 
     async def _generate(request: Request, kind: Literal["completions", "chat"]) -> Response:
         received = time.perf_counter()
+        try:  # the door: a full or draining gateway answers now, before reading or tokenizing the body
+            ticket = gw.admit()
+        except TandemError as exc:
+            gw.metrics.refused.labels("draining" if gw.admission.draining else "full").inc()
+            return tandem_error_response(exc)
+        try:
+            return await _admitted(request, kind, received, ticket)
+        except BaseException:
+            ticket.release()
+            raise
+
+    async def _admitted(request: Request, kind: Literal["completions", "chat"], received: float,
+                        ticket: Ticket) -> Response:
         rid = request.state.request_id
         raw = await request.body()
         try:
@@ -166,7 +192,7 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
             req = await run_in_threadpool(oa.to_request, gw, body, rid, timeout, received)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         shaper = oa.Shaper(kind, model_name, rid, include_usage)
-        chunks = relay(gw, req, pool)
+        chunks = relay(gw, req, pool, ticket)
         if not body.stream:
             collected = await _collect_unless_disconnected(request, chunks)
             if collected is None:  # the client left; upstream is cancelled, nobody reads an answer

@@ -31,11 +31,21 @@ class DecodeWorker:
     def __init__(self, engine: Engine, scheduler: FusionScheduler, kv_budget_bytes: int, logger: logging.Logger,
                  lease_s: float = 30.0, stall_s: float = 10.0,
                  on_receive: Callable[[int, float], None] | None = None,
-                 on_reject: Callable[[str], None] | None = None) -> None:
+                 on_reject: Callable[[str], None] | None = None, max_waiting: int | None = None) -> None:
         self.engine, self.scheduler, self.logger = engine, scheduler, logger
         self.on_receive, self.on_reject = on_receive, on_reject
-        self.store = KVStore(kv_budget_bytes, lease_s, stall_s,
-                             other_used=lambda: scheduler.stats()["kv_used_bytes"], on_expire=self._expired)
+        held = None if max_waiting is None else scheduler.max_batch + max_waiting
+
+        def used() -> int:
+            st = scheduler.stats()
+            return st["kv_used_bytes"] + st["kv_waiting_bytes"]
+
+        def held_by_scheduler() -> int:
+            st = scheduler.stats()
+            return st["live"] + st["waiting"]
+
+        self.store = KVStore(kv_budget_bytes, lease_s, stall_s, other_used=used, on_expire=self._expired,
+                             max_held=held, other_held=held_by_scheduler)
         cfg = engine.cfg
         self.expect = KVSpec(engine.fingerprint, cfg.n_layers, dtype_name(engine.dtype), 0, cfg.n_kv_heads, cfg.head_dim)
 
@@ -127,6 +137,16 @@ class DecodeWorker:
             if reason:
                 log(self.logger, "decode finished", request_id=rid, finish_reason=reason)
                 return
+
+    def drain(self, grace_s: float) -> bool:
+        """Take no new KV; wait up to `grace_s` for received KV to be decoded and live streams to end."""
+        self.store.draining = True
+        deadline = time.monotonic() + grace_s
+        while self.store.waiting or not self.scheduler.idle():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def close(self) -> None:
         self.store.close()
