@@ -79,6 +79,34 @@ async def relay(gw: Gateway, req: GenRequest, pool: ThreadPoolExecutor,
         cancel.set()
 
 
+class AdmissionMiddleware:
+    """The door, outermost, so a refusal costs no routing, body read or tokenization: a generation request
+    either takes an admission ticket (left in request.state for the handler) or gets 429 / 503 at once."""
+
+    PATHS = ("/v1/completions", "/v1/chat/completions")
+
+    def __init__(self, app: Any, gw: Gateway) -> None:
+        self.app, self.gw = app, gw
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.PATHS:
+            await self.app(scope, receive, send)
+            return
+        try:
+            ticket = self.gw.admit()
+        except TandemError as exc:
+            self.gw.metrics.refused.labels("draining" if self.gw.admission.draining else "full").inc()
+            await tandem_error_response(exc)(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        state["ticket"] = ticket
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if not state.get("ticket_owned"):  # the handler never ran (a failure before it)
+                ticket.release()
+
+
 class RequestIdMiddleware:
     """Take `x-request-id` from the request (or make one), keep it in request.state, echo it in the response.
 
@@ -106,7 +134,8 @@ class RequestIdMiddleware:
 
 def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
     app = FastAPI(title="Tandem gateway", version="1")
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(AdmissionMiddleware, gw=gw)  # the door: before routing, body and tokenization
+    app.add_middleware(RequestIdMiddleware)  # added last = outermost: even a refusal carries x-request-id
     # one thread per admitted request: the admission bound, not this pool, is what queues are measured by
     pool = pool or ThreadPoolExecutor(max_workers=max(64, gw.admission.limit + 8), thread_name_prefix="gateway")
     app.state.gateway, app.state.pool = gw, pool
@@ -163,11 +192,8 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
 
     async def _generate(request: Request, kind: Literal["completions", "chat"]) -> Response:
         received = time.perf_counter()
-        try:  # the door: a full or draining gateway answers now, before reading or tokenizing the body
-            ticket = gw.admit()
-        except TandemError as exc:
-            gw.metrics.refused.labels("draining" if gw.admission.draining else "full").inc()
-            return tandem_error_response(exc)
+        ticket = request.state.ticket  # taken at the door (AdmissionMiddleware); from here on we give it back
+        request.state.ticket_owned = True
         try:
             return await _admitted(request, kind, received, ticket)
         except BaseException:
@@ -192,12 +218,12 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
             req = await run_in_threadpool(oa.to_request, gw, body, rid, timeout, received)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         shaper = oa.Shaper(kind, model_name, rid, include_usage)
-        chunks = relay(gw, req, pool, ticket)
         if not body.stream:
-            collected = await _collect_unless_disconnected(request, chunks)
+            collected = await _collect_unless_disconnected(request, gw, req, pool, ticket)
             if collected is None:  # the client left; upstream is cancelled, nobody reads an answer
                 return Response(status_code=499)
             return JSONResponse(shaper.whole(collected))
+        chunks = relay(gw, req, pool, ticket)
         # Pull the first token before answering 200, so routing/prefill errors get a real status code.
         first = await chunks.__anext__()
         return StreamingResponse(_sse(shaper, first, chunks, rid), media_type="text/event-stream",
@@ -206,26 +232,37 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
     return app
 
 
-async def _collect_unless_disconnected(request: Request, chunks: AsyncIterator[Chunk]) -> list[Chunk] | None:
-    """All chunks of a non-streaming request; None (upstream cancelled) if the client disconnects first."""
+async def _collect_unless_disconnected(request: Request, gw: Gateway, req: GenRequest, pool: ThreadPoolExecutor,
+                                       ticket: Ticket) -> list[Chunk] | None:
+    """All chunks of a non-streaming request; None (upstream cancelled) if the client disconnects first.
 
-    async def collect() -> list[Chunk]:
-        return [c async for c in chunks]
+    The whole run stays on its thread and comes back once: no event-loop wake-up per token, so the loop
+    stays free to answer the door (429s) quickly under load.
+    """
+    cancel = threading.Event()
+
+    def run() -> list[Chunk]:
+        try:
+            return list(gw.run(req, cancel))
+        finally:
+            ticket.release()
 
     async def watch() -> None:
         while not await request.is_disconnected():
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.25)
 
-    work, watcher = asyncio.ensure_future(collect()), asyncio.ensure_future(watch())
+    work = asyncio.get_running_loop().run_in_executor(pool, run)
+    watcher = asyncio.ensure_future(watch())
     try:
         done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if work in done:
             return work.result()
-        work.cancel()  # raises inside relay(), whose finally sets the cancel flag
+        cancel.set()  # the run ends at its next token and frees the decode slot and KV
         await asyncio.gather(work, return_exceptions=True)
         return None
     finally:
         watcher.cancel()
+        cancel.set()
 
 
 async def _sse(shaper: oa.Shaper, first: Chunk, rest: AsyncIterator[Chunk], rid: str) -> AsyncIterator[bytes]:
