@@ -27,6 +27,7 @@ class Entry:
     cancel: Callable[[], None] | None = None  # stops an in-flight push (the RPC's context.cancel)
     layers: Layers = field(default_factory=list)
     n_tokens: int = 0
+    stall_s: float = 0.0  # while in flight: the longest silence between pieces
 
 
 class KVStore:
@@ -64,7 +65,7 @@ class KVStore:
         with self._lock:
             return len(self._inflight) + len(self._leased)
 
-    def begin(self, request_id: str, nbytes: int, cancel: Callable[[], None]) -> str:
+    def begin(self, request_id: str, nbytes: int, cancel: Callable[[], None], stall_s: float | None = None) -> str:
         """Reserve a push's bytes; returns its ticket. ResourceExhausted when the budget or the request bound
         cannot hold it now; Unavailable while the worker drains."""
         if self.draining:
@@ -78,14 +79,15 @@ class KVStore:
                 raise ResourceExhausted(f"KV of {nbytes} bytes does not fit: {self.budget_bytes - used} of "
                                         f"{self.budget_bytes} bytes free on this decode worker")
             ticket = uuid.uuid4().hex
-            self._inflight[ticket] = Entry(request_id, nbytes, time.monotonic() + self.stall_s, cancel)
+            stall = stall_s or self.stall_s
+            self._inflight[ticket] = Entry(request_id, nbytes, time.monotonic() + stall, cancel, stall_s=stall)
             return ticket
 
     def touch(self, ticket: str) -> None:
         """A piece arrived: push the stall deadline out."""
         entry = self._inflight.get(ticket)
         if entry is not None:
-            entry.deadline = time.monotonic() + self.stall_s
+            entry.deadline = time.monotonic() + (entry.stall_s or self.stall_s)
 
     def abort(self, ticket: str) -> None:
         with self._lock:

@@ -45,7 +45,7 @@ class Split:
         return next(n for n, a in self.addr.items() if a == address)
 
 
-def start_split(tmp: Path, ckpt: str, n_prefill: int, n_decode: int, *, decode_batching: dict | None = None,
+def start_split(tmp: Path, ckpt: str | None, n_prefill: int, n_decode: int, *, decode_batching: dict | None = None,
                 gateway: dict | None = None, via: Callable[[str, str], str | None] | None = None) -> Split:
     """Start `n_prefill` + `n_decode` workers and a gateway (each its own process, healthy on return).
 
@@ -55,7 +55,8 @@ def start_split(tmp: Path, ckpt: str, n_prefill: int, n_decode: int, *, decode_b
     pools = [{"role": "prefill", "count": n_prefill, "base_port": _ports(n_prefill)},
              {"role": "decode", "count": n_decode, "base_port": _ports(n_decode),
               **({"batching": decode_batching} if decode_batching else {})}]
-    doc = {"name": "faults", "model": {"name": "tiny", "path": ckpt}, "pools": pools,
+    model = {"name": "tiny", "path": ckpt} if ckpt else {}  # None: the embedded SmolLM2-135M
+    doc = {"name": "faults", "model": model, "pools": pools,
            "gateway": {"http": http, "grpc": grpc_addr, **(gateway or {})}}
     path = tmp / "layout.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -67,7 +68,7 @@ def start_split(tmp: Path, ckpt: str, n_prefill: int, n_decode: int, *, decode_b
     specs = [*workers, ProcSpec("gateway", [*gw.argv, *pairs], http=gw.http)]
     cluster = Cluster(specs, tmp / "logs")
     cluster.start([s.name for s in workers])
-    cluster.wait_healthy([s.name for s in workers], 180)
+    cluster.wait_healthy([s.name for s in workers], 300)
     cluster.start(["gateway"])
     cluster.wait_healthy(["gateway"], 60)
     return Split(cluster, f"http://{http}", grpc_addr, addr)
@@ -129,6 +130,19 @@ def run_streams(address: str, prompts: list[list[int]], max_tokens: int, during:
     for t in threads:
         t.join(180)
     return results
+
+
+def greedy_mismatch(engine: object, prompt: list[int], out: list[int]) -> int:
+    """Where `out` first differs from greedy decoding of `prompt` (-1: nowhere), checked teacher-forced: one
+    forward pass over prompt + out scores every position, so a long reference costs one prefill."""
+    import torch
+
+    ids = prompt + out[:-1]
+    kv = engine.new_kv(1, len(ids))  # type: ignore[attr-defined]
+    with torch.inference_mode():
+        logits = engine.model(torch.tensor([ids]), kv, torch.tensor([0]), [0])  # type: ignore[attr-defined]
+    want = logits[0, len(prompt) - 1:].argmax(-1).tolist()
+    return next((i for i, (a, b) in enumerate(zip(out, want, strict=True)) if a != b), -1)
 
 
 def wait_until(cond: object, timeout: float, what: str) -> None:

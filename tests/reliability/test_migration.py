@@ -14,11 +14,20 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from kit.faults import CorruptingProxy, Split, run_streams, start_split, stop_split, stream, wait_until
+from kit.faults import (
+    CorruptingProxy,
+    Split,
+    greedy_mismatch,
+    run_streams,
+    start_split,
+    stop_split,
+    stream,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 STALL_S = 2.0
-MAX_TOKENS = 400
+MAX_TOKENS = 1000
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +82,22 @@ def decode_of(result) -> str:
     return result.workers[-1][1]
 
 
+def busiest(results: list) -> tuple[str, int]:
+    """The decode worker holding the most streams that are still far from their end."""
+    counts = Counter(decode_of(r) for r in results if not r.finish and len(r.token_ids) < MAX_TOKENS - 200)
+    addr = max(counts, key=lambda a: counts[a])
+    return addr, counts[addr]
+
+
+def check_greedy(engine, prompts: list[list[int]], results: list) -> None:
+    """Every stream completed, MAX_TOKENS long, each token the greedy choice after everything before it
+    (what a fault-free greedy run produces)."""
+    for p, r in zip(prompts, results, strict=True):
+        assert r.error is None, r.error
+        assert len(r.token_ids) == MAX_TOKENS and r.finish
+        assert greedy_mismatch(engine, p, r.token_ids) == -1, f"stream {r.workers} differs from greedy"
+
+
 def test_a_corrupted_kv_chunk_is_detected_and_retried(split: Split, proxy: dict, engine) -> None:
     prompt = prompts(1, length=1500, seed=1)[0]  # 1500 tokens: each K/V tensor is one 192 KB piece
     proxy["p"].armed.set()
@@ -81,6 +106,8 @@ def test_a_corrupted_kv_chunk_is_detected_and_retried(split: Split, proxy: dict,
     assert r.error is None, r.error
     assert proxy["p"].corrupted == 1
     assert r.token_ids == reference(engine, prompt, 8)
+    wrong = r.token_ids[:4] + [(r.token_ids[4] + 1) % 384] + r.token_ids[5:]
+    assert greedy_mismatch(engine, prompt, r.token_ids) == -1 and greedy_mismatch(engine, prompt, wrong) == 4
     assert r.workers[-1][1] != split.addr["decode-0"] and len(r.workers) == 1  # no token came from the bad push
     assert "checksum mismatch" in split.log("decode-0")
     assert "moving request to another pair" in split.log("gateway")
@@ -92,10 +119,11 @@ def test_a_stopped_decode_worker_loses_its_streams_to_the_others_and_rejoins(spl
 
     def stop_one(results: list) -> None:
         wait_until(lambda: all(len(r.token_ids) >= 20 for r in results), 60, "every stream to flow")
-        counts = Counter(decode_of(r) for r in results)
-        victim["addr"] = addr = max(counts, key=lambda a: counts[a])
-        victim["name"] = split.name_of(addr)
+        victim["addr"], held = busiest(results)
+        victim["name"] = split.name_of(victim["addr"])
         split.signal(victim["name"], signal.SIGSTOP)
+        print(f"\nSIGSTOP {victim['name']} holding {held} live streams; tokens so far "
+              f"{[len(r.token_ids) for r in results]}")
 
     try:
         results = run_streams(split.grpc, ps, MAX_TOKENS, during=stop_one)
@@ -104,10 +132,8 @@ def test_a_stopped_decode_worker_loses_its_streams_to_the_others_and_rejoins(spl
             split.signal(victim["name"], signal.SIGCONT)
     moved = [r for r in results if any(w[1] == victim["addr"] for w in r.workers[:-1])]
     assert moved, "no stream was on the stopped worker"
-    for p, r in zip(ps, results, strict=True):
-        assert r.error is None, r.error
-        assert r.token_ids == reference(engine, p, MAX_TOKENS)
-        assert decode_of(r) != victim["addr"]
+    check_greedy(engine, ps, results)
+    assert victim["addr"] not in {decode_of(r) for r in results}
     # after SIGCONT (and the gateway's hold on it, STALL_S) it takes new work again
     time.sleep(STALL_S + 0.5)
     later = run_streams(split.grpc, prompts(6, seed=3), 40)
@@ -121,21 +147,19 @@ def test_sigkill_of_a_decode_worker_under_18_streams_loses_no_request(split: Spl
 
     def kill_one(results: list) -> None:
         wait_until(lambda: all(len(r.token_ids) >= 20 for r in results), 60, "every stream to flow")
-        counts = Counter(decode_of(r) for r in results)
-        victim["addr"] = max(counts, key=lambda a: counts[a])
+        victim["addr"], held = busiest(results)
         victim["name"] = split.name_of(victim["addr"])
-        victim["streams"] = str(counts[victim["addr"]])
+        victim["streams"] = str(held)
+        victim["live"] = str(sum(not r.finish for r in results))
         split.signal(victim["name"], signal.SIGKILL)
 
     t0 = time.monotonic()
     results = run_streams(split.grpc, ps, MAX_TOKENS, during=kill_one)
     moved = [r for r in results if len(r.workers) > 1]
-    print(f"\nSIGKILL {victim['name']} holding {victim['streams']} of 18 streams: {len(moved)} moved, "
-          f"{sum(r.error is None for r in results)}/18 completed in {time.monotonic() - t0:.1f}s")
-    assert len(moved) >= 1
-    for p, r in zip(ps, results, strict=True):
-        assert r.error is None, r.error
-        assert r.token_ids == reference(engine, p, MAX_TOKENS)
+    print(f"\nSIGKILL {victim['name']} holding {victim['streams']} of {victim['live']} live streams: "
+          f"{len(moved)} moved, {sum(r.error is None for r in results)}/18 completed in {time.monotonic() - t0:.1f}s")
+    assert int(victim["live"]) >= 16 and len(moved) >= 1
+    check_greedy(engine, ps, results)
     # the others never stopped: new requests are served by what is left
     after = run_streams(split.grpc, prompts(4, seed=5), 16)
     assert all(r.error is None and len(r.token_ids) == 16 for r in after)
