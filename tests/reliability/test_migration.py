@@ -1,8 +1,9 @@
 """Request migration over real processes: 2 prefill + 3 decode workers and a gateway, on a tiny checkpoint.
 
 A corrupted KV chunk is caught by its crc32 and the request retried on another pair; a SIGSTOPped decode worker's
-streams move after the gateway's stall timeout and the worker serves again after SIGCONT; SIGKILL of a decode
-worker under 18 live greedy streams loses none of them. Every output equals the fault-free greedy reference.
+streams move after the gateway's stall timeout and the worker serves again after SIGCONT; SIGTERM drains a decode
+worker (its streams finish there); SIGKILL of a decode worker under 18 live greedy streams loses none of them;
+with no prefill worker left, a clear UNAVAILABLE. Every output is the greedy one (checked teacher-forced).
 """
 
 from __future__ import annotations
@@ -139,6 +140,27 @@ def test_a_stopped_decode_worker_loses_its_streams_to_the_others_and_rejoins(spl
     later = run_streams(split.grpc, prompts(6, seed=3), 40)
     assert all(r.error is None for r in later)
     assert victim["addr"] in {decode_of(r) for r in later}
+
+
+def test_sigterm_drains_a_decode_worker(split: Split, engine) -> None:
+    """Its live streams finish where they are; then it exits 0, and new requests go to the others."""
+    ps = prompts(6, seed=6)
+    victim: dict[str, str] = {}
+
+    def term_one(results: list) -> None:
+        wait_until(lambda: all(len(r.token_ids) >= 20 for r in results), 60, "every stream to flow")
+        victim["addr"], _ = busiest(results)
+        victim["name"] = split.name_of(victim["addr"])
+        split.signal(victim["name"], signal.SIGTERM)
+
+    results = run_streams(split.grpc, ps, MAX_TOKENS, during=term_one)
+    check_greedy(engine, ps, results)
+    stayed = [r for r in results if r.workers[0][1] == victim["addr"]]
+    assert stayed and all(len(r.workers) == 1 for r in stayed)  # finished on the draining worker, not moved
+    assert split.cluster.procs[victim["name"]].wait(30) == 0
+    assert "worker draining" in split.log(victim["name"])
+    after = run_streams(split.grpc, prompts(4, seed=7), 16)
+    assert all(r.error is None for r in after) and victim["addr"] not in {decode_of(r) for r in after}
 
 
 def test_sigkill_of_a_decode_worker_under_18_streams_loses_no_request(split: Split, engine) -> None:

@@ -86,6 +86,30 @@ def test_four_times_the_capacity_gets_429_for_the_excess_and_no_5xx(split: Split
             assert doc["usage"]["completion_tokens"] == 200 and doc["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_full_gateway_answers_grpc_with_resource_exhausted(split: Split) -> None:
+    import grpc
+
+    from services.rpc.tandem.v1 import generation_pb2 as gpb
+    from services.rpc.tandem.v1 import generation_pb2_grpc as gpb_grpc
+
+    results = [StreamResult() for _ in range(CAPACITY)]
+    flowing = [threading.Event() for _ in results]
+    threads = [threading.Thread(target=stream, args=(split.grpc, [4, 5, 6 + i], 600, results, i, flowing[i]))
+               for i in range(CAPACITY)]
+    for t in threads:
+        t.start()
+    for f in flowing:
+        assert f.wait(60)
+    req = gpb.GenerateRequest(token_ids=gpb.TokenIds(ids=[1, 2, 3]))
+    with grpc.insecure_channel(split.grpc) as ch, pytest.raises(grpc.RpcError) as exc:
+        list(gpb_grpc.GenerationStub(ch).Generate(req, timeout=10))
+    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(exc.value.trailing_metadata() or ())["retry-after"] == "1"
+    for t in threads:
+        t.join(120)
+    assert all(r.error is None and len(r.token_ids) == 600 for r in results)
+
+
 def test_sigterm_drains_the_gateway(split: Split) -> None:
     """In-flight streams finish; new requests get 503 with the OpenAI error JSON; then the gateway exits 0."""
     results = [StreamResult() for _ in range(6)]
