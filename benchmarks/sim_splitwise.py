@@ -1,8 +1,8 @@
 """Splitwise's iso-power design study on the conversation trace: every split of a power budget into prompt and
-token machines, against the colocated baselines. Writes docs/sim_iso_power.png and prints the tables in
+token machines, against the colocated baselines. Writes docs/results/sim/sim_iso_power.png and prints the tables in
 docs/sim.md.
 
-Run: python benchmarks/sim_splitwise.py [--duration 60] [--step 5] [--out docs/sim_iso_power.png]
+Run: python benchmarks/sim_splitwise.py [--duration 60] [--step 5] [--out docs/results/sim/sim_iso_power.png]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--trace", default="conv")
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--step", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=REPO / "docs/sim_iso_power.png")
+    ap.add_argument("--out", type=Path, default=REPO / "docs/results/sim/sim_iso_power.png")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--tbt-basis", choices=("request", "gap"), default="request",
                     help="TBT SLO over per-request mean gaps (splitwise-sim) or every gap")
@@ -43,7 +43,7 @@ def main() -> None:
         task = bar.add_task("designs", total=None)
         for label, php, thw, budget, cap in FAMILIES:
             results[label] = best_under_budget(base, a.trace, php, thw, "power", budget, duration_s=a.duration,
-                                               step=a.step, token_cap_w=cap,
+                                               step=a.step, decode_cap_w=cap,
                                                progress=lambda n: bar.update(task, advance=1, description=n))
     if a.json:
         a.json.write_text(json.dumps(results, indent=2) + "\n")

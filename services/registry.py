@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from services.contracts.errors import InvalidArgument
-from services.contracts.layout import Layout, Role
+from services.contracts.layout import Layout
+from services.contracts.roles import GATEWAY_ROUTED_ROLES, PoolRole
 
 # Default gRPC base port per role when a pool sets no base_port; instance i listens on base + i.
 DEFAULT_BASE_PORT: dict[str, int] = {"prefill": 50100, "decode": 50200, "mixed": 50300, "dlm": 50400, "policy": 50500}
 METRICS_PORT_OFFSET = 1000  # a worker's Prometheus port is its gRPC port + this
-LLM_ROLES = ("prefill", "decode", "mixed")
-GATEWAY_ROLES = (*LLM_ROLES, "dlm")  # roles the gateway routes requests to (policy workers are called directly)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +69,14 @@ class StaticRegistry:
         eps: list[Endpoint] = []
         for pair in pairs:
             role, sep, addr = pair.partition("=")
-            if not sep or role not in GATEWAY_ROLES or ":" not in addr:
-                raise InvalidArgument(f"worker: expected ROLE=HOST:PORT with ROLE in {GATEWAY_ROLES}, got {pair!r}",
+            if not sep or role not in GATEWAY_ROUTED_ROLES or ":" not in addr:
+                raise InvalidArgument(f"worker: expected ROLE=HOST:PORT with ROLE in {GATEWAY_ROUTED_ROLES}, got {pair!r}",
                                       param="worker")
             eps.append(Endpoint(role, sum(e.role == role for e in eps), addr))
         return cls(eps)
 
 
-def layout_endpoints(layout: Layout, roles: Iterable[Role] | None = None) -> list[Endpoint]:
+def layout_endpoints(layout: Layout, roles: Iterable[PoolRole] | None = None) -> list[Endpoint]:
     """Every instance the layout asks for, in a stable order, with its gRPC and metrics ports."""
     wanted = set(roles) if roles is not None else None
     out: list[Endpoint] = []

@@ -1,9 +1,10 @@
 """Which workers serve a request: Splitwise's join-the-shortest-queue policy behind a small Router interface.
 
-Prefill workers are ranked by pending prompt tokens, decode workers by batch load and free KV memory.
-Loads come from `WorkerClient.info()` (cached for `ttl_s`) plus what this router itself has in flight:
-a pick reserves its share (prompt tokens on the prefill worker, one request on the decode worker) under
-the same lock it chose under, so concurrent picks see each other and a burst spreads out.
+The ranking (prefill by pending prompt tokens, decode by batch load and free KV memory) is
+`services.contracts.routing`, shared with the simulator. Loads come from `WorkerClient.info()` (cached for
+`ttl_s`) plus what this router itself has in flight: a pick reserves its share (prompt tokens on the prefill
+worker, one request on the decode worker) under the same lock it chose under, so concurrent picks see each
+other and a burst spreads out.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from services.contracts import routing
 from services.contracts.errors import InvalidArgument, TandemError, Unavailable
+from services.contracts.routing import Load
 from services.registry import Registry
 
 
@@ -32,19 +35,6 @@ class Route:
     @property
     def workers(self) -> list[str]:
         return [self.prefill] if self.mixed else [self.prefill, self.decode]
-
-
-@dataclass(slots=True)
-class Load:
-    """A worker's load as the router sees it (the fields of WorkerInfo it ranks by)."""
-
-    address: str
-    pending_prompt_tokens: int = 0
-    live_requests: int = 0
-    waiting_requests: int = 0
-    kv_free_bytes: int = 0
-    kv_total_bytes: int = 0
-    healthy: bool = True
 
 
 class Router(Protocol):
@@ -116,17 +106,6 @@ class _Board:
             self.down_until[address] = time.monotonic() + hold_s
 
 
-def prefill_key(load: Load) -> tuple:
-    """JSQ over prefill workers: fewest pending prompt tokens, then fewest live requests."""
-    return (load.pending_prompt_tokens, load.live_requests + load.waiting_requests)
-
-
-def decode_key(load: Load) -> tuple:
-    """JSQ over decode workers: a worker with free KV first, then the lightest batch, then the most free KV."""
-    full = load.kv_total_bytes > 0 and load.kv_free_bytes <= 0
-    return (full, load.live_requests + load.waiting_requests, -load.kv_free_bytes)
-
-
 class _BaseRouter(abc.ABC):
     def __init__(self, registry: Registry, info: InfoFn, ttl_s: float = 0.1) -> None:
         self.registry = registry
@@ -142,24 +121,19 @@ class _BaseRouter(abc.ABC):
             if ep.role in ("prefill", "decode", "mixed") and ep.address not in exclude:
                 self.board.poll(ep.address)
         with self.board.lock:  # choose and reserve in one step, so concurrent picks see each other
-            route = self._route(exclude)
+            prefill, decode = self._healthy("prefill", exclude), self._healthy("decode", exclude)
+            picked = routing.route(prefill, decode, lambda: self._healthy("mixed", exclude), self._choose)
+            if picked is None:
+                missing = "prefill" if not prefill else "decode"
+                if not self.registry.endpoints("prefill") and not self.registry.endpoints("decode"):
+                    missing = "mixed"
+                raise Unavailable(f"no healthy {missing} worker to route to"
+                                  + (f" (avoiding {', '.join(sorted(exclude))})" if exclude else ""))
+            p, d, mixed = picked
+            route = Route(str(p.address), str(d.address), mixed=mixed)
             self.board.add(route.prefill, tokens=prompt_tokens)
             self.board.add(route.decode, requests=1)
         return route
-
-    def _route(self, exclude: frozenset[str]) -> Route:
-        prefill, decode = self._healthy("prefill", exclude), self._healthy("decode", exclude)
-        if prefill and decode:
-            return Route(self._choose(prefill, prefill_key).address, self._choose(decode, decode_key).address)
-        mixed = self._healthy("mixed", exclude)
-        if not mixed:
-            missing = "prefill" if not prefill else "decode"
-            if not self.registry.endpoints("prefill") and not self.registry.endpoints("decode"):
-                missing = "mixed"
-            raise Unavailable(f"no healthy {missing} worker to route to"
-                              + (f" (avoiding {', '.join(sorted(exclude))})" if exclude else ""))
-        addr = self._choose(mixed, prefill_key).address
-        return Route(addr, addr, mixed=True)
 
     def prefill_done(self, route: Route, prompt_tokens: int) -> None:
         self.board.add(route.prefill, tokens=-prompt_tokens)
@@ -180,7 +154,7 @@ class JSQRouter(_BaseRouter):
     """Splitwise's policy: the least-loaded worker of each pool (ties go to registry order)."""
 
     def _choose(self, loads: list[Load], key: Callable[[Load], tuple]) -> Load:
-        return min(loads, key=key)
+        return routing.jsq(loads, key)
 
 
 class RoundRobinRouter(_BaseRouter):

@@ -68,7 +68,7 @@ HARDWARE: dict[str, Hardware] = {
 
 
 @dataclass(slots=True, frozen=True)
-class ModelSpec:
+class ModelShape:
     name: str
     params: float
     layers: int
@@ -93,14 +93,14 @@ class ModelSpec:
         return self.params * self.dtype_bytes
 
 
-MODELS: dict[str, ModelSpec] = {
-    "bloom-176b": ModelSpec("bloom-176b", 176.2e9, 70, 14336, 112, 112, profile_name="bloom-176b",
+MODELS: dict[str, ModelShape] = {
+    "bloom-176b": ModelShape("bloom-176b", 176.2e9, 70, 14336, 112, 112, profile_name="bloom-176b",
                             source="bigscience/bloom config.json (n_layer 70, hidden 14336, 112 heads, MHA)"),
-    "llama2-70b": ModelSpec("llama2-70b", 68.98e9, 80, 8192, 64, 8, profile_name="llama2-70b",
+    "llama2-70b": ModelShape("llama2-70b", 68.98e9, 80, 8192, 64, 8, profile_name="llama2-70b",
                             source="meta-llama/Llama-2-70b-hf config.json (80 layers, 8192, 64 heads, 8 KV heads)"),
-    "llama3-8b": ModelSpec("llama3-8b", 8.03e9, 32, 4096, 32, 8,
+    "llama3-8b": ModelShape("llama3-8b", 8.03e9, 32, 4096, 32, 8,
                            source="meta-llama/Meta-Llama-3-8B config.json (32 layers, 4096, 32 heads, 8 KV heads)"),
-    "smollm2-135m": ModelSpec("smollm2-135m", 134.5e6, 30, 576, 9, 3,
+    "smollm2-135m": ModelShape("smollm2-135m", 134.5e6, 30, 576, 9, 3,
                               source="HuggingFaceTB/SmolLM2-135M config.json (30 layers, 576, 9 heads, 3 KV heads)"),
 }
 
@@ -113,7 +113,7 @@ def hardware(name: str, field: str = "hardware") -> Hardware:
                               param=field) from None
 
 
-def model(name: str, field: str = "model.name") -> ModelSpec:
+def model(name: str, field: str = "model.name") -> ModelShape:
     try:
         return MODELS[name]
     except KeyError:

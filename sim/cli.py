@@ -39,14 +39,14 @@ def run_cmd(
     arrival: str = typer.Option("poisson", help="'poisson' or 'gamma' (synthetic arrivals)"),
     cv: float = typer.Option(1.0, help="coefficient of variation of gamma inter-arrival times"),
     perf: str | None = typer.Option(None, help="override sim.perf_model: roofline, profile or a CSV path"),
-    out: Path | None = typer.Option(None, help="write the result JSON here"),
+    out: Path | None = typer.Option(None, "--json", "--out", help="write the result JSON here"),
 ) -> None:
     """Simulate LAYOUT on a trace and print (and optionally write) the metrics."""
     from rich.console import Console
     from rich.progress import Progress
 
     from services.contracts.layout import load_layout
-    from sim.cluster import Cluster
+    from sim.cluster import SimulatedCluster
     from sim.results import summarize_run
     from sim.trace import make_workload
 
@@ -54,7 +54,7 @@ def run_cmd(
     if perf is not None:
         lay = lay.model_copy(update={"sim": lay.sim.model_copy(update={"perf_model": perf})})
     wl = make_workload(trace, rate=rate, duration_s=duration, seed=seed, arrival=arrival, cv=cv)
-    cluster = Cluster(lay, wl)
+    cluster = SimulatedCluster(lay, wl)
     console = Console(stderr=True)
     if len(wl) > 5000:
         with Progress(console=console, transient=True) as bar:
@@ -103,16 +103,19 @@ def search_cmd(
     rate: float | None = typer.Option(None, help="cheapest layout meeting the SLO at this load (req/s)"),
     budget: str | None = typer.Option(None, help="'power=408000' (W) or 'cost=1520' ($/h): best throughput"),
     hardware: str = typer.Option("dgx-h100,dgx-a100", help="hardware for --rate (comma-separated)"),
-    prompt_hw: str = typer.Option("dgx-h100", help="prompt machines for --budget"),
-    token_hw: str = typer.Option("dgx-h100", help="token machines for --budget"),
-    token_cap_w: float | None = typer.Option(None, help="power cap of token machines for --budget"),
-    step: int = typer.Option(1, help="prompt-machine count step for --budget"),
+    prefill_hw: str = typer.Option("dgx-h100", "--prefill-hw", help="prefill workers' hardware for --budget"),
+    decode_hw: str = typer.Option("dgx-h100", "--decode-hw", help="decode workers' hardware for --budget"),
+    decode_cap_w: float | None = typer.Option(None, "--decode-cap-w", help="power cap of decode workers for --budget"),
+    prompt_hw: str | None = typer.Option(None, "--prompt-hw", hidden=True, help="old spelling of --prefill-hw"),
+    token_hw: str | None = typer.Option(None, "--token-hw", hidden=True, help="old spelling of --decode-hw"),
+    token_cap_w: float | None = typer.Option(None, "--token-cap-w", hidden=True, help="old spelling of --decode-cap-w"),
+    step: int = typer.Option(1, help="prefill-worker count step for --budget"),
     max_machines: int = typer.Option(80, help="largest pool tried for --rate"),
     duration: float = typer.Option(60.0, help="seconds of Poisson arrivals per probe"),
     seed: int = typer.Option(0),
     criterion: str = typer.Option("slowdown", help="'slowdown' (Splitwise's SLOs) or 'attainment'"),
     target: float = typer.Option(0.99, help="SLO attainment target for --criterion attainment"),
-    out: Path | None = typer.Option(None, help="write all designs as JSON"),
+    out: Path | None = typer.Option(None, "--json", "--out", help="write all designs as JSON"),
 ) -> None:
     """Cheapest layout for a load (--rate) or best throughput within a power/cost budget (--budget)."""
     from rich.console import Console
@@ -127,6 +130,8 @@ def search_cmd(
         raise InvalidArgument("search: give exactly one of --rate or --budget", param="rate")
     if criterion not in ("slowdown", "attainment"):
         raise InvalidArgument(f"criterion: must be 'slowdown' or 'attainment', got {criterion!r}", param="criterion")
+    prefill_hw, decode_hw = prompt_hw or prefill_hw, token_hw or decode_hw
+    decode_cap_w = token_cap_w if token_cap_w is not None else decode_cap_w
     base = load_layout(layout)
     console = Console(stderr=True)
     with Progress(console=console, transient=True) as bar:
@@ -145,8 +150,8 @@ def search_cmd(
             except ValueError:
                 raise InvalidArgument(f"budget: expected power=WATTS or cost=DOLLARS_PER_HOUR, got {budget!r}",
                                       param="budget") from None
-            rows = search.best_under_budget(base, trace, prompt_hw, token_hw, kind.strip(), amount,
-                                            duration_s=duration, seed=seed, step=step, token_cap_w=token_cap_w,
+            rows = search.best_under_budget(base, trace, prefill_hw, decode_hw, kind.strip(), amount,
+                                            duration_s=duration, seed=seed, step=step, decode_cap_w=decode_cap_w,
                                             progress=tick)
     t = Table(title="designs (best first)")
     for col in ("name", "max rate (req/s)", "$/h", "provisioned kW"):
@@ -167,7 +172,7 @@ def report_cmd(
     rates: str = typer.Option("10,20,30,40,50,60,70,80,90,100,110,120", help="loads for the throughput sweep"),
     duration: float = typer.Option(60.0, help="seconds of arrivals per simulation"),
     seed: int = typer.Option(0),
-    out_dir: Path = typer.Option(Path("docs"), help="where the PNGs and report.json go"),
+    out_dir: Path = typer.Option(Path("docs/results/sim"), help="where the PNGs and report.json go"),
     prefix: str = typer.Option("sim_", help="file-name prefix of the plots"),
     json_out: Path | None = typer.Option(None, "--json", help="also write every number as JSON here"),
 ) -> None:

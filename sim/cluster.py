@@ -1,4 +1,5 @@
-"""The simulated cluster: machines built from a layout, Splitwise's router (JSQ, mixed-pool fallback), the run loop."""
+"""The simulated cluster: workers built from a layout, the runtime's router (services.contracts.routing: JSQ, mixed
+pool) plus Splitwise's mixed-pool fallback, the run loop."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from pathlib import Path
 import numpy as np
 import simpy
 
+from services.contracts import routing
 from services.contracts.errors import InvalidArgument
 from services.contracts.layout import Layout
+from services.contracts.roles import LLM_ROLES
 from sim import catalog
 from sim.dlm import DLMPool, split
-from sim.machine import Machine
 from sim.perf import PerfModel, ProfileTable, load_profile
 from sim.state import Requests, Tally
 from sim.trace import Workload, data_dir
+from sim.worker import Worker
 
 BUNDLED_PROFILE = Path(__file__).resolve().parent / "data" / "splitwise_perf_model.csv"
 
@@ -56,12 +59,14 @@ class RunOutput:
     workload: Workload
     reqs: Requests
     tally: Tally
-    machines: list[Machine]
+    workers: list[Worker]
     end_s: float
     dlm: dict | None = None  # the dlm pool's summary (sim/dlm.py), when the layout has one
 
 
-class Cluster:
+class SimulatedCluster:
+    """A layout's prefill/decode/mixed workers on one SimPy clock, fed a workload through the router."""
+
     def __init__(self, layout: Layout, workload: Workload) -> None:
         self.layout = layout
         self.env = simpy.Environment()
@@ -71,12 +76,11 @@ class Cluster:
         self.reqs = Requests(workload)
         self.workload = workload
         self.tally = Tally()
-        self.machines: list[Machine] = []
-        roles: list[str] = []
+        self.workers: list[Worker] = []
         for pi, pool in enumerate(layout.pools):
             if pool.count == 0:
                 continue
-            if pool.role not in ("prefill", "decode", "mixed"):
+            if pool.role not in LLM_ROLES:
                 continue  # diffusion workers (dlm, policy) serve no LLM requests: not simulated
             perf = perf_for(layout, pool.hardware, pool.power_cap_w, field=f"pools.{pi}.hardware")
             if perf.kv_capacity_tokens(layout.sim.kv_usable_fraction) <= 0 and pool.role != "prefill":
@@ -84,25 +88,19 @@ class Cluster:
                                       "weights and any KV cache", param=f"pools.{pi}.hardware")
             batching = pool.batching or layout.batching
             for _ in range(pool.count):
-                m = Machine(self.env, len(self.machines), pool.role, perf, batching, self.reqs, self.tally, self,
-                            layout.sim.kv_usable_fraction, layout.kv_link.bandwidth_gbps, layout.kv_link.latency_s)
-                self.machines.append(m)
-                roles.append(pool.role)
-        if not self.machines:
-            raise InvalidArgument("pools: the simulator needs at least one prefill, decode or mixed machine",
+                self.workers.append(Worker(self.env, len(self.workers), pool.role, perf, batching, self.reqs,
+                                           self.tally, self, layout.sim.kv_usable_fraction,
+                                           layout.kv_link.bandwidth_gbps, layout.kv_link.latency_s))
+        if not self.workers:
+            raise InvalidArgument("pools: the simulator needs at least one prefill, decode or mixed worker",
                                   param="pools")
-        roles_a = np.array(roles)
-        self.prompt_idx = np.flatnonzero((roles_a == "prefill") | (roles_a == "mixed"))
-        self.decode_idx = np.flatnonzero((roles_a == "decode") | (roles_a == "mixed"))
-        if len(self.prompt_idx) == 0:
-            self.prompt_idx = self.decode_idx
-        if len(self.decode_idx) == 0:
-            self.decode_idx = self.prompt_idx
-        self.colocated = bool(np.array_equal(self.prompt_idx, self.decode_idx))
-        n = len(self.machines)
-        self.pref_load = np.zeros(n)  # estimated seconds of queued prefill work
-        self.dec_load = np.zeros(n)  # share of KV capacity assigned
-        self.kv_cap = np.array([m.kv_cap for m in self.machines], dtype=np.float64)
+        loads = {role: [w.load for w in self.workers if w.role == role] for role in ("prefill", "decode", "mixed")}
+        self.prefill_loads, self.decode_loads = loads["prefill"], loads["decode"]
+        # the runtime's pools: split when both exist, else mixed; a layout with only one split pool (which the
+        # runtime would refuse) runs both phases on it
+        self.mixed_loads = loads["mixed"] or loads["prefill"] or loads["decode"]
+        if not (self.prefill_loads and self.decode_loads):
+            self.prefill_loads = self.decode_loads = []
         self.fallback_tokens = layout.sim.fallback_queue_tokens if layout.router.mixed_fallback else None
         self.rng = np.random.default_rng(0)
         self._rr = 0
@@ -110,49 +108,42 @@ class Cluster:
         self.rejected = 0
 
     # -- router -------------------------------------------------------------------------------------------------
-    def _pick(self, idx: np.ndarray, load: np.ndarray) -> int:
+    def _choose(self, loads: list[routing.Load], key: routing.Key) -> routing.Load:
         policy = self.layout.router.policy
         if policy == "jsq":
-            return int(idx[int(np.argmin(load[idx]))])
+            return routing.jsq(loads, key)
         if policy == "round_robin":
             self._rr += 1
-            return int(idx[self._rr % len(idx)])
-        return int(idx[int(self.rng.integers(len(idx)))])
+            return loads[self._rr % len(loads)]
+        return loads[int(self.rng.integers(len(loads)))]
 
     def route(self, rid: int) -> None:
         r = self.reqs
         need = int(r.prompt[rid] + r.output[rid])
-        machines = self.machines
-        if self.colocated:
-            load = self.pref_load + self.dec_load
-            p = d = self._pick(self.prompt_idx, load)
-        else:
-            p = self._pick(self.prompt_idx, self.pref_load)
-            d = self._pick(self.decode_idx, self.dec_load)
-            fb = self.fallback_tokens
-            if fb is not None:
-                pm, dm = machines[p], machines[d]
-                if pm.prompt_pending > fb and dm.prompt_pending < pm.prompt_pending:
-                    p = d  # prompt pool overloaded: this token machine runs the prompt too (mixed pool)
-                elif dm.dec_assigned + need > dm.kv_cap and pm.dec_assigned + need <= pm.kv_cap:
-                    d = p  # token pool full: the prompt machine keeps the request (mixed pool)
-        if need > machines[d].kv_cap:
+        workers = self.workers
+        picked = routing.route(self.prefill_loads, self.decode_loads, lambda: self.mixed_loads, self._choose)
+        assert picked is not None  # the constructor left at least one pool
+        pl, dl, mixed = picked
+        p, d = int(pl.address), int(dl.address)
+        fb = self.fallback_tokens
+        if not mixed and fb is not None:
+            pw, dw = workers[p], workers[d]
+            if pw.prefill_pending > fb and dw.prefill_pending < pw.prefill_pending:
+                p = d  # prefill pool overloaded: this decode worker runs the prompt too (Splitwise's mixed pool)
+            elif dw.dec_assigned + need > dw.kv_cap and pw.dec_assigned + need <= pw.kv_cap:
+                d = p  # decode pool full: the prefill worker keeps the request (Splitwise's mixed pool)
+        if need > workers[d].kv_cap:
             r.rejected[rid] = True
             self.rejected += 1
             return
         r.dest[rid] = d
         r.prefill_on[rid] = p
-        dm = machines[d]
-        dm.dec_assigned += need
-        self.dec_load[d] = dm.dec_assigned / self.kv_cap[d]
-        machines[p].add_prompt(rid)
+        workers[d].assign_decode(need)
+        workers[p].add_prefill(rid)
 
     def on_done(self, rid: int) -> None:
         r = self.reqs
-        d = int(r.dest[rid])
-        m = self.machines[d]
-        m.dec_assigned -= int(r.prompt[rid] + r.output[rid])
-        self.dec_load[d] = m.dec_assigned / self.kv_cap[d]
+        self.workers[int(r.dest[rid])].release_decode(int(r.prompt[rid] + r.output[rid]))
         self.done += 1
 
     # -- run ----------------------------------------------------------------------------------------------------
@@ -186,7 +177,7 @@ class Cluster:
         if fin.size:
             end = max(float(fin.max()), last)
         dlm = self.dlm.summary() if self.dlm is not None else None
-        return RunOutput(self.layout, self.workload, self.reqs, self.tally, self.machines, end, dlm)
+        return RunOutput(self.layout, self.workload, self.reqs, self.tally, self.workers, end, dlm)
 
     def _run_until(self, t: float) -> None:
         if t <= self.env.now:
@@ -198,4 +189,4 @@ class Cluster:
 
 
 def simulate(layout: Layout, workload: Workload, progress: Callable[[float, float], None] | None = None) -> RunOutput:
-    return Cluster(layout, workload).run(progress)
+    return SimulatedCluster(layout, workload).run(progress)

@@ -1,8 +1,8 @@
-"""The dlm pool in the simulator: `sim.dlm_fraction` of requests go to diffusion-LM machines, each serving one
-request at a time (FIFO, least-queued machine first) for a time drawn from the measured profile table.
+"""The dlm pool in the simulator: `sim.dlm_fraction` of requests go to diffusion-LM workers, each serving one
+request at a time (FIFO, least-queued worker first) for a time drawn from the measured profile table.
 
 The table (sim/data/dlm_profile.json) is written by `python -m services.bench.dlm_profile`; this module only reads it.
-Power: idle watts always, peak watts while serving; cost: the catalog's $/hour per machine.
+Power: idle watts always, peak watts while serving; cost: the catalog's $/hour per worker.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import simpy
 
 from services.contracts.errors import InvalidArgument
 from services.contracts.layout import Layout
+from services.contracts.metrics import weighted_percentile
 from sim import catalog
 from sim.trace import Workload
 
@@ -64,7 +65,7 @@ def split(workload: Workload, fraction: float) -> tuple[Workload, np.ndarray]:
 
 
 @dataclass(slots=True)
-class DLMMachine:
+class DLMWorker:
     hw: catalog.Hardware
     samples: np.ndarray
     slot: simpy.Resource
@@ -74,12 +75,13 @@ class DLMMachine:
 
 @dataclass(slots=True)
 class DLMPool:
-    """The layout's dlm machines and the requests sent to them (arrival, start, finish per request)."""
+    """The layout's dlm workers and the requests sent to them (arrival, start, service time, finish per request)."""
 
     env: simpy.Environment
     arrivals: np.ndarray
-    machines: list[DLMMachine] = field(default_factory=list)
+    workers: list[DLMWorker] = field(default_factory=list)
     start: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    service: np.ndarray = field(default_factory=lambda: np.zeros(0))
     finish: np.ndarray = field(default_factory=lambda: np.zeros(0))
     variant: str = ""
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
@@ -96,9 +98,9 @@ class DLMPool:
         for i, p in pools:
             hw = catalog.hardware(p.hardware, f"pools.{i}.hardware")
             samples = load_samples(layout, p.hardware, f"pools.{i}.hardware")
-            pool.machines += [DLMMachine(hw, samples, simpy.Resource(env, capacity=1)) for _ in range(p.count)]
+            pool.workers += [DLMWorker(hw, samples, simpy.Resource(env, capacity=1)) for _ in range(p.count)]
         n = len(arrivals)
-        pool.start, pool.finish = np.full(n, np.nan), np.full(n, np.nan)
+        pool.start, pool.service, pool.finish = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
         env.process(pool._arrive())
         return pool
 
@@ -110,15 +112,16 @@ class DLMPool:
         for rid, t in enumerate(self.arrivals):
             if t > self.env.now:
                 yield self.env.timeout(float(t) - self.env.now)
-            m = min(self.machines, key=lambda x: x.queued)  # join the shortest queue (ties: layout order)
+            m = min(self.workers, key=lambda x: x.queued)  # join the shortest queue (ties: layout order)
             m.queued += 1
             self.env.process(self._serve(rid, m))
 
-    def _serve(self, rid: int, m: DLMMachine):  # noqa: ANN202 - a SimPy process
+    def _serve(self, rid: int, m: DLMWorker):  # noqa: ANN202 - a SimPy process
         with m.slot.request() as turn:
             yield turn
             self.start[rid] = self.env.now
             s = float(m.samples[self.rng.integers(m.samples.size)])
+            self.service[rid] = s
             yield self.env.timeout(s)
             m.busy_s += s
         m.queued -= 1
@@ -129,25 +132,22 @@ class DLMPool:
         the pool's own window (time 0 to its last arrival or answer, whichever is later)."""
         n = len(self.arrivals)
         done = ~np.isnan(self.finish)
-        lat = self.finish[done] - self.arrivals[done]
         wait = self.start[done] - self.arrivals[done]
+        lat = wait + self.service[done]  # = finish - arrival, without the clock's rounding (idle: the sample itself)
         fin = self.finish[done]
         duration = max(self.last_arrival, float(fin.max()) if fin.size else 0.0, 1e-9)
-        cost_h = float(sum(m.hw.cost_per_hour for m in self.machines))
-        idle_w = float(sum(m.hw.power_idle_w for m in self.machines))
-        energy = idle_w * duration + sum((m.hw.power_peak_w - m.hw.power_idle_w) * m.busy_s for m in self.machines)
+        cost_h = float(sum(m.hw.cost_per_hour for m in self.workers))
+        idle_w = float(sum(m.hw.power_idle_w for m in self.workers))
+        energy = idle_w * duration + sum((m.hw.power_peak_w - m.hw.power_idle_w) * m.busy_s for m in self.workers)
         completed = int(done.sum())
 
-        def pct(v: np.ndarray, q: float) -> float:
-            return float(np.percentile(v, q)) if v.size else float("nan")
-
-        return {"variant": self.variant, "machines": len(self.machines), "requests": n, "completed": completed,
+        return {"variant": self.variant, "machines": len(self.workers), "requests": n, "completed": completed,
                 "unfinished": n - completed,
-                **{f"latency_p{q}_s": pct(lat, q) for q in (50, 90, 99)},
+                **{f"latency_p{q}_s": weighted_percentile(lat, q) for q in (50, 90, 99)},
                 "latency_mean_s": float(lat.mean()) if lat.size else float("nan"),
-                "queue_p99_s": pct(wait, 99),
+                "queue_p99_s": weighted_percentile(wait, 99),
                 "duration_s": duration, "throughput_rps": completed / duration,
-                "utilization": float(sum(m.busy_s for m in self.machines)) / (duration * len(self.machines)),
+                "utilization": float(sum(m.busy_s for m in self.workers)) / (duration * len(self.workers)),
                 "cost_per_hour": cost_h,
                 "cost_per_million_requests": cost_h * duration / 3600.0 / completed * 1e6 if completed else float("nan"),
                 "energy_j": energy, "power_mean_w": energy / duration,

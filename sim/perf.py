@@ -1,7 +1,7 @@
 """Latency and power of one machine running one model: an analytic roofline, or a measured profile table.
 
 Decode iterations are linear in the batch's total context, t = a(b) + c·C, so a batch can be advanced over many
-iterations in closed form (see sim/machine.py).
+iterations in closed form (see sim/worker.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from services.contracts.errors import InvalidArgument
-from sim.catalog import Hardware, ModelSpec
+from sim.catalog import Hardware, ModelShape
 
 # Share of dynamic power drawn by memory-bound work relative to compute-bound work. Assumption, chosen so a
 # decode batch stays under a 70% cap (Splitwise: capping an H100's token phase barely slows it).
@@ -85,7 +85,7 @@ def load_profile(path: str | Path, model_name: str, hw_name: str, tensor_paralle
 class PerfModel:
     """Prefill time, decode coefficients and power for (hardware, model), optionally power-capped."""
 
-    def __init__(self, hw: Hardware, spec: ModelSpec, *, profile: ProfileTable | None = None,
+    def __init__(self, hw: Hardware, spec: ModelShape, *, profile: ProfileTable | None = None,
                  power_cap_w: float | None = None) -> None:
         self.hw, self.spec, self.profile = hw, spec, profile
         self.cap_w = power_cap_w if power_cap_w is not None and power_cap_w < hw.power_peak_w else None

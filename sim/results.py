@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from services.contracts.layout import Layout
-from services.contracts.metrics import summarize_arrays
+from services.contracts.metrics import summarize_arrays, weighted_percentile
 from sim.cluster import RunOutput, perf_for
 
 # Splitwise's SLOs as slowdown over the request running alone on a DGX-A100, at p50 / p90 / p99
@@ -46,9 +46,9 @@ def summarize_run(run: RunOutput) -> dict[str, float]:
         v = vals[~np.isnan(vals)]
         res[f"{k}_mean_s"] = float(v.mean()) if v.size else float("nan")
     # cost and power
-    machines = run.machines
-    cost_h = float(sum(m.perf.hw.cost_per_hour for m in machines))
-    idle_w = float(sum(m.idle_w for m in machines))
+    workers = run.workers
+    cost_h = float(sum(m.perf.hw.cost_per_hour for m in workers))
+    idle_w = float(sum(m.idle_w for m in workers))
     energy = idle_w * duration + tally.busy_energy_j
     tokens = int(out_tok.sum())
     res.update(
@@ -62,12 +62,12 @@ def summarize_run(run: RunOutput) -> dict[str, float]:
         duration_s=duration,
         tokens_generated=int(r.gen.sum()),
         output_tokens_completed=tokens,
-        machines=len(machines),
+        machines=len(workers),
         cost_per_hour=cost_h,
         cost_per_million_tokens=cost_h * duration / 3600.0 / tokens * 1e6 if tokens else float("nan"),
         power_mean_w=energy / duration,
         power_peak_w=idle_w + tally.peak_above_idle(),
-        power_provisioned_w=float(sum(m.perf.cap_w or m.perf.hw.power_peak_w for m in machines)),
+        power_provisioned_w=float(sum(m.perf.cap_w or m.perf.hw.power_peak_w for m in workers)),
         energy_j=energy,
         energy_per_token_j=energy / tokens if tokens else float("nan"),
         sim_events=tally.events,
@@ -95,7 +95,7 @@ def slowdown_check(layout: Layout, run: RunOutput, done: np.ndarray, ttft: np.nd
         sd = np.full(r.n, np.inf)
         sd[done] = np.nan_to_num(vals / ref[done], nan=1.0)  # one-token requests have no TBT: not slowed
         for q, limit in zip((50, 90, 99), SLOWDOWN_SLO[name], strict=True):
-            v = float(np.percentile(sd, q, method="inverted_cdf")) if r.n else float("nan")
+            v = weighted_percentile(sd, q)
             out[f"slowdown_{name}_p{q}"] = v
             if name == "tbt":
                 g = res[f"tbt_p{q}_s"] / float(np.median(ref_tbt)) if r.n else float("nan")

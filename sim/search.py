@@ -64,21 +64,21 @@ def max_rate(layout: Layout, base: Workload, *, duration_s: float = 120.0, seed:
     return best
 
 
-def split_layout(base: Layout, prompt_hw: str, token_hw: str, n_prompt: int, n_token: int,
-                 token_cap_w: float | None = None) -> Layout:
-    """A phase-split layout (n_prompt prefill + n_token decode machines), or colocated when n_prompt is 0."""
+def split_layout(base: Layout, prefill_hw: str, decode_hw: str, n_prefill: int, n_decode: int,
+                 decode_cap_w: float | None = None) -> Layout:
+    """A phase-split layout (n_prefill prefill + n_decode decode workers), or colocated when n_prefill is 0."""
     data = base.model_dump()
-    if n_prompt == 0:
-        data["pools"] = [{"role": "mixed", "count": n_token, "hardware": token_hw, "power_cap_w": token_cap_w}]
-        data["name"] = f"baseline-{token_hw}-{n_token}"
+    if n_prefill == 0:
+        data["pools"] = [{"role": "mixed", "count": n_decode, "hardware": decode_hw, "power_cap_w": decode_cap_w}]
+        data["name"] = f"baseline-{decode_hw}-{n_decode}"
     else:
-        data["pools"] = [{"role": "prefill", "count": n_prompt, "hardware": prompt_hw},
-                         {"role": "decode", "count": n_token, "hardware": token_hw, "power_cap_w": token_cap_w}]
-        data["name"] = f"split-{prompt_hw}x{n_prompt}-{token_hw}x{n_token}"
+        data["pools"] = [{"role": "prefill", "count": n_prefill, "hardware": prefill_hw},
+                         {"role": "decode", "count": n_decode, "hardware": decode_hw, "power_cap_w": decode_cap_w}]
+        data["name"] = f"split-{prefill_hw}x{n_prefill}-{decode_hw}x{n_decode}"
     return Layout.model_validate(data)
 
 
-def machine_budget(hw_name: str, kind: str, cap_w: float | None = None) -> float:
+def worker_budget(hw_name: str, kind: str, cap_w: float | None = None) -> float:
     hw = catalog.hardware(hw_name)
     if kind == "power":
         return min(cap_w, hw.power_peak_w) if cap_w else hw.power_peak_w
@@ -87,30 +87,30 @@ def machine_budget(hw_name: str, kind: str, cap_w: float | None = None) -> float
     raise InvalidArgument(f"budget: kind must be 'power' or 'cost', got {kind!r}", param="budget")
 
 
-def iso_budget_designs(base: Layout, prompt_hw: str, token_hw: str, kind: str, budget: float, *,
-                       step: int = 1, token_cap_w: float | None = None) -> Iterator[Layout]:
-    """Every split (prompt count p, the most token machines the remaining budget buys), plus the colocated
+def iso_budget_designs(base: Layout, prefill_hw: str, decode_hw: str, kind: str, budget: float, *,
+                       step: int = 1, decode_cap_w: float | None = None) -> Iterator[Layout]:
+    """Every split (prefill count p, the most decode workers the remaining budget buys), plus the colocated
     design of each hardware type that fills the budget."""
-    bp, bt = machine_budget(prompt_hw, kind), machine_budget(token_hw, kind, token_cap_w)
-    for hw in dict.fromkeys((prompt_hw, token_hw)):
-        n = int(budget // machine_budget(hw, kind))
+    bp, bt = worker_budget(prefill_hw, kind), worker_budget(decode_hw, kind, decode_cap_w)
+    for hw in dict.fromkeys((prefill_hw, decode_hw)):
+        n = int(budget // worker_budget(hw, kind))
         if n > 0:
             yield split_layout(base, hw, hw, 0, n)
     p = step
     while p * bp < budget:
         d = int((budget - p * bp + 1e-6) // bt)
         if d >= 1:
-            yield split_layout(base, prompt_hw, token_hw, p, d, token_cap_w)
+            yield split_layout(base, prefill_hw, decode_hw, p, d, decode_cap_w)
         p += step
 
 
-def best_under_budget(base: Layout, trace: str, prompt_hw: str, token_hw: str, kind: str, budget: float, *,
-                      duration_s: float = 60.0, seed: int = 0, step: int = 1, token_cap_w: float | None = None,
+def best_under_budget(base: Layout, trace: str, prefill_hw: str, decode_hw: str, kind: str, budget: float, *,
+                      duration_s: float = 60.0, seed: int = 0, step: int = 1, decode_cap_w: float | None = None,
                       progress: Callable[[str], None] | None = None) -> list[dict]:
     """Max throughput within SLO of every design in the budget, best first."""
     wl = load_trace(trace)
     rows = []
-    for lay in iso_budget_designs(base, prompt_hw, token_hw, kind, budget, step=step, token_cap_w=token_cap_w):
+    for lay in iso_budget_designs(base, prefill_hw, decode_hw, kind, budget, step=step, decode_cap_w=decode_cap_w):
         probe = max_rate(lay, wl, duration_s=duration_s, seed=seed)
         rows.append(_row(lay, probe))
         if progress:
@@ -121,7 +121,7 @@ def best_under_budget(base: Layout, trace: str, prompt_hw: str, token_hw: str, k
 def cheapest_for_load(base: Layout, trace: str, rate: float, hardware: list[str], *, max_machines: int = 80,
                       duration_s: float = 60.0, seed: int = 0, criterion: str = "slowdown", target: float = 0.99,
                       progress: Callable[[str], None] | None = None) -> list[dict]:
-    """For each hardware pairing and prompt count, the fewest token machines that meet the SLO at `rate`;
+    """For each hardware pairing and prefill count, the fewest decode workers that meet the SLO at `rate`;
     returns every feasible design, cheapest first."""
     wl = load_trace(trace)
     rows: list[dict] = []

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from services.contracts.layout import load_layout
 from sim.cluster import simulate
-from sim.machine import Machine
 from sim.results import summarize_run
 from sim.trace import load_trace, replay
+from sim.worker import Worker
 
 SPLITWISE_SIM_CPU_PER_REQ_S = (3e-3, 14e-3)  # the issue's figure for splitwise-sim
 
@@ -20,7 +20,7 @@ def _time(layout_path: Path, trace: str, rate: float | None, limit: int | None,
     """Best CPU seconds and best wall seconds of `repeats` simulations (setup included, summary excluded)."""
     lay = load_layout(layout_path)
     wl = replay(load_trace(trace), rate=rate)
-    Machine.segment_limit = limit
+    Worker.segment_limit = limit
     try:
         cpu = wall = float("inf")
         for _ in range(repeats):
@@ -28,7 +28,7 @@ def _time(layout_path: Path, trace: str, rate: float | None, limit: int | None,
             run = simulate(lay, wl)
             cpu, wall = min(cpu, time.process_time() - t0), min(wall, time.perf_counter() - w0)
     finally:
-        Machine.segment_limit = None
+        Worker.segment_limit = None
     return cpu, wall, len(wl), summarize_run(run)
 
 

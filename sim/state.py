@@ -1,4 +1,4 @@
-"""Per-request state as flat numpy arrays, plus the cluster-wide tallies machines write into."""
+"""Per-request state as flat numpy arrays, plus the cluster-wide tallies workers write into."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class Requests:
         self.finish = [nan] * n
         self.gen = [0] * n  # tokens produced (conservation check)
         self.rejected = [False] * n
-        self.dest = [-1] * n  # decode machine
+        self.dest = [-1] * n  # decode worker
         self.prefill_on = [-1] * n
 
     def freeze(self) -> None:

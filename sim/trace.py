@@ -5,18 +5,14 @@ A workload is three aligned arrays (arrival seconds, prompt tokens, output token
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
 from services.contracts.errors import InvalidArgument
-
-NAMED = {"conv": "AzureLLMInferenceTrace_conv.csv", "code": "AzureLLMInferenceTrace_code.csv"}
-COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+from services.contracts.trace import NAMED, read_csv
 
 
 @dataclass(slots=True)
@@ -36,60 +32,18 @@ def data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent / "data"
 
 
-def _parse_time(text: str, where: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        # the Azure traces carry 7 fractional digits; datetime takes at most 6
-        head, _, frac = text.strip().partition(".")
-        t = datetime.fromisoformat(head).timestamp()
-        return t + (float("0." + frac) if frac else 0.0)
-    except ValueError:
-        raise InvalidArgument(f"{where}: TIMESTAMP {text!r} is neither seconds nor an ISO date-time",
-                              param="TIMESTAMP") from None
-
-
 def load_trace(name_or_path: str) -> Workload:
     """Read `conv`, `code` or a CSV path with columns TIMESTAMP, ContextTokens, GeneratedTokens."""
     path = data_dir() / NAMED[name_or_path] if name_or_path in NAMED else Path(name_or_path)
     if not path.is_file():
         raise InvalidArgument(f"trace: {name_or_path!r} is not 'conv', 'code' or an existing CSV file "
                               f"(looked for {path})", param="trace")
-    times: list[float] = []
-    prompts: list[int] = []
-    outputs: list[int] = []
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise InvalidArgument(f"{path}: header lacks column(s) {', '.join(missing)} (need {', '.join(COLUMNS)})",
-                                  param="trace")
-        it, ic, ig = (header.index(c) for c in COLUMNS)
-        for row_no, row in enumerate(reader, start=1):
-            if not row:
-                continue
-            where = f"{path}: row {row_no}"
-            if len(row) < len(header):
-                raise InvalidArgument(f"{where}: expected {len(header)} fields, got {len(row)}", param="trace")
-            times.append(_parse_time(row[it], where))
-            for col, idx, lo, out in (("ContextTokens", ic, 0, prompts), ("GeneratedTokens", ig, 1, outputs)):
-                try:
-                    v = int(row[idx])
-                except ValueError:
-                    raise InvalidArgument(f"{where}: {col} must be an integer, got {row[idx]!r}", param=col) from None
-                if v < lo:
-                    raise InvalidArgument(f"{where}: {col} must be ≥ {lo}, got {v}", param=col)
-                out.append(v)
-    if not times:
-        raise InvalidArgument(f"{path}: no requests in the trace", param="trace")
-    t = np.asarray(times)
+    rows = read_csv(path)
+    t = rows.timestamp_s
     order = np.argsort(t, kind="stable")
     # a request needs at least one prompt token to run; the Azure traces never have zero, a user file may
-    prompt = np.maximum(np.asarray(prompts, dtype=np.int64)[order], 1)
-    return Workload(t[order] - t[order][0], prompt, np.asarray(outputs, dtype=np.int64)[order], name=path.stem)
+    prompt = np.maximum(rows.context_tokens[order], 1)
+    return Workload(t[order] - t[order][0], prompt, rows.generated_tokens[order], name=path.stem)
 
 
 def replay(trace: Workload, *, rate: float | None = None, duration_s: float | None = None) -> Workload:

@@ -11,7 +11,7 @@ from typing import Any
 _EXPORTS = {
     "NO_TOKEN": "services.batching.request",
     "DecodeRequest": "services.batching.request",
-    "POLICIES": "services.batching.scheduler",
+    "MODES": "services.batching.scheduler",
     "FusionScheduler": "services.batching.scheduler",
 }
 

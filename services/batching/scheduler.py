@@ -2,8 +2,8 @@
 
 Every iteration: apply cancellations, admit waiting requests (FIFO, within the KV budget), run ONE batched
 decode step over the dense live rows, sample each row with its own parameters, emit, and evict finished
-rows at once (their slot refilled by the last live row). The policy only changes who may join and when
-finished rows leave.
+rows at once (their slot refilled by the last live row). The batching mode (the layout's `batching.policy`)
+only changes who may join and when finished rows leave.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from services.contracts.errors import InvalidArgument, ResourceExhausted, Unavai
 from services.engine import Engine
 from services.engine.sampling import Sampler, sample_batch
 
-POLICIES = ("fusion", "static", "sequential")
+MODES = ("fusion", "static", "sequential")  # a layout's `batching.policy`
 log = logging.getLogger("tandem.fusion")
 
-__all__ = ["POLICIES", "DecodeRequest", "FusionScheduler", "NO_TOKEN"]
+__all__ = ["MODES", "DecodeRequest", "FusionScheduler", "NO_TOKEN"]
 
 
 class FusionScheduler:
-    """Decode scheduler over one engine. policy: "fusion" (Flover), "static" (FasterTransformer-style batches
+    """Decode scheduler over one engine. mode: "fusion" (Flover), "static" (FasterTransformer-style batches
     that run until their longest request ends; new arrivals wait), "sequential" (one request at a time).
 
     Reservation policy: a request is admitted when prompt_len + max_tokens - 1 KV tokens fit the budget next
@@ -36,15 +36,15 @@ class FusionScheduler:
     rest), so none starves. kv_budget_bytes None means max_batch full-context requests.
     """
 
-    def __init__(self, engine: Engine, policy: str = "fusion", max_batch: int = 32, kv_budget_bytes: int | None = None,
+    def __init__(self, engine: Engine, mode: str = "fusion", max_batch: int = 32, kv_budget_bytes: int | None = None,
                  *, initial_capacity: int = 256) -> None:
-        if policy not in POLICIES:
-            raise InvalidArgument(f"policy must be one of {', '.join(POLICIES)} (got {policy!r})", param="policy")
+        if mode not in MODES:  # named after the layout key users set, `batching.policy`
+            raise InvalidArgument(f"policy must be one of {', '.join(MODES)} (got {mode!r})", param="policy")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise InvalidArgument(f"max_batch must be an integer >= 1 (got {max_batch!r})", param="max_batch")
         self.engine = engine
-        self.policy = policy
-        self.max_batch = 1 if policy == "sequential" else max_batch
+        self.mode = mode
+        self.max_batch = 1 if mode == "sequential" else max_batch
         cfg = engine.cfg
         per_token = cfg.kv_bytes_per_token(torch.empty((), dtype=engine.dtype).element_size())
         budget = kv_budget_bytes if kv_budget_bytes is not None else self.max_batch * cfg.max_seq_len * per_token
@@ -96,7 +96,7 @@ class FusionScheduler:
         b = self.batch
         with self._lock:
             out = dict(self.counters)
-            out.update(policy=self.policy, live=sum(r.done is None for r in b.rows), rows=len(b.rows),
+            out.update(policy=self.mode, live=sum(r.done is None for r in b.rows), rows=len(b.rows),
                        waiting=len(self._waiting), kv_used_bytes=b.used_bytes, kv_waiting_bytes=self._waiting_bytes,
                        kv_budget_bytes=b.budget_bytes,
                        kv_allocated_bytes=b.kv.nbytes(), kv_capacity=b.kv.capacity, max_batch=self.max_batch,
@@ -130,7 +130,7 @@ class FusionScheduler:
         if self._thread is not None:
             return
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"fusion-{self.policy}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"fusion-{self.mode}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -189,7 +189,7 @@ class FusionScheduler:
 
     def _admit(self) -> None:
         b = self.batch
-        if self.policy != "fusion" and b.rows:
+        if self.mode != "fusion" and b.rows:
             return  # static / sequential: the running batch must drain first
         cfg = self.engine.cfg
         while True:
@@ -276,7 +276,7 @@ class FusionScheduler:
     def _release(self, slots: list[int]) -> None:
         """Fusion and sequential free finished rows now; a static batch keeps them as padding until all are done."""
         b = self.batch
-        if self.policy == "static":
+        if self.mode == "static":
             if b.rows and all(r.done is not None for r in b.rows):
                 b.evict(list(range(len(b.rows))))
         elif slots:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -13,12 +12,12 @@ from pathlib import Path
 
 import torch
 
+from services.bench.stats import wilson
 from services.dlm.checkpoint import CHECKPOINT_DIR, load_pair
+from services.dlm.protocol import ABLATIONS, VARIANT_OPTIONS, VARIANTS
 from services.dlm.sampler import Options, sample, sample_batch
 from services.dlm.tasks import encode_prompt, eval_set
 
-VARIANTS = ("baseline", "freecache", "guided", "freecache_guided")
-ABLATIONS = ("freecache_lag", "refresh_block", "parallel")
 # The bench's sampling configuration, shared by every variant: blocks of 2, one token per step. Chosen on a
 # development set (seed 4242, `--sweep`), not the held-out one: at B=4, s=4 FreeCache lost 2-3 points on
 # sorting; at B=2, s=2 it lost none with 3.43x less linear work (docs/dlm.md, "Choosing B and s").
@@ -30,16 +29,6 @@ BENCH_GUIDE_CHUNK = 24
 EVAL_SEED = 12345  # tasks.eval_set's held-out seed; configurations are chosen on other seeds
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 0.0
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
-
-
 def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
     """Fraction of response positions whose token equals the reference's, over all prompts."""
     same = sum(a == b for t, u in zip(tokens, reference, strict=True) for a, b in zip(t, u, strict=True))
@@ -47,14 +36,10 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
 
 
 def variant_options(name: str, base: Options) -> tuple[Options, bool]:
-    """(options, uses_guide) for a named variant. `parallel` commits every draft of one DLM forward with no
-    guide judging them (an accept-all guide): what Guided Diffusion is compared against."""
-    table = {"baseline": ("off", False), "freecache": ("freecache", False),
-             "freecache_lag": ("freecache_lag", False), "refresh_block": ("refresh_block", False),
-             "guided": ("off", True), "freecache_guided": ("freecache", True), "parallel": ("off", True)}
-    cache, guided = table[name]
-    opts = replace(base, cache=cache)
-    return (replace(opts, accept="all") if name == "parallel" else opts), guided
+    """(options, uses_guide) for a named variant of services.dlm.protocol.VARIANT_OPTIONS."""
+    opts = dict(VARIANT_OPTIONS[name])
+    guided = bool(opts.pop("guided"))
+    return replace(base, **opts), guided
 
 
 def evaluate(dlm: torch.nn.Module, guide: torch.nn.Module, tok, n: int, base: Options,

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from services.dlm.guide import ARGuide
-from services.dlm.model import DiffusionLM, KVStore
+from services.dlm.model import DiffusionLM, WindowKV
 from services.dlm.sampler import Options, sample
 
 
@@ -46,7 +46,7 @@ def window_matches_full(model: DiffusionLM, prompt: list[int], gen_len: int, mas
     """With a fresh K/V store, the windowed forward gives the full forward's logits (float tolerance)."""
     x = torch.tensor([prompt + [mask_id] * gen_len], device=model.embed.weight.device)
     full = model(x)
-    store = KVStore(model.cfg, 1, x.shape[1], x.device, model.embed.weight.dtype)
+    store = WindowKV(model.cfg, 1, x.shape[1], x.device, model.embed.weight.dtype)
     model.forward_window(x, 0, store)
     start = len(prompt)
     win = model.forward_window(x[:, start:], start, store)

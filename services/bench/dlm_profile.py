@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-VARIANTS = ("baseline", "freecache", "guided", "freecache_guided")
+from services.dlm.protocol import VARIANTS
 
 
 def measure(n: int = 30, threads: int = 1, warmup: int = 3, seed: int = 12345) -> dict:

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import torch
 
-from services.bench.dlm_evaluate import agreement, variant_options, wilson
+from services.bench.dlm_evaluate import agreement, variant_options
 from services.bench.dlm_exact import run_checks
+from services.bench.stats import wilson
+from services.dlm import protocol
 from services.dlm.sampler import Options, sample
 from services.dlm.smol import SMOL_CHECKPOINT, SmolBridge, load
 from services.dlm.smol_tasks import GEN_LEN, PROMPT_LEN, eval_set, preamble
 
-VARIANTS = ("baseline", "freecache", "guided", "freecache_guided", "parallel")
+VARIANTS = (*protocol.VARIANTS, "parallel")
 
 
 def load_smol_pair(path: Path = SMOL_CHECKPOINT, *, guide_preamble: bool = True):
@@ -102,7 +104,7 @@ def print_table(console, out: dict) -> None:
 
 
 def markdown(out: dict) -> str:
-    """The docs table, from a bench JSON: `python -m services.bench.dlm_smol docs/dlm/bench_cpu_smollm2.json`."""
+    """The docs table, from a bench JSON: `python -m services.bench.dlm_smol docs/results/dlm/bench_cpu_smollm2.json`."""
     head = ("| variant | accuracy [95% CI] | per task (copy/rev/sort/add) | token agreement | DLM forwards | "
             "guide forwards | guide tokens | tokens/step | seconds | speed-up |")
     rows = [head, "|" + "---|" * 10]

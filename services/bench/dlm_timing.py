@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from services.dlm.guide import ARGuide
-from services.dlm.layers import Config
+from services.dlm.layers import DLMConfig
 from services.dlm.model import DiffusionLM
 from services.dlm.sampler import CudaGraphs, Options, sample, sample_batch
 
@@ -60,8 +60,8 @@ def run(shape: str, guide_shape: str, cases: list[tuple[int, int, int]], device:
         torch.set_num_threads(1)  # the shared 2-core box: a second thread only spins
     torch.manual_seed(0)
     max_len = max(p + g for p, g, _ in cases)
-    model = DiffusionLM(Config(max_len=max_len, **SHAPES[shape])).to(device, dtype).eval()
-    guide = ARGuide(Config(max_len=max_len, **SHAPES[guide_shape])).to(device, dtype).eval()
+    model = DiffusionLM(DLMConfig(max_len=max_len, **SHAPES[shape])).to(device, dtype).eval()
+    guide = ARGuide(DLMConfig(max_len=max_len, **SHAPES[guide_shape])).to(device, dtype).eval()
     vocab = model.cfg.vocab_size
     variants = variants or BLOCK_VARIANTS + GUIDED_VARIANTS
     modes = ([(b, False) for b in batches] if eager else []) + ([(b, True) for b in batches] if graphs else [])
@@ -121,7 +121,7 @@ def _profile(shape: str, case: tuple[int, int, int], device: str, out: Path) -> 
     from torch.profiler import ProfilerActivity, profile
 
     p, g, b = case
-    model = DiffusionLM(Config(max_len=p + g, **SHAPES[shape])).to(device, torch.bfloat16).eval()
+    model = DiffusionLM(DLMConfig(max_len=p + g, **SHAPES[shape])).to(device, torch.bfloat16).eval()
     prompt = torch.randint(3, model.cfg.vocab_size, (p,), generator=torch.Generator().manual_seed(p)).tolist()
     opts = Options(gen_len=g, block=b, steps_per_block=b, cache="freecache")
     sample(model, prompt, opts, MASK, EOS)

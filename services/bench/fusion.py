@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from services.batching.request import NO_TOKEN, DecodeRequest, reserved_tokens
-from services.batching.scheduler import POLICIES, FusionScheduler
+from services.batching.scheduler import MODES, FusionScheduler
 from services.bench.fusion_reference import prefill, solo_decode
 from services.bench.fusion_reorder import reorder_costs
 from services.bench.fusion_workload import Job, Shape, arrival_times, draw_jobs
@@ -49,7 +49,7 @@ class BenchConfig:
     max_batch: int = 16
     shape: Shape = field(default_factory=Shape)
     seed: int = 0
-    threads: int | None = None  # CPU threads for torch; None = 1 on CPU (see docs/fusion.md), untouched on CUDA
+    threads: int | None = None  # CPU threads for torch; None = 1 on CPU (see docs/batching.md), untouched on CUDA
 
     @classmethod
     def quick(cls, **overrides) -> BenchConfig:
@@ -128,7 +128,7 @@ def warm_up(engine: Engine, max_batch: int, ctx: int) -> None:
 def run_policy(engine: Engine, policy: str, reqs: list[Prepared], arrivals: list[float], max_batch: int) -> tuple[dict, bool]:
     """Open-loop run: submit each request at its arrival time, step until all are done. (summary, tokens all equal)."""
     cap = max(reserved_tokens(r.job.prompt_len, r.job.max_tokens, engine.cfg.max_seq_len) for r in reqs)
-    sched = FusionScheduler(engine, policy=policy, max_batch=max_batch, initial_capacity=cap)
+    sched = FusionScheduler(engine, mode=policy, max_batch=max_batch, initial_capacity=cap)
     records = [RequestRecord(f"r{i}", arrivals[i], r.job.prompt_len) for i, r in enumerate(reqs)]
     tokens: list[list[int]] = [[] for _ in reqs]
     done = [False] * len(reqs)
@@ -183,15 +183,15 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None, partial: Calla
     seq_capacity = 1.0 / (mean_decode * solo_token_s)  # requests/s one-at-a-time can sustain
     rates = cfg.rates or [load * seq_capacity for load in cfg.loads]
     runs, identical = [], True
-    total = len(rates) * len(POLICIES)
+    total = len(rates) * len(MODES)
     for ri, rate in enumerate(rates):
         arrivals = arrival_times(jobs, rate)
         run = {"rate_rps": rate, "load_vs_sequential": rate / seq_capacity}
-        for pi, policy in enumerate(POLICIES):
+        for pi, policy in enumerate(MODES):
             run[policy], same = run_policy(engine, policy, reqs, arrivals, cfg.max_batch)
             identical &= same
             if progress:
-                progress(f"rate {rate:.2f} req/s", ri * len(POLICIES) + pi + 1, total)
+                progress(f"rate {rate:.2f} req/s", ri * len(MODES) + pi + 1, total)
         for policy in ("static", "sequential"):
             run[f"fusion_vs_{policy}_tokens_per_s"] = run["fusion"]["tokens_per_s"] / run[policy]["tokens_per_s"]
             run[f"fusion_vs_{policy}_latency_p50"] = run[policy]["latency_p50_s"] / run["fusion"]["latency_p50_s"]
@@ -202,7 +202,7 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None, partial: Calla
     cfg_out = asdict(cfg)
     cfg_out["rates"] = rates
     return {
-        **{p: head[p] for p in POLICIES},
+        **{p: head[p] for p in MODES},
         "identical_tokens": identical,
         "headline_rate_rps": head["rate_rps"],
         "runs": runs,
@@ -217,11 +217,11 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None, partial: Calla
 
 
 def table(result: dict) -> str:
-    """The benchmark as a markdown table (what docs/fusion.md shows)."""
+    """The benchmark as a markdown table (what docs/batching.md shows)."""
     lines = ["| rate req/s (load) | policy | tokens/s | p50 latency s | p99 latency s | mean batch | tokens = solo |",
              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for run in result["runs"]:
-        for p in POLICIES:
+        for p in MODES:
             r = run[p]
             lines.append(f"| {run['rate_rps']:.2f} ({run['load_vs_sequential']:.1f}x) | {p} | {r['tokens_per_s']:.1f} | "
                          f"{r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | {r['mean_batch']:.1f} | "

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from services.batching.scheduler import POLICIES
+from services.batching.scheduler import MODES
 
 STYLE = {"fusion": ("tab:green", "o"), "static": ("tab:orange", "s"), "sequential": ("tab:gray", "^")}
 
@@ -23,18 +23,18 @@ def plot(result: dict, out_png: str | Path, title: str | None = None) -> Path:
     fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(11, 4))
     if len(runs) == 1:  # one rate: bars read better than single points
         run = runs[0]
-        colors = [STYLE[p][0] for p in POLICIES]
-        ax_t.bar(POLICIES, [run[p]["tokens_per_s"] for p in POLICIES], color=colors)
-        x = range(len(POLICIES))
-        ax_l.bar([i - 0.2 for i in x], [run[p]["latency_p50_s"] for p in POLICIES], 0.4, color=colors, label="p50")
-        ax_l.bar([i + 0.2 for i in x], [run[p]["latency_p99_s"] for p in POLICIES], 0.4, color=colors, alpha=0.5,
+        colors = [STYLE[p][0] for p in MODES]
+        ax_t.bar(MODES, [run[p]["tokens_per_s"] for p in MODES], color=colors)
+        x = range(len(MODES))
+        ax_l.bar([i - 0.2 for i in x], [run[p]["latency_p50_s"] for p in MODES], 0.4, color=colors, label="p50")
+        ax_l.bar([i + 0.2 for i in x], [run[p]["latency_p99_s"] for p in MODES], 0.4, color=colors, alpha=0.5,
                  hatch="//", label="p99")
-        ax_l.set_xticks(list(x), POLICIES)
+        ax_l.set_xticks(list(x), MODES)
         ax_t.set(ylabel="output tokens/s", title=f"throughput at {run['rate_rps']:.1f} requests/s")
         ax_l.set(ylabel="per-request latency (s)", title="latency p50 (solid) / p99 (hatched)")
         ax_l.legend(fontsize=8)
         return _save(fig, result, out_png, title)
-    for p in POLICIES:
+    for p in MODES:
         color, marker = STYLE[p]
         ax_t.plot(rates, [r[p]["tokens_per_s"] for r in runs], color=color, marker=marker, label=p)
         ax_l.plot(rates, [r[p]["latency_p50_s"] for r in runs], color=color, marker=marker, label=f"{p} p50")

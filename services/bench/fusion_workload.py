@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-TRACE_NAME = "AzureLLMInferenceTrace_conv.csv"
+from services.contracts.trace import NAMED, read_csv
+
+TRACE_NAME = NAMED["conv"]
 # 64 (ContextTokens, GeneratedTokens) rows drawn (seed 0) from the trace above, so the benchmark runs anywhere.
 EMBEDDED_SAMPLE = (
     (1176, 116), (181, 156), (981, 400), (380, 81), (206, 162), (1013, 399), (96, 118), (375, 67), (227, 73),
@@ -34,10 +35,8 @@ def load_lengths() -> tuple[np.ndarray, np.ndarray, str]:
     """(context tokens, generated tokens, where they came from): the trace if found, else the embedded sample."""
     for path in trace_candidates():
         if path.is_file():
-            with path.open(newline="") as f:
-                rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
-            ctx, gen = zip(*rows, strict=True)
-            return np.array(ctx), np.array(gen), os.path.relpath(path, REPO)  # no machine paths in results
+            rows = read_csv(path)  # file order
+            return rows.context_tokens, rows.generated_tokens, os.path.relpath(path, REPO)  # no machine paths
     ctx, gen = zip(*EMBEDDED_SAMPLE, strict=True)
     return np.array(ctx), np.array(gen), "embedded sample of " + TRACE_NAME
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from services.bench import policy_evaluate as ev
+from services.bench.stats import wilson
 from services.policy.bac import (
     CacheHook,
     acs_steps,
@@ -26,7 +27,7 @@ from services.policy.bac import (
 )
 from services.policy.model import Denoiser
 from services.policy.sampler import Normalizer, Policy, denoise, draw_noise
-from services.policy.schedule import SAMPLERS, Sampler, make_sampler
+from services.policy.schedule import SAMPLERS, NoiseSchedule, make_sampler
 
 BUDGETS = {"ddpm100": [5, 7, 10], "ddim20": [5, 10]}
 # extra uniform budgets whose block evaluations match the BAC rows (BU adds updates beyond S)
@@ -42,7 +43,7 @@ BAC_EXTRA = {"ddpm100": [16]}
 
 
 @dataclass(slots=True, frozen=True)
-class Config:
+class PolicyBenchConfig:
     sampler: str  # key of SAMPLERS
     budget: int | None  # None = uncached
     method: str
@@ -52,20 +53,20 @@ class Config:
         return f"{self.sampler}/{self.method}" + (f"/S={self.budget}" if self.budget else "")
 
 
-def full_configs() -> list[Config]:
-    rows = [Config("ddpm100", None, "uncached")]
-    rows += [Config("ddpm100", s, m) for s in BUDGETS["ddpm100"] for m in METHODS]
-    rows += [Config("ddim10", None, "uncached"), Config("ddim20", None, "uncached")]
-    rows += [Config("ddim20", s, m) for s in BUDGETS["ddim20"] for m in ("uniform", "bac")]
-    rows += [Config(k, s, "uniform") for k, bs in MATCHED.items() for s in bs]
-    rows += [Config(k, s, "bac") for k, bs in BAC_EXTRA.items() for s in bs]
-    rows += [Config(k, s, f"bac-n{w}") for k, sw in WIDE.items() for s, w in sw]
+def full_configs() -> list[PolicyBenchConfig]:
+    rows = [PolicyBenchConfig("ddpm100", None, "uncached")]
+    rows += [PolicyBenchConfig("ddpm100", s, m) for s in BUDGETS["ddpm100"] for m in METHODS]
+    rows += [PolicyBenchConfig("ddim10", None, "uncached"), PolicyBenchConfig("ddim20", None, "uncached")]
+    rows += [PolicyBenchConfig("ddim20", s, m) for s in BUDGETS["ddim20"] for m in ("uniform", "bac")]
+    rows += [PolicyBenchConfig(k, s, "uniform") for k, bs in MATCHED.items() for s in bs]
+    rows += [PolicyBenchConfig(k, s, "bac") for k, bs in BAC_EXTRA.items() for s in bs]
+    rows += [PolicyBenchConfig(k, s, f"bac-n{w}") for k, sw in WIDE.items() for s, w in sw]
     return rows
 
 
-def quick_configs(budget: int = 10) -> list[Config]:
-    return [Config("ddpm100", None, "uncached"), Config("ddpm100", budget, "uniform"),
-            Config("ddpm100", budget, "bac")]
+def quick_configs(budget: int = 10) -> list[PolicyBenchConfig]:
+    return [PolicyBenchConfig("ddpm100", None, "uncached"), PolicyBenchConfig("ddpm100", budget, "uniform"),
+            PolicyBenchConfig("ddpm100", budget, "bac")]
 
 
 def default_budgets() -> dict[str, list[int]]:
@@ -86,7 +87,7 @@ def compute_schedules(model: Denoiser, norm: Normalizer, n_obs: int = 16, top_n:
     return out
 
 
-def plan_of(cfg: Config, schedules: dict, n_blocks: int) -> np.ndarray | None:
+def plan_of(cfg: PolicyBenchConfig, schedules: dict, n_blocks: int) -> np.ndarray | None:
     if cfg.budget is None:
         return None
     steps = SAMPLERS[cfg.sampler][1]
@@ -94,7 +95,7 @@ def plan_of(cfg: Config, schedules: dict, n_blocks: int) -> np.ndarray | None:
 
 
 @torch.no_grad()
-def capture_graph(model: Denoiser, sampler: Sampler, plan: np.ndarray | None, obs: torch.Tensor) -> torch.cuda.CUDAGraph:
+def capture_graph(model: Denoiser, sampler: NoiseSchedule, plan: np.ndarray | None, obs: torch.Tensor) -> torch.cuda.CUDAGraph:
     """The whole static schedule of one batch-1 chunk (all K steps, cache reads included) as one CUDA graph."""
     cfg = model.cfg
     s_obs = obs[:1].clone()
@@ -164,7 +165,7 @@ def exact_checks(model: Denoiser, norm: Normalizer, schedules: dict) -> dict[str
     return checks
 
 
-def run_table(model: Denoiser, norm: Normalizer, schedules: dict, configs: list[Config], episodes: int,
+def run_table(model: Denoiser, norm: Normalizer, schedules: dict, configs: list[PolicyBenchConfig], episodes: int,
               reps: int, n_mse: int = 64, graphs: bool = False, seed: int = 1000,
               progress: Callable[[str], None] = print) -> list[dict]:
     """One row per config: evals, MSE vs uncached (calibration and held-out obs), success + CI, latency."""
@@ -181,7 +182,7 @@ def run_table(model: Denoiser, norm: Normalizer, schedules: dict, configs: list[
         succ = env.success
         row = {"config": cfg.name, "sampler": cfg.sampler, "method": cfg.method, "budget": cfg.budget,
                "block_evals": block_evals(plan) if plan is not None else model.cfg.n_blocks * sampler.steps,
-               "success_rate": float(succ.mean()), "success_ci95": list(ev.wilson(int(succ.sum()), len(succ))),
+               "success_rate": float(succ.mean()), "success_ci95": list(wilson(int(succ.sum()), len(succ))),
                "crash_rate": float(env.crashed.mean()), "timeout_rate": float((~env.reached & ~env.crashed).mean()),
                "episodes": int(len(succ))}
         row["rollout_seconds"] = round(time.perf_counter() - t0, 2)
@@ -216,7 +217,7 @@ def run_table(model: Denoiser, norm: Normalizer, schedules: dict, configs: list[
 
 
 @torch.no_grad()
-def chunk_flops(model: Denoiser, norm: Normalizer, schedules: dict, configs: list[Config]) -> dict[str, float]:
+def chunk_flops(model: Denoiser, norm: Normalizer, schedules: dict, configs: list[PolicyBenchConfig]) -> dict[str, float]:
     """FLOPs of one batch-1 chunk per config, counted by torch's FlopCounterMode on a real denoise."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -261,7 +262,7 @@ def screen(model: Denoiser, norm: Normalizer, budgets: list[int], widths: list[i
         if dev_episodes:
             env = ev.rollout(Policy(model, norm, sampler, plan), dev_episodes, dev_seed)
             n_ok = int(env.success.sum())
-            row |= {"dev_success": n_ok / dev_episodes, "dev_ci95": list(ev.wilson(n_ok, dev_episodes))}
+            row |= {"dev_success": n_ok / dev_episodes, "dev_ci95": list(wilson(n_ok, dev_episodes))}
         progress(f"{row['config']}: evals {row['block_evals']} median MSE {row['mse_median']:.2e}")
         rows.append(row)
     return rows

@@ -193,10 +193,10 @@ def train_cmd(
 ) -> None:
     """Train a checkpoint on scripted-expert demonstrations (the committed one was trained on a GPU)."""
     from services.policy import checkpoint as ckpt
-    from services.policy.model import ModelConfig
+    from services.policy.model import DenoiserConfig
     from services.train import policy as train
 
-    model, norm, info = train.train(ModelConfig(), episodes, seconds, 10**7, batch, 3e-4, device)
+    model, norm, info = train.train(DenoiserConfig(), episodes, seconds, 10**7, batch, 3e-4, device)
     ckpt.save(model, norm, out, info)
     typer.echo(f"wrote {out}: {info}")
 
@@ -205,7 +205,7 @@ def train_cmd(
 def plots_cmd(
     table: list[Path] = typer.Option(..., help="table JSON(s) from `tandem bench policy --json` or the GPU runs "
                                                "(repeat the flag to merge runs in the trade-off figure)"),
-    out: Path = typer.Option(Path("docs"), help="folder for the PNGs"),
+    out: Path = typer.Option(Path("docs/results/policy"), help="folder for the PNGs"),
     checkpoint: Path | None = typer.Option(None, help="checkpoint directory (default: the committed one)"),
 ) -> None:
     """PNGs (similarity, schedules, trade-off) for docs/policy.md; prints the table as Markdown."""

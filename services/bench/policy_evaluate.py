@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -12,7 +11,7 @@ from services.policy import task
 from services.policy.bac import RecordHook, make_plans, plan_from_steps
 from services.policy.model import Denoiser
 from services.policy.sampler import N_ACTION_STEPS, Normalizer, Policy, denoise, draw_noise
-from services.policy.schedule import Sampler
+from services.policy.schedule import NoiseSchedule
 
 
 def rollout(policy: Policy, n: int, seed: int) -> task.Env:
@@ -29,16 +28,6 @@ def rollout(policy: Policy, n: int, seed: int) -> task.Env:
     return env
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a success rate."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, mid - half), min(1.0, mid + half)
-
-
 def eval_obs(n: int, seed: int) -> np.ndarray:
     """Observations visited by the expert on fresh scenes: calibration and held-out sets."""
     obs, _ = task.demonstrations(max(1, n // 10), 16, seed=seed)
@@ -46,7 +35,7 @@ def eval_obs(n: int, seed: int) -> np.ndarray:
     return obs[idx]
 
 
-def chunk(model: Denoiser, norm: Normalizer, sampler: Sampler, obs: np.ndarray, seed: int,
+def chunk(model: Denoiser, norm: Normalizer, sampler: NoiseSchedule, obs: np.ndarray, seed: int,
           plan: np.ndarray | None) -> np.ndarray:
     """Normalised action chunk for fixed noise (so plans compare on the same noise)."""
     pol = Policy(model, norm, sampler, plan)
@@ -54,7 +43,7 @@ def chunk(model: Denoiser, norm: Normalizer, sampler: Sampler, obs: np.ndarray, 
 
 
 @torch.no_grad()
-def record(model: Denoiser, norm: Normalizer, sampler: Sampler, obs: np.ndarray, seed: int = 3) -> list[torch.Tensor]:
+def record(model: Denoiser, norm: Normalizer, sampler: NoiseSchedule, obs: np.ndarray, seed: int = 3) -> list[torch.Tensor]:
     """Every block's output at every step of an uncached run: list over blocks of (K, B, T, E)."""
     dev = next(model.parameters()).device
     hook = RecordHook(model.cfg.n_blocks)
@@ -63,7 +52,7 @@ def record(model: Denoiser, norm: Normalizer, sampler: Sampler, obs: np.ndarray,
     return [hook.stacked(b) for b in range(model.cfg.n_blocks)]
 
 
-def calibrate(model: Denoiser, norm: Normalizer, sampler: Sampler, budgets: list[int], n_obs: int = 16,
+def calibrate(model: Denoiser, norm: Normalizer, sampler: NoiseSchedule, budgets: list[int], n_obs: int = 16,
               seed: int = 11, top_n: int = 3, widths: tuple[int, ...] | None = None) -> dict[str, dict]:
     """Schedules for every budget: {str(S): {method: {"steps": per-block lists, ...}}}."""
     outs = record(model, norm, sampler, eval_obs(n_obs, seed))

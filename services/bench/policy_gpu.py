@@ -15,7 +15,7 @@ import torch
 
 from services.bench import policy as bench
 from services.policy import checkpoint
-from services.policy.model import ModelConfig
+from services.policy.model import DenoiserConfig
 from services.train import policy as train
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # keep fp32 numerics comparable with the CPU table
     ckpt = args.out / "ckpt"
     if args.checkpoint is None:
-        cfg = ModelConfig(n_layer=args.n_layer, n_emb=args.n_emb)
+        cfg = DenoiserConfig(n_layer=args.n_layer, n_emb=args.n_emb)
         model, norm, info = train.train(cfg, args.episodes, args.train_seconds, 10**7, args.batch, 3e-4, dev)
         checkpoint.save(model, norm, ckpt, info)
     else:
@@ -56,7 +56,7 @@ def main() -> None:
             parts = name.split("/")
             if len(parts) != 3 or parts[0] not in bench.SAMPLERS or not parts[2].removeprefix("S=").isdigit():
                 p.error(f"--only: {name!r} is neither a table row nor sampler/method/S=N")
-            configs.append(bench.Config(parts[0], int(parts[2].removeprefix("S=")), parts[1]))
+            configs.append(bench.PolicyBenchConfig(parts[0], int(parts[2].removeprefix("S=")), parts[1]))
     rows = bench.run_table(model, norm, schedules, configs, args.eval_episodes, args.reps,
                            graphs=dev == "cuda", progress=lambda s: print(s, flush=True))
     device = torch.cuda.get_device_name() if dev == "cuda" else "cpu"

@@ -12,8 +12,7 @@ from typing import Any
 import typer
 
 from services.contracts.errors import InvalidArgument, Unavailable
-
-ROLES = ("prefill", "decode", "mixed", "gateway", "dlm", "policy")
+from services.contracts.roles import DIFFUSION_ROLES, ROLES
 
 
 def _layout(path: str | None) -> Any:
@@ -88,7 +87,7 @@ def serve_role(role: str, layout: str | None, address: str | None, index: int, m
 
         serve(lay, http, grpc_address, workers, max_inflight)
         return
-    if role in ("dlm", "policy"):
+    if role in DIFFUSION_ROLES:
         server = _optional(f"services.{role}.server", role)
         if port is None:
             from services.registry import layout_endpoints

@@ -7,6 +7,7 @@ from typing import Any
 import yaml
 
 from services.contracts.layout import Layout
+from services.contracts.roles import DIFFUSION_ROLES, GATEWAY_ROUTED_ROLES
 from services.registry import layout_endpoints
 
 IMAGE = "tandem:latest"
@@ -32,7 +33,7 @@ def compose_doc(layout: Layout) -> dict[str, Any]:
     worker_flags: list[str] = []
     for ep in layout_endpoints(layout):
         port = ep.port
-        if ep.role in ("dlm", "policy"):
+        if ep.role in DIFFUSION_ROLES:
             command = ["tandem", "serve", ep.role, "--layout", LAYOUT_IN_CONTAINER, "--port", str(port)]
             if ep.role == "dlm":  # the gateway routes the dlm model's completions to it; policy is called directly
                 worker_flags += ["--worker", f"dlm={ep.name}:{port}"]
@@ -44,7 +45,7 @@ def compose_doc(layout: Layout) -> dict[str, Any]:
         services[ep.name] = {**common, "command": command, "expose": expose,
                              "healthcheck": _healthcheck("grpc", f"127.0.0.1:{port}")}
     http, grpc_addr = _port(layout.gateway.http), _port(layout.gateway.grpc)
-    llm = [e.name for e in layout_endpoints(layout, ("prefill", "decode", "mixed", "dlm"))]
+    llm = [e.name for e in layout_endpoints(layout, GATEWAY_ROUTED_ROLES)]
     services["gateway"] = {
         **common,
         "command": ["tandem", "serve", "gateway", "--layout", LAYOUT_IN_CONTAINER, "--http", f"0.0.0.0:{http}",

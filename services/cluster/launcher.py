@@ -19,6 +19,7 @@ from pathlib import Path
 from services.cluster.probe import grpc_ok, http_ok
 from services.contracts.errors import Unavailable
 from services.contracts.layout import Layout
+from services.contracts.roles import DIFFUSION_ROLES, POOL_ROLES
 from services.registry import layout_endpoints
 
 PR_SET_PDEATHSIG = 1
@@ -47,11 +48,10 @@ def plan(layout: Layout, layout_path: str | None) -> list[ProcSpec]:
     specs = []
     for ep in layout_endpoints(layout):
         argv = [*serve, ep.role, *lay, "--index", str(ep.index), "--address", ep.bind or ep.address]
-        if ep.role in ("dlm", "policy"):
+        if ep.role in DIFFUSION_ROLES:
             argv = [*serve, ep.role, *lay, "--port", str(ep.port)]
         host = ep.address.rsplit(":", 1)[0]
-        extra = [f"metrics http://{host}:{ep.metrics_port}/metrics"] if ep.metrics_port and ep.role in (
-            "prefill", "decode", "mixed", "dlm", "policy") else []
+        extra = [f"metrics http://{host}:{ep.metrics_port}/metrics"] if ep.metrics_port and ep.role in POOL_ROLES else []
         specs.append(ProcSpec(ep.name, argv, grpc=_probe_addr(ep.address), endpoints=[f"grpc {ep.address}", *extra]))
     http, grpc_addr = layout.gateway.http, layout.gateway.grpc
     specs.append(ProcSpec("gateway", [*serve, "gateway", *lay, "--http", http, "--grpc", grpc_addr],

@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.contracts.errors import InvalidArgument
 from services.contracts.metrics import SLO
-
-Role = Literal["prefill", "decode", "mixed", "dlm", "policy"]
+from services.contracts.roles import PoolRole
 
 
 class _Strict(BaseModel):
@@ -29,7 +28,7 @@ class ModelRef(_Strict):
 
 
 class Pool(_Strict):
-    role: Role
+    role: PoolRole
     count: int = Field(1, ge=0)
     hardware: str = "cpu"
     power_cap_w: float | None = Field(None, gt=0, description="per-machine power cap (Splitwise's HHcap)")
@@ -38,7 +37,9 @@ class Pool(_Strict):
     batching: Batching | None = Field(None, description="per-pool override of the layout's batching")
 
 
-class Router(_Strict):
+class RouterSpec(_Strict):
+    """The `router:` section: how the gateway picks workers (`policy` is the routing strategy's name)."""
+
     policy: Literal["jsq", "round_robin", "random"] = "jsq"
     mixed_fallback: bool = True
 
@@ -68,7 +69,9 @@ class SLOSpec(_Strict):
         return SLO(self.ttft_s, self.tbt_s, self.e2e_s)
 
 
-class Gateway(_Strict):
+class GatewaySpec(_Strict):
+    """The `gateway:` section: where the gateway process listens."""
+
     http: str = "127.0.0.1:8000"
     grpc: str = "127.0.0.1:50051"
     max_inflight: int | None = Field(None, ge=1, description="requests the gateway holds at once; beyond it 429 "
@@ -102,13 +105,21 @@ class Layout(_Strict):
     name: str = "default"
     model: ModelRef = ModelRef()
     pools: list[Pool] = Field(default_factory=lambda: [Pool(role="mixed", count=1)])
-    router: Router = Router()
+    router: RouterSpec = RouterSpec()
     batching: Batching = Batching()
     slo: SLOSpec = SLOSpec()
-    gateway: Gateway = Gateway()
+    gateway: GatewaySpec = GatewaySpec()
     kv_link: KVLink = KVLink()
-    registry: str = Field("memory", description="'memory' or a redis:// URL")
+    registry: str = Field("memory", description="where workers are registered: 'memory' (the layout itself) is "
+                          "the only one until the Redis registry exists")
     sim: SimSpec = SimSpec()
+
+    @field_validator("registry")
+    @classmethod
+    def _check_registry(cls, value: str) -> str:
+        if value != "memory":
+            raise ValueError(f"only 'memory' is supported until the Redis registry exists (got {value!r})")
+        return value
 
     @model_validator(mode="after")
     def _check_pools(self) -> Layout:
@@ -119,7 +130,7 @@ class Layout(_Strict):
             raise ValueError("pools: a prefill pool needs a decode pool (or a mixed pool) and vice versa")
         return self
 
-    def pools_of(self, role: Role) -> list[Pool]:
+    def pools_of(self, role: PoolRole) -> list[Pool]:
         return [p for p in self.pools if p.role == role and p.count > 0]
 
     def capacity(self) -> int:
@@ -128,7 +139,7 @@ class Layout(_Strict):
         Each decode (or mixed) worker holds max_batch live + its waiting bound; each prefill worker its batch
         plus its waiting bound. A split cluster holds the smaller of its two halves.
         """
-        def hold(role: Role) -> int:
+        def hold(role: PoolRole) -> int:
             return sum(p.count * (b.max_batch + b.waiting_bound())
                        for p in self.pools_of(role) for b in [p.batching or self.batching])
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from services.contracts.errors import InvalidArgument
-from services.dlm.layers import Config
+from services.dlm.layers import DLMConfig
 from services.dlm.tokenizer import CharTokenizer
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
@@ -45,7 +45,7 @@ def load(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
         raise InvalidArgument(f"checkpoint: sha256 of {path.name} is {got}, expected {want}", param="checkpoint")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     cls = {"DiffusionLM": DiffusionLM, "ARGuide": ARGuide}[blob["kind"]]
-    model = cls(Config(**blob["config"]))
+    model = cls(DLMConfig(**blob["config"]))
     model.load_state_dict({k: v.float() for k, v in blob["state"].items()})
     return model.to(device=device, dtype=dtype).eval(), CharTokenizer.from_dict(blob["tokenizer"]), blob["meta"]
 

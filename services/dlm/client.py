@@ -1,7 +1,7 @@
 """DLMClient: one gRPC channel to a dlm worker's `tandem.v1.Diffusion`; statuses come back as services.contracts.errors.
 
-Torch-free, so the gateway can import it. `MODEL_NAME` is the name the gateway serves the char-level DLM under
-(the same string as services.dlm.server.MODEL_NAME; a test keeps them equal).
+Torch-free, so the gateway can import it. The service name, model name, option fields and `DLMChunk` are the
+worker's contract, defined once in services.dlm.protocol.
 """
 
 from __future__ import annotations
@@ -9,34 +9,14 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import grpc
 
 from services.contracts import errors
+from services.dlm.protocol import MODEL_NAME, OPTION_FIELDS, SERVICE, DLMChunk
 from services.grpcutil import REQUEST_ID_KEY, channel, error_from_rpc
 
-MODEL_NAME = "tandem-dlm-char"
-SERVICE = "tandem.v1.Diffusion"
-OPTION_FIELDS = ("gen_len", "block", "steps_per_block", "cache", "guided", "accept", "k", "tau")
-
-
-
-@dataclass(slots=True)
-class DLMChunk:
-    """One DiffusionGenerateResponse: the text committed since the previous one and the running counters."""
-
-    text: str
-    committed_tokens: int
-    steps: int
-    forward_passes: int
-    dlm_tokens: int
-    done: bool
-
-
-def to_error(exc: grpc.RpcError, address: str) -> errors.TandemError:
-    """The services.contracts.errors exception for a failed call (the server's message is kept verbatim)."""
-    return error_from_rpc(exc, f"dlm worker {address}")
+__all__ = ["MODEL_NAME", "OPTION_FIELDS", "SERVICE", "DLMChunk", "DLMClient", "to_error"]
 
 
 class DLMClient:
@@ -65,7 +45,7 @@ class DLMClient:
         try:
             first = next(call)
         except grpc.RpcError as exc:
-            raise to_error(exc, self.address) from None
+            raise error_from_rpc(exc, f"worker {self.address}") from None
         except StopIteration:
             raise errors.Unavailable(f"dlm worker {self.address} ended the stream without a message") from None
         return self._stream(call, first)
@@ -79,7 +59,7 @@ class DLMClient:
                         pass
                 yield c
         except grpc.RpcError as exc:
-            raise to_error(exc, self.address) from None
+            raise error_from_rpc(exc, f"worker {self.address}") from None
         finally:
             call.cancel()  # no-op when finished; tells the worker to stop when the caller leaves early
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from services.dlm.layers import Transformer
+from services.dlm.layers import DLMTransformer
 
 
 class GuideCache:
@@ -25,7 +25,7 @@ class GuideCache:
             self.length = n
 
 
-class ARGuide(Transformer):
+class ARGuide(DLMTransformer):
     """Causal LM; `extend` reads new tokens after the cache and returns next-token logits for each."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from services.engine.layers import RMSNorm
 
 
 @dataclass(frozen=True, slots=True)
-class Config:
+class DLMConfig:
     vocab_size: int
     dim: int = 192
     n_layers: int = 6
@@ -43,10 +43,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).type_as(x)
 
 
-class Block(nn.Module):
+class DLMBlock(nn.Module):
     """Pre-norm attention + SwiGLU. `prefix` K/V (already rotated) are attended to but not recomputed."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: DLMConfig) -> None:
         super().__init__()
         self.h, self.hd = cfg.n_heads, cfg.head_dim
         self.attn_norm, self.ffn_norm = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
@@ -74,14 +74,14 @@ class Block(nn.Module):
         return x + self.down(F.silu(g) * u), k, v
 
 
-class Transformer(nn.Module):
+class DLMTransformer(nn.Module):
     """Embedding, blocks, final norm and LM head; subclasses decide what K/V each block may read."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: DLMConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(DLMBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_len, cfg.rope_theta)

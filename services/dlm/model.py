@@ -5,27 +5,27 @@ from __future__ import annotations
 
 import torch
 
-from services.dlm.layers import Config, Transformer
+from services.dlm.layers import DLMConfig, DLMTransformer
 
 
-class KVStore:
+class WindowKV:
     """Per-layer rotated K/V for every position of the sequence; FreeCache reads the frozen part from it."""
 
     __slots__ = ("k", "v")
 
-    def __init__(self, cfg: Config, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: DLMConfig, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (cfg.n_layers, batch, cfg.n_heads, length, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
 
-class DiffusionLM(Transformer):
+class DiffusionLM(DLMTransformer):
     """No causal mask anywhere: every position sees every other (LLaDA)."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.forward_window(ids, 0, None)
 
-    def forward_window(self, window: torch.Tensor, start: int, store: KVStore | None) -> torch.Tensor:
+    def forward_window(self, window: torch.Tensor, start: int, store: WindowKV | None) -> torch.Tensor:
         """Logits for the tokens `window` at positions start..start+W; writes their K/V into `store`."""
         w = window.shape[1]
         if start > 0 and store is None:

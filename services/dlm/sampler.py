@@ -24,7 +24,7 @@ import torch
 
 from services.contracts.errors import InvalidArgument
 from services.dlm.guide import ARGuide, GuideCache
-from services.dlm.model import DiffusionLM, KVStore
+from services.dlm.model import DiffusionLM, WindowKV
 
 CACHE_MODES = ("off", "freecache", "freecache_lag", "refresh_block", "refresh_step")
 ACCEPT_RULES = ("top1", "topk", "topk_rel", "all")
@@ -93,18 +93,18 @@ class CudaGraphs:
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.x: torch.Tensor | None = None
-        self.store: KVStore | None = None
+        self.store: WindowKV | None = None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
-    def bind(self, model: DiffusionLM, x: torch.Tensor, cached: bool) -> tuple[torch.Tensor, KVStore | None]:
+    def bind(self, model: DiffusionLM, x: torch.Tensor, cached: bool) -> tuple[torch.Tensor, WindowKV | None]:
         if x.device.type != "cuda":
             raise InvalidArgument("graphs: CUDA graphs need the model on a CUDA device", param="graphs")
         key = (id(model), tuple(x.shape), cached)
         if key != self.key:
             self.key, self.graphs, self.pool = key, {}, torch.cuda.graph_pool_handle()
             self.x = torch.empty_like(x)
-            self.store = KVStore(model.cfg, x.shape[0], x.shape[1], x.device, model.embed.weight.dtype) \
+            self.store = WindowKV(model.cfg, x.shape[0], x.shape[1], x.device, model.embed.weight.dtype) \
                 if cached else None
         self.x.copy_(x)
         return self.x, self.store
@@ -137,7 +137,7 @@ class _Runner:
             self.x, self.store = graphs.bind(model, x, cache != "off")
         else:
             self.x = x
-            self.store = None if cache == "off" else KVStore(model.cfg, x.shape[0], x.shape[1], x.device,
+            self.store = None if cache == "off" else WindowKV(model.cfg, x.shape[0], x.shape[1], x.device,
                                                               model.embed.weight.dtype)
 
     def _fwd(self, start: int) -> torch.Tensor:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,25 +13,14 @@ import torch
 from services import grpcutil
 from services.contracts.errors import InvalidArgument
 from services.dlm.checkpoint import CHECKPOINT_DIR, load_pair, sha256
+from services.dlm.protocol import MODEL_NAME, OPTION_FIELDS, SERVICE, DLMChunk  # noqa: F401 (MODEL_NAME: what this serves)
 from services.dlm.sampler import Options, sample_iter
 from services.dlm.tasks import GEN_LEN, encode_prompt
 from services.rpc.tandem.v1 import dlm_pb2, dlm_pb2_grpc
 
-SERVICE = "tandem.v1.Diffusion"
 # One token per step in blocks of 2: where FreeCache keeps the baseline's accuracy (docs/dlm.md, "Choosing B and s").
 SERVED_BLOCKS = {"block": 2, "steps_per_block": 2}
-MODEL_NAME = "tandem-dlm-char"
 log = grpcutil.get_logger("tandem.dlm")
-
-
-@dataclass(slots=True)
-class Chunk:
-    text: str
-    committed_tokens: int
-    steps: int
-    forward_passes: int
-    dlm_tokens: int
-    done: bool
 
 
 class DLMEngine:
@@ -57,7 +45,7 @@ class DLMEngine:
         opts.validate(self.dlm.cfg.max_len, self.prompt_len)
         return opts, guided
 
-    def stream(self, prompt: str, **overrides: object) -> Iterator[Chunk]:
+    def stream(self, prompt: str, **overrides: object) -> Iterator[DLMChunk]:
         if not isinstance(prompt, str):
             raise InvalidArgument("prompt: must be a string", param="prompt")
         ids = encode_prompt(self.tok, prompt, self.prompt_len)
@@ -71,7 +59,7 @@ class DLMEngine:
                 text = self.tok.decode(x[0, self.prompt_len:self.prompt_len + committed].tolist())
                 sent = committed
                 if len(text) > text_len or done:  # EOS padding adds no text: nothing to send until the end
-                    yield Chunk(text[text_len:], committed, st.steps, st.forward_passes, st.dlm_tokens, done)
+                    yield DLMChunk(text[text_len:], committed, st.steps, st.forward_passes, st.dlm_tokens, done)
                 text_len = len(text)
 
 
@@ -94,7 +82,7 @@ def generate_text(prompt: str, **opts: object) -> Iterator[str]:
             yield chunk.text
 
 
-class _Metrics:
+class _DLMMetrics:
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -106,18 +94,16 @@ class _Metrics:
         self.tokens = Counter("tandem_dlm_committed_tokens", "response tokens committed", registry=self.registry)
 
 
-_FIELDS = ("gen_len", "block", "steps_per_block", "cache", "guided", "accept", "k", "tau")
-
 
 class DiffusionServicer(dlm_pb2_grpc.DiffusionServicer):
-    def __init__(self, eng: DLMEngine, metrics: _Metrics) -> None:
+    def __init__(self, eng: DLMEngine, metrics: _DLMMetrics) -> None:
         self.engine, self.metrics = eng, metrics
 
     @grpcutil.rpc_errors(log)
     def DiffusionGenerate(self, request: dlm_pb2.DiffusionGenerateRequest,
                           context: object) -> Iterator[dlm_pb2.DiffusionGenerateResponse]:
         t0, rid = time.perf_counter(), grpcutil.request_id(context)
-        overrides = {f: getattr(request, f) for f in _FIELDS if request.HasField(f)}
+        overrides = {f: getattr(request, f) for f in OPTION_FIELDS if request.HasField(f)}
         try:
             chunks = self.engine.stream(request.prompt, **overrides)
             first = next(chunks)  # validation errors surface here, before anything is streamed
@@ -141,7 +127,7 @@ class DiffusionServicer(dlm_pb2_grpc.DiffusionServicer):
                      seconds=round(time.perf_counter() - t0, 4))
 
 
-def _chain(first: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
+def _chain(first: DLMChunk, rest: Iterator[DLMChunk]) -> Iterator[DLMChunk]:
     yield first
     yield from rest
 
@@ -167,7 +153,7 @@ def serve(port: int, checkpoint_dir: str | None = None, *, host: str = "0.0.0.0"
     defaults = Options(cache=cache, **SERVED_BLOCKS)
     eng = DLMEngine(Path(checkpoint_dir) if checkpoint_dir else CHECKPOINT_DIR, defaults, guided)
     eng.options()  # reject bad defaults before listening
-    metrics = _Metrics()
+    metrics = _DLMMetrics()
     servicer = DiffusionServicer(eng, metrics)
     server = grpcutil.Server(f"{host}:{port}",
                              [lambda s: dlm_pb2_grpc.add_DiffusionServicer_to_server(servicer, s)], [SERVICE],

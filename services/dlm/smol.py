@@ -15,8 +15,8 @@ from torch import nn
 
 from services.contracts.errors import InvalidArgument
 from services.dlm.checkpoint import CHECKPOINT_DIR, sha256
-from services.dlm.layers import Config
-from services.dlm.model import DiffusionLM, KVStore
+from services.dlm.layers import DLMConfig
+from services.dlm.model import DiffusionLM, WindowKV
 from services.dlm.smol_tasks import GEN_LEN, PROMPT_LEN, TextExample, make_example, response_text
 
 SMOL_CHECKPOINT = CHECKPOINT_DIR / "dlm_smollm2.pt"
@@ -128,7 +128,7 @@ class RemappedDLM(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.forward_window(ids, 0, None)
 
-    def forward_window(self, window: torch.Tensor, start: int, store: KVStore | None) -> torch.Tensor:
+    def forward_window(self, window: torch.Tensor, start: int, store: WindowKV | None) -> torch.Tensor:
         c = self.to_compact[window]
         if bool((c < 0).any()):
             raise InvalidArgument("prompt: a token outside the diffusion model's vocabulary", param="prompt")
@@ -159,7 +159,7 @@ def load(path: Path = SMOL_CHECKPOINT, device: str = "cpu") -> tuple[RemappedDLM
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if blob.get("kind") != "SmolDiffusionLM":
         raise InvalidArgument(f"checkpoint: {path.name} is not a SmolLM2-tokenizer DLM", param="checkpoint")
-    inner = DiffusionLM(Config(**blob["config"]))
+    inner = DiffusionLM(DLMConfig(**blob["config"]))
     inner.load_state_dict({k: v.float() for k, v in blob["state"].items()})
     bridge = SmolBridge.from_dict(blob["tokenizer"])
     return RemappedDLM(inner.eval(), bridge).to(device).eval(), bridge, blob["meta"]

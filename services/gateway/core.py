@@ -21,13 +21,14 @@ from services.contracts.errors import (
     TandemError,
     Unavailable,
 )
+from services.contracts.roles import LLM_ROLES
 from services.engine.sampling import SamplingParams
 from services.gateway.admission import Admission, Ticket, Watchdog
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.textstream import TextStream
 from services.grpcutil import get_logger, log
 from services.kv.sender import push_timeout
-from services.registry import LLM_ROLES, Registry
+from services.registry import Registry
 from services.router import Route, make_router
 
 logger = get_logger("tandem.gateway")
@@ -84,7 +85,7 @@ def new_request_id() -> str:
 class Gateway:
     """Holds the tokenizer, the router and one WorkerClient per worker; runs requests."""
 
-    def __init__(self, tokenizer: Any, registry: Registry, model_name: str, *, router_policy: str = "jsq",
+    def __init__(self, tokenizer: Any, registry: Registry, model_name: str, *, routing: str = "jsq",
                  default_timeout_s: float = 300.0, client_factory: Any = None,
                  metrics: GatewayMetrics | None = None, max_inflight: int = DEFAULT_MAX_INFLIGHT,
                  stall_s: float = DEFAULT_STALL_S) -> None:
@@ -102,7 +103,7 @@ class Gateway:
         self.admission = Admission(max_inflight)
         self.stall_s = stall_s
         self.watchdog = Watchdog(stall_s)
-        self.router = make_router(router_policy, registry, lambda addr: self.client(addr).info(timeout=1.0))
+        self.router = make_router(routing, registry, lambda addr: self.client(addr).info(timeout=1.0))
         self.dlm: Any = None  # the diffusion-LM path, when the registry lists dlm workers
         if registry.endpoints("dlm"):
             from services.gateway.dlm import DLMPath

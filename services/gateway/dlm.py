@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.contracts.errors import DeadlineExceeded, InvalidArgument, TandemError, Unavailable
-from services.dlm.client import MODEL_NAME, OPTION_FIELDS, DLMClient
+from services.dlm.client import DLMClient
+from services.dlm.protocol import MODEL_NAME, OPTION_FIELDS, OPTION_TYPES
 from services.gateway.core import Chunk
 from services.gateway.metrics import GatewayMetrics
 from services.grpcutil import get_logger, log
@@ -21,10 +22,6 @@ from services.registry import Registry
 from services.router import LeastBusy
 
 logger = get_logger("tandem.gateway.dlm")
-# extension fields a completions body may carry for the dlm model, with the JSON type each must have
-_OPTION_TYPES: dict[str, tuple[type, ...]] = {"gen_len": (int,), "block": (int,), "steps_per_block": (int,),
-                                              "k": (int,), "cache": (str,), "accept": (str,), "guided": (bool,),
-                                              "tau": (int, float)}
 
 
 @dataclass(slots=True)
@@ -91,7 +88,7 @@ class DLMPath:
         if body.ignore_eos:
             raise _reject("ignore_eos", f"not supported by {name} (its answers are EOS-padded to gen_len)")
         options: dict[str, Any] = {}
-        for key, types in _OPTION_TYPES.items():
+        for key, types in OPTION_TYPES.items():  # extension fields a completions body may carry
             if key not in raw or raw[key] is None:
                 continue
             value = raw[key]

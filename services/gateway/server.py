@@ -38,7 +38,7 @@ def build_gateway(layout: Layout, workers: Sequence[str] = (), tokenizer: object
     registry = StaticRegistry.from_pairs(workers) if workers else StaticRegistry.from_layout(layout)
     tok = tokenizer if tokenizer is not None else load_tokenizer(layout.model.path)
     limit = max_inflight or layout.gateway.max_inflight or layout.capacity()
-    return Gateway(tok, registry, layout.model.name, router_policy=layout.router.policy, max_inflight=limit,
+    return Gateway(tok, registry, layout.model.name, routing=layout.router.policy, max_inflight=limit,
                    stall_s=layout.gateway.stall_s)
 
 

@@ -9,11 +9,10 @@ import time
 import grpc
 import torch
 
-from services.grpcutil import REQUEST_ID_KEY, channel
+from services.grpcutil import REQUEST_ID_KEY, channel, error_from_rpc
 from services.kv.proto import layer_piece_bytes
 from services.kv.wire import DEFAULT_CHUNK, KVSpec
 from services.rpc.tandem.v1 import worker_pb2 as pb
-from services.workers.client import to_error
 
 _DONE = object()
 PUSH = "/tandem.v1.KVTransfer/Push"
@@ -116,7 +115,7 @@ class KVSender:
             raise DeadlineExceeded(f"KV push to {self.address} did not finish within {self.timeout_s:.1f}s of the "
                                    f"KV being ready ({self.spec.n_tokens} tokens)") from None
         except grpc.RpcError as exc:
-            raise to_error(exc, self.address) from None
+            raise error_from_rpc(exc, f"worker {self.address}") from None
         except grpc.FutureCancelledError:
             from services.contracts.errors import Unavailable
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from services.contracts.errors import InvalidArgument
-from services.policy.model import Denoiser, ModelConfig
+from services.policy.model import Denoiser, DenoiserConfig
 from services.policy.sampler import Normalizer
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "checkpoints"
@@ -74,7 +74,7 @@ def load(path: str | Path | None = None, device: str = "cpu") -> tuple[Denoiser,
     if digest != meta["sha256"]:
         raise InvalidArgument(f"checkpoint: sha256 of {d / WEIGHTS} is {digest}, config says {meta['sha256']}",
                               param="checkpoint")
-    model = Denoiser(ModelConfig(**meta["model"]))
+    model = Denoiser(DenoiserConfig(**meta["model"]))
     try:
         from safetensors.torch import load_file
     except ImportError:  # the bare GPU box

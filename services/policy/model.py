@@ -20,7 +20,7 @@ KINDS = ("sa", "ca", "ffn")
 
 
 @dataclass(slots=True)
-class ModelConfig:
+class DenoiserConfig:
     act_dim: int = 2
     obs_dim: int = 7
     horizon: int = 16
@@ -54,7 +54,7 @@ def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([arg.sin(), arg.cos()], -1)
 
 
-class Attention(nn.Module):
+class DenoiserAttention(nn.Module):
     def __init__(self, n_emb: int, n_head: int) -> None:
         super().__init__()
         self.n_head = n_head
@@ -77,8 +77,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, n_emb: int, n_head: int) -> None:
         super().__init__()
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(n_emb), nn.LayerNorm(n_emb), nn.LayerNorm(n_emb)
-        self.sa = Attention(n_emb, n_head)
-        self.ca = Attention(n_emb, n_head)
+        self.sa = DenoiserAttention(n_emb, n_head)
+        self.ca = DenoiserAttention(n_emb, n_head)
         self.ffn = nn.Sequential(nn.Linear(n_emb, 4 * n_emb), nn.GELU(), nn.Linear(4 * n_emb, n_emb))
 
     def branch(self, kind: int, x: torch.Tensor, memory: torch.Tensor, masks: tuple) -> torch.Tensor:
@@ -93,7 +93,7 @@ class DecoderLayer(nn.Module):
 class Denoiser(nn.Module):
     """ε-prediction network: (noisy actions (B,T,A), timestep (B,), obs (B,To,O)) → ε (B,T,A)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: DenoiserConfig) -> None:
         super().__init__()
         self.cfg = cfg
         e = cfg.n_emb

@@ -9,13 +9,13 @@ import torch
 
 from services.policy.bac import CacheHook, RecordHook
 from services.policy.model import Denoiser
-from services.policy.schedule import Sampler
+from services.policy.schedule import NoiseSchedule
 
 # Actions executed per predicted chunk (Diffusion Policy's n_action_steps).
 N_ACTION_STEPS = 8
 
 
-def draw_noise(sampler: Sampler, batch: int, horizon: int, act_dim: int, seed: int,
+def draw_noise(sampler: NoiseSchedule, batch: int, horizon: int, act_dim: int, seed: int,
                device: str | torch.device = "cpu") -> torch.Tensor:
     """All the randomness of one chunk up front (initial sample + one draw per step): same noise, any plan."""
     g = torch.Generator().manual_seed(seed)
@@ -23,7 +23,7 @@ def draw_noise(sampler: Sampler, batch: int, horizon: int, act_dim: int, seed: i
 
 
 @torch.no_grad()
-def denoise(model: Denoiser, sampler: Sampler, obs: torch.Tensor, noise: torch.Tensor,
+def denoise(model: Denoiser, sampler: NoiseSchedule, obs: torch.Tensor, noise: torch.Tensor,
             hook: CacheHook | RecordHook | None = None, ts: torch.Tensor | None = None) -> torch.Tensor:
     """Normalised obs (B, To, O) → normalised action chunk (B, T, A); the hook decides block reuse.
 
@@ -74,7 +74,7 @@ class Normalizer:
 class Policy:
     """Observation history → action chunk, optionally under a BAC plan (the cache resets every chunk)."""
 
-    def __init__(self, model: Denoiser, norm: Normalizer, sampler: Sampler, plan: np.ndarray | None = None) -> None:
+    def __init__(self, model: Denoiser, norm: Normalizer, sampler: NoiseSchedule, plan: np.ndarray | None = None) -> None:
         self.model, self.norm, self.sampler, self.plan = model, norm, sampler, plan
         self.device = next(model.parameters()).device
         self.evals = 0

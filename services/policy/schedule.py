@@ -31,7 +31,7 @@ def alphas_cumprod(n: int = TRAIN_STEPS) -> np.ndarray:
 
 
 @dataclass(slots=True)
-class Sampler:
+class NoiseSchedule:
     """A fixed list of timesteps and the per-step update x_{t} → x_{prev}."""
 
     timesteps: list[int]
@@ -53,7 +53,7 @@ class Sampler:
         return out
 
 
-def ddpm(train_steps: int = TRAIN_STEPS) -> Sampler:
+def ddpm(train_steps: int = TRAIN_STEPS) -> NoiseSchedule:
     """Ancestral DDPM over every training step, 'fixed_small' posterior variance."""
     betas = cosine_betas(train_steps)
     abar = np.cumprod(1 - betas)
@@ -65,10 +65,10 @@ def ddpm(train_steps: int = TRAIN_STEPS) -> Sampler:
         c_mean.append((math.sqrt(prev) * betas[t] / (1 - abar[t]), math.sqrt(1 - betas[t]) * (1 - prev) / (1 - abar[t])))
         var = (1 - prev) / (1 - abar[t]) * betas[t]
         sigma.append(math.sqrt(max(var, 1e-20)) if t > 0 else 0.0)
-    return Sampler(ts, c_x0, c_mean, sigma)
+    return NoiseSchedule(ts, c_x0, c_mean, sigma)
 
 
-def ddim(steps: int, train_steps: int = TRAIN_STEPS) -> Sampler:
+def ddim(steps: int, train_steps: int = TRAIN_STEPS) -> NoiseSchedule:
     """Deterministic DDIM (η = 0) over `steps` evenly spaced ('leading') timesteps."""
     abar = alphas_cumprod(train_steps)
     ratio = train_steps // steps
@@ -80,10 +80,10 @@ def ddim(steps: int, train_steps: int = TRAIN_STEPS) -> Sampler:
         # x_prev = √ᾱ_prev·x0 + √(1−ᾱ_prev)·ε, with ε re-derived from the clipped x0
         k = math.sqrt(1 - prev) / math.sqrt(1 - abar[t])
         c_mean.append((math.sqrt(prev) - k * math.sqrt(abar[t]), k))
-    return Sampler(ts, c_x0, c_mean, [0.0] * steps)
+    return NoiseSchedule(ts, c_x0, c_mean, [0.0] * steps)
 
 
-def make_sampler(kind: str, steps: int) -> Sampler:
+def make_sampler(kind: str, steps: int) -> NoiseSchedule:
     if kind == "ddpm":
         return ddpm(steps)
     if kind == "ddim":

@@ -119,7 +119,7 @@ class PolicyEngine:
         return obs
 
 
-class _Metrics:
+class _PolicyMetrics:
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -132,7 +132,7 @@ class _Metrics:
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):
-    def __init__(self, engine: PolicyEngine, batcher: Batcher, metrics: _Metrics, n_action_steps: int) -> None:
+    def __init__(self, engine: PolicyEngine, batcher: Batcher, metrics: _PolicyMetrics, n_action_steps: int) -> None:
         self.engine, self.batcher, self.metrics, self.n_action_steps = engine, batcher, metrics, n_action_steps
 
     @grpcutil.rpc_errors(log)
@@ -189,7 +189,7 @@ def serve(port: int, checkpoint: str | None = None, *, host: str = "0.0.0.0", sa
     if max_batch < 1 or not math.isfinite(window_ms) or window_ms < 0:
         raise InvalidArgument("max_batch must be >= 1 and window_ms >= 0", param="max_batch")
     engine = PolicyEngine(checkpoint, sampler, cache, budget)
-    metrics = _Metrics()
+    metrics = _PolicyMetrics()
     batcher = Batcher(engine, max_batch, window_ms / 1000)
     servicer = PolicyServicer(engine, batcher, metrics, N_ACTION_STEPS)
     server = grpcutil.Server(f"{host}:{port}", [lambda s: policy_pb2_grpc.add_PolicyServicer_to_server(servicer, s)],

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from services.dlm.checkpoint import save
-from services.dlm.layers import Config
+from services.dlm.layers import DLMConfig
 from services.dlm.tasks import GEN_LEN, PROMPT_LEN, batch, encode_example, make_example
 from services.dlm.tokenizer import CharTokenizer
 
@@ -68,7 +68,7 @@ def train(kind: str, size: str, seconds: float, out: Path, batch_size: int, lr: 
 
     torch.manual_seed(0)
     tok = CharTokenizer()
-    cfg = Config(vocab_size=tok.vocab_size, max_len=PROMPT_LEN + GEN_LEN, **SIZES[size])
+    cfg = DLMConfig(vocab_size=tok.vocab_size, max_len=PROMPT_LEN + GEN_LEN, **SIZES[size])
     data = make_pool(chunks, workers, sort_chunks).to(device).long()  # fork the workers before CUDA starts
     model = (DiffusionLM if kind == "dlm" else ARGuide)(cfg).to(device)
     if init is not None:  # continue from a shipped checkpoint (a fine-tune), sha256-checked by load()

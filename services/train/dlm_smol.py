@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from services.dlm.layers import Config
+from services.dlm.layers import DLMConfig
 from services.dlm.model import DiffusionLM
 from services.dlm.smol import SMOL_CHECKPOINT, SmolBridge, save, smol_tokenizer
 from services.dlm.smol_tasks import GEN_LEN, PROMPT_LEN, make_example
@@ -33,7 +33,7 @@ def train(seconds: float, out: Path, batch_size: int, lr: float, examples: int) 
     tok = smol_tokenizer()
     bridge = SmolBridge.build(tok)
     data = make_data(bridge, tok, examples)
-    cfg = Config(vocab_size=bridge.compact_size, max_len=PROMPT_LEN + GEN_LEN, **SIZE)
+    cfg = DLMConfig(vocab_size=bridge.compact_size, max_len=PROMPT_LEN + GEN_LEN, **SIZE)
     model = DiffusionLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     mask = bridge.compact_size - 1

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from services.policy import checkpoint, task
-from services.policy.model import Denoiser, ModelConfig
+from services.policy.model import Denoiser, DenoiserConfig
 from services.policy.sampler import Normalizer
 from services.policy.schedule import TRAIN_STEPS, add_noise, alphas_cumprod
 
 
-def train(cfg: ModelConfig, episodes: int, seconds: float, max_steps: int, batch: int, lr: float,
+def train(cfg: DenoiserConfig, episodes: int, seconds: float, max_steps: int, batch: int, lr: float,
           device: str, seed: int = 0, log_every: int = 500) -> tuple[Denoiser, Normalizer, dict]:
     """ε-prediction MSE with AdamW, cosine LR and an EMA copy (the EMA weights are returned)."""
     torch.manual_seed(seed)
@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--n-emb", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    cfg = ModelConfig(n_layer=args.n_layer, n_emb=args.n_emb)
+    cfg = DenoiserConfig(n_layer=args.n_layer, n_emb=args.n_emb)
     model, norm, info = train(cfg, args.episodes, args.seconds, args.max_steps, args.batch, args.lr, args.device)
     checkpoint.save(model, norm, args.out, info)
     print(f"saved {args.out}: {info}")

@@ -62,11 +62,6 @@ class WorkerInfo:
     kv_dtype: str = ""
 
 
-def to_error(exc: grpc.RpcError, address: str) -> errors.TandemError:
-    """The services.contracts.errors exception for a failed call (the server's message is kept verbatim)."""
-    return error_from_rpc(exc, f"worker {address}")
-
-
 def sampling_to_pb(p: SamplingParams) -> pb.WorkerSampling:
     p.validate()
     msg = pb.WorkerSampling(max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
@@ -111,7 +106,7 @@ class TokenStream:
             m = next(self._call)
         except grpc.RpcError as exc:
             self._call.cancel()
-            raise to_error(exc, self.address) from None
+            raise error_from_rpc(exc, f"worker {self.address}") from None
         except StopIteration:
             self._call.cancel()
             raise
@@ -145,7 +140,7 @@ class WorkerClient:
         try:
             return fn()
         except grpc.RpcError as exc:
-            raise to_error(exc, self.address) from None
+            raise error_from_rpc(exc, f"worker {self.address}") from None
 
     def info(self, timeout: float = 2.0) -> WorkerInfo:
         m = self._call(lambda: self._worker.Info(pb.WorkerInfoRequest(), timeout=timeout))
@@ -181,7 +176,7 @@ class WorkerClient:
         try:
             first = next(call)
         except grpc.RpcError as exc:
-            raise to_error(exc, self.address) from None
+            raise error_from_rpc(exc, f"worker {self.address}") from None
         except StopIteration:
             raise errors.Unavailable(f"worker {self.address} ended the stream before the first token") from None
         result = result_from_pb(first.prefill)

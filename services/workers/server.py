@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from services.contracts.errors import InvalidArgument, TandemError, Unavailable
+from services.contracts.roles import DECODE_ROLES, LLM_ROLES, PREFILL_ROLES
 from services.grpcutil import Server, get_logger, log, request_id, rpc_errors
 from services.kv.proto import parse_chunk
 from services.kv.sender import push_timeout
@@ -28,7 +29,6 @@ from services.workers.metrics import WorkerMetrics
 from services.workers.mixed import MixedWorker, result_to_pb, wait_result
 from services.workers.prefill import PrefillJob
 
-ROLES = ("prefill", "decode", "mixed")
 SERVICES = [f"tandem.v1.{n}" for n in ("Prefill", "Decode", "KVTransfer", "Worker")]
 DEFAULT_KV_BUDGET = 1 << 30
 logger = get_logger("tandem.worker")
@@ -62,8 +62,8 @@ class WorkerServer:
                  metrics_port: int | None = None, *, kv_lease_s: float = 30.0, kv_stall_s: float = 10.0,
                  kv_timeout_s: float = 30.0, chunk_bytes: int = DEFAULT_CHUNK, device: str | None = None,
                  kv_overlap: bool = True, threads: int | None = None) -> None:
-        if role not in ROLES:
-            raise InvalidArgument(f"role must be one of {', '.join(ROLES)} (got {role!r})", param="role")
+        if role not in LLM_ROLES:
+            raise InvalidArgument(f"role must be one of {', '.join(LLM_ROLES)} (got {role!r})", param="role")
         from services.contracts.layout import Batching
 
         self.role, self.model_spec, self.device = role, model, device
@@ -114,11 +114,11 @@ class WorkerServer:
         self.metrics = WorkerMetrics(self.address, running=self._live, waiting=self._waiting,
                                      queue_tokens=lambda: self.batcher.pending_tokens if self.batcher else 0,
                                      kv_free=lambda: self.decoder.store.free_bytes if self.decoder else 0)
-        if self.role in ("prefill", "mixed"):
+        if self.role in PREFILL_ROLES:
             self.batcher = PrefillBatcher(self.engine, b.max_batch_tokens, b.max_batch, self.chunk_bytes,
                                           on_push=self.metrics.pushed, overlap=self.kv_overlap,
                                           max_waiting=b.waiting_bound())
-        if self.role in ("decode", "mixed"):
+        if self.role in DECODE_ROLES:
             self.scheduler = FusionScheduler(self.engine, b.policy, b.max_batch, budget)
             self.scheduler.start()
             self.decoder = DecodeWorker(self.engine, self.scheduler, budget, logger, self.kv_lease_s, self.kv_stall_s,
@@ -265,7 +265,7 @@ def main() -> None:
     from services.contracts.layout import Batching
 
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("role", choices=ROLES)
+    p.add_argument("role", choices=LLM_ROLES)
     p.add_argument("--address", default="127.0.0.1:0")
     p.add_argument("--model", default=None, help="checkpoint path, random:tiny, random:<json>; default SmolLM2")
     p.add_argument("--metrics-port", type=int, default=None)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.batching import NO_TOKEN, POLICIES, DecodeRequest, FusionScheduler
+from services.batching import MODES, NO_TOKEN, DecodeRequest, FusionScheduler
 from services.batching.request import reserved_tokens
 from services.bench.fusion_reference import prefill, solo_decode
 from services.contracts.errors import ResourceExhausted
@@ -43,12 +43,12 @@ request_st = st.tuples(
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(policy=st.sampled_from(POLICIES), max_batch=st.integers(1, 5), budget_tokens=st.integers(8, 80),
+@given(policy=st.sampled_from(MODES), max_batch=st.integers(1, 5), budget_tokens=st.integers(8, 80),
        requests=st.lists(request_st, min_size=1, max_size=9))
 def test_fused_tokens_equal_solo_under_random_orders(pool, policy, max_batch, budget_tokens, requests) -> None:
     engine, items = pool
     per_token = CFG.kv_bytes_per_token(4)
-    s = FusionScheduler(engine, policy=policy, max_batch=max_batch, kv_budget_bytes=budget_tokens * per_token,
+    s = FusionScheduler(engine, mode=policy, max_batch=max_batch, kv_budget_bytes=budget_tokens * per_token,
                         initial_capacity=4)
     got: dict[str, list[int]] = {}
     reason: dict[str, str] = {}

@@ -61,7 +61,7 @@ def run_until_idle(s: FusionScheduler, limit: int = 1000) -> None:
 
 @pytest.mark.parametrize("policy", ["fusion", "static", "sequential"])
 def test_every_policy_matches_solo_greedy(engine, policy: str) -> None:
-    s = FusionScheduler(engine, policy=policy, max_batch=4, initial_capacity=8)
+    s = FusionScheduler(engine, mode=policy, max_batch=4, initial_capacity=8)
     reqs = [make(engine, f"r{i}", 3 + 2 * i, 4 + 3 * i, seed=i, ignore_eos=True) for i in range(6)]
     for req, _ in reqs:
         s.submit(req)
@@ -156,7 +156,7 @@ def test_submit_rejects_bad_requests_at_the_edge(engine) -> None:
     with pytest.raises(InvalidArgument, match="already in flight"):
         s.submit(req)
     with pytest.raises(InvalidArgument, match="policy"):
-        FusionScheduler(engine, policy="eager")
+        FusionScheduler(engine, mode="eager")
     s.stop()
     with pytest.raises(Unavailable):
         s.submit(make(engine, "z", 4, 4)[0])

@@ -8,13 +8,14 @@ import shutil
 import pytest
 import torch
 
-from services.bench.dlm_evaluate import load_pair, wilson
+from services.bench.dlm_evaluate import load_pair
 from services.bench.dlm_exact import all_drafts, reference_generate, run_checks
+from services.bench.stats import wilson
 from services.contracts.errors import InvalidArgument
 from services.dlm.checkpoint import CHECKPOINT_DIR, load, save
 from services.dlm.guide import ARGuide, GuideCache
-from services.dlm.layers import Config
-from services.dlm.model import DiffusionLM, KVStore
+from services.dlm.layers import DLMConfig
+from services.dlm.model import DiffusionLM, WindowKV
 from services.dlm.sampler import CudaGraphs, Options, _accepts, sample, sample_batch, transfer_schedule
 from services.dlm.tasks import (
     GEN_LEN,
@@ -33,8 +34,8 @@ TOK = CharTokenizer()
 def _random_pair(seed: int = 0, vocab: int | None = None) -> tuple[DiffusionLM, ARGuide]:
     torch.manual_seed(seed)
     v = vocab or TOK.vocab_size
-    dlm = DiffusionLM(Config(vocab_size=v, dim=48, n_layers=2, n_heads=2, ffn_dim=96, max_len=48)).eval()
-    guide = ARGuide(Config(vocab_size=v, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_len=48)).eval()
+    dlm = DiffusionLM(DLMConfig(vocab_size=v, dim=48, n_layers=2, n_heads=2, ffn_dim=96, max_len=48)).eval()
+    guide = ARGuide(DLMConfig(vocab_size=v, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_len=48)).eval()
     return dlm, guide
 
 
@@ -68,7 +69,7 @@ def test_window_forward_with_fresh_store_equals_full_and_stale_store_differs() -
     x = torch.randint(0, TOK.vocab_size, (2, 48))
     with torch.no_grad():
         full = dlm(x)
-        store = KVStore(dlm.cfg, 2, 48, x.device, torch.float32)
+        store = WindowKV(dlm.cfg, 2, 48, x.device, torch.float32)
         dlm.forward_window(x, 0, store)
         assert torch.allclose(dlm.forward_window(x[:, 30:], 30, store), full[:, 30:], atol=1e-5)
         store.k[:, :, :, :3] += 1.0  # stale prefix K/V must change the window's logits

@@ -21,7 +21,7 @@ from services.policy.bac import (
     segment_gain,
     uniform_steps,
 )
-from services.policy.model import Denoiser, ModelConfig
+from services.policy.model import Denoiser, DenoiserConfig
 from services.policy.sampler import denoise, draw_noise
 from services.policy.schedule import ddim, ddpm
 
@@ -118,7 +118,7 @@ def test_statistics() -> None:
 
 def tiny_model() -> Denoiser:
     torch.manual_seed(0)
-    model = Denoiser(ModelConfig(n_layer=2, n_emb=32, n_head=2)).eval()
+    model = Denoiser(DenoiserConfig(n_layer=2, n_emb=32, n_head=2)).eval()
     for p in model.parameters():  # random, not near-zero, so every block matters
         torch.nn.init.normal_(p, std=0.3)
     return model

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from services.policy import checkpoint, task
-from services.policy.model import Denoiser, ModelConfig
+from services.policy.model import Denoiser, DenoiserConfig
 from services.policy.sampler import Normalizer
 
 
@@ -25,7 +25,7 @@ def test_schedule_then_quick_bench_contract(tmp_path: Path) -> None:
     """`tandem policy schedule` then `tandem bench policy --quick --json` on a tiny checkpoint (cheap on CPU)."""
     torch.manual_seed(0)
     obs, act = task.demonstrations(3, 16)
-    checkpoint.save(Denoiser(ModelConfig(n_layer=2, n_emb=32, n_head=2)), Normalizer.fit(obs, act), tmp_path)
+    checkpoint.save(Denoiser(DenoiserConfig(n_layer=2, n_emb=32, n_head=2)), Normalizer.fit(obs, act), tmp_path)
     res = tandem("policy", "schedule", "--checkpoint", str(tmp_path), "--calib-obs", "2", "--threads", "1")
     assert res.returncode == 0, res.stderr
     sched = json.loads((tmp_path / checkpoint.SCHEDULES).read_text())

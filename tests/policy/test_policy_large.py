@@ -16,7 +16,7 @@ from services.policy.bac import block_evals
 from services.policy.schedule import make_sampler
 
 LARGE = Path(checkpoint.__file__).parent / "checkpoints_large"
-GPU_TABLE = Path(__file__).resolve().parents[2] / "docs" / "policy_gpu_large.json"
+GPU_TABLE = Path(__file__).resolve().parents[2] / "docs" / "results" / "policy" / "policy_gpu_large.json"
 
 
 @pytest.mark.slow
@@ -28,13 +28,13 @@ def test_large_checkpoint_schedules_and_bac_fidelity() -> None:
     assert all(checks.values()), checks
     # Action MSE against the uncached chunk (same noise, the bench's 64 observations), recomputed on the CPU: BAC
     # at S = 20 (548 evaluations) is closer to uncached than uniform at S = 22 (528), and agrees with the H200
-    # table in docs/policy_gpu_large.json.
+    # table in docs/results/policy/policy_gpu_large.json.
     sampler = make_sampler(*bench.SAMPLERS["ddpm100"])
     calib = ev.eval_obs(64, 11)
     ref = ev.chunk(model, norm, sampler, calib, 7, None)
     gpu = {r["config"]: r for r in json.loads(GPU_TABLE.read_text())["rows"]}
     errs = {}
-    for cfg in (bench.Config("ddpm100", 20, "bac"), bench.Config("ddpm100", 22, "uniform")):
+    for cfg in (bench.PolicyBenchConfig("ddpm100", 20, "bac"), bench.PolicyBenchConfig("ddpm100", 22, "uniform")):
         plan = bench.plan_of(cfg, schedules, model.cfg.n_blocks)
         assert block_evals(plan) == gpu[cfg.name]["block_evals"] < 0.25 * 100 * 24
         errs[cfg.name] = float(np.mean((ev.chunk(model, norm, sampler, calib, 7, plan) - ref) ** 2))

@@ -11,14 +11,14 @@ import torch
 
 from services.contracts.errors import InvalidArgument
 from services.policy import checkpoint, task
-from services.policy.model import Denoiser, ModelConfig
+from services.policy.model import Denoiser, DenoiserConfig
 from services.policy.sampler import Normalizer
 from services.policy.schedule import alphas_cumprod, cosine_betas, ddim, ddpm
 
 
 def model() -> Denoiser:
     torch.manual_seed(0)
-    return Denoiser(ModelConfig(n_layer=2, n_emb=32, n_head=2)).eval()
+    return Denoiser(DenoiserConfig(n_layer=2, n_emb=32, n_head=2)).eval()
 
 
 def test_causal_masks_like_diffusion_policy() -> None:

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.bench import policy as bench
 from services.policy import checkpoint, task
-from services.policy.model import Denoiser, ModelConfig
+from services.policy.model import Denoiser, DenoiserConfig
 from services.policy.sampler import Normalizer
 from services.policy.server import serve
 from services.rpc.tandem.v1 import policy_pb2, policy_pb2_grpc
@@ -26,7 +26,7 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small random checkpoint with schedules, written the way the real one is."""
     d = tmp_path_factory.mktemp("policy")
     torch.manual_seed(0)
-    model = Denoiser(ModelConfig(n_layer=2, n_emb=32, n_head=2)).eval()
+    model = Denoiser(DenoiserConfig(n_layer=2, n_emb=32, n_head=2)).eval()
     obs, act = task.demonstrations(5, 16)
     checkpoint.save(model, Normalizer.fit(obs, act), d)
     model, norm, _ = checkpoint.load(d)

@@ -7,12 +7,12 @@ import pytest
 
 from services.contracts.layout import parse_layout
 from sim.cluster import perf_for, simulate
-from sim.machine import Machine, iters_done, seg_time
 from sim.results import summarize_run
 from sim.trace import load_trace, synthetic
+from sim.worker import Worker, iters_done, seg_time
 
 
-def one_machine(policy: str = "sequential", **extra: object) -> object:
+def one_worker(policy: str = "sequential", **extra: object) -> object:
     return parse_layout({"model": {"name": "llama3-8b"},
                          "pools": [{"role": "mixed", "count": 1, "hardware": "dgx-h100"}],
                          "batching": {"policy": policy, "max_batch": 1 if policy == "sequential" else 32,
@@ -27,7 +27,7 @@ def service_time(layout: object, prompt: int, output: int) -> float:
 
 
 def test_isolated_request_takes_exactly_the_model_service_time() -> None:
-    lay = one_machine()
+    lay = one_worker()
     w = synthetic(None, rate=0.01, duration_s=3000, seed=1, fixed=(300, 40))  # far apart: no queueing
     r = simulate(lay, w).reqs
     s = service_time(lay, 300, 40)
@@ -42,7 +42,7 @@ def test_md1_wait_follows_lindley_and_the_closed_form(output: int) -> None:
     Per request, the wait must follow Lindley's recursion W' = max(0, W + S - A) exactly; on average it must
     match the M/D/1 closed form Wq = rho·S / (2(1-rho)) within a few percent (sampling noise at 100k requests).
     """
-    lay = one_machine()
+    lay = one_worker()
     s = service_time(lay, 400, output)
     rho = 0.6
     rate = rho / s
@@ -88,11 +88,11 @@ def test_segments_equal_one_event_per_iteration() -> None:
                         "batching": {"max_batch": 16}, "sim": {"perf_model": "roofline"}})
     w = synthetic(load_trace("conv"), rate=3, duration_s=40, seed=2)
     fast = simulate(lay, w)
-    Machine.segment_limit = 1
+    Worker.segment_limit = 1
     try:
         slow = simulate(lay, w)
     finally:
-        Machine.segment_limit = None
+        Worker.segment_limit = None
     assert fast.tally.events < slow.tally.events / 5
     np.testing.assert_allclose(fast.reqs.finish, slow.reqs.finish, rtol=1e-9)
     np.testing.assert_allclose(fast.reqs.first_gap, slow.reqs.first_gap, rtol=1e-9)
@@ -112,11 +112,11 @@ def test_iters_done_inverts_segment_time() -> None:
 
 
 def test_static_batching_waits_for_the_longest_member() -> None:
-    lay = one_machine("static")
+    lay = one_worker("static")
     w = synthetic(None, rate=50, duration_s=0.2, seed=0, fixed=(100, 5))
     w.output[:] = np.arange(len(w)) % 3 * 10 + 2  # 2, 12, 22, ...
     w.arrival_s[:] = 0.0  # all at once: one prefill batch each of max_batch_tokens, then one static batch
     run = simulate(lay, w)
-    fused = simulate(one_machine("fusion"), w)
+    fused = simulate(one_worker("fusion"), w)
     assert np.nanmean(run.reqs.finish) >= np.nanmean(fused.reqs.finish)
     assert np.array_equal(run.reqs.gen, w.output)

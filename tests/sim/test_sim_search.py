@@ -33,7 +33,7 @@ def test_iso_power_designs_fill_but_never_exceed_the_budget() -> None:
         assert sum(watts) <= budget
         cheapest_token = catalog.hardware(d.pools[-1].hardware).power_peak_w
         assert sum(watts) + cheapest_token > budget  # one more token machine would not fit
-    capped = list(iso_budget_designs(base, "dgx-h100", "dgx-h100", "power", budget, step=25, token_cap_w=7140))
+    capped = list(iso_budget_designs(base, "dgx-h100", "dgx-h100", "power", budget, step=25, decode_cap_w=7140))
     assert capped[-1].pools[1].count == 21 and capped[-1].pools[1].power_cap_w == 7140  # Splitwise-HHcap
 
 

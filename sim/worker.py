@@ -1,9 +1,10 @@
-"""One worker machine: a prefill queue, a decode batch and the KV it holds (Splitwise's prompt/token/mixed machine).
+"""One simulated worker: a prefill queue, a decode batch and the KV it holds (a prefill, decode or mixed worker;
+Splitwise's prompt/token/mixed machine).
 
 Speed: a decode batch is advanced over all the iterations until its membership next changes in ONE SimPy event.
 Iteration i of a batch of b requests with total context C0 takes a + c·(C0 + i·b), so k iterations take
 S(k) = k·a + c·(k·C0 + b·k(k-1)/2); an arrival that must join cuts the segment at the next iteration boundary.
-Members are kept in a heap keyed by the machine iteration at which they finish, so a segment costs O(1) plus
+Members are kept in a heap keyed by the worker iteration at which they finish, so a segment costs O(1) plus
 O(log b) per member that joins or leaves: no per-token and no per-member work.
 """
 
@@ -17,6 +18,7 @@ from functools import partial
 import simpy
 
 from services.contracts.layout import Batching
+from services.contracts.routing import Load
 from sim.perf import PerfModel
 from sim.state import Requests, Tally
 
@@ -38,7 +40,7 @@ def iters_done(elapsed: float, a: float, c: float, c0: float, b: int) -> int:
     return i
 
 
-class Machine:
+class Worker:
     """Runs prefill batches, mixed iterations (prefill + one decode step) and multi-iteration decode segments."""
 
     # None: advance a fused batch to its next membership change in one event. 1: one event per iteration, the
@@ -49,7 +51,7 @@ class Machine:
                  reqs: Requests, tally: Tally, cluster: object, kv_usable_fraction: float,
                  link_gbps: float, link_latency_s: float) -> None:
         self.env, self.idx, self.role, self.perf, self.reqs, self.tally = env, idx, role, perf, reqs, tally
-        self.cluster = cluster  # has .machines, .on_done(rid), .pref_load
+        self.cluster = cluster  # has .workers and .on_done(rid)
         self.policy = batching.policy
         self.fusion = batching.policy == "fusion"
         self.max_batch = 1 if batching.policy == "sequential" else batching.max_batch
@@ -60,10 +62,10 @@ class Machine:
         self.kv_cap = cap
         self.kv_used = 0  # tokens reserved by admitted decode requests (prompt + output, no preemption)
         self.dec_assigned = 0  # tokens of every request routed here for decode and not finished
-        self.prompt_q: deque[int] = deque()
-        self.prompt_pending = 0  # prompt tokens queued or in flight
+        self.prefill_q: deque[int] = deque()
+        self.prefill_pending = 0  # prompt tokens queued or in flight
         self.dec_wait: deque[int] = deque()
-        self.it = 0  # decode iterations this machine has run
+        self.it = 0  # decode iterations this worker has run
         self.heap: list[tuple[int, int]] = []  # (iteration at which the member finishes, rid)
         self.join_it: dict[int, int] = {}
         self.fresh: list[int] = []  # members that have not yet produced their second token
@@ -76,14 +78,27 @@ class Machine:
         self.link_Bps = link_gbps * 1e9 / 8.0
         self.link_latency = link_latency_s
         self.idle_w = perf.hw.power_idle_w
-        self.s_per_prompt_token = perf.prefill(2048)[0] / 2048.0  # for the router's wait estimate
+        # what the router ranks by (services.contracts.routing); KV counts every token routed here for decode
+        self.load = Load(idx, kv_free_bytes=cap * self.kv_bytes, kv_total_bytes=cap * self.kv_bytes)
 
-    # -- inputs from the router / other machines ------------------------------------------------------------
-    def add_prompt(self, rid: int) -> None:
-        self.prompt_q.append(rid)
-        self.prompt_pending += self.reqs.prompt[rid]
-        self.cluster.pref_load[self.idx] = self.prompt_pending * self.s_per_prompt_token
+    # -- inputs from the router / other workers -------------------------------------------------------------
+    def add_prefill(self, rid: int) -> None:
+        self.prefill_q.append(rid)
+        self.prefill_pending += self.reqs.prompt[rid]
+        self.load.pending_prompt_tokens = self.prefill_pending
+        self.load.waiting_requests += 1
         self._poke()
+
+    def assign_decode(self, need: int) -> None:
+        """The router sent a request's decode phase here: reserve its KV share in the router's view."""
+        self.dec_assigned += need
+        self.load.live_requests += 1
+        self.load.kv_free_bytes = (self.kv_cap - self.dec_assigned) * self.kv_bytes
+
+    def release_decode(self, need: int) -> None:
+        self.dec_assigned -= need
+        self.load.live_requests -= 1
+        self.load.kv_free_bytes = (self.kv_cap - self.dec_assigned) * self.kv_bytes
 
     def add_decode(self, rid: int) -> None:
         self.dec_wait.append(rid)
@@ -104,7 +119,7 @@ class Machine:
             rid = self.dec_wait[0]
             need = r.prompt[rid] + r.output[rid]
             if self.kv_used + need > self.kv_cap and heap:
-                break  # wait for memory; an empty machine always takes one (the router checked it fits)
+                break  # wait for memory; an empty worker always takes one (the router checked it fits)
             self.dec_wait.popleft()
             self.kv_used += need
             heapq.heappush(heap, (it + r.output[rid] - r.gen[rid], rid))
@@ -116,13 +131,13 @@ class Machine:
         """Start the next unit of work, if any (called when not busy)."""
         if self.fusion:
             self._admit()
-            if self.prompt_q:
+            if self.prefill_q:
                 self._start_prefill()
             elif self.heap:
                 self._start_decode()
             return
         # static / sequential: a running batch is never joined; prompts go first once it has drained
-        if not self.heap and self.prompt_q and (self.policy == "static" or not self.dec_wait):
+        if not self.heap and self.prefill_q and (self.policy == "static" or not self.dec_wait):
             self._start_prefill()
             return
         self._admit()
@@ -134,11 +149,11 @@ class Machine:
         batch: list[int] = []
         tokens = 0
         sum_sq = 0.0
-        while self.prompt_q and len(batch) < self.max_batch:
-            p = r.prompt[self.prompt_q[0]]
+        while self.prefill_q and len(batch) < self.max_batch:
+            p = r.prompt[self.prefill_q[0]]
             if batch and tokens + p > self.max_batch_tokens:
                 break
-            batch.append(self.prompt_q.popleft())
+            batch.append(self.prefill_q.popleft())
             tokens += p
             sum_sq += float(p) * p
         b = len(self.heap)  # decode requests riding along (mixed iteration)
@@ -185,11 +200,12 @@ class Machine:
         self.tally.events += 1
         self.tally.busy(t0, now, watts - self.idle_w)
         r = self.reqs
-        self.prompt_pending -= tokens
-        self.cluster.pref_load[self.idx] = self.prompt_pending * self.s_per_prompt_token
+        self.prefill_pending -= tokens
+        self.load.pending_prompt_tokens = self.prefill_pending
+        self.load.waiting_requests -= len(batch)
         if self.heap:  # the riding decode requests got one token each
             self._advance(1, t0, t, t)
-        machines = self.cluster.machines
+        workers = self.cluster.workers
         for rid in batch:
             r.first_tok[rid] = now
             r.gen[rid] += 1
@@ -202,7 +218,7 @@ class Machine:
                 self.dec_wait.append(rid)
             else:
                 delay = self._transfer_delay(r.prompt[rid], t)
-                self.env.timeout(delay).callbacks.append(partial(_deliver, machines[dest], rid))
+                self.env.timeout(delay).callbacks.append(partial(_deliver, workers[dest], rid))
         self.busy = False
         self._next()
 
@@ -258,5 +274,5 @@ class Machine:
             on_done(rid)
 
 
-def _deliver(machine: Machine, rid: int, _ev: object) -> None:
-    machine.add_decode(rid)
+def _deliver(worker: Worker, rid: int, _ev: object) -> None:
+    worker.add_decode(rid)

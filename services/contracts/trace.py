@@ -1,0 +1,76 @@
+"""The Azure LLM inference trace reader (CSV with TIMESTAMP, ContextTokens, GeneratedTokens), shared by the
+simulator's workloads (`sim/trace.py`) and the benchmarks' request lengths (`services/bench/fusion_workload.py`).
+Pure numpy/stdlib."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from services.contracts.errors import InvalidArgument
+
+NAMED = {"conv": "AzureLLMInferenceTrace_conv.csv", "code": "AzureLLMInferenceTrace_code.csv"}
+COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
+
+@dataclass(slots=True, frozen=True)
+class TraceRows:
+    """A trace's rows in file order: arrival seconds (absolute), prompt (context) and generated token counts."""
+
+    timestamp_s: np.ndarray
+    context_tokens: np.ndarray
+    generated_tokens: np.ndarray
+
+
+def parse_time(text: str, where: str) -> float:
+    """Seconds, or an ISO date-time as the Azure traces write it (7 fractional digits)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        # the Azure traces carry 7 fractional digits; datetime takes at most 6
+        head, _, frac = text.strip().partition(".")
+        t = datetime.fromisoformat(head).timestamp()
+        return t + (float("0." + frac) if frac else 0.0)
+    except ValueError:
+        raise InvalidArgument(f"{where}: TIMESTAMP {text!r} is neither seconds nor an ISO date-time",
+                              param="TIMESTAMP") from None
+
+
+def read_csv(path: Path) -> TraceRows:
+    """Read and validate a trace CSV (ContextTokens >= 0, GeneratedTokens >= 1); at least one row."""
+    times: list[float] = []
+    prompts: list[int] = []
+    outputs: list[int] = []
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in COLUMNS if c not in header]
+        if missing:
+            raise InvalidArgument(f"{path}: header lacks column(s) {', '.join(missing)} (need {', '.join(COLUMNS)})",
+                                  param="trace")
+        it, ic, ig = (header.index(c) for c in COLUMNS)
+        for row_no, row in enumerate(reader, start=1):
+            if not row:
+                continue
+            where = f"{path}: row {row_no}"
+            if len(row) < len(header):
+                raise InvalidArgument(f"{where}: expected {len(header)} fields, got {len(row)}", param="trace")
+            times.append(parse_time(row[it], where))
+            for col, idx, lo, out in (("ContextTokens", ic, 0, prompts), ("GeneratedTokens", ig, 1, outputs)):
+                try:
+                    v = int(row[idx])
+                except ValueError:
+                    raise InvalidArgument(f"{where}: {col} must be an integer, got {row[idx]!r}", param=col) from None
+                if v < lo:
+                    raise InvalidArgument(f"{where}: {col} must be ≥ {lo}, got {v}", param=col)
+                out.append(v)
+    if not times:
+        raise InvalidArgument(f"{path}: no requests in the trace", param="trace")
+    return TraceRows(np.asarray(times, dtype=np.float64), np.asarray(prompts, dtype=np.int64),
+                     np.asarray(outputs, dtype=np.int64))

@@ -1,0 +1,24 @@
+"""The `registry:` layout setting: only `memory` exists until the Redis registry does; anything else is an error
+that names the field, raised by the layout loader."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.contracts.errors import InvalidArgument
+from services.contracts.layout import load_layout, parse_layout
+
+
+def test_memory_registry_is_accepted() -> None:
+    assert parse_layout({"registry": "memory"}).registry == "memory"
+    assert load_layout(None).registry == "memory"
+
+
+@pytest.mark.parametrize("value", ["redis://127.0.0.1:6379/0", "banana"])
+def test_other_registries_are_a_clear_error(tmp_path, value: str) -> None:
+    path = tmp_path / "layout.yaml"
+    path.write_text(f"registry: {value}\npools:\n  - role: mixed\n")
+    with pytest.raises(InvalidArgument) as err:
+        load_layout(path)
+    assert err.value.param == "registry"
+    assert "registry:" in str(err.value) and "memory" in str(err.value) and value in str(err.value)
