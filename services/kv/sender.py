@@ -18,6 +18,9 @@ _DONE = object()
 PUSH = "/tandem.v1.KVTransfer/Push"
 KV_TIMEOUT_S = 30.0  # a push's time limit once its KV is ready, plus KV_TIMEOUT_PER_TOKEN_S per prompt token
 KV_TIMEOUT_PER_TOKEN_S = 0.002
+# The receiver's allowance for silence between two pieces grows faster: each layer arrives after its own forward
+# pass, and a layer of an 8k-token prompt takes seconds on a free CPU core, tens of seconds on a busy one.
+KV_STALL_PER_TOKEN_S = 0.01
 
 
 def push_timeout(n_tokens: int, base_s: float = KV_TIMEOUT_S) -> float:

@@ -19,7 +19,7 @@ from services.engine import Engine
 from services.engine.sampling import SamplingParams
 from services.grpcutil import log, request_id
 from services.kv.proto import Piece
-from services.kv.sender import KV_TIMEOUT_PER_TOKEN_S
+from services.kv.sender import KV_STALL_PER_TOKEN_S
 from services.kv.store import Entry, KVStore, Layers
 from services.kv.wire import KVAssembler, KVSpec, dtype_name
 from services.rpc.tandem.v1 import worker_pb2 as pb
@@ -69,7 +69,7 @@ class DecodeWorker:
             # a long prompt's layers take long to compute (each one arrives after its forward pass): the
             # silence allowed between pieces grows with the prompt, as the sender's own limit does
             ticket = self.store.begin(rid, spec.nbytes, cancel=context.cancel,
-                                      stall_s=self.store.stall_s + KV_TIMEOUT_PER_TOKEN_S * spec.n_tokens)
+                                      stall_s=self.store.stall_s + KV_STALL_PER_TOKEN_S * spec.n_tokens)
             for chunk in chunks:
                 if isinstance(chunk, str):
                     raise InvalidArgument(chunk, param="data")
