@@ -14,12 +14,13 @@ RETRY_AFTER_S = 1.0  # the hint a refused client gets (HTTP Retry-After, gRPC `r
 
 
 class Ticket:
-    """One admitted request's place; `release()` is idempotent, so every exit path may call it."""
+    """One admitted request's place; `release()` is idempotent, so every exit path may call it. Whoever runs
+    the request marks it `handed_over` and gives it back when the run ends; else the front door does."""
 
-    __slots__ = ("_admission", "_done")
+    __slots__ = ("_admission", "_done", "handed_over")
 
     def __init__(self, admission: Admission) -> None:
-        self._admission, self._done = admission, False
+        self._admission, self._done, self.handed_over = admission, False, False
 
     def release(self) -> None:
         if not self._done:

@@ -6,6 +6,7 @@ thread cancels it by setting `cancel`, which closes the upstream decode stream a
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -16,7 +17,6 @@ from typing import Any
 from services.contracts.errors import (
     DeadlineExceeded,
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
     TandemError,
     Unavailable,
@@ -25,6 +25,7 @@ from services.contracts.roles import LLM_ROLES
 from services.engine.sampling import SamplingParams
 from services.gateway.admission import Admission, Ticket, Watchdog
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.progress import Progress, retryable
 from services.gateway.textstream import TextStream
 from services.grpcutil import get_logger, log
 from services.kv.sender import push_timeout
@@ -60,24 +61,6 @@ class Chunk:
     workers: list[str] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class _Progress:
-    """What a request has produced so far; it survives moving the request to another pair."""
-
-    stream: TextStream
-    deadline: float  # on time.perf_counter()
-    generated: list[int] = field(default_factory=list)  # counted output tokens, in order (all sent or held back)
-    times: list[float] = field(default_factory=list)  # seconds since received, one per generated token
-    first_at: float | None = None  # seconds since received of the first event (TTFT)
-    first_decode: float = 0.0
-    pr: Any = None  # the prefill result of the pair that produced the first token (the TTFT split)
-    attempts: int = 0
-    decoding: bool = False  # the current pair is past its prefill
-    stalled: bool = False
-    outcome: str = "error"
-    last_error: TandemError | None = None
-
-
 def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -101,6 +84,7 @@ class Gateway:
         self._lock = threading.Lock()
         self._context: int | None = None
         self.admission = Admission(max_inflight)
+        self.metrics.inflight.set_function(lambda: self.admission.inflight)
         self.stall_s = stall_s
         self.watchdog = Watchdog(stall_s)
         self.router = make_router(routing, registry, lambda addr: self.client(addr).info(timeout=1.0))
@@ -175,7 +159,7 @@ class Gateway:
             yield from self.dlm.run(req, cancel)
             return
         m, n = self.metrics, len(req.prompt_ids)
-        st = _Progress(TextStream(self.tokenizer, req.params.stop), deadline=req.received + req.timeout_s)
+        st = Progress(TextStream(self.tokenizer, req.params.stop), deadline=req.received + req.timeout_s)
         exclude: set[str] = set()
         outcome, route = "error", None
         m.waiting.inc()
@@ -188,7 +172,7 @@ class Gateway:
                     outcome = st.outcome
                     return
                 except TandemError as exc:
-                    if not self._retryable(exc, st, cancel):
+                    if not retryable(exc, st, cancel):
                         raise
                     self._avoid(req, route, exc, st, exclude)
                 finally:
@@ -205,7 +189,7 @@ class Gateway:
             log(logger, "request done", request_id=req.request_id, outcome=outcome, prompt_tokens=n,
                 workers=route.workers if route else [], attempts=st.attempts)
 
-    def _pick(self, req: GenRequest, st: _Progress, exclude: set[str]) -> Route:
+    def _pick(self, req: GenRequest, st: Progress, exclude: set[str]) -> Route:
         try:
             return self.router.pick(len(req.prompt_ids) + len(st.generated), frozenset(exclude))
         except Unavailable:
@@ -217,15 +201,7 @@ class Gateway:
             raise Unavailable(f"request {req.request_id}: no (prefill, decode) pair left after {st.attempts} "
                               f"attempts; last error: {st.last_error.message}") from None
 
-    def _retryable(self, exc: TandemError, st: _Progress, cancel: threading.Event) -> bool:
-        """A worker-side failure another pair can make good (not the client's input, nor its deadline)."""
-        if cancel.is_set() or time.perf_counter() >= st.deadline or st.outcome == "cancelled":
-            return False
-        if isinstance(exc, InvalidArgument):  # the client's input was checked at the edge; a bad KV push was not
-            return exc.message.startswith("KV push to")
-        return isinstance(exc, Unavailable | ResourceExhausted | NotFound | DeadlineExceeded)
-
-    def _avoid(self, req: GenRequest, route: Route, exc: TandemError, st: _Progress, exclude: set[str]) -> None:
+    def _avoid(self, req: GenRequest, route: Route, exc: TandemError, st: Progress, exclude: set[str]) -> None:
         """Leave the failed half of the pair out of this request's next pick; mark it down for everyone."""
         stalled = st.stalled
         decode_side = stalled or st.decoding or route.mixed or route.decode in exc.message \
@@ -237,16 +213,19 @@ class Gateway:
         st.last_error, st.stalled = exc, False
         phase = "decode" if st.generated else "prefill"
         self.metrics.retries.labels(phase).inc()
-        log(logger, f"moving request to another pair: {exc.message}", 30, request_id=req.request_id,
+        log(logger, f"moving request to another pair: {exc.message}", logging.WARNING, request_id=req.request_id,
             failed=bad, phase=phase, tokens_sent=len(st.generated), stalled=stalled)
 
-    def _attempt(self, req: GenRequest, route: Route, st: _Progress, cancel: threading.Event) -> Iterator[Chunk]:
+    def _attempt(self, req: GenRequest, route: Route, st: Progress, cancel: threading.Event) -> Iterator[Chunk]:
         """One pair's try: prefill prompt + tokens so far, then stream on; raises TandemError if the pair fails."""
         m = self.metrics
         st.attempts += 1
         st.decoding = False
         prompt = req.prompt_ids + st.generated
         params = replace(req.params, max_tokens=req.params.max_tokens - len(st.generated))
+        if params.max_tokens < 1:  # the pair died between the last token and its finish: nothing is left to do
+            yield self._last(req, route, st, "length", [], "")
+            return
         events = None
         try:
             try:
@@ -306,7 +285,7 @@ class Gateway:
             if events is not None and hasattr(events, "close"):
                 events.close()  # cancels the decode call when we stopped early (stop string, cancel, error)
 
-    def _last(self, req: GenRequest, route: Route, st: _Progress, fin: str, ids: list[int], text: str) -> Chunk:
+    def _last(self, req: GenRequest, route: Route, st: Progress, fin: str, ids: list[int], text: str) -> Chunk:
         n = len(req.prompt_ids)
         text += st.stream.finish()
         e2e = time.perf_counter() - req.received

@@ -196,9 +196,9 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
         request.state.ticket_owned = True
         try:
             return await _admitted(request, kind, received, ticket)
-        except BaseException:
-            ticket.release()
-            raise
+        finally:
+            if not ticket.handed_over:  # answered (or failed) before a run took it: a 400, say
+                ticket.release()
 
     async def _admitted(request: Request, kind: Literal["completions", "chat"], received: float,
                         ticket: Ticket) -> Response:
@@ -218,6 +218,7 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None) -> FastAPI:
             req = await run_in_threadpool(oa.to_request, gw, body, rid, timeout, received)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         shaper = oa.Shaper(kind, model_name, rid, include_usage)
+        ticket.handed_over = True  # the run gives it back when it ends, however it ends
         if not body.stream:
             collected = await _collect_unless_disconnected(request, gw, req, pool, ticket)
             if collected is None:  # the client left; upstream is cancelled, nobody reads an answer

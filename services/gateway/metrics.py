@@ -33,6 +33,8 @@ class GatewayMetrics:
                                     buckets=_TBT + (5, 10), registry=r)
         self.retries = Counter("tandem_gateway_retries", "Requests moved to another worker pair after a failure, "
                                "by phase (prefill: before the first token; decode: mid-stream)", ["phase"], registry=r)
+        self.inflight = Gauge("tandem_gateway_inflight", "Requests holding an admission place (bound: max_inflight)",
+                              registry=r)
         self.refused = Counter("tandem_gateway_refused", "Requests refused at the door (429 full, 503 draining)",
                                ["reason"], registry=r)
         self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens admitted", registry=r)

@@ -51,10 +51,11 @@ def start_split(tmp: Path, ckpt: str | None, n_prefill: int, n_decode: int, *, d
 
     `via(name, address)` may return another address (a proxy) for the gateway to reach that worker through.
     """
-    http, grpc_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    pools = [{"role": "prefill", "count": n_prefill, "base_port": _ports(n_prefill)},
-             {"role": "decode", "count": n_decode, "base_port": _ports(n_decode),
+    taken: set[int] = set()  # ports promised to a worker (gRPC and metrics) before anything binds them
+    pools = [{"role": "prefill", "count": n_prefill, "base_port": _ports(n_prefill, taken)},
+             {"role": "decode", "count": n_decode, "base_port": _ports(n_decode, taken),
               **({"batching": decode_batching} if decode_batching else {})}]
+    http, grpc_addr = (f"127.0.0.1:{_ports(1, taken, metrics=False)}" for _ in range(2))
     model = {"name": "tiny", "path": ckpt} if ckpt else {}  # None: the embedded SmolLM2-135M
     doc = {"name": "faults", "model": model, "pools": pools,
            "gateway": {"http": http, "grpc": grpc_addr, **(gateway or {})}}
@@ -74,19 +75,21 @@ def start_split(tmp: Path, ckpt: str | None, n_prefill: int, n_decode: int, *, d
     return Split(cluster, f"http://{http}", grpc_addr, addr)
 
 
-def _ports(n: int) -> int:
-    """A base port with n free ports after it (and their metrics ports, +1000)."""
+def _ports(n: int, taken: set[int], metrics: bool = True) -> int:
+    """A base port with n free ports after it (and their metrics ports, +1000), none of them in `taken`."""
     while True:
         base = free_port()
-        if base + n + 1000 > 65535:
+        want = [*range(base, base + n), *(range(base + 1000, base + n + 1000) if metrics else ())]
+        if max(want) > 65535 or taken.intersection(want):
             continue
         try:
-            for p in (*range(base, base + n), *range(base + 1000, base + n + 1000)):
+            for p in want:
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", p))
-            return base
         except OSError:
             continue
+        taken.update(want)
+        return base
 
 
 @dataclass

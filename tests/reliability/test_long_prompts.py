@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow,
                                  reason="minutes of CPU prefill; set TANDEM_LONG_PROMPTS=1")]
 
 
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)
 def test_7000_and_8100_token_prompts_complete(tmp_path) -> None:
     split = start_split(tmp_path, None, 1, 1)
     try:

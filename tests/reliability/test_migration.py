@@ -27,7 +27,7 @@ from kit.faults import (
 )
 
 pytestmark = pytest.mark.slow
-STALL_S = 2.0
+STALL_S = 3.0
 MAX_TOKENS = 1000
 
 

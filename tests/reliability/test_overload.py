@@ -45,6 +45,16 @@ def test_the_gateway_bound_is_what_the_pools_hold(split: Split) -> None:
     assert f'"max_inflight": {CAPACITY}' in split.log("gateway")
 
 
+def test_refused_and_rejected_requests_give_their_place_back(split: Split) -> None:
+    url = f"{split.http}/v1/completions"
+    for _ in range(CAPACITY + 2):  # more than the bound: a leaked place would turn the last ones into 429s
+        assert httpx.post(url, content=b"{not json").status_code == 400
+        assert httpx.post(url, json={"model": "tiny", "prompt": [1], "max_tokens": 0}).status_code == 400
+    assert httpx.post(url, json={"model": "tiny", "prompt": [1, 2], "max_tokens": 2}).status_code == 200
+    metrics = httpx.get(f"{split.http}/metrics").text
+    assert "tandem_gateway_inflight 0.0" in metrics
+
+
 def test_concurrent_requests_after_an_idle_gap_spread_over_both_decode_workers(split: Split) -> None:
     time.sleep(1.0)  # idle: every poll the router holds says both workers are empty
     results = run_streams(split.grpc, [[5 + i, 7, 9] for i in range(16)], 24)
