@@ -61,6 +61,11 @@ class KVStore:
         return max(0, self.budget_bytes - self.used_bytes - self.other_used())
 
     @property
+    def pushing(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    @property
     def waiting(self) -> int:
         with self._lock:
             return len(self._inflight) + len(self._leased)

@@ -25,6 +25,8 @@ from services.kv.wire import KVAssembler, KVSpec, dtype_name
 from services.rpc.tandem.v1 import worker_pb2 as pb
 from services.workers.client import sampling_from_pb
 
+LEASE_WAIT_S = 5.0  # draining: how long received KV may wait for its Decode call (its gateway may be gone)
+
 
 class DecodeWorker:
     """KV store + decode scheduler of one process; the gRPC handlers of KVTransfer and Decode live here."""
@@ -145,9 +147,10 @@ class DecodeWorker:
     def drain(self, grace_s: float) -> bool:
         """Take no new KV; wait up to `grace_s` for received KV to be decoded and live streams to end."""
         self.store.draining = True
-        deadline = time.monotonic() + grace_s
-        while self.store.waiting or not self.scheduler.idle():
-            if time.monotonic() > deadline:
+        start = time.monotonic()
+        while self.store.pushing or not self.scheduler.idle() or (
+                self.store.waiting and time.monotonic() - start < min(grace_s, LEASE_WAIT_S)):
+            if time.monotonic() - start > grace_s:
                 return False
             time.sleep(0.05)
         return True

@@ -105,22 +105,27 @@ def test_a_full_gateway_answers_grpc_with_resource_exhausted(split: Split) -> No
     from services.rpc.tandem.v1 import generation_pb2 as gpb
     from services.rpc.tandem.v1 import generation_pb2_grpc as gpb_grpc
 
-    results = [StreamResult() for _ in range(CAPACITY)]
-    flowing = [threading.Event() for _ in results]
-    threads = [threading.Thread(target=stream, args=(split.grpc, [4, 5, 6 + i], 600, results, i, flowing[i]))
-               for i in range(CAPACITY)]
-    for t in threads:
-        t.start()
-    for f in flowing:
-        assert f.wait(60)
-    req = gpb.GenerateRequest(token_ids=gpb.TokenIds(ids=[1, 2, 3]))
-    with grpc.insecure_channel(split.grpc) as ch, pytest.raises(grpc.RpcError) as exc:
-        list(gpb_grpc.GenerationStub(ch).Generate(req, timeout=10))
-    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert dict(exc.value.trailing_metadata() or ())["retry-after"] == "1"
-    for t in threads:
-        t.join(120)
-    assert all(r.error is None and len(r.token_ids) == 600 for r in results)
+    def request(i: int, max_tokens: int) -> gpb.GenerateRequest:
+        req = gpb.GenerateRequest(token_ids=gpb.TokenIds(ids=[4, 5, 6 + i]))
+        req.sampling.max_tokens, req.sampling.ignore_eos = max_tokens, True
+        return req
+
+    with grpc.insecure_channel(split.grpc) as ch:
+        stub = gpb_grpc.GenerationStub(ch)
+        held = [stub.Generate(request(i, 3000), timeout=120) for i in range(CAPACITY)]  # long: they hold places
+        try:
+            for call in held:
+                next(call)  # admitted and streaming
+            with pytest.raises(grpc.RpcError) as exc:
+                list(stub.Generate(request(99, 4), timeout=10))
+            assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert dict(exc.value.trailing_metadata() or ())["retry-after"] == "1"
+        finally:
+            for call in held:
+                call.cancel()
+    # the cancelled streams give their places back
+    wait_until(lambda: "tandem_gateway_inflight 0.0" in httpx.get(f"{split.http}/metrics").text, 30,
+               "the cancelled streams to leave")
 
 
 def test_sigterm_drains_the_gateway(split: Split) -> None:
