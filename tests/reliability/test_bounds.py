@@ -26,6 +26,11 @@ def test_the_door_refuses_at_once_when_full_and_while_draining() -> None:
     with pytest.raises(ResourceExhausted) as exc:
         door.enter()
     assert time.perf_counter() - t0 < 0.01 and exc.value.retry_after_s >= 1
+    t0 = time.perf_counter()
+    for _ in range(1000):
+        with pytest.raises(ResourceExhausted):
+            door.enter()
+    print(f"\na refusal at the door, in process: {(time.perf_counter() - t0) * 1e3:.3f} us")
     a.release()
     a.release()  # idempotent
     c = door.enter()
@@ -167,3 +172,53 @@ def test_the_gateway_bound_defaults_to_what_the_pools_hold() -> None:
 def test_the_kv_push_limit_scales_with_the_prompt() -> None:
     assert push_timeout(0) == 30.0
     assert push_timeout(8100) > push_timeout(1000) > 30.0
+
+
+def test_the_http_door_answers_a_burst_of_a_full_gateway_at_once() -> None:
+    """64 concurrent requests to a full gateway over real HTTP (uvicorn): all 429 with Retry-After; prints the
+    latency a client sees, with no cluster computing beside it (the door's own cost on this machine)."""
+    import asyncio
+    import os
+    import statistics
+
+    import httpx
+    import uvicorn
+    from conftest import free_port
+
+    from services.gateway.core import Gateway
+    from services.gateway.http import create_app
+
+    gw = Gateway(None, StaticRegistry([]), "tiny", max_inflight=1)
+    held = gw.admit()  # the one place is taken: the gateway is full
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(gw), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+
+    async def burst(path: str) -> list[tuple[int, float, str | None]]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as c:
+            url = f"http://127.0.0.1:{port}{path}"
+            await asyncio.gather(*[c.get(f"http://127.0.0.1:{port}/v1/models") for _ in range(64)])
+
+            async def one() -> tuple[int, float, str | None]:
+                t0 = time.perf_counter()
+                r = await c.post(url, json={"model": "tiny", "prompt": "x" * 100_000, "max_tokens": 4})
+                return r.status_code, time.perf_counter() - t0, r.headers.get("retry-after")
+
+            return await asyncio.gather(*[one() for _ in range(64)])
+
+    try:
+        out = asyncio.run(burst("/v1/completions"))
+        other = sorted(dt for _, dt, _ in asyncio.run(burst("/v1/no-such-path")))  # the HTTP stack alone: 404
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        held.release()
+    lat = sorted(dt for _, dt, _ in out)
+    print(f"\nfull gateway, 64 concurrent requests (100 kB prompts): 429 p50 {statistics.median(lat) * 1e3:.1f} ms, "
+          f"p99 {lat[int(0.99 * 63)] * 1e3:.1f} ms; the same burst to a path that 404s: p50 "
+          f"{statistics.median(other) * 1e3:.1f} ms, p99 {other[int(0.99 * 63)] * 1e3:.1f} ms "
+          f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    assert all(code == 429 and retry == "1" for code, _, retry in out)
