@@ -190,16 +190,23 @@ class Gateway:
                 workers=route.workers if route else [], attempts=st.attempts)
 
     def _pick(self, req: GenRequest, st: Progress, exclude: set[str]) -> Route:
-        try:
-            return self.router.pick(len(req.prompt_ids) + len(st.generated), frozenset(exclude))
-        except Unavailable:
-            if st.last_error is None:
-                raise
-            if isinstance(st.last_error, ResourceExhausted):  # every pair left is full: a 429, not an outage
-                raise ResourceExhausted(f"request {req.request_id}: every worker pair is full ({st.last_error.message})",
-                                        retry_after_s=st.last_error.retry_after_s) from None
-            raise Unavailable(f"request {req.request_id}: no (prefill, decode) pair left after {st.attempts} "
-                              f"attempts; last error: {st.last_error.message}") from None
+        """A pair for the next attempt. After a failure, a worker too busy to answer its poll in time looks
+        down for a moment: keep asking for up to `stall_s` before telling the client no pair is left."""
+        give_up = min(st.deadline, time.perf_counter() + self.stall_s)
+        while True:
+            try:
+                return self.router.pick(len(req.prompt_ids) + len(st.generated), frozenset(exclude))
+            except Unavailable:
+                if st.last_error is None:
+                    raise
+                if time.perf_counter() >= give_up:
+                    break
+            time.sleep(0.25)
+        if isinstance(st.last_error, ResourceExhausted):  # every pair left is full: a 429, not an outage
+            raise ResourceExhausted(f"request {req.request_id}: every worker pair is full ({st.last_error.message})",
+                                    retry_after_s=st.last_error.retry_after_s)
+        raise Unavailable(f"request {req.request_id}: no (prefill, decode) pair left after {st.attempts} "
+                          f"attempts; last error: {st.last_error.message}")
 
     def _avoid(self, req: GenRequest, route: Route, exc: TandemError, st: Progress, exclude: set[str]) -> None:
         """Leave the failed half of the pair out of this request's next pick; mark it down for everyone."""
