@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.progress import Progress
 
 from services.contracts.layout import load_layout
+from sim.reference import SPLITWISE_ALL, with_settings
 from sim.search import best_under_budget
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,8 +36,13 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--tbt-basis", choices=("request", "gap"), default="request",
                     help="TBT SLO over per-request mean gaps (splitwise-sim) or every gap")
+    ap.add_argument("--jobs", type=int, default=1, help="designs probed at once (local processes)")
+    ap.add_argument("--splitwise-choices", action="store_true",
+                    help="with splitwise-sim's modelling choices (sim/reference.py SPLITWISE_ALL)")
     a = ap.parse_args()
     base = load_layout(REPO / "examples/sim/splitwise-hh.yaml")
+    if a.splitwise_choices:
+        base = with_settings(base, SPLITWISE_ALL)
     base = base.model_copy(update={"sim": base.sim.model_copy(update={"tbt_slo_basis": a.tbt_basis})})
     results = {}
     with Progress(transient=True) as bar:
@@ -44,7 +50,8 @@ def main() -> None:
         for label, php, thw, budget, cap in FAMILIES:
             results[label] = best_under_budget(base, a.trace, php, thw, "power", budget, duration_s=a.duration,
                                                step=a.step, decode_cap_w=cap,
-                                               progress=lambda n: bar.update(task, advance=1, description=n))
+                                               progress=lambda n, _total: bar.update(task, advance=1, description=n),
+                                               jobs=a.jobs)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2) + "\n")
     _plot(results, a.out, a.tbt_basis)

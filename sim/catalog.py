@@ -29,25 +29,32 @@ class Hardware:
     iter_overhead_s: float  # fixed cost per forward pass (launches, tensor-parallel all-reduce)
     profile_name: str | None  # the `hardware` value in splitwise_perf_model.csv, if profiled
     sources: str
+    # measured power-capped rows in splitwise_perf_model.csv: (their `hardware` value, the cap in W per machine)
+    capped_profile: tuple[str, float] | None = None
 
 
 _GB = 1e9
+_GiB = 2**30
 
 HARDWARE: dict[str, Hardware] = {
     "dgx-a100": Hardware(
-        name="dgx-a100", gpus=8, peak_flops=8 * 312e12, hbm_bw=8 * 2.039e12, memory_bytes=8 * 80 * _GB,
+        name="dgx-a100", gpus=8, peak_flops=8 * 312e12, hbm_bw=8 * 2.039e12, memory_bytes=8 * 80 * _GiB,
         power_idle_w=0.3 * 6500, power_peak_w=6500, cost_per_hour=17.6, link_gbps=8 * 200,
         mfu=0.5, mbu=0.6, iter_overhead_s=0.004, profile_name="a100-80gb",
         sources="A100-SXM4-80GB datasheet (312 TFLOP/s dense bf16, 2,039 GB/s HBM2e, 80 GB); DGX A100 datasheet "
-        "(6.5 kW max, 8x 200 Gb/s HDR InfiniBand); $17.6/h: Splitwise paper (ISCA'24) Table; idle 30% of max: "
+        "(6.5 kW max, 8x 200 Gb/s HDR InfiniBand); memory 80 GiB per GPU (nvidia-smi: 81,920 MiB; splitwise-sim "
+        "uses the same); $17.6/h: Splitwise paper (ISCA'24) Table; idle 30% of max: "
         "our assumption; mfu/mbu/overhead: typical serving efficiencies (our assumption; profile mode replaces them)",
     ),
     "dgx-h100": Hardware(
-        name="dgx-h100", gpus=8, peak_flops=8 * 989e12, hbm_bw=8 * 3.35e12, memory_bytes=8 * 80 * _GB,
+        name="dgx-h100", gpus=8, peak_flops=8 * 989e12, hbm_bw=8 * 3.35e12, memory_bytes=8 * 80 * _GiB,
         power_idle_w=0.3 * 10200, power_peak_w=10200, cost_per_hour=38.0, link_gbps=8 * 400,
         mfu=0.5, mbu=0.6, iter_overhead_s=0.004, profile_name="h100-80gb",
         sources="H100-SXM5-80GB datasheet (989 TFLOP/s dense bf16, 3.35 TB/s HBM3, 80 GB); DGX H100 datasheet "
-        "(10.2 kW max, 8x 400 Gb/s NDR InfiniBand); $38/h: Splitwise paper Table; idle 30%: our assumption",
+        "(10.2 kW max, 8x 400 Gb/s NDR InfiniBand); memory 80 GiB per GPU (5 HBM3 stacks of 16 GiB; splitwise-sim "
+        "uses the same); $38/h: Splitwise paper Table; idle 30%: our assumption; capped rows: "
+        "splitwise_perf_model.csv's h100-80gb-pcap, run at splitwise-sim's dgx-h100-pcap TDP of 7,140 W (70%)",
+        capped_profile=("h100-80gb-pcap", 7140.0),
     ),
     "h200": Hardware(
         name="h200", gpus=8, peak_flops=8 * 989e12, hbm_bw=8 * 4.8e12, memory_bytes=8 * 141 * _GB,

@@ -1,9 +1,11 @@
-"""`tandem sim run|search|report` and `tandem bench sim`: the capacity planner's command line."""
+"""`tandem sim run|search|report|dlm-table`: the capacity planner's command line (`tandem bench sim` is in
+services/bench/cli.py)."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -39,9 +41,11 @@ def run_cmd(
     arrival: str = typer.Option("poisson", help="'poisson' or 'gamma' (synthetic arrivals)"),
     cv: float = typer.Option(1.0, help="coefficient of variation of gamma inter-arrival times"),
     perf: str | None = typer.Option(None, help="override sim.perf_model: roofline, profile or a CSV path"),
-    out: Path | None = typer.Option(None, "--json", "--out", help="write the result JSON here"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the result JSON here"),
+    out: Path | None = typer.Option(None, "--out", hidden=True, help="old spelling of --json"),
 ) -> None:
     """Simulate LAYOUT on a trace and print (and optionally write) the metrics."""
+    out = json_out or out
     from rich.console import Console
     from rich.progress import Progress
 
@@ -115,9 +119,14 @@ def search_cmd(
     seed: int = typer.Option(0),
     criterion: str = typer.Option("slowdown", help="'slowdown' (Splitwise's SLOs) or 'attainment'"),
     target: float = typer.Option(0.99, help="SLO attainment target for --criterion attainment"),
-    out: Path | None = typer.Option(None, "--json", "--out", help="write all designs as JSON"),
+    json_out: Path | None = typer.Option(None, "--json", help="write all designs as JSON"),
+    out: Path | None = typer.Option(None, "--out", hidden=True, help="old spelling of --json"),
+    jobs: int = typer.Option(1, help="designs probed at once, in local processes (same answer as 1)"),
+    ray: str | None = typer.Option(None, "--ray", help="run the probes on a Ray cluster at this address "
+                                   "('local' starts one here); needs the ray extra (pip install 'tandem\\[ray]')"),
 ) -> None:
     """Cheapest layout for a load (--rate) or best throughput within a power/cost budget (--budget)."""
+    out = json_out or out
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
@@ -136,13 +145,14 @@ def search_cmd(
     console = Console(stderr=True)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("searching", total=None)
-        tick = lambda name: bar.update(task, advance=1, description=name)  # noqa: E731
+        tick = lambda name, total: bar.update(task, advance=1, total=total, description=name)  # noqa: E731
         if rate is not None:
             if rate <= 0:
                 raise InvalidArgument(f"rate: must be > 0, got {rate}", param="rate")
             rows = search.cheapest_for_load(base, trace, rate, [h.strip() for h in hardware.split(",")],
                                             max_machines=max_machines, duration_s=duration, seed=seed,
-                                            criterion=criterion, target=target, progress=tick)
+                                            criterion=criterion, target=target, progress=tick, jobs=jobs,
+                                            ray_address=ray)
         else:
             kind, _, value = budget.partition("=")
             try:
@@ -152,7 +162,7 @@ def search_cmd(
                                       param="budget") from None
             rows = search.best_under_budget(base, trace, prefill_hw, decode_hw, kind.strip(), amount,
                                             duration_s=duration, seed=seed, step=step, decode_cap_w=decode_cap_w,
-                                            progress=tick)
+                                            progress=tick, jobs=jobs, ray_address=ray)
     t = Table(title="designs (best first)")
     for col in ("name", "max rate (req/s)", "$/h", "provisioned kW"):
         t.add_column(col)
@@ -175,6 +185,9 @@ def report_cmd(
     out_dir: Path = typer.Option(Path("docs/results/sim"), help="where the PNGs and report.json go"),
     prefix: str = typer.Option("sim_", help="file-name prefix of the plots"),
     json_out: Path | None = typer.Option(None, "--json", help="also write every number as JSON here"),
+    jobs: int = typer.Option(1, help="layouts simulated at once, in local processes (same answer as 1)"),
+    ray: str | None = typer.Option(None, "--ray", help="run on a Ray cluster at this address ('local' starts "
+                                   "one here); needs the ray extra (pip install 'tandem\\[ray]')"),
 ) -> None:
     """Latency CDFs, throughput vs rate and the cost/power frontier of several layouts, as PNGs (+ JSON)."""
     from services.contracts.errors import InvalidArgument
@@ -187,21 +200,23 @@ def report_cmd(
     if not rate_list or min(rate_list) <= 0:
         raise InvalidArgument("rates: need at least one rate, all > 0", param="rates")
     summary = make_report(layouts, trace=trace, rate=rate, rates=rate_list, duration_s=duration, seed=seed,
-                          out_dir=out_dir, prefix=prefix, json_out=json_out)
+                          out_dir=out_dir, prefix=prefix, json_out=json_out, jobs=jobs, ray_address=ray)
     typer.echo(summary)
 
 
-def bench_sim(
-    trace: str = typer.Option("conv"),
-    layout: Path = typer.Option(Path(__file__).resolve().parents[1] / "examples/sim/splitwise-hh.yaml"),
-    repeats: int = typer.Option(3),
+@sim_app.command("dlm-table")
+def dlm_table_cmd(
+    layout: str = typer.Argument("examples/local-dlm.yaml", help="layout YAML with a dlm pool"),
+    rate: float = typer.Option(20.0, help="requests/s"),
+    duration: float = typer.Option(60.0, help="seconds of arrivals"),
+    trace: str = typer.Option("fixed:64:32", help="trace (as for `tandem sim run`)"),
+    seed: int = typer.Option(0),
 ) -> None:
-    """Simulated requests per CPU second replaying one hour of a trace (benchmarks/sim_speed.py)."""
-    from sim.speed import speed_table
+    """The docs/sim.md dlm-pool table: two sampler variants x one or two dlm workers, as markdown."""
+    from sim.dlm_table import rows
 
-    typer.echo(speed_table(layout, trace, repeats))
+    typer.echo("\n".join(rows(layout, rate, duration, trace, seed)))
 
 
-def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    app.add_typer(sim_app, name="sim")
-    bench_app.command("sim")(bench_sim)
+def register(group: Callable[[str], typer.Typer]) -> None:
+    group("").add_typer(sim_app, name="sim")

@@ -17,6 +17,7 @@ from services.contracts.layout import Layout
 from services.contracts.roles import LLM_ROLES
 from sim import catalog
 from sim.dlm import DLMPool, split
+from sim.kvlink import Fabric
 from sim.perf import PerfModel, ProfileTable, load_profile
 from sim.state import Requests, Tally
 from sim.trace import Workload, data_dir
@@ -49,7 +50,12 @@ def perf_for(layout: Layout, hw_name: str, power_cap_w: float | None = None, fie
         if hw_key is None or model_key is None:
             raise InvalidArgument(f"sim.perf_model: the profile table has no {spec.name} on {hw.name}; "
                                   "use perf_model: roofline", param="sim.perf_model")
-        table = load_profile(path, model_key, hw_key, tensor_parallel=max(hw.gpus, 1))
+        by = layout.sim.decode_time_by
+        table = load_profile(path, model_key, hw_key, tensor_parallel=max(hw.gpus, 1), decode_time_by=by)
+        if power_cap_w is not None and bundled and hw.capped_profile is not None:
+            name, capped_w = hw.capped_profile
+            capped = load_profile(path, model_key, name, tensor_parallel=max(hw.gpus, 1), decode_time_by=by)
+            return PerfModel(hw, spec, profile=table, power_cap_w=power_cap_w, capped=capped, capped_w=capped_w)
     return PerfModel(hw, spec, profile=table, power_cap_w=power_cap_w)
 
 
@@ -77,6 +83,10 @@ class SimulatedCluster:
         self.workload = workload
         self.tally = Tally()
         self.workers: list[Worker] = []
+        llm = [p for p in layout.pools if p.count > 0 and p.role in ("prefill", "decode", "mixed")]
+        link, s = layout.kv_link, layout.sim
+        self.fabric = Fabric(self.env, sum(p.count for p in llm), link.bandwidth_gbps, link.latency_s,
+                             link.switch_gbps, s.kv_link_sharing)
         for pi, pool in enumerate(layout.pools):
             if pool.count == 0:
                 continue
@@ -89,8 +99,8 @@ class SimulatedCluster:
             batching = pool.batching or layout.batching
             for _ in range(pool.count):
                 self.workers.append(Worker(self.env, len(self.workers), pool.role, perf, batching, self.reqs,
-                                           self.tally, self, layout.sim.kv_usable_fraction,
-                                           layout.kv_link.bandwidth_gbps, layout.kv_link.latency_s))
+                                           self.tally, self, s.kv_usable_fraction, self.fabric,
+                                           kv_transfer=s.kv_transfer, mixed_overhead=s.mixed_overhead))
         if not self.workers:
             raise InvalidArgument("pools: the simulator needs at least one prefill, decode or mixed worker",
                                   param="pools")

@@ -1,7 +1,7 @@
 """The dlm pool in the simulator: `sim.dlm_fraction` of requests go to diffusion-LM workers, each serving one
 request at a time (FIFO, least-queued worker first) for a time drawn from the measured profile table.
 
-The table (sim/data/dlm_profile.json) is written by `python -m services.bench.dlm_profile`; this module only reads it.
+The table (sim/data/dlm_profile.json) is written by `tandem dlm profile`; this module only reads it.
 Power: idle watts always, peak watts while serving; cost: the catalog's $/hour per worker.
 """
 
@@ -33,8 +33,8 @@ def load_samples(layout: Layout, hardware: str, field_name: str) -> np.ndarray:
     """Measured seconds per request for `hardware` and the layout's `sim.dlm_variant`."""
     path = profile_file(layout)
     if not path.is_file():
-        raise InvalidArgument(f"sim.dlm_profile: {path} not found; make it with `python -m services.bench.dlm_profile "
-                              f"--out {path}`", param="sim.dlm_profile")
+        raise InvalidArgument(f"sim.dlm_profile: {path} not found; make it with `tandem dlm profile "
+                              f"--json {path}`", param="sim.dlm_profile")
     try:
         doc = json.loads(path.read_text())
     except ValueError as exc:

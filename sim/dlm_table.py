@@ -1,9 +1,7 @@
-"""The docs/sim.md dlm-pool table: `python -m sim.dlm_table [LAYOUT] [--rate R]` simulates the layout's dlm pool
+"""The docs/sim.md dlm-pool table: `tandem sim dlm-table [LAYOUT] [--rate R]` simulates the layout's dlm pool
 for two sampler variants and one or two machines and prints a markdown table."""
 
 from __future__ import annotations
-
-import argparse
 
 from services.contracts.layout import load_layout, parse_layout
 from sim.cluster import simulate
@@ -28,17 +26,3 @@ def rows(layout_path: str, rate: float, duration_s: float, trace: str, seed: int
                        f"{d['energy_per_request_j']:.1f} |")
     return out
 
-
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m sim.dlm_table", description=__doc__.splitlines()[0])
-    ap.add_argument("layout", nargs="?", default="examples/local-dlm.yaml")
-    ap.add_argument("--rate", type=float, default=20.0)
-    ap.add_argument("--duration", type=float, default=60.0)
-    ap.add_argument("--trace", default="fixed:64:32")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    print("\n".join(rows(a.layout, a.rate, a.duration, a.trace, a.seed)))
-
-
-if __name__ == "__main__":
-    main()

@@ -56,8 +56,14 @@ def _read_profile_rows(path: str) -> tuple[dict[str, str], ...]:
         return tuple(reader)
 
 
-def load_profile(path: str | Path, model_name: str, hw_name: str, tensor_parallel: int = 8) -> ProfileTable:
-    """Average repeated runs; prompt time keyed by prompt_size x batch_size, token time by batch_size."""
+def load_profile(path: str | Path, model_name: str, hw_name: str, tensor_parallel: int = 8,
+                 decode_time_by: str = "batch") -> ProfileTable:
+    """Average repeated runs; prompt time keyed by prompt_size x batch_size, token time by batch_size.
+
+    decode_time_by="batch_tokens" keys token time by prompt_size x batch_size as well (median of the runs), as
+    splitwise-sim's predictor does; it is then queried with the decode batch size, below the table's smallest
+    key, so a decode iteration costs about the batch-1 time at any batch size (35.5 ms for BLOOM on an H100,
+    where the profile measured 63.8 ms at batch 64)."""
     rows = [r for r in _read_profile_rows(str(path))
             if r["model"] == model_name and r["hardware"] == hw_name
             and int(r.get("tensor_parallel") or tensor_parallel) == tensor_parallel]
@@ -73,25 +79,43 @@ def load_profile(path: str | Path, model_name: str, hw_name: str, tensor_paralle
         except ValueError as exc:
             raise InvalidArgument(f"{path}: row {n}: {exc}", param="sim.perf_model") from None
         prompt.setdefault(ps * bs, []).append(pt)
-        token.setdefault(bs, []).append(tt)
+        token.setdefault(ps * bs if decode_time_by == "batch_tokens" else bs, []).append(tt)
     if len(prompt) < 2 or len(token) < 2:
         raise InvalidArgument(f"sim.perf_model: {path} needs at least two prompt sizes and two batch sizes for "
                               f"{model_name} on {hw_name}", param="sim.perf_model")
     pk, tk = sorted(prompt), sorted(token)
+    reduce = np.median if decode_time_by == "batch_tokens" else np.mean
     return ProfileTable([float(k) for k in pk], [float(np.mean(prompt[k])) for k in pk],
-                        [float(k) for k in tk], [float(np.mean(token[k])) for k in tk])
+                        [float(k) for k in tk], [float(reduce(token[k])) for k in tk])
 
 
 class PerfModel:
     """Prefill time, decode coefficients and power for (hardware, model), optionally power-capped."""
 
     def __init__(self, hw: Hardware, spec: ModelShape, *, profile: ProfileTable | None = None,
-                 power_cap_w: float | None = None) -> None:
+                 power_cap_w: float | None = None, capped: ProfileTable | None = None,
+                 capped_w: float | None = None) -> None:
         self.hw, self.spec, self.profile = hw, spec, profile
         self.cap_w = power_cap_w if power_cap_w is not None and power_cap_w < hw.power_peak_w else None
         if self.cap_w is not None and self.cap_w <= hw.power_idle_w:
             raise InvalidArgument(f"power_cap_w: {power_cap_w} W is not above {hw.name}'s idle power "
                                   f"{hw.power_idle_w:.0f} W", param="power_cap_w")
+        # measured capped rows (profile mode) are used at their cap and interpolated between it and no cap;
+        # the analytic law (_power_and_slowdown) is the labelled fallback everywhere else
+        self._capped: ProfileTable | None = None
+        self._cap_mix = 0.0
+        self.cap_basis: str | None = None
+        if self.cap_w is not None:
+            self.cap_basis = "analytic (fallback: no measured capped rows)"
+            if profile is not None and capped is not None and capped_w is not None:
+                if self.cap_w >= capped_w * 0.99:
+                    self._capped = capped
+                    self._cap_mix = min(1.0, (hw.power_peak_w - self.cap_w) / (hw.power_peak_w - capped_w))
+                    self.cap_basis = ("measured" if self._cap_mix >= 0.99 else
+                                      f"measured (interpolated {self._cap_mix:.2f} of the way to the "
+                                      f"{capped_w:.0f} W rows)")
+                else:
+                    self.cap_basis = f"analytic (fallback: below the lowest measured cap, {capped_w:.0f} W)"
         self._flops = hw.peak_flops * hw.mfu
         self._bw = hw.hbm_bw * hw.mbu
         self._decode_cache: dict[int, tuple[float, float, float]] = {}
@@ -125,6 +149,9 @@ class PerfModel:
         else:
             t = self.hw.iter_overhead_s + max(t_c, t_m)
         watts, slow = self._power_and_slowdown(t_c, t_m, t)
+        if self._capped is not None:
+            tc = _interp(tokens, self._capped.prompt_tokens, self._capped.prompt_s)
+            return t + self._cap_mix * (tc - t), watts
         return t * slow, watts
 
     # -- decode ------------------------------------------------------------------------------------------
@@ -146,6 +173,9 @@ class PerfModel:
         ctx = 1024.0 * batch
         t_m = t_w + ctx * s.kv_bytes_per_token / self._bw
         watts, slow = self._power_and_slowdown(t_c, t_m, a + c * ctx)
+        if self._capped is not None:
+            a += self._cap_mix * (_interp(batch, self._capped.batch, self._capped.token_s) - a)
+            slow = 1.0
         out = (a * slow, c * slow, watts)
         self._decode_cache[batch] = out
         return out

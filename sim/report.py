@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from services.contracts.layout import load_layout
+from services.contracts.layout import Layout, load_layout
 from sim.cluster import simulate
+from sim.parallel import fan_out
 from sim.results import summarize_run
 from sim.search import max_rate
-from sim.trace import load_trace, synthetic
+from sim.trace import Workload, load_trace, synthetic
 
 
 def _cdf(ax: object, values: np.ndarray, label: str) -> None:
@@ -20,10 +21,36 @@ def _cdf(ax: object, values: np.ndarray, label: str) -> None:
         ax.plot(v, np.arange(1, v.size + 1) / v.size, label=label)  # type: ignore[attr-defined]
 
 
+SWEEP_KEYS = ("throughput_rps", "throughput_window_rps", "slo_attainment", "ttft_p99_s", "tbt_p99_s",
+              "tbt_mean_p50_s", "slowdown_slo_met", "power_mean_w")
+
+
+def _unit(kind: str, lay: Layout, base: Workload, rate: float, duration_s: float, seed: int,
+          lo: float) -> tuple[dict, tuple | None]:
+    """One independent piece of a report: the run at the CDF rate (with its latencies), one sweep point, or the
+    max-load bisection."""
+    if kind == "max":
+        probe = max_rate(lay, base, duration_s=duration_s, seed=seed, lo=lo)
+        return ({"max_rate_rps": probe.rate, "result": probe.result} if probe else {"max_rate_rps": 0.0}), None
+    run = simulate(lay, synthetic(base, rate=rate, duration_s=duration_s, seed=seed))
+    res = summarize_run(run)
+    if kind == "sweep":
+        return {"rate": rate, **{k: res[k] for k in SWEEP_KEYS}}, None
+    r = run.reqs
+    done = ~np.isnan(r.finish)
+    ttft = r.first_tok[done] - r.arrival[done]
+    e2e = r.finish[done] - r.arrival[done]
+    multi = r.output[done] > 1
+    tbt = (r.finish[done][multi] - r.first_tok[done][multi]) / (r.output[done][multi] - 1)
+    return res, (ttft, tbt, e2e)
+
+
 def make_report(layouts: list[Path], *, trace: str, rate: float, rates: list[float], duration_s: float,
-                seed: int, out_dir: Path, prefix: str = "sim_", json_out: Path | None = None) -> str:
+                seed: int, out_dir: Path, prefix: str = "sim_", json_out: Path | None = None, jobs: int = 1,
+                ray_address: str | None = None) -> str:
     """Writes {prefix}cdf.png, {prefix}throughput.png and {prefix}frontier.png into out_dir (and every number
-    into `json_out` when given); returns a markdown table of the frontier."""
+    into `json_out` when given); returns a markdown table of the frontier. The simulations run in parallel with
+    jobs > 1 (or on Ray); the numbers are the same."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,44 +62,33 @@ def make_report(layouts: list[Path], *, trace: str, rate: float, rates: list[flo
     lays = [load_layout(p) for p in layouts]
     report: dict = {"trace": trace, "rate": rate, "rates": rates, "duration_s": duration_s, "seed": seed,
                     "layouts": {}}
+    lo = max(1.0, min(rates) / 2)
+    calls = []
+    for lay in lays:
+        calls.append(("at", lay, base, rate, duration_s, seed, lo))
+        calls += [("sweep", lay, base, x, duration_s, seed, lo) for x in rates]
+        calls.append(("max", lay, base, rate, duration_s, seed, lo))
+    with Progress(transient=True) as bar:
+        task = bar.add_task("report", total=len(calls))
+        out = fan_out(_unit, calls, jobs=jobs, ray_address=ray_address, progress=lambda _i: bar.advance(task))
     fig_cdf, axes_cdf = plt.subplots(1, 3, figsize=(15, 4))
     fig_tp, axes_tp = plt.subplots(1, 2, figsize=(12, 4))
-    with Progress(transient=True) as bar:
-        task = bar.add_task("report", total=len(lays) * (len(rates) + 9))
-        for lay in lays:
-            entry: dict = {}
-            run = simulate(lay, synthetic(base, rate=rate, duration_s=duration_s, seed=seed))
-            r = run.reqs
-            done = ~np.isnan(r.finish)
-            ttft = r.first_tok[done] - r.arrival[done]
-            e2e = r.finish[done] - r.arrival[done]
-            multi = r.output[done] > 1
-            tbt = (r.finish[done][multi] - r.first_tok[done][multi]) / (r.output[done][multi] - 1)
-            for ax, vals in zip(axes_cdf, (ttft, tbt, e2e), strict=True):
-                _cdf(ax, vals, lay.name)
-            entry["at_rate"] = summarize_run(run)
-            bar.advance(task)
-            sweep = []
-            for x in rates:
-                res = summarize_run(simulate(lay, synthetic(base, rate=x, duration_s=duration_s, seed=seed)))
-                sweep.append({"rate": x, **{k: res[k] for k in ("throughput_rps", "throughput_window_rps",
-                                                                 "slo_attainment", "ttft_p99_s", "tbt_p99_s",
-                                                                 "tbt_mean_p50_s", "slowdown_slo_met",
-                                                                 "power_mean_w")}})
-                bar.advance(task)
-            entry["sweep"] = sweep
-            xs = [s["rate"] for s in sweep]
-            axes_tp[0].plot(xs, [s["slo_attainment"] * s["rate"] for s in sweep], marker="o", label=lay.name)
-            axes_tp[1].plot(xs, [s["ttft_p99_s"] for s in sweep], marker="o", label=lay.name)
-            probe = max_rate(lay, base, duration_s=duration_s, seed=seed, lo=max(1.0, min(rates) / 2))
-            bar.advance(task, 8)
-            res = probe.result if probe else entry["at_rate"]
-            entry["max_rate_rps"] = probe.rate if probe else 0.0
-            entry["cost_per_hour"] = res["cost_per_hour"]
-            entry["power_provisioned_w"] = res["power_provisioned_w"]
-            entry["power_mean_w_at_max"] = res["power_mean_w"]
-            entry["energy_per_token_j_at_max"] = res["energy_per_token_j"]
-            report["layouts"][lay.name] = entry
+    per = len(rates) + 2
+    for li, lay in enumerate(lays):
+        mine = out[li * per:(li + 1) * per]
+        at_rate, lat = mine[0]
+        for ax, vals in zip(axes_cdf, lat, strict=True):
+            _cdf(ax, vals, lay.name)
+        sweep = [s for s, _ in mine[1:-1]]
+        xs = [s["rate"] for s in sweep]
+        axes_tp[0].plot(xs, [s["slo_attainment"] * s["rate"] for s in sweep], marker="o", label=lay.name)
+        axes_tp[1].plot(xs, [s["ttft_p99_s"] for s in sweep], marker="o", label=lay.name)
+        best = mine[-1][0]
+        res = best.get("result", at_rate)
+        report["layouts"][lay.name] = {
+            "at_rate": at_rate, "sweep": sweep, "max_rate_rps": best["max_rate_rps"],
+            "cost_per_hour": res["cost_per_hour"], "power_provisioned_w": res["power_provisioned_w"],
+            "power_mean_w_at_max": res["power_mean_w"], "energy_per_token_j_at_max": res["energy_per_token_j"]}
     for ax, title in zip(axes_cdf, ("TTFT (s)", "per-request mean TBT (s)", "E2E (s)"), strict=True):
         ax.set_xlabel(title)
         ax.set_ylabel("CDF")

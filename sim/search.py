@@ -10,6 +10,7 @@ from services.contracts.errors import InvalidArgument
 from services.contracts.layout import Layout
 from sim import catalog
 from sim.cluster import simulate
+from sim.parallel import fan_out
 from sim.results import summarize_run
 from sim.trace import Workload, load_trace, synthetic
 
@@ -106,63 +107,67 @@ def iso_budget_designs(base: Layout, prefill_hw: str, decode_hw: str, kind: str,
 
 def best_under_budget(base: Layout, trace: str, prefill_hw: str, decode_hw: str, kind: str, budget: float, *,
                       duration_s: float = 60.0, seed: int = 0, step: int = 1, decode_cap_w: float | None = None,
-                      progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Max throughput within SLO of every design in the budget, best first."""
+                      progress: Callable[[str, int], None] | None = None, jobs: int = 1,
+                      ray_address: str | None = None) -> list[dict]:
+    """Max throughput within SLO of every design in the budget, best first (designs probed in parallel with
+    jobs > 1 or on Ray; the same answer either way)."""
     wl = load_trace(trace)
-    rows = []
-    for lay in iso_budget_designs(base, prefill_hw, decode_hw, kind, budget, step=step, decode_cap_w=decode_cap_w):
-        probe = max_rate(lay, wl, duration_s=duration_s, seed=seed)
-        rows.append(_row(lay, probe))
-        if progress:
-            progress(lay.name)
+    designs = list(iso_budget_designs(base, prefill_hw, decode_hw, kind, budget, step=step,
+                                      decode_cap_w=decode_cap_w))
+    tick = (lambda i: progress(designs[i].name, len(designs))) if progress else None
+    rows = fan_out(_design_row, [(lay, wl, duration_s, seed) for lay in designs], jobs=jobs,
+                   ray_address=ray_address, progress=tick)
     return sorted(rows, key=lambda r: -r["max_rate_rps"])
+
+
+def _design_row(lay: Layout, wl: Workload, duration_s: float, seed: int) -> dict:
+    return _row(lay, max_rate(lay, wl, duration_s=duration_s, seed=seed))
 
 
 def cheapest_for_load(base: Layout, trace: str, rate: float, hardware: list[str], *, max_machines: int = 80,
                       duration_s: float = 60.0, seed: int = 0, criterion: str = "slowdown", target: float = 0.99,
-                      progress: Callable[[str], None] | None = None) -> list[dict]:
+                      progress: Callable[[str, int], None] | None = None, jobs: int = 1,
+                      ray_address: str | None = None) -> list[dict]:
     """For each hardware pairing and prefill count, the fewest decode workers that meet the SLO at `rate`;
-    returns every feasible design, cheapest first."""
+    returns every feasible design, cheapest first. Each pairing's search is one job."""
     wl = load_trace(trace)
-    rows: list[dict] = []
+    units: list[tuple[str, str, int, str]] = [(hw, hw, 0, f"baseline {hw}") for hw in hardware]
+    for php in hardware:
+        for thw in hardware:
+            units += [(php, thw, p, f"split {php}->{thw} x{p}") for p in (1, 2, 4, 8, 12, 16, 24, 32)
+                      if p < max_machines]
+    calls = [(base, wl, rate, php, thw, p, max_machines, duration_s, seed, criterion, target)
+             for php, thw, p, _ in units]
+    tick = (lambda i: progress(units[i][3], len(units))) if progress else None
+    found = fan_out(_fewest, calls, jobs=jobs, ray_address=ray_address, progress=tick)
+    rows = [_row(lay, Probe(rate, True, res)) for lay, res in filter(None, found)]
+    return sorted(rows, key=lambda r: r["cost_per_hour"])
+
+
+def _fewest(base: Layout, wl: Workload, rate: float, prefill_hw: str, decode_hw: str, n_prefill: int,
+            max_machines: int, duration_s: float, seed: int, criterion: str,
+            target: float) -> tuple[Layout, dict] | None:
+    """The fewest decode (or, colocated, mixed) workers beside n_prefill prefill workers meeting the SLO."""
+    def make(n: int) -> Layout:
+        return split_layout(base, prefill_hw, decode_hw, n_prefill, n)
 
     def ok(lay: Layout) -> tuple[bool, dict]:
         res = run_at(lay, wl, rate, duration_s, seed)
         return meets(res, criterion, target), res
 
-    def fewest(make: Callable[[int], Layout]) -> tuple[Layout, dict] | None:
-        lo, hi = 1, max_machines
-        good = None
-        passed, res = ok(make(hi))
-        if not passed:
-            return None
-        good = (make(hi), res)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            passed, res = ok(make(mid))
-            if passed:
-                hi, good = mid, (make(mid), res)
-            else:
-                lo = mid + 1
-        return good
-
-    for hw in hardware:
-        found = fewest(lambda n, hw=hw: split_layout(base, hw, hw, 0, n))
-        if found:
-            rows.append(_row(found[0], Probe(rate, True, found[1])))
-        if progress:
-            progress(f"baseline {hw}")
-    for php in hardware:
-        for thw in hardware:
-            for p in (1, 2, 4, 8, 12, 16, 24, 32):
-                if p >= max_machines:
-                    break
-                found = fewest(lambda d, p=p, php=php, thw=thw: split_layout(base, php, thw, p, d))
-                if found:
-                    rows.append(_row(found[0], Probe(rate, True, found[1])))
-            if progress:
-                progress(f"split {php}->{thw}")
-    return sorted(rows, key=lambda r: r["cost_per_hour"])
+    lo, hi = 1, max_machines
+    passed, res = ok(make(hi))
+    if not passed:
+        return None
+    good = (make(hi), res)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        passed, res = ok(make(mid))
+        if passed:
+            hi, good = mid, (make(mid), res)
+        else:
+            lo = mid + 1
+    return good
 
 
 def _row(lay: Layout, probe: Probe | None) -> dict:

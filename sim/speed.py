@@ -48,3 +48,21 @@ def speed_table(layout_path: Path, trace: str = "conv", repeats: int = 3) -> str
             lines.append(f"| {label} | {mode}{note} | {n} | {cpu:.2f} | {wall:.2f} | {n / wall:,.0f} | {per * 1e6:.1f} | "
                          f"{lo / per:.0f}x | {hi / per:.0f}x | {res['ttft_p50_s']:.4f} | {res['tbt_p50_s']:.4f} |")
     return "\n".join(lines)
+
+
+def reference_speed_table(ref: Path, python: str, design: str = "splitwise-hh", rate: float = 70.0,
+                          duration_s: float = 120.0, seed: int = 0) -> str:
+    """CPU per simulated request of splitwise-sim (a checkout run in its own Python) and ours, measured in this
+    run on one trace file (its whole process, start-up included; ours: the simulation)."""
+    from sim.reference import DESIGNS, make_trace, run_ours, run_reference
+
+    trace = make_trace(ref, python, rate=rate, duration_s=duration_s, seed=seed)
+    theirs = run_reference(ref, python, design, trace, seed)
+    ours = run_ours(load_layout(Path(__file__).resolve().parents[1] / DESIGNS[design][0]), trace)
+    n = len(ours.e2e)
+    lines = [f"{design}, {trace.name} ({n} requests, Poisson {rate:g} req/s for {duration_s:g} s, seed {seed})", "",
+             "| simulator | CPU s | CPU µs / request | ratio |", "|---|---|---|---|"]
+    for label, t in (("splitwise-sim (process, start-up included)", theirs), ("tandem sim (simulation)", ours)):
+        lines.append(f"| {label} | {t.cpu_s:.2f} | {t.cpu_s / n * 1e6:,.1f} | {theirs.cpu_s / t.cpu_s:.0f}x |")
+    return "\n".join(lines)
+

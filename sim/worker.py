@@ -19,6 +19,7 @@ import simpy
 
 from services.contracts.layout import Batching
 from services.contracts.routing import Load
+from sim.kvlink import Fabric
 from sim.perf import PerfModel
 from sim.state import Requests, Tally
 
@@ -49,7 +50,7 @@ class Worker:
 
     def __init__(self, env: simpy.Environment, idx: int, role: str, perf: PerfModel, batching: Batching,
                  reqs: Requests, tally: Tally, cluster: object, kv_usable_fraction: float,
-                 link_gbps: float, link_latency_s: float) -> None:
+                 fabric: Fabric, *, kv_transfer: str = "layerwise", mixed_overhead: float = 0.0) -> None:
         self.env, self.idx, self.role, self.perf, self.reqs, self.tally = env, idx, role, perf, reqs, tally
         self.cluster = cluster  # has .workers and .on_done(rid)
         self.policy = batching.policy
@@ -75,8 +76,9 @@ class Worker:
         self.seg: tuple = ()
         self.kv_bytes = perf.spec.kv_bytes_per_token
         self.layers = perf.spec.layers
-        self.link_Bps = link_gbps * 1e9 / 8.0
-        self.link_latency = link_latency_s
+        self.fabric = fabric
+        self.layerwise = kv_transfer == "layerwise"
+        self.mixed_overhead = mixed_overhead
         self.idle_w = perf.hw.power_idle_w
         # what the router ranks by (services.contracts.routing); KV counts every token routed here for decode
         self.load = Load(idx, kv_free_bytes=cap * self.kv_bytes, kv_total_bytes=cap * self.kv_bytes)
@@ -159,11 +161,29 @@ class Worker:
         b = len(self.heap)  # decode requests riding along (mixed iteration)
         t, watts = self.perf.prefill(tokens + b, sum_sq)
         if b:
-            t += self.perf.decode(b)[1] * self.ctx  # reading the decoders' KV
+            # a mixed iteration: sim.mixed_overhead (splitwise-sim: 0.1) plus reading the decoders' KV
+            t = t * (1.0 + self.mixed_overhead) + self.perf.decode(b)[1] * self.ctx
         self.busy = True
         self.version += 1
-        self.seg = ("prefill", self.env.now, t, watts, batch, tokens)
+        now = self.env.now
+        self.seg = ("prefill", now, t, watts, batch, tokens)
         self.env.timeout(t).callbacks.append(partial(self._end_prefill, self.version))
+        self._push_kv(batch, now, t)
+
+    def _push_kv(self, batch: list[int], t0: float, t: float) -> None:
+        """Start the KV transfers of the prompts that decode elsewhere (sim/kvlink.py): layer-wise from the
+        first layer's end, or whole after the prefill."""
+        r, workers, fabric = self.reqs, self.cluster.workers, self.fabric
+        for rid in batch:
+            dest = r.dest[rid]
+            if dest == self.idx or r.output[rid] <= 1:
+                continue
+            nbytes = r.prompt[rid] * self.kv_bytes
+            if self.layerwise:
+                ready, floor = t0 + t / self.layers, t0 + t + fabric.alone_s(nbytes / self.layers)
+            else:
+                ready = floor = t0 + t
+            fabric.send(self.idx, dest, nbytes, ready, floor, partial(workers[dest].add_decode, rid))
 
     def _start_decode(self) -> None:
         b = len(self.heap)
@@ -205,28 +225,17 @@ class Worker:
         self.load.waiting_requests -= len(batch)
         if self.heap:  # the riding decode requests got one token each
             self._advance(1, t0, t, t)
-        workers = self.cluster.workers
         for rid in batch:
             r.first_tok[rid] = now
             r.gen[rid] += 1
             if r.output[rid] <= 1:
                 r.finish[rid] = now
                 self.cluster.on_done(rid)
-                continue
-            dest = r.dest[rid]
-            if dest == self.idx:
+            elif r.dest[rid] == self.idx:
                 self.dec_wait.append(rid)
-            else:
-                delay = self._transfer_delay(r.prompt[rid], t)
-                self.env.timeout(delay).callbacks.append(partial(_deliver, workers[dest], rid))
+            # else: its KV is on the way (_push_kv); the destination's add_decode runs on delivery
         self.busy = False
         self._next()
-
-    def _transfer_delay(self, prompt_tokens: int, prefill_s: float) -> float:
-        """Layer-wise KV push overlapped with the prefill: only what outlasts the compute shows."""
-        total = prompt_tokens * self.kv_bytes / self.link_Bps
-        per_layer = total / self.layers
-        return self.link_latency + max(per_layer, total - prefill_s * (self.layers - 1) / self.layers)
 
     def _end_decode(self, version: int, _ev: object) -> None:
         if version != self.version:
@@ -272,7 +281,3 @@ class Worker:
                 tally.gap_values.append((end - t0 - s1) / (steps - 1))
                 tally.gap_weights.append(float(steps - 1))
             on_done(rid)
-
-
-def _deliver(worker: Worker, rid: int, _ev: object) -> None:
-    worker.add_decode(rid)

@@ -1,25 +1,51 @@
-"""Shared fixtures: free ports, a private real Redis, GPU skipping, a quiet torch."""
+"""Shared fixtures: free ports, a private real Redis, a tiny checkpoint, the SmolLM2 engine, GPU skipping, a quiet torch.
+
+Each fixture is defined once; its name says what it is. Area-only fixtures live in tests/<area>/conftest.py,
+helpers that are not fixtures in tests/kit/."""
 
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from kit.net import free_port
 
 
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama as a HF directory (`tiny_config()`, seed 0, one safetensors file, a tokenizer)."""
+    from kit.checkpoints import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def smol_gguf() -> Path:
+    """The embedded SmolLM2-135M GGUF file; the test is skipped where the model package is not installed."""
+    from services.contracts.errors import NotFound
+    from services.engine.loader import default_model_path
+
+    try:
+        return default_model_path()
+    except NotFound as exc:
+        pytest.skip(exc.message)
+
+
+@pytest.fixture(scope="module")
+def smol_engine(smol_gguf: Path):
+    """The embedded SmolLM2-135M loaded on the CPU (what `load_engine(None)` serves)."""
+    from services.engine import load_engine
+
+    return load_engine(smol_gguf, device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -67,5 +93,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:  # not item.keywords: a checkout named "gpu" matched it
             item.add_marker(skip)

@@ -8,92 +8,92 @@ from pathlib import Path
 import typer
 
 
-def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    @bench_app.command("dlm")
-    def bench_dlm(
-        quick: bool = typer.Option(False, "--quick", help="small eval set (30 prompts), for CI and checks"),
-        json_out: Path | None = typer.Option(None, "--json", help="write the results here"),
-        n: int | None = typer.Option(None, "--n", help="eval prompts (default 30 quick, 300 full)"),
-        ckpt: Path | None = typer.Option(None, "--ckpt", help="folder with dlm.pt and guide.pt"),
-        dlm_file: Path | None = typer.Option(None, "--dlm", help="another DLM checkpoint (e.g. checkpoints/dlm_weak.pt)"),
-        block: int | None = typer.Option(None, "--block", help="block length B (default 2; 4 with --smollm2)"),
-        steps: int | None = typer.Option(None, "--steps", help="denoising steps per block (default 2; 4 with --smollm2)"),
-        accept: str = typer.Option("topk_rel", "--accept", help="top1 | topk | topk_rel"),
-        guide_chunk: int | None = typer.Option(None, "--guide-chunk", help="drafts the guide reads per forward "
-                                               "(default 24 = the whole response; not with --smollm2, whose chunk is the block)"),
-        exact_prompts: int = typer.Option(3, "--exact-prompts", help="prompts for the exactness checks"),
-        threads: int = typer.Option(1, "--threads", help="torch CPU threads (batch-1 forwards of a tiny model)"),
-        batch: int = typer.Option(50, "--batch", help="also run baseline / FreeCache / refresh_block this many "
-                                  "prompts per forward (the 'batched' table); 0 skips it"),
-        smollm2: bool = typer.Option(False, "--smollm2", help="the real-tokenizer path: the SmolLM2-tokenizer DLM "
-                                     "(checkpoints/dlm_smollm2.pt) guided by SmolLM2-135M (default n 20 quick, 200 full)"),
-        guide_preamble: bool = typer.Option(True, "--guide-preamble/--no-guide-preamble",
-                                            help="with --smollm2: worked examples the guide reads before each prompt"),
-    ) -> None:
-        """Accuracy (95% CI), token agreement, forward passes, tokens/step, linear work and time per variant."""
-        import torch
-        from rich.console import Console
-        from rich.progress import Progress
+def bench_dlm(
+    quick: bool = typer.Option(False, "--quick", help="small eval set (30 prompts), for CI and checks"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the results here"),
+    n: int | None = typer.Option(None, "--n", help="eval prompts (default 30 quick, 300 full)"),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="folder with dlm.pt and guide.pt"),
+    ckpt: Path | None = typer.Option(None, "--ckpt", hidden=True, help="old spelling of --checkpoint"),
+    dlm_file: Path | None = typer.Option(None, "--dlm", help="another DLM checkpoint (e.g. checkpoints/dlm_weak.pt)"),
+    block: int | None = typer.Option(None, "--block", help="block length B (default 2; 4 with --smollm2)"),
+    steps: int | None = typer.Option(None, "--steps", help="denoising steps per block (default 2; 4 with --smollm2)"),
+    accept: str = typer.Option("topk_rel", "--accept", help="top1 | topk | topk_rel"),
+    guide_chunk: int | None = typer.Option(None, "--guide-chunk", help="drafts the guide reads per forward "
+                                           "(default 24 = the whole response; not with --smollm2, whose chunk is the block)"),
+    exact_prompts: int = typer.Option(3, "--exact-prompts", help="prompts for the exactness checks"),
+    threads: int = typer.Option(1, "--threads", help="torch CPU threads (batch-1 forwards of a tiny model)"),
+    batch: int = typer.Option(50, "--batch", help="also run baseline / FreeCache / refresh_block this many "
+                              "prompts per forward (the 'batched' table); 0 skips it"),
+    smollm2: bool = typer.Option(False, "--smollm2", help="the real-tokenizer path: the SmolLM2-tokenizer DLM "
+                                 "(checkpoints/dlm_smollm2.pt) guided by SmolLM2-135M (default n 20 quick, 200 full)"),
+    guide_preamble: bool = typer.Option(True, "--guide-preamble/--no-guide-preamble",
+                                        help="with --smollm2: worked examples the guide reads before each prompt"),
+) -> None:
+    """Accuracy (95% CI), token agreement, forward passes, tokens/step, linear work and time per variant."""
+    import torch
+    from rich.console import Console
+    from rich.progress import Progress
 
-        from services.bench.dlm_evaluate import (
-            ABLATIONS,
-            BATCH_VARIANTS,
-            BENCH_BLOCK,
-            BENCH_GUIDE_CHUNK,
-            BENCH_STEPS,
-            VARIANTS,
-            evaluate,
-            evaluate_batched,
-            load_pair,
-        )
-        from services.bench.dlm_exact import run_checks
-        from services.contracts.errors import InvalidArgument
-        from services.dlm.checkpoint import CHECKPOINT_DIR
-        from services.dlm.sampler import Options
-        from services.dlm.tasks import GEN_LEN, encode_prompt, eval_set
+    from services.bench.dlm_evaluate import (
+        ABLATIONS,
+        BATCH_VARIANTS,
+        BENCH_BLOCK,
+        BENCH_GUIDE_CHUNK,
+        BENCH_STEPS,
+        VARIANTS,
+        evaluate,
+        evaluate_batched,
+        load_pair,
+    )
+    from services.bench.dlm_exact import run_checks
+    from services.contracts.errors import InvalidArgument
+    from services.dlm.checkpoint import CHECKPOINT_DIR
+    from services.dlm.sampler import Options
+    from services.dlm.tasks import GEN_LEN, encode_prompt, eval_set
 
-        count = n if n is not None else (30 if quick else 300)
-        if count < 1:
-            raise InvalidArgument("--n: must be at least 1", param="n")
-        if batch < 0:
-            raise InvalidArgument("--batch: must be 0 (off) or a positive batch size", param="batch")
-        torch.set_grad_enabled(False)
-        torch.set_num_threads(threads)
-        if smollm2:
-            if guide_chunk is not None:
-                raise InvalidArgument("--guide-chunk: with --smollm2 the guide reads one block per forward",
-                                      param="guide_chunk")
-            block, steps = 4 if block is None else block, 4 if steps is None else steps
-            _bench_smol(n if n is not None else (20 if quick else 200), json_out, dlm_file, block, steps, accept,
-                        exact_prompts, guide_preamble)
-            return
-        block = BENCH_BLOCK if block is None else block
-        steps = BENCH_STEPS if steps is None else steps
-        dlm, guide, tok = load_pair(ckpt or CHECKPOINT_DIR, dlm_path=dlm_file)
-        opts = Options(gen_len=GEN_LEN, block=block, steps_per_block=steps, accept=accept,
-                       guide_chunk=BENCH_GUIDE_CHUNK if guide_chunk is None else guide_chunk)
-        opts.validate(dlm.cfg.max_len, dlm.cfg.max_len - GEN_LEN)
-        names = VARIANTS + ABLATIONS
-        with Progress(transient=True) as prog:
-            task = prog.add_task("dlm bench", total=count * len(names))
-            res = evaluate(dlm, guide, tok, count, opts, names, progress=lambda _v, _i: prog.advance(task))
-            if batch:
-                size = min(batch, count)
-                task = prog.add_task(f"dlm bench, batches of {size}", total=-(-count // size) * len(BATCH_VARIANTS))
-                res["batched"] = evaluate_batched(dlm, tok, count, opts, size,
-                                                  progress=lambda _v, _i: prog.advance(task))
-        prompts = [encode_prompt(tok, ex.prompt) for ex in eval_set(exact_prompts, seed=777)]
-        checks = run_checks(dlm, guide, prompts, opts, tok.mask_id, tok.eos_id)
-        p, g = dlm.cfg.max_len - GEN_LEN, GEN_LEN
-        nb = g // block
-        out = {**res, "exact_checks": checks,
-               "config": {"n": count, "dlm": str(dlm_file or "dlm.pt"), "prompt_len": p, "gen_len": g, "block": block, "steps_per_block": steps,
-                          "accept": accept, "k": opts.k, "tau": opts.tau, "guide_chunk": opts.guide_chunk,
-                          "formula_linear_work_reduction": 2 * (p + g) * nb / (g * (nb + 1)),
-                          "threads": torch.get_num_threads()}}
-        _print(Console(width=max(Console().width, 120)), out, names)
-        if json_out:
-            json_out.write_text(json.dumps(out, indent=1))
+    ckpt = checkpoint or ckpt
+    count = n if n is not None else (30 if quick else 300)
+    if count < 1:
+        raise InvalidArgument("--n: must be at least 1", param="n")
+    if batch < 0:
+        raise InvalidArgument("--batch: must be 0 (off) or a positive batch size", param="batch")
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(threads)
+    if smollm2:
+        if guide_chunk is not None:
+            raise InvalidArgument("--guide-chunk: with --smollm2 the guide reads one block per forward",
+                                  param="guide_chunk")
+        block, steps = 4 if block is None else block, 4 if steps is None else steps
+        _bench_smol(n if n is not None else (20 if quick else 200), json_out, dlm_file, block, steps, accept,
+                    exact_prompts, guide_preamble)
+        return
+    block = BENCH_BLOCK if block is None else block
+    steps = BENCH_STEPS if steps is None else steps
+    dlm, guide, tok = load_pair(ckpt or CHECKPOINT_DIR, dlm_path=dlm_file)
+    opts = Options(gen_len=GEN_LEN, block=block, steps_per_block=steps, accept=accept,
+                   guide_chunk=BENCH_GUIDE_CHUNK if guide_chunk is None else guide_chunk)
+    opts.validate(dlm.cfg.max_len, dlm.cfg.max_len - GEN_LEN)
+    names = VARIANTS + ABLATIONS
+    with Progress(transient=True) as prog:
+        task = prog.add_task("dlm bench", total=count * len(names))
+        res = evaluate(dlm, guide, tok, count, opts, names, progress=lambda _v, _i: prog.advance(task))
+        if batch:
+            size = min(batch, count)
+            task = prog.add_task(f"dlm bench, batches of {size}", total=-(-count // size) * len(BATCH_VARIANTS))
+            res["batched"] = evaluate_batched(dlm, tok, count, opts, size,
+                                              progress=lambda _v, _i: prog.advance(task))
+    prompts = [encode_prompt(tok, ex.prompt) for ex in eval_set(exact_prompts, seed=777)]
+    checks = run_checks(dlm, guide, prompts, opts, tok.mask_id, tok.eos_id)
+    p, g = dlm.cfg.max_len - GEN_LEN, GEN_LEN
+    nb = g // block
+    out = {**res, "exact_checks": checks,
+           "config": {"n": count, "dlm": str(dlm_file or "dlm.pt"), "prompt_len": p, "gen_len": g, "block": block, "steps_per_block": steps,
+                      "accept": accept, "k": opts.k, "tau": opts.tau, "guide_chunk": opts.guide_chunk,
+                      "formula_linear_work_reduction": 2 * (p + g) * nb / (g * (nb + 1)),
+                      "threads": torch.get_num_threads()}}
+    _print(Console(width=max(Console().width, 120)), out, names)
+    if json_out:
+        json_out.write_text(json.dumps(out, indent=1))
 
 
 def _bench_smol(n: int, json_out: Path | None, dlm_file: Path | None, block: int, steps: int, accept: str,

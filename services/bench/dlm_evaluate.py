@@ -3,8 +3,6 @@ Wilson 95% CI), token agreement with the baseline, forward passes, tokens per st
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -84,11 +82,7 @@ def evaluate(dlm: torch.nn.Module, guide: torch.nn.Module, tok, n: int, base: Op
             "seconds": sec[name],
             "accuracy_by_task": {k: sum(v) / len(v) for k, v in sorted(by_task.items())},
         }
-    b = out[variants[0]]
-    for r in out.values():
-        r["speedup"] = b["seconds"] / r["seconds"]
-        r["linear_work_reduction"] = b["dlm_tokens"] / r["dlm_tokens"]
-    return out
+    return with_ratios(out, variants[0])
 
 
 BATCH_VARIANTS = ("baseline", "freecache", "refresh_block")
@@ -161,42 +155,27 @@ def sweep_table(res: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--ckpt", type=Path, default=CHECKPOINT_DIR)
-    ap.add_argument("--dlm", type=Path, default=None, help="another DLM checkpoint file")
-    ap.add_argument("--n", type=int, default=150)
-    ap.add_argument("--seed", type=int, default=EVAL_SEED,
-                    help="eval-set seed (pick configurations on another seed than the held-out one)")
-    ap.add_argument("--sweep", default=None, help="comma-separated BxS configurations, e.g. 4x4,6x6,8x8")
-    ap.add_argument("--variants", default="baseline,freecache")
-    ap.add_argument("--guide-chunk", type=int, default=BENCH_GUIDE_CHUNK)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--table", type=Path, default=None, help="print the markdown table of a saved sweep and exit")
-    a = ap.parse_args()
-    if a.table:
-        print(sweep_table(json.loads(a.table.read_text())))
-        return
+def run(ckpt: Path | None, dlm_path: Path | None, n: int, seed: int, sweep_text: str | None, variants: str,
+        guide_chunk: int, threads: int, device: str) -> dict:
+    """`tandem dlm evaluate`: a B x s sweep (`sweep_text` "BxS,..."), or every variant at the bench's B and s."""
     torch.set_grad_enabled(False)
-    torch.set_num_threads(a.threads)
-    dlm, guide, tok = load_pair(a.ckpt, a.device, dlm_path=a.dlm)
-    if a.sweep:
-        cfgs = [tuple(int(v) for v in c.split("x")) for c in a.sweep.split(",")]
-        variants = tuple(a.variants.split(","))
-        res = sweep(dlm, guide, tok, a.n, cfgs, variants, a.seed, a.guide_chunk)
-        if {"baseline", "freecache"} <= set(variants):
+    torch.set_num_threads(threads)
+    dlm, guide, tok = load_pair(ckpt or CHECKPOINT_DIR, device, dlm_path=dlm_path)
+    if sweep_text:
+        cfgs = [tuple(int(v) for v in c.split("x")) for c in sweep_text.split(",")]
+        names = tuple(variants.split(","))
+        res = sweep(dlm, guide, tok, n, cfgs, names, seed, guide_chunk)
+        if {"baseline", "freecache"} <= set(names):
             print(sweep_table(res))
-    else:
-        res = evaluate(dlm, guide, tok, a.n, Options(block=BENCH_BLOCK, steps_per_block=BENCH_STEPS,
-                                                     guide_chunk=a.guide_chunk),
-                       VARIANTS + ABLATIONS, seed=a.seed)
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        a.out.write_text(text)
+        return res
+    return evaluate(dlm, guide, tok, n, Options(block=BENCH_BLOCK, steps_per_block=BENCH_STEPS, guide_chunk=guide_chunk),
+                    VARIANTS + ABLATIONS, seed=seed)
 
 
-if __name__ == "__main__":
-    main()
+def with_ratios(out: dict, base: str) -> dict:
+    """Add each variant's wall-clock `speedup` and `linear_work_reduction` against the `base` variant."""
+    b = out[base]
+    for r in out.values():
+        r["speedup"] = b["seconds"] / r["seconds"]
+        r["linear_work_reduction"] = b["dlm_tokens"] / r["dlm_tokens"]
+    return out

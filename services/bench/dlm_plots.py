@@ -1,9 +1,8 @@
-"""Figures for docs/dlm.md from the bench and timing JSON: `python -m services.bench.dlm_plots BENCH TIMING... OUTDIR`."""
+"""Figures for docs/dlm.md from the bench and timing JSON: `tandem dlm plots BENCH TIMING... OUTDIR`."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 
@@ -132,9 +131,9 @@ def timing_markdown(t: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    bench, *timings, outdir = sys.argv[1:]
-    outdir = Path(outdir)
+def render(bench: Path, timings: list[Path], outdir: Path) -> None:
+    """The three figures into OUTDIR, and the markdown tables on stdout."""
+    outdir.mkdir(parents=True, exist_ok=True)
     b = json.loads(Path(bench).read_text())
     ts = [json.loads(Path(t).read_text()) for t in timings]
     bench_figure(b, outdir / "dlm_bench_cpu.png")
@@ -144,7 +143,3 @@ def main() -> None:
     for t in ts:
         print()
         print(timing_markdown(t))
-
-
-if __name__ == "__main__":
-    main()

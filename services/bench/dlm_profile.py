@@ -1,6 +1,6 @@
 """Measure seconds per dlm request for each sampler variant on this machine, as the simulator's dlm cost table.
 
-    python -m services.bench.dlm_profile --out sim/data/dlm_profile.json [--n 30] [--hardware cpu]
+    tandem dlm profile --json sim/data/dlm_profile.json [--n 30] [--hardware cpu]
 
 Runs the served engine (DLMEngine, one torch thread as `tandem serve dlm` does) on held-out prompts; the file
 keeps other hardware's entries, so profiles from several machines can share it. The simulator only reads it.
@@ -8,10 +8,8 @@ keeps other hardware's entries, so profiles from several machines can share it. 
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -79,27 +77,3 @@ def write(path: Path, hardware: str, entry: dict, command: str) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return doc
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m services.bench.dlm_profile", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="sim/data/dlm_profile.json", help="profile JSON to write (merged)")
-    ap.add_argument("--hardware", default="cpu", help="the sim catalog's name for this machine (sim/catalog.py)")
-    ap.add_argument("--n", type=int, default=30, help="measured requests per variant")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (the served default is 1)")
-    a = ap.parse_args(argv)
-    if a.n < 1 or a.threads < 1:
-        print("error: --n and --threads must be at least 1", file=sys.stderr)
-        return 2
-    entry = measure(a.n, a.threads)
-    cmd = f"python -m services.bench.dlm_profile --out {a.out} --hardware {a.hardware} --n {a.n} --threads {a.threads}"
-    write(Path(a.out), a.hardware, entry, cmd)
-    for name, v in entry["variants"].items():
-        print(f"{name:18s} mean {v['mean_s'] * 1e3:7.2f} ms  p90 {v['p90_s'] * 1e3:7.2f} ms  "
-              f"forward passes {v['forward_passes_mean']:.1f}")
-    print(f"wrote {a.out} ({a.hardware})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from services.bench.dlm_evaluate import agreement, variant_options
+from services.bench.dlm_evaluate import agreement, variant_options, with_ratios
 from services.bench.dlm_exact import run_checks
 from services.bench.stats import wilson
 from services.dlm import protocol
@@ -63,11 +63,7 @@ def evaluate_smol(dlm, guide, bridge: SmolBridge, tok, n: int, base: Options,
             "seconds": sec,
             "accuracy_by_task": {k: sum(v) / len(v) for k, v in sorted(by_task.items())},
         }
-    b = out[variants[0]]
-    for r in out.values():
-        r["speedup"] = b["seconds"] / r["seconds"]
-        r["linear_work_reduction"] = b["dlm_tokens"] / r["dlm_tokens"]
-    return out
+    return with_ratios(out, variants[0])
 
 
 def bench(n: int, *, block: int = 4, steps: int = 4, accept: str = "topk_rel", exact_prompts: int = 3,
@@ -104,7 +100,7 @@ def print_table(console, out: dict) -> None:
 
 
 def markdown(out: dict) -> str:
-    """The docs table, from a bench JSON: `python -m services.bench.dlm_smol docs/results/dlm/bench_cpu_smollm2.json`."""
+    """The docs table, from a bench JSON: `tandem dlm table --smollm2 docs/results/dlm/bench_cpu_smollm2.json`."""
     head = ("| variant | accuracy [95% CI] | per task (copy/rev/sort/add) | token agreement | DLM forwards | "
             "guide forwards | guide tokens | tokens/step | seconds | speed-up |")
     rows = [head, "|" + "---|" * 10]
@@ -117,9 +113,3 @@ def markdown(out: dict) -> str:
                     f"{r['tokens_per_step']:.2f} | {r['seconds']:.1f} | {r['speedup']:.2f}x |")
     return "\n".join(rows)
 
-
-if __name__ == "__main__":
-    import json
-    import sys
-
-    print(markdown(json.loads(Path(sys.argv[1]).read_text())))

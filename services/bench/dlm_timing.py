@@ -3,7 +3,7 @@
 Random weights make accuracy meaningless, so this measures only cost: wall-clock per generation and the
 DLM's linear work, for each cache mode side by side. The block samplers also run with CUDA graphs
 (`--graphs`) and as a batch of prompts (`--batch`); speed-ups compare variants at the same batch and
-execution mode. torch + stdlib only (runs on the device box): `python -m services.bench.dlm_timing --out timing.json`.
+execution mode. torch + stdlib only (runs on the device box): `python -m services.bench.dlm_timing --json timing.json`.
 """
 
 from __future__ import annotations
@@ -146,8 +146,11 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, default=None,
                     help="write the top CUDA kernels of one eager batch-1 FreeCache generation (first case) here")
     ap.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(BLOCK_VARIANTS + GUIDED_VARIANTS))
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--json", dest="out", type=Path, help="write the timings here (required)")
+    ap.add_argument("--out", dest="out", type=Path, help=argparse.SUPPRESS)  # the old spelling of --json
     a = ap.parse_args()
+    if a.out is None:
+        ap.error("--json is required")
     cases = [tuple(int(v) for v in c.split("x")) for c in a.cases.split(",")]
     if a.device.startswith("cuda"):
         torch.backends.cuda.enable_cudnn_sdp(a.cudnn_sdpa == "on")

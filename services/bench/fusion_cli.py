@@ -8,10 +8,6 @@ from pathlib import Path
 import typer
 
 
-def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    bench_app.command("fusion")(bench_fusion)
-
-
 def bench_fusion(
     quick: bool = typer.Option(False, "--quick", help="12 requests, 2 arrival rates: under 2 minutes on 2 cores."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the full result here."),
@@ -59,3 +55,13 @@ def bench_fusion(
         from services.bench.fusion_plots import plot as draw
 
         draw(result, plot)
+
+
+def plot_cmd(
+    result: Path = typer.Argument(..., help="a result JSON of `tandem bench fusion --json`"),
+    png: Path = typer.Argument(..., help="the PNG to write"),
+) -> None:
+    """The throughput/latency plot of a saved `tandem bench fusion` result."""
+    from services.bench.fusion_plots import plot as draw
+
+    typer.echo(draw(json.loads(result.read_text()), png))

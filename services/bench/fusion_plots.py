@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 from services.batching.scheduler import MODES
@@ -62,6 +60,3 @@ def _save(fig, result: dict, out_png: str | Path, title: str | None) -> Path:
     plt.close(fig)
     return out
 
-
-if __name__ == "__main__":  # python -m services.bench.fusion_plots RESULT.json OUT.png
-    print(plot(json.loads(Path(sys.argv[1]).read_text()), sys.argv[2]))

@@ -1,4 +1,4 @@
-"""`tandem bench policy` and `tandem policy schedule|train`; torch is imported inside the verbs."""
+"""`tandem bench policy` and `tandem policy schedule|screen|flops|plots`; torch is imported inside the verbs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 import typer
 
-policy_app = typer.Typer(no_args_is_help=True, help="Diffusion policy with Block-wise Adaptive Caching.")
 SUMMARY_KEYS = ("success_rate", "action_mse", "block_evals", "seconds")
 
 
@@ -101,7 +100,6 @@ def _bench_server(checkpoint: Path | None, budget: int, clients: list[int], seco
         typer.echo(f"wrote {json_path}")
 
 
-@policy_app.command("schedule")
 def schedule(
     checkpoint: Path | None = typer.Option(None, help="checkpoint directory (default: the committed one)"),
     calib_obs: int = typer.Option(16, help="calibration observations recorded"),
@@ -129,7 +127,6 @@ def schedule(
     typer.echo(f"wrote {path}")
 
 
-@policy_app.command("screen")
 def screen_cmd(
     budgets: str = typer.Option("8,9,10,11,12,13,14,15,16", help="comma-separated update budgets S"),
     widths: str = typer.Option("3,6,9,12,15,17", help="comma-separated Bubbling-Union widths n (17 = all upstream)"),
@@ -169,7 +166,6 @@ def screen_cmd(
         typer.echo(f"wrote {json_path}", err=True)
 
 
-@policy_app.command("flops")
 def flops_cmd(checkpoint: Path | None = typer.Option(None, help="checkpoint directory (default: the committed one)")) -> None:
     """FLOPs per batch-1 chunk for every benchmark config, and the reduction vs uncached DDPM-100."""
     from services.bench import policy as bench
@@ -183,29 +179,11 @@ def flops_cmd(checkpoint: Path | None = typer.Option(None, help="checkpoint dire
         typer.echo(f"| {name} | {f / 1e6:.1f} | {base / f:.2f}x |")
 
 
-@policy_app.command("train")
-def train_cmd(
-    out: Path = typer.Option(..., help="checkpoint directory to write"),
-    seconds: float = typer.Option(150, help="training time budget"),
-    episodes: int = typer.Option(3000, help="expert demonstrations"),
-    batch: int = typer.Option(1024),
-    device: str = typer.Option("cpu"),
-) -> None:
-    """Train a checkpoint on scripted-expert demonstrations (the committed one was trained on a GPU)."""
-    from services.policy import checkpoint as ckpt
-    from services.policy.model import DenoiserConfig
-    from services.train import policy as train
-
-    model, norm, info = train.train(DenoiserConfig(), episodes, seconds, 10**7, batch, 3e-4, device)
-    ckpt.save(model, norm, out, info)
-    typer.echo(f"wrote {out}: {info}")
-
-
-@policy_app.command("plots")
 def plots_cmd(
     table: list[Path] = typer.Option(..., help="table JSON(s) from `tandem bench policy --json` or the GPU runs "
                                                "(repeat the flag to merge runs in the trade-off figure)"),
-    out: Path = typer.Option(Path("docs/results/policy"), help="folder for the PNGs"),
+    out_dir: Path = typer.Option(Path("docs/results/policy"), "--out-dir", help="folder for the PNGs"),
+    out: Path | None = typer.Option(None, "--out", hidden=True, help="old spelling of --out-dir"),
     checkpoint: Path | None = typer.Option(None, help="checkpoint directory (default: the committed one)"),
 ) -> None:
     """PNGs (similarity, schedules, trade-off) for docs/policy.md; prints the table as Markdown."""
@@ -214,12 +192,8 @@ def plots_cmd(
     from services.bench import policy_plots as plots
 
     torch.set_num_threads(2)
-    for path in plots.all_figures(out, table, str(checkpoint) if checkpoint else None):
+    for path in plots.all_figures(out or out_dir, table, str(checkpoint) if checkpoint else None):
         typer.echo(f"wrote {path}", err=True)
     for t in table:
         typer.echo(f"{t}:\n" + plots.markdown_table(json.loads(t.read_text())))
 
-
-def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    bench_app.command("policy")(bench_policy)
-    app.add_typer(policy_app, name="policy")

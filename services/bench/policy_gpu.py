@@ -1,6 +1,6 @@
 """One device call: train, calibrate schedules, and run the full table with CUDA graphs.
 
-`PYTHONPATH=. python -m services.bench.policy_gpu --out $OUT` (torch/numpy only); results land in
+`PYTHONPATH=. python -m services.bench.policy_gpu --out-dir $OUT` (torch/numpy only); results land in
 $OUT/ckpt (checkpoint + schedules) and $OUT/gpu_table.json.
 """
 
@@ -21,7 +21,8 @@ from services.train import policy as train
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out-dir", dest="out", type=Path, help="folder for the checkpoint and gpu_table.json (required)")
+    p.add_argument("--out", dest="out", type=Path, help=argparse.SUPPRESS)  # the old spelling of --out-dir
     p.add_argument("--train-seconds", type=float, default=150)
     p.add_argument("--episodes", type=int, default=3000)
     p.add_argument("--eval-episodes", type=int, default=500)
@@ -32,6 +33,8 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="skip training and use this checkpoint")
     p.add_argument("--only", nargs="*", default=None, help="run just these config names")
     args = p.parse_args()
+    if args.out is None:
+        p.error("--out-dir is required")
     args.out.mkdir(parents=True, exist_ok=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False  # keep fp32 numerics comparable with the CPU table

@@ -6,6 +6,7 @@ import importlib
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,17 @@ def _layout(path: str | None) -> Any:
     return load_layout(path)
 
 
-def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float = 300.0) -> int:
-    """Start the cluster, print its endpoints, block until SIGINT/SIGTERM, stop everything. Returns the exit code."""
+def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float = 300.0, fail_fast: bool = False,
+       restart_limit: int = 5) -> int:
+    """Start the cluster, print its endpoints, block until SIGINT/SIGTERM, stop everything. Returns the exit code.
+
+    A process that dies is restarted (with backoff, at most `restart_limit` times in 5 minutes) while the others
+    keep serving; with `fail_fast` the first death stops the whole cluster instead.
+    """
     from rich.console import Console
     from rich.table import Table
 
-    from services.cluster.launcher import Cluster, plan
+    from services.cluster.launcher import Cluster, RestartPolicy, plan
 
     lay = _layout(layout)
     specs = plan(lay, layout)
@@ -38,7 +44,7 @@ def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float =
         raise KeyboardInterrupt
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    cluster = Cluster(specs, log_dir)
+    cluster = Cluster(specs, log_dir, RestartPolicy(limit=restart_limit))
     code = 0
     try:
         workers = [s.name for s in specs if s.name != "gateway"]
@@ -57,9 +63,10 @@ def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float =
         sys.stdout.flush()
         while True:
             dead = cluster.dead()
-            if dead:
+            if dead and fail_fast:
                 raise Unavailable(f"{dead[0]} exited unexpectedly; last log lines:\n{cluster.log_tail(dead[0])}")
-            time.sleep(0.5)
+            cluster.supervise(lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+            time.sleep(0.25)
     except KeyboardInterrupt:
         console.print(f"stopping ({signal.Signals(stop['signal'] or signal.SIGINT).name})...")
     except Unavailable:
@@ -77,7 +84,7 @@ def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float =
 
 def serve_role(role: str, layout: str | None, address: str | None, index: int, metrics_port: int | None,
                http: str | None, grpc_address: str | None, workers: list[str], port: int | None,
-               max_inflight: int | None = None) -> None:
+               advertise: str | None = None, max_inflight: int | None = None) -> None:
     """Run one service in the foreground."""
     if role not in ROLES:
         raise InvalidArgument(f"role: must be one of {', '.join(ROLES)} (got {role!r})", param="role")
@@ -115,7 +122,8 @@ def serve_role(role: str, layout: str | None, address: str | None, index: int, m
     pool = next((p for p in lay.pools if p.role == role and p.count > 0), None)
     batching = (pool.batching if pool and pool.batching else None) or lay.batching
     server = _optional("services.workers.server", role)
-    server.serve(role=role, address=address, model=lay.model.path, batching=batching, metrics_port=metrics_port)
+    server.serve(role=role, address=address, model=lay.model.path, batching=batching, metrics_port=metrics_port,
+                 registry=lay.registry, advertise=advertise or (eps[0].address if eps else None), index=index)
 
 
 def _optional(module: str, role: str) -> Any:
@@ -127,15 +135,23 @@ def _optional(module: str, role: str) -> Any:
         raise
 
 
-def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+def register(group: Callable[[str], typer.Typer]) -> None:
+    app = group("")
+
     @app.command("up")
     def up_cmd(
         layout: str = typer.Argument(None, help="layout YAML; none = one mixed worker + gateway on this machine"),
         log_dir: str = typer.Option(None, "--log-dir", help="where each process writes its log (default: a temp dir)"),
         timeout_s: float = typer.Option(300.0, "--timeout", help="seconds to wait for every service to be healthy"),
+        fail_fast: bool = typer.Option(False, "--fail-fast", help="stop the whole cluster when any process dies "
+                                       "(default: restart it with backoff while the others keep serving)"),
+        restart_limit: int = typer.Option(5, "--restart-limit", min=0, help="restarts of one process within 5 "
+                                          "minutes before `tandem up` gives up and stops the cluster"),
     ) -> None:
-        """Start gateway + workers as local processes; stay in the foreground until Ctrl-C/SIGTERM, then stop all."""
-        raise typer.Exit(up(layout, log_dir, timeout_s))
+        """Start gateway + workers as local processes; stay in the foreground until Ctrl-C/SIGTERM, then stop all.
+
+        A process that dies is restarted (backoff 0.5 s doubling, log line in this terminal) unless --fail-fast."""
+        raise typer.Exit(up(layout, log_dir, timeout_s, fail_fast, restart_limit))
 
     @app.command("serve")
     def serve_cmd(
@@ -148,12 +164,15 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         grpc_address: str = typer.Option(None, "--grpc", help="gateway gRPC HOST:PORT (default: layout gateway.grpc)"),
         worker: list[str] = typer.Option([], "--worker", help="gateway: ROLE=HOST:PORT, repeatable; overrides the layout"),
         port: int = typer.Option(None, "--port", help="dlm/policy gRPC port"),
+        advertise: str = typer.Option(None, "--advertise", help="worker: HOST:PORT the gateway reaches it at, as "
+                                      "registered in a redis registry (default: the layout's address)"),
         max_inflight: int = typer.Option(None, "--max-inflight", help="gateway: requests held at once, beyond "
                                          "which clients get 429 (default: layout gateway.max_inflight, else what "
                                          "the pools hold)"),
     ) -> None:
         """Run one service (prefill, decode, mixed, gateway, dlm, policy) until SIGINT/SIGTERM (which drains)."""
-        serve_role(role, layout, address, index, metrics_port, http, grpc_address, list(worker), port, max_inflight)
+        serve_role(role, layout, address, index, metrics_port, http, grpc_address, list(worker), port, advertise,
+                   max_inflight)
 
     @app.command("compose")
     def compose_cmd(

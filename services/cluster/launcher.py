@@ -1,5 +1,6 @@
 """`tandem up`: start every service of a layout as its own local process, wait for health, stop them all.
 
+A child that dies is restarted with backoff (`Cluster.supervise`) while the others keep serving.
 Children run in their own sessions (a terminal's Ctrl-C reaches only us, and we stop them in order)
 and get SIGTERM from the kernel if this process dies without cleaning up (PR_SET_PDEATHSIG).
 """
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,14 +82,37 @@ def _die_with_parent() -> None:
         pass
 
 
-class Cluster:
-    """Owns the processes it starts; `stop()` ends every one of them (SIGTERM, then SIGKILL after a grace)."""
+@dataclass(slots=True)
+class RestartPolicy:
+    """A dead process restarts after `backoff_s`, doubling per recent restart up to `max_backoff_s`; more than
+    `limit` restarts within `window_s` and the launcher gives up (the whole cluster stops)."""
 
-    def __init__(self, specs: list[ProcSpec], log_dir: str | Path | None = None) -> None:
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    limit: int = 5
+    window_s: float = 300.0
+
+
+@dataclass(slots=True)
+class _Restarts:
+    times: list[float] = field(default_factory=list)  # monotonic times of recent restarts
+    due: float | None = None  # when the pending restart runs
+    code: int | None = None  # the exit code that caused it
+    starting: bool = False  # restarted, not yet healthy again
+
+
+class Cluster:
+    """Owns the processes it starts; `stop()` ends every one of them (SIGTERM, then SIGKILL after a grace);
+    `supervise()` restarts the ones that die while the others keep serving."""
+
+    def __init__(self, specs: list[ProcSpec], log_dir: str | Path | None = None,
+                 policy: RestartPolicy | None = None) -> None:
         self.specs = specs
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="tandem-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.policy = policy or RestartPolicy()
+        self.restarts: dict[str, _Restarts] = {}
 
     def start(self, names: list[str] | None = None) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -107,8 +132,7 @@ class Cluster:
         while pending:
             for spec in list(pending):
                 self.check_alive(spec.name)
-                ok = grpc_ok(spec.grpc, 0.5) if spec.grpc else http_ok(spec.http or "", 1.0)
-                if ok:
+                if self._healthy(spec.name, 0.5 if spec.grpc else 1.0):
                     pending.remove(spec)
                     if callable(on_ready):
                         on_ready(spec)
@@ -125,6 +149,37 @@ class Cluster:
 
     def dead(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is not None]
+
+    def supervise(self, say: Callable[[str], None] = print) -> None:
+        """One round: schedule a restart for each newly dead process, run the restarts that are due, report
+        the restarted ones that are healthy again. Raises Unavailable when a process passes the restart limit."""
+        now, pol = time.monotonic(), self.policy
+        for name in self.dead():
+            r = self.restarts.setdefault(name, _Restarts())
+            if r.due is not None:
+                continue
+            r.times = [t for t in r.times if now - t < pol.window_s]
+            code = self.procs[name].returncode
+            if len(r.times) >= pol.limit:
+                raise Unavailable(f"{name} exited with code {code} after {len(r.times)} restarts in "
+                                  f"{pol.window_s:.0f}s; giving up. Last log lines:\n{self.log_tail(name)}")
+            delay = min(pol.max_backoff_s, pol.backoff_s * 2 ** len(r.times))
+            r.due, r.code = now + delay, code
+            say(f"{name} exited with code {code}; restarting in {delay:.1f}s "
+                f"(restart {len(r.times) + 1} of at most {pol.limit} in {pol.window_s:.0f}s)")
+        for name, r in self.restarts.items():
+            if r.due is not None and now >= r.due:
+                r.due, r.starting = None, True
+                r.times.append(now)
+                self.start([name])
+                say(f"{name} restarted (pid {self.procs[name].pid})")
+            elif r.starting and self.procs[name].poll() is None and self._healthy(name, 0.2):
+                r.starting = False
+                say(f"{name} is serving again")
+
+    def _healthy(self, name: str, timeout: float) -> bool:
+        spec = next(s for s in self.specs if s.name == name)
+        return grpc_ok(spec.grpc, timeout) if spec.grpc else http_ok(spec.http or "", timeout)
 
     def log_tail(self, name: str, lines: int = 15) -> str:
         path = self.log_dir / f"{name}.log"

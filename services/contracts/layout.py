@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from services.contracts.errors import InvalidArgument
 from services.contracts.metrics import SLO
+from services.contracts.registry_url import parse_registry
 from services.contracts.roles import PoolRole
 
 
@@ -83,6 +84,8 @@ class GatewaySpec(_Strict):
 class KVLink(_Strict):
     bandwidth_gbps: float = Field(200.0, gt=0, description="per-machine link for KV transfer, Gbit/s")
     latency_s: float = Field(0.0, ge=0)
+    switch_gbps: float | None = Field(None, gt=0, description="simulator: a switch every KV transfer crosses, "
+                                      "shared by all of them (None: no switch limit)")
 
 
 class SimSpec(_Strict):
@@ -97,8 +100,19 @@ class SimSpec(_Strict):
         "request", description="TBT slowdown SLO over each request's mean gap (splitwise-sim) or over every gap")
     dlm_fraction: float = Field(0.0, ge=0, lt=1, description="share of requests sent to the dlm pool")
     dlm_profile: str = Field("dlm_profile.json", description="seconds per dlm request by hardware and sampler "
-                             "variant: a path, or a name under sim/data/ (`python -m services.bench.dlm_profile`)")
+                             "variant: a path, or a name under sim/data/ (`tandem dlm profile`)")
     dlm_variant: str = Field("freecache_guided", description="the dlm sampler variant the pool serves")
+    # where splitwise-sim deliberately differs, its behaviour is one setting away (docs/sim.md, fidelity)
+    decode_time_by: Literal["batch", "batch_tokens"] = Field(
+        "batch", description="profile mode: token time by decode batch size, or as splitwise-sim does: "
+        "interpolated over prompt_size x batch_size and queried with the batch size (nearly flat)")
+    mixed_overhead: float = Field(0.0, ge=0, description="a mixed iteration (prompts + decode steps) costs "
+                                  "(1 + this) x the prefill of its tokens; splitwise-sim: 0.1")
+    kv_transfer: Literal["layerwise", "after_prefill"] = Field(
+        "layerwise", description="KV pushed layer by layer during the prefill, or whole after it (splitwise-sim)")
+    kv_link_sharing: Literal["fair", "none"] = Field(
+        "fair", description="concurrent KV transfers share each worker's link, or each gets the whole link "
+        "(splitwise-sim's DummyLink)")
 
 
 class Layout(_Strict):
@@ -110,15 +124,14 @@ class Layout(_Strict):
     slo: SLOSpec = SLOSpec()
     gateway: GatewaySpec = GatewaySpec()
     kv_link: KVLink = KVLink()
-    registry: str = Field("memory", description="where workers are registered: 'memory' (the layout itself) is "
-                          "the only one until the Redis registry exists")
+    registry: str = Field("memory", description="where workers register: 'memory' (in-process, the default) or "
+                          "redis://HOST[:PORT][/DB][?ttl_s=SECONDS]")
     sim: SimSpec = SimSpec()
 
     @field_validator("registry")
     @classmethod
     def _check_registry(cls, value: str) -> str:
-        if value != "memory":
-            raise ValueError(f"only 'memory' is supported until the Redis registry exists (got {value!r})")
+        parse_registry(value)
         return value
 
     @model_validator(mode="after")

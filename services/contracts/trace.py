@@ -15,6 +15,9 @@ from services.contracts.errors import InvalidArgument
 
 NAMED = {"conv": "AzureLLMInferenceTrace_conv.csv", "code": "AzureLLMInferenceTrace_code.csv"}
 COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+# splitwise-sim's trace files (its generate_trace.py) carry the same three fields under these names, so one file
+# can feed both simulators
+SPLITWISE_COLUMNS = ("arrival_timestamp", "prompt_size", "token_size")
 
 
 @dataclass(slots=True, frozen=True)
@@ -50,11 +53,14 @@ def read_csv(path: Path) -> TraceRows:
     with path.open(newline="") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
+        names = COLUMNS
         missing = [c for c in COLUMNS if c not in header]
+        if missing and all(c in header for c in SPLITWISE_COLUMNS):
+            names, missing = SPLITWISE_COLUMNS, []
         if missing:
-            raise InvalidArgument(f"{path}: header lacks column(s) {', '.join(missing)} (need {', '.join(COLUMNS)})",
-                                  param="trace")
-        it, ic, ig = (header.index(c) for c in COLUMNS)
+            raise InvalidArgument(f"{path}: header lacks column(s) {', '.join(missing)} (need {', '.join(COLUMNS)}, "
+                                  f"or splitwise-sim's {', '.join(SPLITWISE_COLUMNS)})", param="trace")
+        it, ic, ig = (header.index(c) for c in names)
         for row_no, row in enumerate(reader, start=1):
             if not row:
                 continue
@@ -62,7 +68,7 @@ def read_csv(path: Path) -> TraceRows:
             if len(row) < len(header):
                 raise InvalidArgument(f"{where}: expected {len(header)} fields, got {len(row)}", param="trace")
             times.append(parse_time(row[it], where))
-            for col, idx, lo, out in (("ContextTokens", ic, 0, prompts), ("GeneratedTokens", ig, 1, outputs)):
+            for col, idx, lo, out in ((names[1], ic, 0, prompts), (names[2], ig, 1, outputs)):
                 try:
                     v = int(row[idx])
                 except ValueError:

@@ -16,7 +16,7 @@ from services.contracts import errors
 from services.dlm.protocol import MODEL_NAME, OPTION_FIELDS, SERVICE, DLMChunk
 from services.grpcutil import REQUEST_ID_KEY, channel, error_from_rpc
 
-__all__ = ["MODEL_NAME", "OPTION_FIELDS", "SERVICE", "DLMChunk", "DLMClient", "to_error"]
+__all__ = ["MODEL_NAME", "OPTION_FIELDS", "SERVICE", "DLMChunk", "DLMClient"]
 
 
 class DLMClient:

@@ -1,16 +1,15 @@
-"""`tandem generate` (one prompt, one process) and `tandem bench engine` (our decode vs transformers')."""
+"""`tandem generate`: one prompt, one process, text streamed to stdout."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from collections.abc import Callable
 
 import typer
 
 
-def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    app.command("generate")(generate_cmd)
-    bench_app.command("engine")(bench_engine_cmd)
+def register(group: Callable[[str], typer.Typer]) -> None:
+    group("").command("generate")(generate_cmd)
 
 
 def generate_cmd(
@@ -57,27 +56,3 @@ def generate_cmd(
                f"load {load_s:.2f} s | prompt {stats.prompt_tokens} tok, prefill {stats.prefill_s * 1e3:.1f} ms "
                f"({prefill_tps:.0f} tok/s) | {stats.completion_tokens} tok generated, decode "
                f"{stats.decode_tokens_per_s:.1f} tok/s | finish: {stats.finish_reason}", err=True)
-
-
-def bench_engine_cmd(
-    model: str | None = typer.Option(None, "--model", help="HF directory or .gguf file (default: SmolLM2-135M)."),
-    prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="Prompt length."),
-    new_tokens: int = typer.Option(64, "--new-tokens", help="Tokens decoded per run."),
-    repeats: int = typer.Option(3, "--repeats", help="Runs per engine; the median is reported."),
-    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-    random_weights: bool = typer.Option(False, "--random", help="Random weights of SmolLM2's shapes (no files)."),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads for both runtimes (default: torch's)."),
-    json_out: Path | None = typer.Option(None, "--json", help="Also write the results as JSON here."),
-) -> None:
-    """Single-stream decode tokens/s: Tandem's engine vs transformers' generate on the same weights."""
-    import torch
-
-    from services.bench.engine import run_bench
-    from services.contracts.errors import InvalidArgument
-
-    if threads is not None:
-        if threads < 1:
-            raise InvalidArgument(f"--threads must be >= 1 (got {threads})", param="threads")
-        torch.set_num_threads(threads)
-    run_bench(model=model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, device=device,
-              json_out=json_out, random_weights=random_weights)

@@ -24,10 +24,14 @@ def model_fingerprint(model: Transformer) -> str:
 
 
 class Engine:
-    """One model on one device. `tokenizer` is optional (token-id-only use in tests and benchmarks)."""
+    """One model on one device. `tokenizer` is optional (token-id-only use in tests and benchmarks).
+
+    `graphs`: decode dense batches through CUDA graphs of the fused step (services.engine.graphs). None means
+    on CUDA when Triton is importable; the CPU path is always eager."""
 
     def __init__(self, model: Transformer, tokenizer: Any = None, *, name: str = "model",
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 graphs: bool | None = None) -> None:
         inv_freq = model.inv_freq.float().clone()
         self.model = model.to(device=device, dtype=dtype).eval()
         # .to(dtype) casts buffers too; rotary frequencies must stay float32 or long contexts lose their positions.
@@ -41,6 +45,17 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.fingerprint = model_fingerprint(self.model)
+        self.graphs = None
+        if graphs is None:
+            from importlib.util import find_spec
+
+            graphs = self.device.type == "cuda" and find_spec("triton") is not None
+        if graphs:
+            if self.device.type != "cuda":
+                raise InvalidArgument("CUDA graphs need a CUDA device", param="device")
+            from services.engine.graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.model)
 
     @property
     def cfg(self) -> ModelConfig:
@@ -69,6 +84,8 @@ class Engine:
         tokens = torch.zeros(len(prompts), T, dtype=torch.long)
         for i, ids in enumerate(prompts):
             tokens[i, : len(ids)] = torch.tensor(ids)
+        if self.graphs is not None and kv.k.is_cuda and kv.dtype == self.dtype:
+            return self.graphs.prefill(tokens.to(self.device), kv, slots, lens).float()
         logits = self.model(tokens.to(self.device), kv, torch.tensor(slots, device=self.device), [0] * len(prompts),
                             n_new=lens, logits_at=[n - 1 for n in lens])
         return logits.float()
@@ -76,6 +93,9 @@ class Engine:
     @torch.inference_mode()
     def decode(self, tokens: list[int], kv: KVBuffer, slots: Slots) -> torch.Tensor:
         """One step for every slot: append `tokens[b]` at the end of its slot; float32 logits [B, V]."""
+        dense = isinstance(slots, slice) and not slots.start and slots.step in (None, 1) and slots.stop == len(tokens)
+        if self.graphs is not None and dense and kv.k.is_cuda and kv.dtype == self.dtype:
+            return self.graphs.decode(tokens, kv)
         ids = range(slots.start or 0, slots.stop) if isinstance(slots, slice) else slots.tolist()
         starts = [kv.lengths[s] for s in ids]
         t = torch.tensor(tokens, device=self.device, dtype=torch.long)[:, None]

@@ -30,6 +30,7 @@ from services.gateway.textstream import TextStream
 from services.grpcutil import get_logger, log
 from services.kv.sender import push_timeout
 from services.registry import Registry
+from services.registry.live import LiveRegistry
 from services.router import Route, make_router
 
 logger = get_logger("tandem.gateway")
@@ -87,7 +88,9 @@ class Gateway:
         self.metrics.inflight.set_function(lambda: self.admission.inflight)
         self.stall_s = stall_s
         self.watchdog = Watchdog(stall_s)
-        self.router = make_router(routing, registry, lambda addr: self.client(addr).info(timeout=1.0))
+        # loads come from the registry's heartbeats when it has them (no RPC per pick), else from each worker
+        info = registry.info if isinstance(registry, LiveRegistry) else (lambda a: self.client(a).info(timeout=1.0))
+        self.router = make_router(routing, registry, info)
         self.dlm: Any = None  # the diffusion-LM path, when the registry lists dlm workers
         if registry.endpoints("dlm"):
             from services.gateway.dlm import DLMPath
@@ -370,6 +373,7 @@ class Gateway:
         return {"status": "ok" if ok else "unavailable", **doc}
 
     def close(self) -> None:
+        self.registry.close()
         if self.dlm is not None:
             self.dlm.close()
         with self._lock:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from services.contracts.layout import Layout
 from services.gateway.core import Gateway
 from services.grpcutil import Server, get_logger, log
-from services.registry import StaticRegistry
+from services.registry.connect import gateway_registry
+from services.workers.client import WorkerInfo
 
 logger = get_logger("tandem.gateway")
 
@@ -27,6 +28,20 @@ def split_hostport(addr: str, field: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _poll_info() -> Callable[[str, float], WorkerInfo]:
+    """How the embedded registry polls a worker's load: one WorkerClient per address, kept."""
+    from services.workers.client import WorkerClient
+
+    clients: dict[str, WorkerClient] = {}
+
+    def info(address: str, timeout: float) -> WorkerInfo:
+        if address not in clients:
+            clients[address] = WorkerClient(address)
+        return clients[address].info(timeout=timeout)
+
+    return info
+
+
 def build_gateway(layout: Layout, workers: Sequence[str] = (), tokenizer: object = None,
                   max_inflight: int | None = None) -> Gateway:
     """A Gateway for a layout; `workers` (ROLE=HOST:PORT) overrides the addresses the layout implies.
@@ -35,7 +50,7 @@ def build_gateway(layout: Layout, workers: Sequence[str] = (), tokenizer: object
     """
     from services.gateway.tokenizer import load_tokenizer
 
-    registry = StaticRegistry.from_pairs(workers) if workers else StaticRegistry.from_layout(layout)
+    registry = gateway_registry(layout, _poll_info(), workers)
     tok = tokenizer if tokenizer is not None else load_tokenizer(layout.model.path)
     limit = max_inflight or layout.gateway.max_inflight or layout.capacity()
     return Gateway(tok, registry, layout.model.name, routing=layout.router.policy, max_inflight=limit,

@@ -1,9 +1,8 @@
 """Train the diffusion LM (LLaDA masked objective) or the AR guide on the task corpus; torch + stdlib only,
-so it runs unchanged on the GPU box: `python -m services.train.dlm --model dlm --seconds 180 --out DIR`."""
+so it runs unchanged on the GPU box: `tandem dlm train --model dlm --seconds 180 --out DIR`."""
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import time
@@ -106,30 +105,3 @@ def train(kind: str, size: str, seconds: float, out: Path, batch_size: int, lr: 
     print(f"{kind}: {est_steps} steps, loss~{ema}, {model.num_params()} params -> {path}", flush=True)
     return path
 
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", choices=["dlm", "guide"], required=True)
-    ap.add_argument("--size", choices=sorted(SIZES), default=None)
-    ap.add_argument("--seconds", type=float, default=180)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--chunks", type=int, default=200)
-    ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--init", type=Path, default=None, help="fine-tune: start from this checkpoint")
-    ap.add_argument("--sort-chunks", type=int, default=0, help="extra 20k-example chunks of sorting only")
-    ap.add_argument("--warmup", type=int, default=300, help="linear warm-up steps")
-    ap.add_argument("--name", default=None, help="output file name (default: <model>[_<size>].pt)")
-    a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    a.out.mkdir(parents=True, exist_ok=True)
-    train(a.model, a.size or a.model, a.seconds, a.out, a.batch, a.lr, a.chunks, a.workers, a.device,
-          a.init, a.sort_chunks, a.warmup, a.name)
-
-
-if __name__ == "__main__":
-    main()

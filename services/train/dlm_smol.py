@@ -1,9 +1,8 @@
 """Train the small DLM on SmolLM2's tokenizer (CPU is enough): LLaDA's masked objective on the text tasks,
-over the compact id table of the bridge. `python -m services.train.dlm_smol --seconds 420 --threads 2`."""
+over the compact id table of the bridge. `tandem dlm train --smollm2 --seconds 420 --threads 2`."""
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import time
@@ -13,7 +12,7 @@ import torch
 
 from services.dlm.layers import DLMConfig
 from services.dlm.model import DiffusionLM
-from services.dlm.smol import SMOL_CHECKPOINT, SmolBridge, save, smol_tokenizer
+from services.dlm.smol import SmolBridge, save, smol_tokenizer
 from services.dlm.smol_tasks import GEN_LEN, PROMPT_LEN, make_example
 from services.train.dlm import dlm_loss
 
@@ -58,19 +57,3 @@ def train(seconds: float, out: Path, batch_size: int, lr: float, examples: int) 
           f"sha256 {digest}", flush=True)
     return out
 
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seconds", type=float, default=420)
-    ap.add_argument("--out", type=Path, default=SMOL_CHECKPOINT)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--examples", type=int, default=200_000)
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    train(a.seconds, a.out, a.batch, a.lr, a.examples)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,20 +1,18 @@
-"""Train the denoiser on scripted-expert demonstrations: `python -m services.train.policy --out DIR`.
+"""Train the denoiser on scripted-expert demonstrations: `tandem policy train --out DIR`.
 
 Imports only torch/numpy and this package, so it runs on the bare GPU box as well as here.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from services.policy import checkpoint, task
+from services.policy import task
 from services.policy.model import Denoiser, DenoiserConfig
 from services.policy.sampler import Normalizer
 from services.policy.schedule import TRAIN_STEPS, add_noise, alphas_cumprod
@@ -58,24 +56,3 @@ def train(cfg: DenoiserConfig, episodes: int, seconds: float, max_steps: int, ba
                       "samples": len(o), "batch": batch, "lr": lr, "final_loss": float(np.mean(losses[-200:]))}}
     return ema.cpu(), norm, info
 
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", type=Path, default=checkpoint.DEFAULT_DIR)
-    p.add_argument("--episodes", type=int, default=2000)
-    p.add_argument("--seconds", type=float, default=150)
-    p.add_argument("--max-steps", type=int, default=200_000)
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--n-layer", type=int, default=6)
-    p.add_argument("--n-emb", type=int, default=128)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    cfg = DenoiserConfig(n_layer=args.n_layer, n_emb=args.n_emb)
-    model, norm, info = train(cfg, args.episodes, args.seconds, args.max_steps, args.batch, args.lr, args.device)
-    checkpoint.save(model, norm, args.out, info)
-    print(f"saved {args.out}: {info}")
-
-
-if __name__ == "__main__":
-    main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -22,6 +23,8 @@ from services.grpcutil import Server, get_logger, log, request_id, rpc_errors
 from services.kv.proto import parse_chunk
 from services.kv.sender import push_timeout
 from services.kv.wire import DEFAULT_CHUNK, dtype_name
+from services.registry.connect import worker_heartbeat
+from services.registry.live import WorkerRecord
 from services.rpc.tandem.v1 import worker_pb2 as pb
 from services.rpc.tandem.v1 import worker_pb2_grpc as rpc
 from services.workers.client import sampling_from_pb
@@ -168,6 +171,14 @@ class WorkerServer:
             done = self.decoder.drain(max(0.0, deadline - time.monotonic())) and done
         return done
 
+    def record(self, address: str | None = None, index: int = 0) -> WorkerRecord:
+        """What this worker registers and renews: `address` is how others reach it (default: where it listens,
+        with a wildcard host replaced by this machine's name)."""
+        if address is None:
+            host, _, port = self.address.rpartition(":")
+            address = f"{socket.gethostname()}:{port}" if host in ("0.0.0.0", "[::]", "::", "") else self.address
+        return WorkerRecord.from_info(self.info(), address, index, self.batching.max_batch, self.metrics_port)
+
     def stop(self, grace: float = 2.0) -> None:
         self.server.stop(grace)
         if self.batcher:
@@ -242,19 +253,25 @@ def serve(role: str, address: str, model: str | None = None, batching: Any = Non
           ready_event: threading.Event | None = None, stop_event: threading.Event | None = None, **opts: Any) -> None:
     """Run one worker until SIGINT/SIGTERM (or `stop_event`); `ready_event` is set once it is SERVING.
 
-    Stopping drains first: health NOT_SERVING, no new work, accepted requests finish within `drain_s`.
+    With `registry=redis://...` it registers once ready, renews a heartbeat with its load, and deregisters
+    first when it stops (`advertise`: the address others reach it at; `index`: its place in its pool). Then
+    it drains: health NOT_SERVING, no new work, accepted requests finish within `drain_s`.
     """
+    registry, advertise, index = opts.pop("registry", "memory"), opts.pop("advertise", None), opts.pop("index", 0)
     drain_s = opts.pop("drain_s", 30.0)
     stop = stop_event or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     worker = WorkerServer(role, address, model, batching, metrics_port, **opts).start()
+    beat = worker_heartbeat(registry, lambda: worker.record(advertise, index))
     if ready_event is not None:
         ready_event.set()
     try:
         stop.wait()
     finally:
+        if beat is not None:
+            beat.stop()  # deregister first: routers stop sending work here
         log(logger, "worker draining", role=role, address=worker.address, grace_s=drain_s)
         done = worker.drain(drain_s)
         log(logger, "worker stopping", role=role, address=worker.address, drained=done)
@@ -281,13 +298,15 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores - 1)")
     p.add_argument("--no-kv-overlap", action="store_true", help="push KV after the forward pass (baseline)")
+    p.add_argument("--registry", default="memory", help="'memory' or redis://HOST:PORT/DB[?ttl_s=S] to register in")
+    p.add_argument("--advertise", default=None, help="HOST:PORT others reach this worker at (registry record)")
     a = p.parse_args()
     batching = Batching(policy=a.policy, max_batch=a.max_batch, max_batch_tokens=a.max_batch_tokens,
                         kv_budget_mb=a.kv_budget_mb, max_waiting=a.max_waiting)
     try:
         serve(a.role, a.address, a.model, batching, a.metrics_port, kv_lease_s=a.kv_lease_s, kv_stall_s=a.kv_stall_s,
               kv_timeout_s=a.kv_timeout_s, device=a.device, kv_overlap=not a.no_kv_overlap, threads=a.threads,
-              drain_s=a.drain_s)
+              registry=a.registry, advertise=a.advertise, drain_s=a.drain_s)
     except TandemError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         sys.exit(2)

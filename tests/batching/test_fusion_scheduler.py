@@ -18,7 +18,8 @@ CFG = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hi
 
 
 @pytest.fixture(scope="module")
-def engine():
+def small_random_engine():
+    """A random engine of this file's `CFG` (61-token vocabulary, 96-token context)."""
     return random_engine(CFG, seed=1)
 
 
@@ -60,15 +61,15 @@ def run_until_idle(s: FusionScheduler, limit: int = 1000) -> None:
 
 
 @pytest.mark.parametrize("policy", ["fusion", "static", "sequential"])
-def test_every_policy_matches_solo_greedy(engine, policy: str) -> None:
-    s = FusionScheduler(engine, mode=policy, max_batch=4, initial_capacity=8)
-    reqs = [make(engine, f"r{i}", 3 + 2 * i, 4 + 3 * i, seed=i, ignore_eos=True) for i in range(6)]
+def test_every_policy_matches_solo_greedy(small_random_engine, policy: str) -> None:
+    s = FusionScheduler(small_random_engine, mode=policy, max_batch=4, initial_capacity=8)
+    reqs = [make(small_random_engine, f"r{i}", 3 + 2 * i, 4 + 3 * i, seed=i, ignore_eos=True) for i in range(6)]
     for req, _ in reqs:
         s.submit(req)
     run_until_idle(s)
     for req, sink in reqs:
         assert sink.reason == "length" and sink.calls_after_end == 0
-        assert sink.tokens == solo_decode(engine, req.prompt_kv, req.first_token, req.params)
+        assert sink.tokens == solo_decode(small_random_engine, req.prompt_kv, req.first_token, req.params)
         assert len(sink.tokens) == req.params.max_tokens - 1
     st = s.stats()
     assert st["live"] == 0 and st["kv_used_bytes"] == 0 and st["finished"] == 6
@@ -79,15 +80,15 @@ def test_every_policy_matches_solo_greedy(engine, policy: str) -> None:
         assert st["padded_rows"] == 0
 
 
-def test_eos_stops_a_request(engine) -> None:
-    s = FusionScheduler(engine, max_batch=8)
-    reqs = [make(engine, f"e{i}", 4, 60, seed=100 + i) for i in range(8)]
+def test_eos_stops_a_request(small_random_engine) -> None:
+    s = FusionScheduler(small_random_engine, max_batch=8)
+    reqs = [make(small_random_engine, f"e{i}", 4, 60, seed=100 + i) for i in range(8)]
     for req, _ in reqs:
         s.submit(req)
     run_until_idle(s)
     stopped = 0
     for req, sink in reqs:
-        want = solo_decode(engine, req.prompt_kv, req.first_token, req.params)
+        want = solo_decode(small_random_engine, req.prompt_kv, req.first_token, req.params)
         assert sink.tokens == want
         last = want[-1] if want else req.first_token
         assert sink.reason == ("stop" if last in CFG.eos_ids else "length")
@@ -95,11 +96,11 @@ def test_eos_stops_a_request(engine) -> None:
     assert stopped  # the model does emit EOS within 60 tokens for some of these prompts
 
 
-def test_admission_is_fifo_within_the_budget_and_frees_at_once(engine) -> None:
+def test_admission_is_fifo_within_the_budget_and_frees_at_once(small_random_engine) -> None:
     per_token = CFG.kv_bytes_per_token(4)
     # each request reserves 5 + 6 - 1 = 10 tokens; the budget holds two of them
-    s = FusionScheduler(engine, max_batch=8, kv_budget_bytes=25 * per_token)
-    reqs = [make(engine, f"b{i}", 5, 6, seed=i, ignore_eos=True) for i in range(5)]
+    s = FusionScheduler(small_random_engine, max_batch=8, kv_budget_bytes=25 * per_token)
+    reqs = [make(small_random_engine, f"b{i}", 5, 6, seed=i, ignore_eos=True) for i in range(5)]
     for req, _ in reqs:
         s.submit(req)
     admitted_order: list[str] = []
@@ -117,9 +118,9 @@ def test_admission_is_fifo_within_the_budget_and_frees_at_once(engine) -> None:
     assert admitted_order == [f"b{i}" for i in range(5)]
 
 
-def test_cancel_waiting_and_live(engine) -> None:
-    s = FusionScheduler(engine, max_batch=2)
-    reqs = [make(engine, f"c{i}", 4, 40, seed=i, ignore_eos=True) for i in range(4)]
+def test_cancel_waiting_and_live(small_random_engine) -> None:
+    s = FusionScheduler(small_random_engine, max_batch=2)
+    reqs = [make(small_random_engine, f"c{i}", 4, 40, seed=i, ignore_eos=True) for i in range(4)]
     for req, _ in reqs:
         s.submit(req)
     s.step()
@@ -136,12 +137,12 @@ def test_cancel_waiting_and_live(engine) -> None:
     assert s.stats()["kv_used_bytes"] == used_before
     assert s.stats()["cancelled"] == 2
     run_until_idle(s)
-    assert reqs[1][1].tokens == solo_decode(engine, reqs[1][0].prompt_kv, reqs[1][0].first_token, reqs[1][0].params)
+    assert reqs[1][1].tokens == solo_decode(small_random_engine, reqs[1][0].prompt_kv, reqs[1][0].first_token, reqs[1][0].params)
 
 
-def test_submit_rejects_bad_requests_at_the_edge(engine) -> None:
-    s = FusionScheduler(engine, kv_budget_bytes=20 * CFG.kv_bytes_per_token(4))
-    req, _ = make(engine, "x", 4, 4)
+def test_submit_rejects_bad_requests_at_the_edge(small_random_engine) -> None:
+    s = FusionScheduler(small_random_engine, kv_budget_bytes=20 * CFG.kv_bytes_per_token(4))
+    req, _ = make(small_random_engine, "x", 4, 4)
     with pytest.raises(InvalidArgument, match="layers"):
         s.submit(DecodeRequest("y", req.prompt_kv[:1], req.first_token, req.params, req.emit))
     with pytest.raises(InvalidArgument, match="dtype"):
@@ -156,24 +157,24 @@ def test_submit_rejects_bad_requests_at_the_edge(engine) -> None:
     with pytest.raises(InvalidArgument, match="already in flight"):
         s.submit(req)
     with pytest.raises(InvalidArgument, match="policy"):
-        FusionScheduler(engine, mode="eager")
+        FusionScheduler(small_random_engine, mode="eager")
     s.stop()
     with pytest.raises(Unavailable):
-        s.submit(make(engine, "z", 4, 4)[0])
+        s.submit(make(small_random_engine, "z", 4, 4)[0])
 
 
-def test_nothing_to_generate_ends_without_a_slot(engine) -> None:
-    s = FusionScheduler(engine)
-    req, sink = make(engine, "one", 4, 1)
+def test_nothing_to_generate_ends_without_a_slot(small_random_engine) -> None:
+    s = FusionScheduler(small_random_engine)
+    req, sink = make(small_random_engine, "one", 4, 1)
     s.submit(req)
     s.step()
     assert sink.reason == "length" and sink.tokens == [] and s.slot_map() == []
 
 
-def test_a_failing_consumer_is_dropped_and_others_continue(engine) -> None:
-    s = FusionScheduler(engine)
-    good, sink = make(engine, "good", 4, 8, ignore_eos=True)
-    bad, _ = make(engine, "bad", 4, 8, seed=3, ignore_eos=True)
+def test_a_failing_consumer_is_dropped_and_others_continue(small_random_engine) -> None:
+    s = FusionScheduler(small_random_engine)
+    good, sink = make(small_random_engine, "good", 4, 8, ignore_eos=True)
+    bad, _ = make(small_random_engine, "bad", 4, 8, seed=3, ignore_eos=True)
 
     def broken(token: int, reason: str | None) -> None:
         raise RuntimeError("client went away")
@@ -182,24 +183,24 @@ def test_a_failing_consumer_is_dropped_and_others_continue(engine) -> None:
     s.submit(bad)
     s.submit(good)
     run_until_idle(s)
-    assert sink.tokens == solo_decode(engine, good.prompt_kv, good.first_token, good.params)
+    assert sink.tokens == solo_decode(small_random_engine, good.prompt_kv, good.first_token, good.params)
     assert s.stats()["cancelled"] == 1
 
 
-def test_capacity_grows_by_doubling(engine) -> None:
-    s = FusionScheduler(engine, initial_capacity=8)
-    req, sink = make(engine, "g", 10, 30, ignore_eos=True)  # reserves 39 tokens
+def test_capacity_grows_by_doubling(small_random_engine) -> None:
+    s = FusionScheduler(small_random_engine, initial_capacity=8)
+    req, sink = make(small_random_engine, "g", 10, 30, ignore_eos=True)  # reserves 39 tokens
     s.submit(req)
     s.step()
     assert s.stats()["kv_capacity"] == 64 and s.stats()["grows"] == 1
     run_until_idle(s)
-    assert sink.tokens == solo_decode(engine, req.prompt_kv, req.first_token, req.params)
+    assert sink.tokens == solo_decode(small_random_engine, req.prompt_kv, req.first_token, req.params)
 
 
-def test_background_loop_with_concurrent_submitters(engine) -> None:
-    s = FusionScheduler(engine, max_batch=4)
+def test_background_loop_with_concurrent_submitters(small_random_engine) -> None:
+    s = FusionScheduler(small_random_engine, max_batch=4)
     s.start()
-    reqs = [make(engine, f"t{i}", 3 + i, 5 + i, seed=i, ignore_eos=True) for i in range(8)]
+    reqs = [make(small_random_engine, f"t{i}", 3 + i, 5 + i, seed=i, ignore_eos=True) for i in range(8)]
     threads = [threading.Thread(target=s.submit, args=(req,)) for req, _ in reqs]
     for t in threads:
         t.start()
@@ -207,15 +208,15 @@ def test_background_loop_with_concurrent_submitters(engine) -> None:
         t.join()
     for req, sink in reqs:
         assert sink.done.wait(30), req.request_id
-        assert sink.tokens == solo_decode(engine, req.prompt_kv, req.first_token, req.params)
-    late, late_sink = make(engine, "late", 4, 50, ignore_eos=True)
+        assert sink.tokens == solo_decode(small_random_engine, req.prompt_kv, req.first_token, req.params)
+    late, late_sink = make(small_random_engine, "late", 4, 50, ignore_eos=True)
     s.submit(late)
     s.stop()  # stopping ends whatever is still in flight
     assert late_sink.reason in ("cancelled", "length")
     assert s.stats()["rows"] == 0
 
 
-def test_a_failing_step_fails_the_batch_and_the_loop_survives(engine) -> None:
+def test_a_failing_step_fails_the_batch_and_the_loop_survives(small_random_engine) -> None:
     class Faulty:
         """The real engine, except that its decode step raises once (a device error, say)."""
 
@@ -223,40 +224,40 @@ def test_a_failing_step_fails_the_batch_and_the_loop_survives(engine) -> None:
             self.failed = False
 
         def __getattr__(self, name):
-            return getattr(engine, name)
+            return getattr(small_random_engine, name)
 
         def decode(self, *args):
             if not self.failed:
                 self.failed = True
                 raise RuntimeError("device fell over")
-            return engine.decode(*args)
+            return small_random_engine.decode(*args)
 
-    s = FusionScheduler(engine, max_batch=4)
+    s = FusionScheduler(small_random_engine, max_batch=4)
     s.engine = Faulty()
-    first, first_sink = make(engine, "f1", 4, 10, ignore_eos=True)
+    first, first_sink = make(small_random_engine, "f1", 4, 10, ignore_eos=True)
     s.submit(first)
     s.start()
     try:
         assert first_sink.done.wait(30) and first_sink.reason == "error" and first_sink.tokens == []
-        again, again_sink = make(engine, "f2", 4, 10, ignore_eos=True)
+        again, again_sink = make(small_random_engine, "f2", 4, 10, ignore_eos=True)
         s.submit(again)
         assert again_sink.done.wait(30) and again_sink.reason == "length"
-        assert again_sink.tokens == solo_decode(engine, again.prompt_kv, again.first_token, again.params)
+        assert again_sink.tokens == solo_decode(small_random_engine, again.prompt_kv, again.first_token, again.params)
         assert s.stats()["errors"] == 1 and s.stats()["kv_used_bytes"] == 0
     finally:
         s.stop()
 
 
-def test_seeded_sampling_is_per_request_and_batch_independent(engine) -> None:
-    s = FusionScheduler(engine, max_batch=4)
+def test_seeded_sampling_is_per_request_and_batch_independent(small_random_engine) -> None:
+    s = FusionScheduler(small_random_engine, max_batch=4)
     reqs = []
     for i in range(4):
-        req, sink = make(engine, f"s{i}", 3 + i, 12, seed=i, ignore_eos=True)
+        req, sink = make(small_random_engine, f"s{i}", 3 + i, 12, seed=i, ignore_eos=True)
         req.params = SamplingParams(max_tokens=12, temperature=0.9, top_k=20, top_p=0.9, seed=100 + i,
                                     ignore_eos=True)
         reqs.append((req, sink))
         s.submit(req)
     run_until_idle(s)
     for req, sink in reqs:
-        assert sink.tokens == solo_decode(engine, req.prompt_kv, req.first_token, req.params)
+        assert sink.tokens == solo_decode(small_random_engine, req.prompt_kv, req.first_token, req.params)
     assert len({tuple(sink.tokens) for _, sink in reqs}) == 4

@@ -3,26 +3,19 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-import jsonschema
 import pytest
 import yaml
+from kit.compose import validate
 
 from services.cluster.compose import compose_doc, render
 from services.cluster.launcher import plan
 from services.contracts.layout import Layout, load_layout, parse_layout
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMA = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text())
 EXAMPLE = "examples/local-split.yaml"
-
-
-def validate(doc: dict) -> list[str]:
-    validator = jsonschema.Draft7Validator(SCHEMA)
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
 
 
 def test_committed_compose_is_fresh_and_valid() -> None:

@@ -6,13 +6,10 @@ for several prompts (plain and chat), and the official openai client gets the sa
 
 from __future__ import annotations
 
-import signal
 import threading
 
 import grpc
 import pytest
-from conftest import free_port
-from kit.cluster import start_up, write_layout
 
 from services.engine.sampling import SamplingParams
 from services.rpc.tandem.v1 import generation_pb2 as gpb
@@ -22,28 +19,6 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 CHATS = [[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2 + 2?"}]]
 MAX_TOKENS = 16
-
-
-@pytest.fixture(scope="module")
-def engine():
-    from services.engine.loader import default_model_path, load_engine
-
-    try:
-        default_model_path()
-    except Exception as exc:  # noqa: BLE001 - the embedded model package is missing here
-        pytest.skip(str(exc))
-    return load_engine(None, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def cluster(engine, tmp_path_factory: pytest.TempPathFactory):
-    d = tmp_path_factory.mktemp("smol")
-    # one decode worker: routing over two is covered by the tiny-model cluster; each process loads the model
-    pools = [{"role": "prefill", "count": 1, "base_port": free_port()},
-             {"role": "decode", "count": 1, "base_port": free_port()}]
-    up = start_up(write_layout(d / "layout.yaml", None, pools, free_port(), free_port(), name="smol-split"), d / "logs")
-    yield up
-    up.stop(signal.SIGTERM)
 
 
 _REFS: dict[tuple[int, ...], tuple[list[int], str]] = {}
@@ -59,14 +34,14 @@ def reference(engine, ids: list[int]) -> tuple[list[int], str]:
     return _REFS[tuple(ids)]
 
 
-def test_greedy_disaggregated_equals_single_process(cluster, engine) -> None:
+def test_greedy_disaggregated_equals_single_process(smol_split_cluster, smol_engine) -> None:
     requests = [gpb.GenerateRequest(text=p) for p in PROMPTS]
     requests += [gpb.GenerateRequest(chat=gpb.ChatMessages(messages=[gpb.ChatMessage(**m) for m in c])) for c in CHATS]
     out: dict[int, list] = {}
 
     def run(i: int, req: gpb.GenerateRequest) -> None:
         req.sampling.CopyFrom(gpb.SamplingOptions(max_tokens=MAX_TOKENS, temperature=0))
-        with grpc.insecure_channel(cluster.grpc) as ch:
+        with grpc.insecure_channel(smol_split_cluster.grpc) as ch:
             out[i] = list(gpb_grpc.GenerationStub(ch).Generate(req, timeout=120))
 
     threads = [threading.Thread(target=run, args=(i, r)) for i, r in enumerate(requests)]
@@ -74,9 +49,9 @@ def test_greedy_disaggregated_equals_single_process(cluster, engine) -> None:
         t.start()
     for t in threads:
         t.join(150)
-    inputs = [engine.tokenizer.encode(p) for p in PROMPTS] + [engine.tokenizer.encode_chat(c) for c in CHATS]
+    inputs = [smol_engine.tokenizer.encode(p) for p in PROMPTS] + [smol_engine.tokenizer.encode_chat(c) for c in CHATS]
     for i, ids in enumerate(inputs):
-        ref_ids, ref_text = reference(engine, ids)
+        ref_ids, ref_text = reference(smol_engine, ids)
         msgs = out[i]
         assert [t for m in msgs for t in m.token_ids] == ref_ids, i
         assert "".join(m.text for m in msgs) == ref_text
@@ -84,10 +59,10 @@ def test_greedy_disaggregated_equals_single_process(cluster, engine) -> None:
         assert msgs[-1].timings.kv_bytes > 0 and len(msgs[-1].workers) == 2
 
 
-def test_openai_client_gets_the_engine_text(cluster, engine) -> None:
+def test_openai_client_gets_the_engine_text(smol_split_cluster, smol_engine) -> None:
     import openai
 
-    client = openai.OpenAI(base_url=f"{cluster.http}/v1", api_key="unused", max_retries=0)
-    _, ref_chat = reference(engine, engine.tokenizer.encode_chat(CHATS[0]))
+    client = openai.OpenAI(base_url=f"{smol_split_cluster.http}/v1", api_key="unused", max_retries=0)
+    _, ref_chat = reference(smol_engine, smol_engine.tokenizer.encode_chat(CHATS[0]))
     r = client.chat.completions.create(model="smollm2-135m", messages=CHATS[0], max_tokens=MAX_TOKENS, temperature=0)
     assert r.choices[0].message.content == ref_chat

@@ -1,5 +1,5 @@
-"""The `registry:` layout setting: only `memory` exists until the Redis registry does; anything else is an error
-that names the field, raised by the layout loader."""
+"""The `registry:` layout setting: `memory` (the default) or a redis:// URL; anything else is an error that names
+the field, raised by the layout loader."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from services.contracts.errors import InvalidArgument
 from services.contracts.layout import load_layout, parse_layout
 
 
-def test_memory_registry_is_accepted() -> None:
+def test_memory_and_redis_registries_are_accepted() -> None:
     assert parse_layout({"registry": "memory"}).registry == "memory"
     assert load_layout(None).registry == "memory"
+    assert parse_layout({"registry": "redis://127.0.0.1:6379/0"}).registry == "redis://127.0.0.1:6379/0"
 
 
-@pytest.mark.parametrize("value", ["redis://127.0.0.1:6379/0", "banana"])
+@pytest.mark.parametrize("value", ["banana", "redis://127.0.0.1:notaport/0", "http://127.0.0.1:6379/0"])
 def test_other_registries_are_a_clear_error(tmp_path, value: str) -> None:
     path = tmp_path / "layout.yaml"
     path.write_text(f"registry: {value}\npools:\n  - role: mixed\n")

@@ -50,17 +50,17 @@ def test_bench_dlm_rejects_bad_flags(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_evaluate_sweep_and_table(tmp_path) -> None:
-    """`evaluate --sweep` runs baseline and FreeCache per B x s on a dev seed; `--table` re-prints its rows."""
+    """`tandem dlm evaluate --sweep` runs baseline and FreeCache per B x s on a dev seed; `--table` re-prints its rows."""
     out = tmp_path / "sweep.json"
-    cmd = [sys.executable, "-m", "services.bench.dlm_evaluate", "--n", "3", "--seed", "4242", "--sweep", "2x2,4x1",
-           "--out", str(out)]
+    cmd = [sys.executable, "-m", "services.cli", "dlm", "evaluate", "--n", "3", "--seed", "4242", "--sweep", "2x2,4x1",
+           "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
     assert set(res) == {"B2_s2", "B4_s1"}
     assert set(res["B2_s2"]) == {"baseline", "freecache"}
     assert res["B2_s2"]["freecache"]["linear_work_reduction"] == pytest.approx(1152 / 336)
-    table = subprocess.run([sys.executable, "-m", "services.bench.dlm_evaluate", "--table", str(out)],
+    table = subprocess.run([sys.executable, "-m", "services.cli", "dlm", "evaluate", "--table", str(out)],
                            capture_output=True, text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     assert len(table.stdout.strip().splitlines()) == 4 and "| 2 | 2 | 12 |" in table.stdout

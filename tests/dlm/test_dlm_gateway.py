@@ -15,8 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port
-from kit.cluster import alive, start_up, write_layout
+from kit.cluster import alive
 
 from services.cluster.compose import compose_doc
 from services.cluster.launcher import plan
@@ -31,7 +30,7 @@ EXAMPLE = ROOT / "examples" / "local-dlm.yaml"
 
 # -- the plan and the compose file of a layout with a dlm pool (fast) ------------------------------------------------
 def test_plan_and_compose_include_the_dlm_worker() -> None:
-    from test_cluster_compose import validate
+    from kit.compose import validate
 
     lay = load_layout(EXAMPLE)
     specs = plan(lay, str(EXAMPLE))
@@ -69,41 +68,6 @@ def test_client_model_name_is_the_servers() -> None:
 
 
 # -- a real cluster ----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    from kit.checkpoints import tiny_config, write_tiny_checkpoint
-
-    d = tmp_path_factory.mktemp("dlmcluster")
-    tiny = write_tiny_checkpoint(d / "tiny", tiny_config())
-    pools = [{"role": "mixed", "count": 1, "base_port": free_port()},
-             {"role": "dlm", "count": 1, "base_port": free_port()},
-             {"role": "policy", "count": 1, "base_port": free_port()}]  # started too; no gateway route
-    up = start_up(write_layout(d / "layout.yaml", str(tiny), pools, free_port(), free_port(), name="dlm"), d / "logs")
-    yield up
-    if up.proc.poll() is None:
-        up.stop(signal.SIGKILL)
-
-
-@pytest.fixture(scope="module")
-def reference():
-    """generate_text in this process (one torch thread, as the worker runs), memoized per prompt."""
-    import torch
-
-    from services.dlm.server import generate_text
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cache: dict[str, str] = {}
-
-    def ref(prompt: str) -> str:
-        if prompt not in cache:
-            cache[prompt] = "".join(generate_text(prompt))
-        return cache[prompt]
-
-    yield ref
-    torch.set_num_threads(before)
-
-
 PROMPTS = ["R04534962516482=", "S82518698223135507=", "A0000028175+0741645241=", "R12="]
 
 
@@ -116,41 +80,41 @@ def sse(resp: httpx.Response) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_models_and_health_list_the_dlm(cluster) -> None:
-    ids = [m["id"] for m in httpx.get(f"{cluster.http}/v1/models").json()["data"]]
+def test_models_and_health_list_the_dlm(dlm_cluster) -> None:
+    ids = [m["id"] for m in httpx.get(f"{dlm_cluster.http}/v1/models").json()["data"]]
     assert ids == ["tiny", MODEL_NAME]
-    assert httpx.get(f"{cluster.http}/v1/models/{MODEL_NAME}").json()["id"] == MODEL_NAME
-    health = httpx.get(f"{cluster.http}/health").json()
+    assert httpx.get(f"{dlm_cluster.http}/v1/models/{MODEL_NAME}").json()["id"] == MODEL_NAME
+    health = httpx.get(f"{dlm_cluster.http}/health").json()
     assert health["status"] == "ok" and {w["role"]: w["ok"] for w in health["workers"]} == {"mixed": True, "dlm": True}
 
 
 @pytest.mark.slow
-def test_policy_worker_is_up_beside(cluster) -> None:
+def test_policy_worker_is_up_beside(dlm_cluster) -> None:
     from services.cluster.probe import grpc_ok
 
-    port = yaml.safe_load((cluster.log_dir.parent / "layout.yaml").read_text())["pools"][2]["base_port"]
+    port = yaml.safe_load((dlm_cluster.log_dir.parent / "layout.yaml").read_text())["pools"][2]["base_port"]
     assert grpc_ok(f"127.0.0.1:{port}", 2.0)
     assert "tandem_policy_requests" in httpx.get(f"http://127.0.0.1:{port + 1000}/metrics").text
 
 
 @pytest.mark.slow
-def test_grpc_front_door_points_to_http(cluster) -> None:
+def test_grpc_front_door_points_to_http(dlm_cluster) -> None:
     import grpc
 
     from services.rpc.tandem.v1 import generation_pb2 as gpb
     from services.rpc.tandem.v1 import generation_pb2_grpc as gpb_grpc
 
-    with grpc.insecure_channel(cluster.grpc) as ch, pytest.raises(grpc.RpcError) as err:
+    with grpc.insecure_channel(dlm_cluster.grpc) as ch, pytest.raises(grpc.RpcError) as err:
         list(gpb_grpc.GenerationStub(ch).Generate(gpb.GenerateRequest(model=MODEL_NAME, text="R12="), timeout=30))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details() == f"model: {MODEL_NAME} supports HTTP /v1/completions only"
 
 
 @pytest.mark.slow
-def test_greedy_text_equals_generate_text(cluster, reference) -> None:
-    with httpx.Client(base_url=cluster.http, timeout=60) as c:
+def test_greedy_text_equals_generate_text(dlm_cluster, dlm_reference) -> None:
+    with httpx.Client(base_url=dlm_cluster.http, timeout=60) as c:
         for prompt in PROMPTS:
-            want = reference(prompt)
+            want = dlm_reference(prompt)
             whole = c.post("/v1/completions", json={"model": MODEL_NAME, "prompt": prompt}).json()
             assert whole["choices"][0]["text"] == want and whole["model"] == MODEL_NAME
             assert whole["choices"][0]["finish_reason"] == "stop"
@@ -164,25 +128,25 @@ def test_greedy_text_equals_generate_text(cluster, reference) -> None:
             assert "".join(d["choices"][0]["text"] for d in docs if d["choices"]) == want
             assert docs[-1]["usage"]["completion_tokens"] == 24
     # a slow (uncached, unguided) run commits block by block: more than one text event
-    with httpx.Client(base_url=cluster.http, timeout=60) as c, c.stream(
+    with httpx.Client(base_url=dlm_cluster.http, timeout=60) as c, c.stream(
             "POST", "/v1/completions", json={"model": MODEL_NAME, "prompt": PROMPTS[0], "stream": True,
                                              "cache": "off", "guided": False}) as r:
         docs = sse(r)
     assert len([d for d in docs if d["choices"][0]["text"]]) > 1
-    assert "".join(d["choices"][0]["text"] for d in docs) == reference(PROMPTS[0])
+    assert "".join(d["choices"][0]["text"] for d in docs) == dlm_reference(PROMPTS[0])
 
 
 @pytest.mark.slow
-def test_official_openai_client(cluster, reference) -> None:
+def test_official_openai_client(dlm_cluster, dlm_reference) -> None:
     import openai
 
-    client = openai.OpenAI(base_url=f"{cluster.http}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{dlm_cluster.http}/v1", api_key="unused", max_retries=0)
     prompt = PROMPTS[2]
     r = client.completions.create(model=MODEL_NAME, prompt=prompt, temperature=0)
-    assert r.choices[0].text == reference(prompt)
+    assert r.choices[0].text == dlm_reference(prompt)
     text = "".join(ch.choices[0].text for ch in client.completions.create(model=MODEL_NAME, prompt=prompt,
                                                                           stream=True))
-    assert text == reference(prompt)
+    assert text == dlm_reference(prompt)
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}])
     assert "supports /v1/completions only" in err.value.message
@@ -203,41 +167,41 @@ def test_official_openai_client(cluster, reference) -> None:
     ({"max_tokens": 9}, "max_tokens"),         # becomes gen_len, which the served blocks of 2 do not divide
     ({"stream": True, "tau": 3.0}, "tau"),     # streaming too: a 400, not a 200 with an error event
 ])
-def test_bad_input_is_400_naming_the_field(cluster, extra: dict, param: str) -> None:
+def test_bad_input_is_400_naming_the_field(dlm_cluster, extra: dict, param: str) -> None:
     body = {"model": MODEL_NAME, "prompt": "R12=", **extra}
-    r = httpx.post(f"{cluster.http}/v1/completions", json=body, timeout=30)
+    r = httpx.post(f"{dlm_cluster.http}/v1/completions", json=body, timeout=30)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"].startswith(param)
 
 
 @pytest.mark.slow
-def test_chat_is_a_clear_400(cluster) -> None:
-    r = httpx.post(f"{cluster.http}/v1/chat/completions", timeout=30,
+def test_chat_is_a_clear_400(dlm_cluster) -> None:
+    r = httpx.post(f"{dlm_cluster.http}/v1/chat/completions", timeout=30,
                    json={"model": MODEL_NAME, "messages": [{"role": "user", "content": "R12="}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
     assert r.json()["error"]["message"] == f"model: {MODEL_NAME} supports /v1/completions only"
 
 
 @pytest.mark.slow
-def test_deadline_request_id_and_llm_path(cluster, reference) -> None:
-    r = httpx.post(f"{cluster.http}/v1/completions", headers={"x-tandem-timeout-s": "0.000001"}, timeout=30,
+def test_deadline_request_id_and_llm_path(dlm_cluster, dlm_reference) -> None:
+    r = httpx.post(f"{dlm_cluster.http}/v1/completions", headers={"x-tandem-timeout-s": "0.000001"}, timeout=30,
                    json={"model": MODEL_NAME, "prompt": "R12=", "cache": "off", "guided": False})
     assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
     rid = f"dlm-rid-{time.time_ns()}"
-    r = httpx.post(f"{cluster.http}/v1/completions", headers={"x-request-id": rid}, timeout=30,
+    r = httpx.post(f"{dlm_cluster.http}/v1/completions", headers={"x-request-id": rid}, timeout=30,
                    json={"model": MODEL_NAME, "prompt": "S321="})
-    assert r.status_code == 200 and r.headers["x-request-id"] == rid and r.json()["choices"][0]["text"] == reference("S321=")
-    assert _wait_for_log(cluster.log_dir / "dlm-0.log", rid, "generated")
+    assert r.status_code == 200 and r.headers["x-request-id"] == rid and r.json()["choices"][0]["text"] == dlm_reference("S321=")
+    assert _wait_for_log(dlm_cluster.log_dir / "dlm-0.log", rid, "generated")
     # the LLM model still goes to the mixed worker
-    r = httpx.post(f"{cluster.http}/v1/completions", timeout=60,
+    r = httpx.post(f"{dlm_cluster.http}/v1/completions", timeout=60,
                    json={"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
 @pytest.mark.slow
-def test_disconnect_cancels_the_worker_call(cluster) -> None:
-    dlm = next(w for w in httpx.get(f"{cluster.http}/health").json()["workers"] if w["role"] == "dlm")
+def test_disconnect_cancels_the_worker_call(dlm_cluster) -> None:
+    dlm = next(w for w in httpx.get(f"{dlm_cluster.http}/health").json()["workers"] if w["role"] == "dlm")
     port = int(dlm["address"].rsplit(":", 1)[1]) + 1000  # the worker's /metrics
 
     def worker_ok() -> float:
@@ -250,24 +214,24 @@ def test_disconnect_cancels_the_worker_call(cluster) -> None:
     # uncached and unguided: ~0.2 s of denoising, committed a token per step
     body = {"model": MODEL_NAME, "prompt": "R" + "9876543210" * 2 + "=", "stream": True, "cache": "off",
             "guided": False}
-    with httpx.Client(base_url=cluster.http, timeout=30) as c, c.stream(
+    with httpx.Client(base_url=dlm_cluster.http, timeout=30) as c, c.stream(
             "POST", "/v1/completions", json=body, headers={"x-request-id": rid}) as r:
         assert r.status_code == 200
         next(r.iter_lines())  # the first text event; then leave while the worker is still denoising
-    assert _wait_for_log(cluster.log_dir / "gateway.log", rid, "dlm request done", outcome="cancelled")
+    assert _wait_for_log(dlm_cluster.log_dir / "gateway.log", rid, "dlm request done", outcome="cancelled")
     time.sleep(0.5)  # longer than the whole request would have taken
     assert worker_ok() == before  # the worker's call ended without completing
-    log = (cluster.log_dir / "dlm-0.log").read_text()
+    log = (dlm_cluster.log_dir / "dlm-0.log").read_text()
     assert rid not in log or "client went away" in log
-    metrics = httpx.get(f"{cluster.http}/metrics").text
+    metrics = httpx.get(f"{dlm_cluster.http}/metrics").text
     assert 'tandem_gateway_requests_total{api="dlm",outcome="cancelled"}' in metrics
 
 
 @pytest.mark.slow
-def test_up_stops_every_process(cluster) -> None:
-    kids = cluster.children()
+def test_up_stops_every_process(dlm_cluster) -> None:
+    kids = dlm_cluster.children()
     assert len(kids) == 4  # mixed, dlm, policy, gateway
-    assert cluster.stop(signal.SIGTERM) == 0
+    assert dlm_cluster.stop(signal.SIGTERM) == 0
     deadline = time.monotonic() + 10
     while any(alive(k) for k in kids) and time.monotonic() < deadline:
         time.sleep(0.1)

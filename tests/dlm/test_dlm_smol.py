@@ -30,15 +30,8 @@ def smol():
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from services.engine import load_engine
-
-    return load_engine(device="cpu")
-
-
-@pytest.fixture(scope="module")
-def guide(engine, smol):
-    return EngineGuide(engine, preamble=preamble(), skip_ids=(smol[1].pad_id,))
+def guide(smol_engine, smol):
+    return EngineGuide(smol_engine, preamble=preamble(), skip_ids=(smol[1].pad_id,))
 
 
 def _prompts(smol, n: int = 4) -> list[list[int]]:
@@ -83,7 +76,7 @@ def test_accept_all_guided_equals_committing_all_drafts(smol, guide):
 
 
 @pytest.mark.slow
-def test_cropped_guide_scores_equal_a_fresh_guide(smol, guide, engine):
+def test_cropped_guide_scores_equal_a_fresh_guide(smol, guide, smol_engine):
     pr = _prompts(smol, 1)[0]
     a, b = [33, 34, 35, 36], [40, 41, 198, 198]  # two different continuations after " "
     cache = guide.new_cache(capacity=8)  # small on purpose: reading past it must grow the buffer
@@ -97,8 +90,8 @@ def test_cropped_guide_scores_equal_a_fresh_guide(smol, guide, engine):
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     # An independent reference: a plain engine prefill of preamble + the real (unpadded) tokens.
     real = [t for t in pr if t != smol[1].pad_id] + [216] + b
-    ids = engine.tokenizer.encode(preamble(), add_special_tokens=False) + real
-    ref = engine.prefill([ids], engine.new_kv(1, len(ids)), [0])[0]
+    ids = smol_engine.tokenizer.encode(preamble(), add_special_tokens=False) + real
+    ref = smol_engine.prefill([ids], smol_engine.new_kv(1, len(ids)), [0])[0]
     assert torch.allclose(got[-1], ref, atol=1e-4, rtol=1e-4)
     # Cropping into the padding and reading again: pad rows repeat the preamble's next-token logits.
     cache.crop(2)
@@ -108,10 +101,10 @@ def test_cropped_guide_scores_equal_a_fresh_guide(smol, guide, engine):
 
 
 @pytest.mark.slow
-def test_top1_guided_commits_only_smollm2_greedy_tokens(smol, guide, engine):
+def test_top1_guided_commits_only_smollm2_greedy_tokens(smol, guide, smol_engine):
     """Every token of a step after its first must be SmolLM2's own greedy choice (checked by fresh prefills)."""
     dlm, bridge, _ = smol
-    pre = engine.tokenizer.encode(preamble(), add_special_tokens=False)
+    pre = smol_engine.tokenizer.encode(preamble(), add_special_tokens=False)
     pr = _prompts(smol, 1)[0]
     opts = replace(OPTS, accept="top1")
     prev = 0
@@ -123,7 +116,7 @@ def test_top1_guided_commits_only_smollm2_greedy_tokens(smol, guide, engine):
             if seq[i - 1] == bridge.eos_id:
                 break  # EOS filled the rest
             ctx = pre + [t for t in seq[:i] if t != bridge.pad_id]
-            ref = engine.prefill([ctx], engine.new_kv(1, len(ctx)), [0])[0]
+            ref = smol_engine.prefill([ctx], smol_engine.new_kv(1, len(ctx)), [0])[0]
             assert int(ref.argmax()) == seq[i]
         prev = n
     assert stats.guide_passes >= 2 and stats.steps <= GEN_LEN

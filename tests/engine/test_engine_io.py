@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from kit.checkpoints import write_tiny_checkpoint
 
 from services.contracts.errors import InvalidArgument, NotFound
 from services.engine import load_engine
@@ -19,16 +18,6 @@ from services.engine.generate import GenStats, StopMatcher, generate, generate_t
 from services.engine.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("io") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def engine(tiny: Path):
-    return load_engine(tiny, device="cpu")
 
 
 def clone(src: Path, dst: Path) -> Path:
@@ -47,8 +36,8 @@ def test_missing_path_is_not_found(tmp_path: Path) -> None:
         load_engine(tmp_path, device="cpu")
 
 
-def test_corrupt_safetensors_is_clear(tiny: Path, tmp_path: Path) -> None:
-    bad = clone(tiny, tmp_path / "bad")
+def test_corrupt_safetensors_is_clear(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    bad = clone(tiny_checkpoint, tmp_path / "bad")
     (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(InvalidArgument, match="model.safetensors"):
         load_engine(bad, device="cpu")
@@ -65,15 +54,15 @@ def test_corrupt_gguf_is_clear(tmp_path: Path) -> None:
         load_engine(other, device="cpu")
 
 
-def test_unsupported_architecture_and_missing_tensor(tiny: Path, tmp_path: Path) -> None:
-    arch = clone(tiny, tmp_path / "arch")
+def test_unsupported_architecture_and_missing_tensor(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    arch = clone(tiny_checkpoint, tmp_path / "arch")
     conf = json.loads((arch / "config.json").read_text())
     (arch / "config.json").write_text(json.dumps({**conf, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(InvalidArgument, match="architecture 'gpt2' is not supported"):
         load_engine(arch, device="cpu")
     from safetensors.torch import load_file, save_file
 
-    holes = clone(tiny, tmp_path / "holes")
+    holes = clone(tiny_checkpoint, tmp_path / "holes")
     state = load_file(str(holes / "model.safetensors"))
     state.pop("model.layers.1.mlp.up_proj.weight")
     save_file(state, str(holes / "model.safetensors"))
@@ -89,41 +78,41 @@ def test_missing_default_model_names_the_install_command(monkeypatch: pytest.Mon
         load_engine(None, device="cpu")
 
 
-def test_bad_device_is_clear(tiny: Path) -> None:
+def test_bad_device_is_clear(tiny_checkpoint: Path) -> None:
     with pytest.raises(InvalidArgument, match="device"):
-        load_engine(tiny, device="tpu")
+        load_engine(tiny_checkpoint, device="tpu")
 
 
 # ---- bad requests ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field,value", [("max_tokens", 0), ("temperature", -0.5), ("temperature", float("nan")),
                                          ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5), ("seed", -3), ("stop", ("",))])
-def test_invalid_sampling_values_name_the_field(engine, field: str, value: object) -> None:
+def test_invalid_sampling_values_name_the_field(tiny_engine, field: str, value: object) -> None:
     with pytest.raises(InvalidArgument, match=field) as err:
-        list(generate(engine, [3, 4], replace(SamplingParams(), **{field: value})))
+        list(generate(tiny_engine, [3, 4], replace(SamplingParams(), **{field: value})))
     assert err.value.param == field
 
 
-def test_prompt_longer_than_context(engine) -> None:
-    too_long = [5] * (engine.cfg.max_seq_len + 1)
+def test_prompt_longer_than_context(tiny_engine) -> None:
+    too_long = [5] * (tiny_engine.cfg.max_seq_len + 1)
     with pytest.raises(InvalidArgument, match="context length"):
-        list(generate(engine, too_long, SamplingParams(max_tokens=1)))
+        list(generate(tiny_engine, too_long, SamplingParams(max_tokens=1)))
     with pytest.raises(InvalidArgument, match="context length"):
-        list(generate(engine, [5] * 200, SamplingParams(max_tokens=100)))
+        list(generate(tiny_engine, [5] * 200, SamplingParams(max_tokens=100)))
     with pytest.raises(InvalidArgument, match="empty"):
-        list(generate(engine, [], SamplingParams()))
+        list(generate(tiny_engine, [], SamplingParams()))
     with pytest.raises(InvalidArgument, match="vocabulary"):
-        list(generate(engine, [engine.cfg.vocab_size], SamplingParams()))
+        list(generate(tiny_engine, [tiny_engine.cfg.vocab_size], SamplingParams()))
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------------------
 
-def test_tokenizer_round_trip_and_chat_template(engine) -> None:
-    tok = engine.tokenizer
+def test_tokenizer_round_trip_and_chat_template(tiny_engine) -> None:
+    tok = tiny_engine.tokenizer
     for text in ["Hello world", "café 日本語 🙂", "  leading spaces\n\ttabs", "<|im_start|>user"]:
         assert tok.decode(tok.encode(text)) == text
     assert tok.encode("<|im_start|>") == [1]  # special tokens are matched as one id
-    assert tok.eos_ids == (2,) == engine.cfg.eos_ids
+    assert tok.eos_ids == (2,) == tiny_engine.cfg.eos_ids
     rendered = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert rendered == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert tok.encode_chat([{"role": "user", "content": "Hi"}])[0] == 1
@@ -131,8 +120,8 @@ def test_tokenizer_round_trip_and_chat_template(engine) -> None:
         tok.apply_chat_template([{"role": "user"}])
 
 
-def test_stream_decoder_concatenation_equals_full_decode(engine) -> None:
-    tok = engine.tokenizer
+def test_stream_decoder_concatenation_equals_full_decode(tiny_engine) -> None:
+    tok = tiny_engine.tokenizer
     rng = random.Random(0)
     sequences = [tok.encode("naïve café — 日本語 🙂🙂 end")]  # multi-byte characters split across tokens
     sequences += [[rng.randrange(3, tok.vocab_size) for _ in range(40)] for _ in range(20)]
@@ -142,35 +131,35 @@ def test_stream_decoder_concatenation_equals_full_decode(engine) -> None:
         assert text == tok.decode(ids, skip_special_tokens=True)
 
 
-def test_stop_matcher_holds_back_partial_matches(engine) -> None:
-    tok = engine.tokenizer
-    m = StopMatcher(engine, ("world", "xyz"))
+def test_stop_matcher_holds_back_partial_matches(tiny_engine) -> None:
+    tok = tiny_engine.tokenizer
+    m = StopMatcher(tiny_engine, ("world", "xyz"))
     pieces = [m.push(t) for t in tok.encode("Hello wor")]
     assert "".join(pieces) == "Hello "  # "wor" could still become "world"
     pieces = [m.push(t) for t in tok.encode("ld, more")]
     assert "".join(pieces) == "" and m.stopped
 
 
-def test_generate_text_cuts_at_stop_string_and_eos(engine) -> None:
-    prompt = engine.tokenizer.encode("The capital of")
+def test_generate_text_cuts_at_stop_string_and_eos(tiny_engine) -> None:
+    prompt = tiny_engine.tokenizer.encode("The capital of")
     free = GenStats()
-    ids = list(generate(engine, prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), free))
-    text = engine.tokenizer.decode(ids, skip_special_tokens=True)
+    ids = list(generate(tiny_engine, prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), free))
+    text = tiny_engine.tokenizer.decode(ids, skip_special_tokens=True)
     assert free.finish_reason == "length" and free.completion_tokens == 30
     stop = text[8:11]
     assert stop.strip(), text
     stats = GenStats()
-    cut = "".join(generate_text(engine, prompt, SamplingParams(max_tokens=30, temperature=0, stop=(stop,)), stats))
+    cut = "".join(generate_text(tiny_engine, prompt, SamplingParams(max_tokens=30, temperature=0, stop=(stop,)), stats))
     assert cut == text[: text.find(stop)] and stats.finish_reason == "stop"
     # EOS: make the 5th generated token the model's EOS; generation stops before it and does not yield it
     k = next(i for i in range(4, 30) if ids[i] not in ids[:i])
-    old = engine.model.cfg
-    engine.model.cfg = replace(old, eos_ids=(ids[k],))
+    old = tiny_engine.model.cfg
+    tiny_engine.model.cfg = replace(old, eos_ids=(ids[k],))
     try:
         stats = GenStats()
-        got = list(generate(engine, prompt, SamplingParams(max_tokens=30, temperature=0), stats))
+        got = list(generate(tiny_engine, prompt, SamplingParams(max_tokens=30, temperature=0), stats))
     finally:
-        engine.model.cfg = old
+        tiny_engine.model.cfg = old
     assert got == ids[:k] and stats.finish_reason == "stop"
 
 
@@ -183,10 +172,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_cli_generate_prints_only_the_continuation(engine, tiny: Path) -> None:
+def test_cli_generate_prints_only_the_continuation(tiny_engine, tiny_checkpoint: Path) -> None:
     params = SamplingParams(max_tokens=12, temperature=0)
-    expected = "".join(generate_text(engine, engine.tokenizer.encode("Hello world"), params))
-    out = run_cli("generate", "Hello world", "--model", str(tiny), "--max-tokens", "12", "--temperature", "0",
+    expected = "".join(generate_text(tiny_engine, tiny_engine.tokenizer.encode("Hello world"), params))
+    out = run_cli("generate", "Hello world", "--model", str(tiny_checkpoint), "--max-tokens", "12", "--temperature", "0",
                   "--device", "cpu")
     assert out.returncode == 0, out.stderr
     assert out.stdout == expected

@@ -27,15 +27,10 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def variant_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return {name: write_tiny_checkpoint(root / name, cfg, seed=i, shards=1 + i % 2)
             for i, (name, cfg) in enumerate(VARIANTS.items())}
-
-
-@pytest.fixture(scope="module")
-def engine(ckpt: dict[str, Path]):
-    return load_engine(ckpt["gqa-untied"], device="cpu")
 
 
 def full_logits(engine, ids: list[int]) -> torch.Tensor:
@@ -45,8 +40,8 @@ def full_logits(engine, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_logits_match_transformers(ckpt: dict[str, Path], variant: str) -> None:
-    path = ckpt[variant]
+def test_logits_match_transformers(variant_checkpoints: dict[str, Path], variant: str) -> None:
+    path = variant_checkpoints[variant]
     ours = load_engine(path, device="cpu")
     ref = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     assert ours.cfg.tie_embeddings == VARIANTS[variant].tie_embeddings
@@ -62,57 +57,57 @@ def test_logits_match_transformers(ckpt: dict[str, Path], variant: str) -> None:
     torch.testing.assert_close(last, expected[-1], atol=1e-4, rtol=1e-4)
 
 
-def test_incremental_decode_equals_full_recompute(engine) -> None:
-    ids = torch.randint(0, engine.cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(2)).tolist()
-    full = full_logits(engine, ids)
-    kv = engine.new_kv(1, 64)
-    steps = [engine.prefill([ids[:10]], kv, [0])[0]]
+def test_incremental_decode_equals_full_recompute(tiny_engine) -> None:
+    ids = torch.randint(0, tiny_engine.cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    full = full_logits(tiny_engine, ids)
+    kv = tiny_engine.new_kv(1, 64)
+    steps = [tiny_engine.prefill([ids[:10]], kv, [0])[0]]
     for t in ids[10:]:
-        steps.append(engine.decode([t], kv, slice(0, 1))[0])
+        steps.append(tiny_engine.decode([t], kv, slice(0, 1))[0])
     assert kv.lengths[0] == 40
     torch.testing.assert_close(torch.stack(steps[:-1]), full[9:-1], atol=1e-4, rtol=1e-4)
 
 
-def test_mixed_length_batch_equals_each_alone(engine) -> None:
+def test_mixed_length_batch_equals_each_alone(tiny_engine) -> None:
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, engine.cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 17, 9, 1)]
+    prompts = [torch.randint(3, tiny_engine.cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 17, 9, 1)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    alone = [list(generate(engine, p, params)) for p in prompts]
+    alone = [list(generate(tiny_engine, p, params)) for p in prompts]
     # batched: one prefill over right-padded prompts, then fused decode steps over slots given as a tensor
-    kv = engine.new_kv(len(prompts), 40)
+    kv = tiny_engine.new_kv(len(prompts), 40)
     slots = torch.tensor([2, 0, 3, 1])
-    logits = engine.prefill(prompts, kv, slots.tolist())
+    logits = tiny_engine.prefill(prompts, kv, slots.tolist())
     samplers = [Sampler(params) for _ in prompts]
     batched = [[t] for t in sample_batch(logits, samplers)]
     for _ in range(11):
-        logits = engine.decode([b[-1] for b in batched], kv, slots)
+        logits = tiny_engine.decode([b[-1] for b in batched], kv, slots)
         for b, t in zip(batched, sample_batch(logits, samplers), strict=True):
             b.append(t)
     assert batched == alone
     assert [kv.lengths[s] for s in slots.tolist()] == [len(p) + 11 for p in prompts]
 
 
-def test_dense_slice_decode_equals_gathered_slots(engine) -> None:
+def test_dense_slice_decode_equals_gathered_slots(tiny_engine) -> None:
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
-    a, b = engine.new_kv(2, 16), engine.new_kv(3, 16)
-    la = engine.prefill(prompts, a, [0, 1])
-    lb = engine.prefill(prompts, b, [2, 0])
+    a, b = tiny_engine.new_kv(2, 16), tiny_engine.new_kv(3, 16)
+    la = tiny_engine.prefill(prompts, a, [0, 1])
+    lb = tiny_engine.prefill(prompts, b, [2, 0])
     torch.testing.assert_close(la, lb)
-    da = engine.decode([1, 2], a, slice(0, 2))
-    db = engine.decode([1, 2], b, torch.tensor([2, 0]))
+    da = tiny_engine.decode([1, 2], a, slice(0, 2))
+    db = tiny_engine.decode([1, 2], b, torch.tensor([2, 0]))
     torch.testing.assert_close(da, db, atol=1e-5, rtol=1e-5)
 
 
-def test_export_import_into_fresh_cache_continues_identically(engine) -> None:
+def test_export_import_into_fresh_cache_continues_identically(tiny_engine) -> None:
     prompt = list(range(3, 30))
-    src = engine.new_kv(1, 64)
-    logits = engine.prefill([prompt], src, [0])
+    src = tiny_engine.new_kv(1, 64)
+    logits = tiny_engine.prefill([prompt], src, [0])
     token = int(logits[0].argmax())
     layers = src.export(0)
-    assert len(layers) == engine.cfg.n_layers and layers[0][0].shape == (27, engine.cfg.n_kv_heads, engine.cfg.head_dim)
+    assert len(layers) == tiny_engine.cfg.n_layers and layers[0][0].shape == (27, tiny_engine.cfg.n_kv_heads, tiny_engine.cfg.head_dim)
     # the receiving side only sees raw bytes with dtype/shape, as over the wire
     wire = [(k.numpy().tobytes(), v.numpy().tobytes(), tuple(k.shape)) for k, v in layers]
-    dst = KVBuffer(engine.cfg, slots=3, capacity=64)
+    dst = KVBuffer(tiny_engine.cfg, slots=3, capacity=64)
     for i, (kb, vb, shape) in enumerate(wire):
         k = torch.frombuffer(bytearray(kb), dtype=torch.float32).reshape(shape)
         v = torch.frombuffer(bytearray(vb), dtype=torch.float32).reshape(shape)
@@ -120,8 +115,8 @@ def test_export_import_into_fresh_cache_continues_identically(engine) -> None:
     dst.lengths[2] = len(prompt)
     out_src, out_dst, t_src, t_dst = [], [], token, token
     for _ in range(10):
-        ls = engine.decode([t_src], src, slice(0, 1))[0]
-        ld = engine.decode([t_dst], dst, torch.tensor([2]))[0]
+        ls = tiny_engine.decode([t_src], src, slice(0, 1))[0]
+        ld = tiny_engine.decode([t_dst], dst, torch.tensor([2]))[0]
         torch.testing.assert_close(ls, ld, atol=1e-5, rtol=1e-5)
         t_src, t_dst = int(ls.argmax()), int(ld.argmax())
         out_src.append(t_src)
@@ -129,31 +124,31 @@ def test_export_import_into_fresh_cache_continues_identically(engine) -> None:
     assert out_src == out_dst
 
 
-def test_import_rejects_mismatched_layers(engine) -> None:
+def test_import_rejects_mismatched_layers(tiny_engine) -> None:
     from services.contracts.errors import InvalidArgument
 
-    kv = engine.new_kv(1, 8)
-    good = torch.zeros(4, engine.cfg.n_kv_heads, engine.cfg.head_dim)
+    kv = tiny_engine.new_kv(1, 8)
+    good = torch.zeros(4, tiny_engine.cfg.n_kv_heads, tiny_engine.cfg.head_dim)
     with pytest.raises(InvalidArgument, match="dtype"):
         kv.import_layer(0, 0, good.double(), good.double())
     with pytest.raises(InvalidArgument, match="shape"):
         kv.import_layer(0, 0, good[:, :1], good[:, :1])
     with pytest.raises(InvalidArgument, match="layers"):
-        kv.import_all(0, [(good, good)] * (engine.cfg.n_layers + 1))
+        kv.import_all(0, [(good, good)] * (tiny_engine.cfg.n_layers + 1))
 
 
-def test_seeded_sampling_is_reproducible_and_seeds_differ(engine) -> None:
+def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny_engine) -> None:
     p = [3, 4, 5]
-    run = lambda seed: list(generate(engine, p, SamplingParams(max_tokens=20, temperature=1.0, top_k=50,  # noqa: E731
+    run = lambda seed: list(generate(tiny_engine, p, SamplingParams(max_tokens=20, temperature=1.0, top_k=50,  # noqa: E731
                                                                top_p=0.9, seed=seed, ignore_eos=True)))
     assert run(7) == run(7)
     assert run(7) != run(8)
 
 
 @pytest.mark.gpu
-def test_cuda_bfloat16_tracks_cpu_float32(ckpt: dict[str, Path]) -> None:
-    cpu = load_engine(ckpt["gqa-untied"], device="cpu")
-    gpu = load_engine(ckpt["gqa-untied"], device="cuda")
+def test_cuda_bfloat16_tracks_cpu_float32(variant_checkpoints: dict[str, Path]) -> None:
+    cpu = load_engine(variant_checkpoints["gqa-untied"], device="cpu")
+    gpu = load_engine(variant_checkpoints["gqa-untied"], device="cuda")
     assert gpu.dtype == torch.bfloat16 and gpu.model.inv_freq.dtype == torch.float32
     ids = list(range(3, 60))
     a = cpu.prefill([ids], cpu.new_kv(1, 64), [0])[0]

@@ -46,6 +46,15 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
+def child_named(pid: int, *argv_tail: str) -> int:
+    """The child of `pid` whose command line ends with `argv_tail` (e.g. "--index", "1", "--address", addr)."""
+    for kid in children_of(pid):
+        argv = Path(f"/proc/{kid}/cmdline").read_bytes().decode().split("\0")[:-1]
+        if argv[-len(argv_tail):] == list(argv_tail):
+            return kid
+    raise LookupError(f"no child of {pid} ends with {argv_tail}")
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -55,19 +64,20 @@ def alive(pid: int) -> bool:
 
 
 def write_layout(path: Path, model_path: str | None, pools: list[dict], http_port: int, grpc_port: int,
-                 name: str = "test") -> Path:
+                 name: str = "test", **extra: object) -> Path:
+    """A layout file; `extra` adds top-level keys (registry, batching, ...)."""
     doc = {"name": name, "model": {"name": "tiny" if model_path else "smollm2-135m", "path": model_path},
-           "pools": pools, "gateway": {"http": f"127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}}
+           "pools": pools, "gateway": {"http": f"127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}, **extra}
     path.write_text(yaml.safe_dump(doc))
     return path
 
 
-def start_up(layout: Path, log_dir: Path, timeout_s: float = 240.0) -> Up:
-    """`tandem up LAYOUT` in the background; returns once the gateway's /health answers 200."""
+def start_up(layout: Path, log_dir: Path, timeout_s: float = 240.0, args: tuple[str, ...] = ()) -> Up:
+    """`tandem up LAYOUT [args]` in the background; returns once the gateway's /health answers 200."""
     lay = yaml.safe_load(layout.read_text())
     http, grpc_addr = lay["gateway"]["http"], lay["gateway"]["grpc"]
     out = open(log_dir.parent / f"{log_dir.name}-up.out", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", str(layout), "--log-dir", str(log_dir)],
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", str(layout), "--log-dir", str(log_dir), *args],
                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     up = Up(proc, f"http://{http}", grpc_addr, log_dir)
     deadline = time.monotonic() + timeout_s
@@ -83,3 +93,11 @@ def start_up(layout: Path, log_dir: Path, timeout_s: float = 240.0) -> Up:
         time.sleep(0.3)
     up.stop(signal.SIGKILL)
     raise RuntimeError(f"cluster not healthy in {timeout_s}s: {Path(out.name).read_text()[-3000:]}")
+
+
+def start_roles(d: Path, model_path: str | None, roles: list[str], name: str) -> Up:
+    """`tandem up` of one worker per entry of `roles` (each on free ports), its layout and logs under `d`."""
+    from kit.net import free_port
+
+    pools = [{"role": r, "count": 1, "base_port": free_port()} for r in roles]
+    return start_up(write_layout(d / "layout.yaml", model_path, pools, free_port(), free_port(), name=name), d / "logs")

@@ -2,60 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from services.bench import policy as bench
-from services.policy import checkpoint, task
-from services.policy.model import Denoiser, DenoiserConfig
-from services.policy.sampler import Normalizer
+from services.policy import task
 from services.policy.server import serve
 from services.rpc.tandem.v1 import policy_pb2, policy_pb2_grpc
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small random checkpoint with schedules, written the way the real one is."""
-    d = tmp_path_factory.mktemp("policy")
-    torch.manual_seed(0)
-    model = Denoiser(DenoiserConfig(n_layer=2, n_emb=32, n_head=2)).eval()
-    obs, act = task.demonstrations(5, 16)
-    checkpoint.save(model, Normalizer.fit(obs, act), d)
-    model, norm, _ = checkpoint.load(d)
-    sched = bench.compute_schedules(model, norm, n_obs=4, budgets={"ddim20": [5]})
-    (d / checkpoint.SCHEDULES).write_text(json.dumps(sched))
-    return d
-
-
-@pytest.fixture(scope="module")
-def metrics_port() -> int:
-    from tests.conftest import free_port
-
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def server(tiny_ckpt: Path, metrics_port: int):
-    srv = serve(0, str(tiny_ckpt), host="127.0.0.1", sampler="ddim20", cache="bac", budget=5, window_ms=100,
-                metrics_port=metrics_port, block=False)
-    yield srv
-    srv.stop()
 
 
 def obs_values(seed: int) -> list[float]:
     return task.demonstrations(1, 16, seed=seed)[0][3].reshape(-1).tolist()
 
 
-def test_health_reflection_describe(server) -> None:
-    with grpc.insecure_channel(server.address) as ch:
+def test_health_reflection_describe(policy_server) -> None:
+    with grpc.insecure_channel(policy_server.address) as ch:
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="tandem.v1.Policy"))
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         refl = reflection_pb2_grpc.ServerReflectionStub(ch)
@@ -67,11 +33,11 @@ def test_health_reflection_describe(server) -> None:
         assert d.cache == "bac" and d.budget == 5 and d.sampler == "ddim20" and len(d.checkpoint_sha256) == 64
 
 
-def test_concurrent_clients_are_batched_and_seeded(server) -> None:
+def test_concurrent_clients_are_batched_and_seeded(policy_server) -> None:
     results: dict[int, policy_pb2.ActResponse] = {}
 
     def call(i: int) -> None:
-        with grpc.insecure_channel(server.address) as ch:
+        with grpc.insecure_channel(policy_server.address) as ch:
             results[i] = policy_pb2_grpc.PolicyStub(ch).Act(
                 policy_pb2.ActRequest(observation=obs_values(i), seed=100 + i), timeout=30)
 
@@ -82,7 +48,7 @@ def test_concurrent_clients_are_batched_and_seeded(server) -> None:
         t.join()
     assert len(results) == 6
     assert max(r.batch_size for r in results.values()) > 1  # gathered into one denoising pass
-    with grpc.insecure_channel(server.address) as ch:
+    with grpc.insecure_channel(policy_server.address) as ch:
         stub = policy_pb2_grpc.PolicyStub(ch)
         solo = stub.Act(policy_pb2.ActRequest(observation=obs_values(2), seed=102), timeout=30)
         other = stub.Act(policy_pb2.ActRequest(observation=obs_values(2), seed=103), timeout=30)
@@ -95,26 +61,26 @@ def test_concurrent_clients_are_batched_and_seeded(server) -> None:
 
 @pytest.mark.parametrize("values, needle", [([0.0] * 5, "expected 14 floats"),
                                             ([float("nan")] + [0.0] * 13, "NaN")])
-def test_bad_observation_is_invalid_argument(server, values: list[float], needle: str) -> None:
-    with grpc.insecure_channel(server.address) as ch, pytest.raises(grpc.RpcError) as err:
+def test_bad_observation_is_invalid_argument(policy_server, values: list[float], needle: str) -> None:
+    with grpc.insecure_channel(policy_server.address) as ch, pytest.raises(grpc.RpcError) as err:
         policy_pb2_grpc.PolicyStub(ch).Act(policy_pb2.ActRequest(observation=values), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "observation" in err.value.details() and needle in err.value.details()
 
 
-def test_missing_schedule_is_a_clear_error(tiny_ckpt: Path) -> None:
+def test_missing_schedule_is_a_clear_error(tiny_policy_checkpoint: Path) -> None:
     from services.contracts.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="budget 7"):
-        serve(0, str(tiny_ckpt), host="127.0.0.1", sampler="ddim20", cache="bac", budget=7, block=False)
+        serve(0, str(tiny_policy_checkpoint), host="127.0.0.1", sampler="ddim20", cache="bac", budget=7, block=False)
 
 
-def test_prometheus_metrics(server, metrics_port: int) -> None:
+def test_prometheus_metrics(policy_server, policy_metrics_port: int) -> None:
     import urllib.request
 
-    with grpc.insecure_channel(server.address) as ch:
+    with grpc.insecure_channel(policy_server.address) as ch:
         policy_pb2_grpc.PolicyStub(ch).Act(policy_pb2.ActRequest(observation=obs_values(1), seed=1), timeout=30)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{policy_metrics_port}/metrics", timeout=5).read().decode()
     assert 'tandem_policy_requests_total{code="OK"}' in text
     assert "tandem_policy_batch_size_bucket" in text and "tandem_policy_block_evals_total" in text
 
@@ -139,11 +105,11 @@ def test_committed_checkpoint_default_service() -> None:
         srv.stop()
 
 
-def test_load_benchmark_reports_batches_formed(tiny_ckpt: Path) -> None:
+def test_load_benchmark_reports_batches_formed(tiny_policy_checkpoint: Path) -> None:
     """`tandem bench policy --server` machinery: real server, clients in another process, batch sizes seen."""
     from services.bench import policy_load as loadbench
 
-    doc = loadbench.run(str(tiny_ckpt), [1, 4], 1.5, sampler="ddim20", cache="bac", budget=5, window_ms=20)
+    doc = loadbench.run(str(tiny_policy_checkpoint), [1, 4], 1.5, sampler="ddim20", cache="bac", budget=5, window_ms=20)
     solo, many = doc["rows"]
     assert solo["clients"] == 1 and solo["max_batch"] == 1 and solo["batch_histogram"] == {"1": solo["requests"]}
     assert many["clients"] == 4 and many["max_batch"] > 1 and many["mean_batch_per_pass"] > 1

@@ -124,9 +124,12 @@ def test_sim_run_cli_reports_the_dlm_share(tmp_path: Path) -> None:
 def test_profile_command_measures_and_merges(tmp_path: Path) -> None:
     out = tmp_path / "p.json"
     out.write_text(json.dumps({"hardware": {"h200": {"variants": {}}}}))
-    from services.bench import dlm_profile as profile
+    from typer.testing import CliRunner
 
-    assert profile.main(["--out", str(out), "--n", "2", "--hardware", "cpu"]) == 0
+    from services.cli import app
+
+    res = CliRunner().invoke(app, ["dlm", "profile", "--json", str(out), "--n", "2", "--hardware", "cpu"])
+    assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
     assert set(doc["hardware"]) == {"h200", "cpu"}  # the other machine's entry is kept
     v = doc["hardware"]["cpu"]["variants"]
@@ -137,6 +140,7 @@ def test_profile_command_measures_and_merges(tmp_path: Path) -> None:
 
 
 def test_docs_table_command_runs() -> None:
+    """`tandem sim dlm-table` prints these rows."""
     from sim.dlm_table import rows
 
     out = rows(str(ROOT / "examples" / "local-dlm.yaml"), rate=4.0, duration_s=10.0, trace="fixed:64:8", seed=0)

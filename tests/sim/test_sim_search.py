@@ -77,3 +77,33 @@ def test_report_writes_the_three_plots(tmp_path: Path) -> None:
     for name in ("sim_cdf.png", "sim_throughput.png", "sim_frontier.png"):
         assert (tmp_path / "out" / name).stat().st_size > 10_000
     assert "| two |" in table and (tmp_path / "r.json").is_file()
+
+
+def test_search_in_parallel_gives_the_same_answer() -> None:
+    from sim.search import best_under_budget, cheapest_for_load
+
+    base = small_base()
+    trace = str(REPO / "tests/data/azure_conv_200.csv")
+    kw = dict(duration_s=20, seed=1, step=1)
+    one = best_under_budget(base, trace, "dgx-h100", "dgx-a100", "power", 4 * 10200, **kw)
+    seen: list[tuple[str, int]] = []
+    two = best_under_budget(base, trace, "dgx-h100", "dgx-a100", "power", 4 * 10200, jobs=2,
+                            progress=lambda name, total: seen.append((name, total)), **kw)
+    assert one == two and len(one) >= 4
+    assert sorted(n for n, _ in seen) == sorted(r["name"] for r in one) and {t for _, t in seen} == {len(one)}
+    kw = dict(max_machines=4, duration_s=20, seed=1)
+    assert cheapest_for_load(base, trace, 2.0, ["dgx-h100"], jobs=2, **kw) == \
+        cheapest_for_load(base, trace, 2.0, ["dgx-h100"], **kw)
+
+
+def test_search_on_a_local_ray_instance_gives_the_same_answer() -> None:
+    ray = pytest.importorskip("ray", reason="ray is not installed (optional extra: pip install 'tandem[ray]')")
+    from sim.search import best_under_budget
+
+    base = small_base()
+    trace = str(REPO / "tests/data/azure_conv_200.csv")
+    kw = dict(duration_s=20, seed=1, step=1)
+    local = best_under_budget(base, trace, "dgx-h100", "dgx-a100", "power", 3 * 10200, **kw)
+    assert best_under_budget(base, trace, "dgx-h100", "dgx-a100", "power", 3 * 10200, ray_address="local",
+                             **kw) == local
+    assert not ray.is_initialized()

@@ -1,4 +1,8 @@
-"""Where the workers are: a Registry interface and the static one derived from a layout (Redis comes later)."""
+"""Where the workers are: the Registry interface and the static one derived from a layout.
+
+The live registries (heartbeats with load: in-process or Redis) are `services.registry.live` and
+`services.registry.redis_store`; `services.registry.connect` opens the one a layout names.
+"""
 
 from __future__ import annotations
 
@@ -35,11 +39,13 @@ class Endpoint:
 
 
 class Registry(Protocol):
-    """What the router needs to know about the cluster; a Redis-backed registry implements the same."""
+    """What the router needs to know about the cluster: the workers of each role (live ones, for a live registry)."""
 
     def endpoints(self, role: str) -> list[Endpoint]: ...
 
     def all(self) -> list[Endpoint]: ...
+
+    def close(self) -> None: ...
 
 
 class StaticRegistry:
@@ -58,6 +64,9 @@ class StaticRegistry:
 
     def all(self) -> list[Endpoint]:
         return list(self._endpoints)
+
+    def close(self) -> None:
+        pass
 
     @classmethod
     def from_layout(cls, layout: Layout) -> StaticRegistry:

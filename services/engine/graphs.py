@@ -1,0 +1,139 @@
+"""CUDA-graphed decode: one graph per batch-size bucket over the caller's KV buffer, replayed every step.
+
+A step costs the host one small pinned copy (tokens and positions of the live rows) and one graph launch,
+whatever the batch or the depth. Rows past the live batch up to the bucket are padding (position -1): the
+kernels skip them. Graphs hold the KV buffer's addresses, so a new or reallocated buffer is captured anew.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.fused import FusedModel, decode_step, fuse_weights, prefill_step, triton_ops
+from services.engine.kv import KVBuffer
+from services.engine.model import Transformer
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
+
+
+def bucket_for(n: int) -> int:
+    """The smallest bucket holding n rows: the table above, then multiples of 32."""
+    if n < 1:
+        raise ValueError(f"a decode step needs at least one row (got {n})")
+    for b in BUCKETS:
+        if n <= b:
+            return b
+    return -(-n // 32) * 32
+
+
+def attn_splits(rows: int, n_kv: int, sms: int) -> int:
+    """Key splits per (row, KV head) for about two attention programs per multiprocessor (a power of 2, <= 16)."""
+    want = -(-2 * sms // max(1, rows * n_kv))
+    return min(16, 1 << (want - 1).bit_length())
+
+
+@dataclass(slots=True)
+class _Graph:
+    rows: int
+    inp: torch.Tensor  # [3, rows] int64 on the device: tokens, positions, slots
+    logits: torch.Tensor  # [rows, V] in the model's dtype
+    graph: torch.cuda.CUDAGraph
+
+
+class DecodeGraphs:
+    """Owns the fused weights, the graphs of the current KV buffer, and the pinned staging of step inputs."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.fused: FusedModel = fuse_weights(model)
+        self.device = self.fused.embed.device
+        self.ops = triton_ops()
+        self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, _Graph] = {}
+        self.kv_key: tuple | None = None
+        self.stage: list[torch.Tensor] = []
+        self.stage_done: list[torch.cuda.Event] = []
+        self.flip = 0
+        self.captures = 0
+        self.replays = 0
+
+    def decode(self, tokens: list[int], kv: KVBuffer) -> torch.Tensor:
+        """Engine.decode for the dense rows 0..len(tokens)-1: float32 logits [n, V]; kv.lengths advance by one."""
+        n = len(tokens)
+        key = (kv.k.data_ptr(), kv.v.data_ptr(), tuple(kv.k.shape), kv.k.dtype)
+        if key != self.kv_key:
+            self.graphs.clear()
+            self.pool = torch.cuda.graph_pool_handle()  # the old pool dies with its last graph
+            self.kv_key = key
+        lengths = kv.lengths[:n]
+        top = max(lengths)
+        if top >= kv.capacity:
+            kv.reserve(0, top + 1)  # raises with a clear message
+        b = bucket_for(n)
+        g = self.graphs.get(b) or self._capture(b, kv)
+        stage = self._stage(b)
+        stage[0, :n] = torch.tensor(tokens, dtype=torch.int64)
+        stage[1, :n] = torch.tensor(lengths, dtype=torch.int64)
+        stage[0, n:b], stage[1, n:b] = 0, -1
+        g.inp[:2].copy_(stage[:, :b], non_blocking=True)
+        self.stage_done[self.flip].record()
+        g.graph.replay()
+        kv.lengths[:n] = [x + 1 for x in lengths]
+        self.replays += 1
+        out = g.logits[:n]
+        return out.float() if out.dtype != torch.float32 else out.clone()
+
+    def prefill(self, tokens: torch.Tensor, kv: KVBuffer, slots: list[int], lens: list[int]) -> torch.Tensor:
+        """Engine.prefill on the fused weights (no graph: prompt shapes vary); logits [B, V] in the model's dtype."""
+        t = tokens.shape[1]
+        for s in slots:
+            kv.reserve(s, t)  # slot in range and the prompt fits: the kernels do not bounds-check
+        dev = self.device
+        slot_t = torch.tensor(slots, device=dev)
+        last = torch.tensor([n - 1 for n in lens], device=dev)
+        logits = prefill_step(self.fused, self.ops, tokens, slot_t, last, kv.k, kv.v)
+        for s, n in zip(slots, lens, strict=True):
+            kv.lengths[s] = n
+        return logits
+
+    def _stage(self, b: int) -> torch.Tensor:
+        """A pinned [2, >= b] buffer whose previous copy has finished (two alternate, so the host runs ahead)."""
+        if not self.stage or self.stage[0].shape[1] < b:
+            self.stage = [torch.empty(2, max(b, 64), dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self.stage_done = [torch.cuda.Event() for _ in range(2)]
+            for ev in self.stage_done:
+                ev.record()
+        self.flip ^= 1
+        self.stage_done[self.flip].synchronize()
+        return self.stage[self.flip]
+
+    def _capture(self, b: int, kv: KVBuffer) -> _Graph:
+        fm = self.fused
+        inp = torch.zeros(3, b, dtype=torch.int64, device=self.device)
+        inp[1] = -1  # warm-up and capture run as padding: they write no KV
+        inp[2] = torch.arange(b, device=self.device)
+        logits = torch.empty(b, fm.lm_head.shape[0], dtype=fm.lm_head.dtype, device=self.device)
+        splits = attn_splits(b, fm.n_kv, self.sms)
+
+        def step() -> None:
+            decode_step(fm, self.ops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits)
+
+        self.graphs[b] = g = _Graph(b, inp, logits, _graph_of(step, self.device, self.pool))
+        self.captures += 1
+        return g
+
+
+def _graph_of(step: Callable[[], None], device: torch.device, pool: tuple) -> torch.cuda.CUDAGraph:
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compiles the Triton kernels and settles cuBLAS's choices before capture
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        step()
+    return graph

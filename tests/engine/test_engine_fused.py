@@ -1,0 +1,168 @@
+"""The fused decode/prefill step on CPU: fused weights, the step's structure, padding rows, batch buckets.
+
+The Triton kernels share the reference ops' signatures; with TRITON_INTERPRET=1 and triton installed the
+last test runs them on the CPU against the eager model too (CI has no triton, so it skips there).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from kit.checkpoints import tiny_config
+
+from services.engine.engine import Engine, random_engine
+from services.engine.fused import TORCH_OPS, decode_step, fuse_weights, prefill_step
+from services.engine.graphs import BUCKETS, attn_splits, bucket_for
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], list(range(20, 90))]  # the last spans two 64-key attention blocks
+
+
+def _engine(**overrides) -> Engine:
+    return random_engine(tiny_config(**overrides), seed=1)
+
+
+def _prefilled(engine: Engine, capacity: int = 128):
+    kv = engine.new_kv(len(PROMPTS), capacity)
+    engine.prefill(PROMPTS, kv, list(range(len(PROMPTS))))
+    return kv
+
+
+def _copy(engine: Engine, kv):
+    out = engine.new_kv(kv.slots, kv.capacity)
+    out.k.copy_(kv.k)
+    out.v.copy_(kv.v)
+    out.lengths = list(kv.lengths)
+    return out
+
+
+def test_fusing_keeps_names_memory_and_eager_results() -> None:
+    engine = _engine(attention_bias=True)
+    kv = _prefilled(engine)
+    before_state = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    before = engine.decode([1, 2, 3], _copy(engine, kv), slice(0, 3))
+    n_params = sum(p.numel() for p in engine.model.parameters())
+    fm = fuse_weights(engine.model)
+    a = engine.model.layers[0].self_attn
+    assert a.q_proj.weight.data_ptr() == fm.layers[0].wqkv.data_ptr()  # a row slice of the fused matrix
+    offset = (a.q_proj.out_features + a.k_proj.out_features) * a.v_proj.bias.element_size()
+    assert a.v_proj.bias.data_ptr() == fm.layers[0].bqkv.data_ptr() + offset
+    assert fm.layers[0].wgu.shape == (2 * engine.cfg.hidden_dim, engine.cfg.dim)
+    assert sum(p.numel() for p in engine.model.parameters()) == n_params
+    after_state = engine.model.state_dict()
+    assert after_state.keys() == before_state.keys()
+    assert all(torch.equal(after_state[k], v) for k, v in before_state.items())
+    assert torch.equal(engine.decode([1, 2, 3], _copy(engine, kv), slice(0, 3)), before)  # eager: bit for bit
+    again = fuse_weights(engine.model)  # idempotent: the same fused tensors, no new copy
+    assert again.layers[1].wqkv.data_ptr() == fm.layers[1].wqkv.data_ptr()
+    engine.model.layers[1].self_attn.k_proj.weight.data[0, 0] = 7.0  # a parameter write lands in the fused matrix
+    assert fm.layers[1].wqkv[engine.model.layers[1].self_attn.q_proj.out_features, 0] == 7.0
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 4}, {"tie_embeddings": True, "attention_bias": True}])
+def test_fused_decode_step_matches_eager(overrides: dict) -> None:
+    engine = _engine(**overrides)
+    kv = _prefilled(engine)
+    eager_kv, fused_kv = _copy(engine, kv), _copy(engine, kv)
+    want = engine.decode([1, 2, 3], eager_kv, slice(0, 3))
+    fm = fuse_weights(engine.model)
+    pos = torch.tensor(fused_kv.lengths)
+    with torch.inference_mode():
+        got = decode_step(fm, TORCH_OPS, torch.tensor([1, 2, 3]), pos, torch.arange(3), fused_kv.k, fused_kv.v)
+    torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-5)
+    n = max(eager_kv.lengths)
+    torch.testing.assert_close(fused_kv.k[:, :, :n], eager_kv.k[:, :, :n])
+    torch.testing.assert_close(fused_kv.v[:, :, :n], eager_kv.v[:, :, :n])
+
+
+def test_padding_rows_write_nothing_and_change_nothing() -> None:
+    engine = _engine()
+    kv = _prefilled(engine)
+    fm = fuse_weights(engine.model)
+    live = _copy(engine, kv)
+    padded = _copy(engine, kv)
+    padded.resize(4, padded.capacity)  # a fourth slot the padding row would write to, were it live
+    padded.k[:, 3].fill_(0.5)
+    with torch.inference_mode():
+        a = decode_step(fm, TORCH_OPS, torch.tensor([1, 2, 3]), torch.tensor(live.lengths), torch.arange(3),
+                        live.k, live.v)
+        b = decode_step(fm, TORCH_OPS, torch.tensor([1, 2, 3, 9]), torch.tensor(live.lengths + [-1]), torch.arange(4),
+                        padded.k, padded.v)
+    torch.testing.assert_close(b[:3], a)
+    assert torch.all(padded.k[:, 3] == 0.5)
+
+
+def test_fused_prefill_matches_eager_into_any_slots() -> None:
+    engine = _engine()
+    kv = engine.new_kv(4, 96)
+    want = engine.prefill(PROMPTS, kv, [2, 0, 3])
+    fm = fuse_weights(engine.model)
+    t = max(map(len, PROMPTS))
+    tokens = torch.zeros(3, t, dtype=torch.long)
+    for i, p in enumerate(PROMPTS):
+        tokens[i, :len(p)] = torch.tensor(p)
+    got_kv = engine.new_kv(4, 96)
+    with torch.inference_mode():
+        got = prefill_step(fm, TORCH_OPS, tokens, torch.tensor([2, 0, 3]),
+                           torch.tensor([len(p) - 1 for p in PROMPTS]), got_kv.k, got_kv.v)
+    torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-5)
+    for slot, p in zip([2, 0, 3], PROMPTS, strict=True):
+        torch.testing.assert_close(got_kv.k[:, slot, :len(p)], kv.k[:, slot, :len(p)])
+
+
+def test_bucket_for_covers_every_batch_with_the_smallest_bucket() -> None:
+    assert [bucket_for(n) for n in (1, 2, 3, 5, 8, 9, 17, 33, 64, 65, 100)] == [1, 2, 4, 8, 8, 16, 24, 40, 64, 96, 128]
+    for n in range(1, 300):
+        b = bucket_for(n)
+        assert b >= n and not any(n <= c < b for c in BUCKETS)
+    with pytest.raises(ValueError):
+        bucket_for(0)
+
+
+def test_attention_splits_fill_the_chip_and_stay_powers_of_two() -> None:
+    assert attn_splits(1, 8, 132) == 16  # 8 programs would idle most of 132 multiprocessors
+    assert attn_splits(64, 8, 132) == 1  # 512 programs already cover them
+    for rows in range(1, 130):
+        s = attn_splits(rows, 8, 132)
+        assert s & (s - 1) == 0 and 1 <= s <= 16
+        assert s == 16 or rows * 8 * s >= 2 * 132
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs triton with TRITON_INTERPRET=1")
+@pytest.mark.parametrize("splits", [1, 4])
+def test_triton_kernels_match_eager_in_the_interpreter(splits: int) -> None:
+    pytest.importorskip("triton")
+    from services.engine.fused import triton_ops
+
+    engine = _engine()
+    kv = _prefilled(engine)
+    eager_kv, fused_kv = _copy(engine, kv), _copy(engine, kv)
+    fused_kv.resize(4, fused_kv.capacity)
+    want = engine.decode([1, 2, 3], eager_kv, slice(0, 3))
+    fm = fuse_weights(engine.model)
+    pos = torch.tensor(kv.lengths + [-1])
+    got = decode_step(fm, triton_ops(), torch.tensor([1, 2, 3, 0]), pos, torch.arange(4), fused_kv.k, fused_kv.v,
+                      splits)
+    torch.testing.assert_close(got[:3].float(), want, rtol=1e-4, atol=1e-4)
+    n = max(eager_kv.lengths)
+    torch.testing.assert_close(fused_kv.k[:, :3, :n], eager_kv.k[:, :, :n], rtol=1e-5, atol=1e-5)
+
+
+def _tandem(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer of a machine without CUDA")
+def test_roofline_without_cuda_is_a_clear_error() -> None:
+    res = _tandem("bench", "engine", "--device", "cuda", "--roofline")
+    assert res.returncode == 2, res.stderr
+    assert "needs a CUDA GPU" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("args, words", [(["--batches", "1,x"], "--batches"), (["--device", "cpu"], "--device")])
+def test_roofline_rejects_bad_input_before_touching_a_model(args: list[str], words: str) -> None:
+    res = _tandem("bench", "engine", "--roofline", *args)
+    assert res.returncode == 2 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
