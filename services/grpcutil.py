@@ -6,6 +6,7 @@ import functools
 import inspect
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -107,6 +108,9 @@ def rpc_errors(logger: logging.Logger) -> Callable:
             rid = request_id(context)
             if isinstance(exc, TandemError):
                 log(logger, exc.message, logging.WARNING, method=method, request_id=rid, code=exc.code)
+                retry = getattr(exc, "retry_after_s", None)
+                if retry is not None:  # the retry hint of a full queue, as HTTP's Retry-After is
+                    context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(retry)))),))
                 context.abort(status_code(exc), exc.message)
             log(logger, f"internal error: {exc!r}", logging.ERROR, method=method, request_id=rid)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")

@@ -2,7 +2,9 @@
 
 The ranking (prefill by pending prompt tokens, decode by batch load and free KV memory) is
 `services.contracts.routing`, shared with the simulator. Loads come from `WorkerClient.info()` (cached for
-`ttl_s`) plus what this router itself sent since, so a burst of requests spreads out before the next poll.
+`ttl_s`) plus what this router itself has in flight: a pick reserves its share (prompt tokens on the prefill
+worker, one request on the decode worker) under the same lock it chose under, so concurrent picks see each
+other and a burst spreads out.
 """
 
 from __future__ import annotations
@@ -58,10 +60,14 @@ class _Board:
     polled: dict[str, tuple[float, Load]] = field(default_factory=dict)
     sent_tokens: dict[str, int] = field(default_factory=dict)
     sent_requests: dict[str, int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    down_until: dict[str, float] = field(default_factory=dict)  # monotonic; the gateway's local health marks
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
-    def load(self, address: str) -> Load:
+    def poll(self, address: str) -> None:
+        """Refresh a stale poll (outside any lock: a hung worker delays only the pick that polls it)."""
         now = time.monotonic()
+        if now < self.down_until.get(address, 0.0):
+            return  # marked down by the gateway (a stalled or failed call): not even polled for now
         hit = self.polled.get(address)
         # a worker found down is re-polled less often, so one hung worker does not stall every pick
         if hit is None or now - hit[0] > (self.ttl_s if hit[1].healthy else max(self.ttl_s, DOWN_TTL_S)):
@@ -71,22 +77,33 @@ class _Board:
                             i.kv_free_bytes, i.kv_total_bytes)
             except (TandemError, OSError, TimeoutError):
                 load = Load(address, healthy=False)
-            hit = (now, load)
-            self.polled[address] = hit
-        base = hit[1]
+            self.polled[address] = (now, load)
+
+    def view(self, address: str) -> Load:
+        """The last poll plus this router's reservations (call under `lock` when choosing)."""
+        hit = self.polled.get(address)
+        base = hit[1] if hit is not None else Load(address, healthy=False)
+        healthy = base.healthy and time.monotonic() >= self.down_until.get(address, 0.0)
+        return Load(address, base.pending_prompt_tokens + self.sent_tokens.get(address, 0),
+                    base.live_requests + self.sent_requests.get(address, 0), base.waiting_requests,
+                    base.kv_free_bytes, base.kv_total_bytes, healthy)
+
+    def load(self, address: str) -> Load:
+        self.poll(address)
         with self.lock:
-            return Load(address, base.pending_prompt_tokens + self.sent_tokens.get(address, 0),
-                        base.live_requests + self.sent_requests.get(address, 0), base.waiting_requests,
-                        base.kv_free_bytes, base.kv_total_bytes, base.healthy)
+            return self.view(address)
 
     def add(self, address: str, tokens: int = 0, requests: int = 0) -> None:
         with self.lock:
             self.sent_tokens[address] = max(0, self.sent_tokens.get(address, 0) + tokens)
             self.sent_requests[address] = max(0, self.sent_requests.get(address, 0) + requests)
 
-    def forget(self, address: str) -> None:
-        """Drop a cached poll (e.g. after a call to it failed) so the next pick re-polls."""
+    def forget(self, address: str, hold_s: float = 0.0) -> None:
+        """Drop a cached poll (e.g. after a call to it failed) so the next pick re-polls; `hold_s` > 0 also
+        keeps the worker out of every pick (and unpolled) for that long."""
         self.polled.pop(address, None)
+        if hold_s > 0:
+            self.down_until[address] = time.monotonic() + hold_s
 
 
 class _BaseRouter(abc.ABC):
@@ -94,21 +111,28 @@ class _BaseRouter(abc.ABC):
         self.registry = registry
         self.board = _Board(info, ttl_s)
 
-    def _healthy(self, role: str) -> list[Load]:
-        return [ld for ld in (self.board.load(e.address) for e in self.registry.endpoints(role)) if ld.healthy]
+    def _healthy(self, role: str, exclude: frozenset[str] = frozenset()) -> list[Load]:
+        loads = (self.board.view(e.address) for e in self.registry.endpoints(role) if e.address not in exclude)
+        return [ld for ld in loads if ld.healthy]
 
-    def pick(self, prompt_tokens: int) -> Route:
-        prefill, decode = self._healthy("prefill"), self._healthy("decode")
-        picked = routing.route(prefill, decode, lambda: self._healthy("mixed"), self._choose)
-        if picked is None:
-            missing = "prefill" if not prefill else "decode"
-            if not self.registry.endpoints("prefill") and not self.registry.endpoints("decode"):
-                missing = "mixed"
-            raise Unavailable(f"no healthy {missing} worker to route to")
-        p, d, mixed = picked
-        route = Route(str(p.address), str(d.address), mixed=mixed)
-        self.board.add(route.prefill, tokens=prompt_tokens)
-        self.board.add(route.decode, requests=1)
+    def pick(self, prompt_tokens: int, exclude: frozenset[str] = frozenset()) -> Route:
+        """A route avoiding `exclude` (workers that already failed this request); reserves its load."""
+        for ep in self.registry.all():
+            if ep.role in ("prefill", "decode", "mixed") and ep.address not in exclude:
+                self.board.poll(ep.address)
+        with self.board.lock:  # choose and reserve in one step, so concurrent picks see each other
+            prefill, decode = self._healthy("prefill", exclude), self._healthy("decode", exclude)
+            picked = routing.route(prefill, decode, lambda: self._healthy("mixed", exclude), self._choose)
+            if picked is None:
+                missing = "prefill" if not prefill else "decode"
+                if not self.registry.endpoints("prefill") and not self.registry.endpoints("decode"):
+                    missing = "mixed"
+                raise Unavailable(f"no healthy {missing} worker to route to"
+                                  + (f" (avoiding {', '.join(sorted(exclude))})" if exclude else ""))
+            p, d, mixed = picked
+            route = Route(str(p.address), str(d.address), mixed=mixed)
+            self.board.add(route.prefill, tokens=prompt_tokens)
+            self.board.add(route.decode, requests=1)
         return route
 
     def prefill_done(self, route: Route, prompt_tokens: int) -> None:
@@ -117,8 +141,9 @@ class _BaseRouter(abc.ABC):
     def finished(self, route: Route) -> None:
         self.board.add(route.decode, requests=-1)
 
-    def failed(self, address: str) -> None:
-        self.board.forget(address)
+    def failed(self, address: str, hold_s: float = 0.0) -> None:
+        """A call to `address` failed: re-poll it before trusting it again; `hold_s` > 0 avoids it that long."""
+        self.board.forget(address, hold_s)
 
     @abc.abstractmethod
     def _choose(self, loads: list[Load], key: Callable[[Load], tuple]) -> Load:

@@ -58,6 +58,7 @@ class FusionScheduler:
         self._waiting: deque[DecodeRequest] = deque()
         self._cancels: set[str] = set()
         self._known: set[str] = set()  # ids waiting or live
+        self._waiting_bytes = 0  # KV reservations of the waiting requests (claimed, not admitted yet)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._closed = False
@@ -81,6 +82,7 @@ class FusionScheduler:
                 raise InvalidArgument(f"request_id {req.request_id!r} is already in flight", param="request_id")
             self._known.add(req.request_id)
             self._waiting.append(req)
+            self._waiting_bytes += need * self.batch.bytes_per_token
             self._wake.notify()
 
     def cancel(self, request_id: str) -> None:
@@ -95,7 +97,8 @@ class FusionScheduler:
         with self._lock:
             out = dict(self.counters)
             out.update(policy=self.mode, live=sum(r.done is None for r in b.rows), rows=len(b.rows),
-                       waiting=len(self._waiting), kv_used_bytes=b.used_bytes, kv_budget_bytes=b.budget_bytes,
+                       waiting=len(self._waiting), kv_used_bytes=b.used_bytes, kv_waiting_bytes=self._waiting_bytes,
+                       kv_budget_bytes=b.budget_bytes,
                        kv_allocated_bytes=b.kv.nbytes(), kv_capacity=b.kv.capacity, max_batch=self.max_batch,
                        moves=b.moves, reorder_s=b.reorder_s, grows=b.grows, grow_s=b.grow_s)
         return out
@@ -142,6 +145,7 @@ class FusionScheduler:
         with self._step_lock:
             with self._lock:
                 waiting, self._waiting = list(self._waiting), deque()
+                self._waiting_bytes = 0
                 self._known.clear()
                 self._cancels.clear()
             for req in waiting:
@@ -171,6 +175,7 @@ class FusionScheduler:
         with self._lock:
             dropped = [r for r in self._waiting if r.request_id in ids]
             self._waiting = deque(r for r in self._waiting if r.request_id not in ids)
+            self._waiting_bytes -= sum(self._reservation_bytes(r) for r in dropped)
         for req in dropped:
             self._finish_bookkeeping(req, "cancelled")
             self._emit(req, NO_TOKEN, "cancelled")
@@ -196,6 +201,7 @@ class FusionScheduler:
                 if not b.fits(need):
                     return  # FIFO: the head waits for memory and nobody overtakes it
                 self._waiting.popleft()
+                self._waiting_bytes -= need * b.bytes_per_token
             row = Row(req=req, sampler=Sampler(req.params), reserved=need, last_token=req.first_token, generated=1)
             # Nothing left to generate (prefill's token already ended it): finish without taking a slot.
             reason = self._finish_reason(row, req.first_token)
@@ -238,6 +244,10 @@ class FusionScheduler:
             c["padded_rows"] += n - len(live)
             c["decode_s"] += decode_s
         self._release(finished)
+
+    def _reservation_bytes(self, req: DecodeRequest) -> int:
+        cfg = self.engine.cfg
+        return reserved_tokens(req.prompt_len, req.params.max_tokens, cfg.max_seq_len) * self.batch.bytes_per_token
 
     def _finish_reason(self, row: Row, token: int) -> str | None:
         p = row.req.params

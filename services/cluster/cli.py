@@ -84,7 +84,7 @@ def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float =
 
 def serve_role(role: str, layout: str | None, address: str | None, index: int, metrics_port: int | None,
                http: str | None, grpc_address: str | None, workers: list[str], port: int | None,
-               advertise: str | None = None) -> None:
+               advertise: str | None = None, max_inflight: int | None = None) -> None:
     """Run one service in the foreground."""
     if role not in ROLES:
         raise InvalidArgument(f"role: must be one of {', '.join(ROLES)} (got {role!r})", param="role")
@@ -92,7 +92,7 @@ def serve_role(role: str, layout: str | None, address: str | None, index: int, m
     if role == "gateway":
         from services.gateway.server import serve
 
-        serve(lay, http, grpc_address, workers)
+        serve(lay, http, grpc_address, workers, max_inflight)
         return
     if role in DIFFUSION_ROLES:
         server = _optional(f"services.{role}.server", role)
@@ -166,9 +166,13 @@ def register(group: Callable[[str], typer.Typer]) -> None:
         port: int = typer.Option(None, "--port", help="dlm/policy gRPC port"),
         advertise: str = typer.Option(None, "--advertise", help="worker: HOST:PORT the gateway reaches it at, as "
                                       "registered in a redis registry (default: the layout's address)"),
+        max_inflight: int = typer.Option(None, "--max-inflight", help="gateway: requests held at once, beyond "
+                                         "which clients get 429 (default: layout gateway.max_inflight, else what "
+                                         "the pools hold)"),
     ) -> None:
-        """Run one service (prefill, decode, mixed, gateway, dlm, policy) until SIGINT/SIGTERM."""
-        serve_role(role, layout, address, index, metrics_port, http, grpc_address, list(worker), port, advertise)
+        """Run one service (prefill, decode, mixed, gateway, dlm, policy) until SIGINT/SIGTERM (which drains)."""
+        serve_role(role, layout, address, index, metrics_port, http, grpc_address, list(worker), port, advertise,
+                   max_inflight)
 
     @app.command("compose")
     def compose_cmd(

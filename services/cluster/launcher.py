@@ -62,6 +62,19 @@ def plan(layout: Layout, layout_path: str | None) -> list[ProcSpec]:
     return specs
 
 
+def _drained(spec: ProcSpec) -> bool:
+    """A draining gateway with no request in flight (its /metrics says so), or one no longer listening."""
+    import urllib.request
+
+    url = (spec.http or "").replace("/health", "/metrics")
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as r:
+            text = r.read().decode()
+    except OSError:
+        return True
+    return "\ntandem_gateway_inflight 0.0" in text
+
+
 def _die_with_parent() -> None:
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -172,13 +185,20 @@ class Cluster:
         path = self.log_dir / f"{name}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """Gateway first (no new requests), then the workers; SIGKILL whatever outlives the grace."""
-        order = sorted(self.procs, key=lambda n: n != "gateway")
-        for name in order:
-            self._signal(self.procs[name], signal.SIGTERM)
+    def stop(self, grace_s: float = 40.0) -> None:
+        """Gateway first: it drains (refuses new requests, lets in-flight streams finish); once it has nothing in
+        flight (or has exited), the workers, which drain whatever is left. SIGKILL whatever outlives the grace."""
         deadline = time.monotonic() + grace_s
-        for name in order:
+        gateway = [n for n in self.procs if n == "gateway"]
+        workers = [n for n in self.procs if n != "gateway"]
+        for name in gateway:
+            self._signal(self.procs[name], signal.SIGTERM)
+            spec = next(s for s in self.specs if s.name == name)
+            while self.procs[name].poll() is None and time.monotonic() < deadline and not _drained(spec):
+                time.sleep(0.1)
+        for name in workers:
+            self._signal(self.procs[name], signal.SIGTERM)
+        for name in gateway + workers:
             proc = self.procs[name]
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))

@@ -29,9 +29,15 @@ class NotFound(TandemError, LookupError):
 
 
 class ResourceExhausted(TandemError):
+    """A bounded queue or budget is full now; `retry_after_s` is the hint sent as HTTP `Retry-After`."""
+
     code = "RESOURCE_EXHAUSTED"
     http_status = 429
     openai_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(TandemError):

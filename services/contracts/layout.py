@@ -50,6 +50,12 @@ class Batching(_Strict):
     max_batch: int = Field(32, ge=1)
     max_batch_tokens: int = Field(2048, ge=1, description="prefill token budget per batch")
     kv_budget_mb: float | None = Field(None, gt=0, description="decode KV memory budget per worker")
+    max_waiting: int | None = Field(None, ge=0, description="requests a worker queues behind its running batch "
+                                    "(prefill prompts; decode KV pushed but not admitted); beyond it: 429 / "
+                                    "RESOURCE_EXHAUSTED. None = 2 x max_batch")
+
+    def waiting_bound(self) -> int:
+        return self.max_waiting if self.max_waiting is not None else 2 * self.max_batch
 
 
 Pool.model_rebuild()
@@ -69,6 +75,10 @@ class GatewaySpec(_Strict):
 
     http: str = "127.0.0.1:8000"
     grpc: str = "127.0.0.1:50051"
+    max_inflight: int | None = Field(None, ge=1, description="requests the gateway holds at once; beyond it 429 "
+                                     "with Retry-After. None = what the pools can hold (see Layout.capacity)")
+    stall_s: float = Field(15.0, gt=0, description="a decode stream silent this long is moved to another pair")
+    drain_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may run to finish")
 
 
 class KVLink(_Strict):
@@ -135,6 +145,19 @@ class Layout(_Strict):
 
     def pools_of(self, role: PoolRole) -> list[Pool]:
         return [p for p in self.pools if p.role == role and p.count > 0]
+
+    def capacity(self) -> int:
+        """Requests the LLM pools hold at once (running + queued): the gateway's default admission bound.
+
+        Each decode (or mixed) worker holds max_batch live + its waiting bound; each prefill worker its batch
+        plus its waiting bound. A split cluster holds the smaller of its two halves.
+        """
+        def hold(role: PoolRole) -> int:
+            return sum(p.count * (b.max_batch + b.waiting_bound())
+                       for p in self.pools_of(role) for b in [p.batching or self.batching])
+
+        split = min(hold("prefill"), hold("decode")) if self.pools_of("prefill") and self.pools_of("decode") else 0
+        return max(1, split + hold("mixed"))
 
 
 def _field_path(loc: tuple) -> str:

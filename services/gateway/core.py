@@ -6,25 +6,36 @@ thread cancels it by setting `cancel`, which closes the upstream decode stream a
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from services.contracts.errors import DeadlineExceeded, InvalidArgument, TandemError, Unavailable
+from services.contracts.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    TandemError,
+    Unavailable,
+)
 from services.contracts.roles import LLM_ROLES
 from services.engine.sampling import SamplingParams
+from services.gateway.admission import Admission, Ticket, Watchdog
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.progress import Progress, retryable
 from services.gateway.textstream import TextStream
 from services.grpcutil import get_logger, log
+from services.kv.sender import push_timeout
 from services.registry import Registry
 from services.registry.live import LiveRegistry
 from services.router import Route, make_router
 
 logger = get_logger("tandem.gateway")
-KV_TIMEOUT_S = 30.0  # cap on one KV push; a stalled push fails instead of holding the request
+DEFAULT_MAX_INFLIGHT = 256
+DEFAULT_STALL_S = 15.0
 
 
 @dataclass(slots=True)
@@ -60,7 +71,8 @@ class Gateway:
 
     def __init__(self, tokenizer: Any, registry: Registry, model_name: str, *, routing: str = "jsq",
                  default_timeout_s: float = 300.0, client_factory: Any = None,
-                 metrics: GatewayMetrics | None = None) -> None:
+                 metrics: GatewayMetrics | None = None, max_inflight: int = DEFAULT_MAX_INFLIGHT,
+                 stall_s: float = DEFAULT_STALL_S) -> None:
         if client_factory is None:
             from services.workers.client import WorkerClient as client_factory
         self.tokenizer = tokenizer
@@ -72,6 +84,10 @@ class Gateway:
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._context: int | None = None
+        self.admission = Admission(max_inflight)
+        self.metrics.inflight.set_function(lambda: self.admission.inflight)
+        self.stall_s = stall_s
+        self.watchdog = Watchdog(stall_s)
         # loads come from the registry's heartbeats when it has them (no RPC per pick), else from each worker
         info = registry.info if isinstance(registry, LiveRegistry) else (lambda a: self.client(a).info(timeout=1.0))
         self.router = make_router(routing, registry, info)
@@ -87,6 +103,15 @@ class Gateway:
             if c is None:
                 c = self._clients[address] = self._factory(address)
             return c
+
+    def admit(self) -> Ticket:
+        """A place for one request, or at once ResourceExhausted (full) / Unavailable (draining)."""
+        return self.admission.enter()
+
+    def drain(self, grace_s: float) -> bool:
+        """Refuse new requests; let those in flight finish for up to `grace_s`. True when all did."""
+        log(logger, "draining", inflight=self.admission.inflight, grace_s=grace_s)
+        return self.admission.drain(grace_s)
 
     def context_length(self) -> int:
         """The smallest context any LLM worker serves (learned from their Info once one answers)."""
@@ -126,111 +151,168 @@ class Gateway:
     def run(self, req: GenRequest, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         """Generate; yields one Chunk per token (the last one carries finish_reason, usage, timings).
 
-        Raises TandemError on failure. If `cancel` gets set, the upstream stream is closed (freeing the
-        decode slot and KV) and the iterator ends without a final chunk.
+        The gateway owns the request until its last token: a failed prefill, KV push or decode stream (dead,
+        broken, or silent for `stall_s`) moves it to another (prefill, decode) pair, which re-prefills the
+        prompt plus the tokens already generated and continues the same stream. Raises TandemError when no
+        pair is left. If `cancel` gets set, the upstream stream is closed (freeing the decode slot and KV)
+        and the iterator ends without a final chunk.
         """
         cancel = cancel or threading.Event()
         if not isinstance(req, GenRequest):  # a DLMRequest (services.gateway.dlm): the diffusion path runs it
             yield from self.dlm.run(req, cancel)
             return
         m, n = self.metrics, len(req.prompt_ids)
-        deadline = req.received + req.timeout_s
-        route: Route | None = None
-        events: Iterator | None = None
-        prefilled = False
-        outcome = "error"
+        st = Progress(TextStream(self.tokenizer, req.params.stop), deadline=req.received + req.timeout_s)
+        exclude: set[str] = set()
+        outcome, route = "error", None
         m.waiting.inc()
-        waiting = True
+        m.prompt_tokens.inc(n)
         try:
-            route = self.router.pick(n)
-            m.prompt_tokens.inc(n)
-            pr, events = self._start(req, route, deadline, cancel)
-            self.router.prefill_done(route, n)
-            prefilled = True
-            if events is None:  # cancelled while the prompt ran; its KV is released
-                outcome = "cancelled"
-                return
-            stream = TextStream(self.tokenizer, req.params.stop)
-            times: list[float] = []  # one per counted output token (EOS is not counted, as in the engine)
-            ttft = 0.0
-            first_decode = 0.0
-            finish: str | None = None
-            last_ids: list[int] = []
-            last_text = ""
-            for tid, fin, fd in _tokens(pr, events):
-                if cancel.is_set():
-                    outcome = "cancelled"
+            while True:
+                route = self._pick(req, st, exclude)
+                try:
+                    yield from self._attempt(req, route, st, cancel)
+                    outcome = st.outcome
                     return
-                now = time.perf_counter() - req.received
-                if fd is not None:
-                    first_decode = fd
-                if waiting:
-                    ttft = now
-                    m.waiting.dec()
-                    waiting = False
-                    m.running.inc()
-                if fin == "cancelled":
-                    raise Unavailable(f"worker {route.decode} cancelled request {req.request_id}")
-                # A worker's "stop" always means its end-of-sequence token: neither text nor a counted token.
-                ids = [tid] if tid >= 0 and fin != "stop" else []
-                text = ""
-                if ids:
-                    if times:
-                        m.itl.observe(now - times[-1])
-                    times.append(now)
-                    text = stream.push(tid)
-                    if stream.stopped:
-                        fin = "stop"
-                if fin is not None:
-                    finish, last_ids, last_text = fin, ids, text
-                    break
-                yield Chunk(ids, text, workers=route.workers)
-                if time.perf_counter() > deadline:
-                    raise DeadlineExceeded(f"request {req.request_id} ran past its {req.timeout_s:.1f}s deadline")
-            if finish is None:
-                if cancel.is_set():
-                    outcome = "cancelled"
-                    return
-                raise Unavailable(f"worker {route.decode} ended the token stream without a finish reason")
-            last_text += stream.finish()
-            e2e = time.perf_counter() - req.received
-            timings = self._timings(pr, times, ttft, e2e, first_decode)
-            self._observe(timings, pr.kv_bytes)
-            usage = {"prompt_tokens": n, "completion_tokens": len(times), "total_tokens": n + len(times)}
-            outcome = "ok"
-            yield Chunk(last_ids, last_text, finish, usage, timings, route.workers)
+                except TandemError as exc:
+                    if not retryable(exc, st, cancel):
+                        raise
+                    self._avoid(req, route, exc, st, exclude)
+                finally:
+                    self.router.finished(route)
         except GeneratorExit:  # the consumer stopped reading (a gRPC client cancelled): same as cancel
             outcome = "cancelled"
             raise
-        except Unavailable:
-            if route is not None:
-                self.router.failed(route.prefill)
-                self.router.failed(route.decode)
-            raise
         finally:
-            if events is not None and hasattr(events, "close"):
-                events.close()  # cancels the decode call when we stopped early (stop string, cancel, error)
-            if route is not None:
-                if not prefilled:
-                    self.router.prefill_done(route, n)
-                self.router.finished(route)
-            if waiting:
+            if st.first_at is None:
                 m.waiting.dec()
             else:
                 m.running.dec()
             m.requests.labels(req.api, outcome).inc()
             log(logger, "request done", request_id=req.request_id, outcome=outcome, prompt_tokens=n,
-                workers=route.workers if route else [])
+                workers=route.workers if route else [], attempts=st.attempts)
 
-    def _start(self, req: GenRequest, route: Route, deadline: float,
+    def _pick(self, req: GenRequest, st: Progress, exclude: set[str]) -> Route:
+        """A pair for the next attempt. After a failure, a worker too busy to answer its poll in time looks
+        down for a moment: keep asking for up to `stall_s` before telling the client no pair is left."""
+        give_up = min(st.deadline, time.perf_counter() + self.stall_s)
+        while True:
+            try:
+                return self.router.pick(len(req.prompt_ids) + len(st.generated), frozenset(exclude))
+            except Unavailable:
+                if st.last_error is None:
+                    raise
+                if time.perf_counter() >= give_up:
+                    break
+            time.sleep(0.25)
+        if isinstance(st.last_error, ResourceExhausted):  # every pair left is full: a 429, not an outage
+            raise ResourceExhausted(f"request {req.request_id}: every worker pair is full ({st.last_error.message})",
+                                    retry_after_s=st.last_error.retry_after_s)
+        raise Unavailable(f"request {req.request_id}: no (prefill, decode) pair left after {st.attempts} "
+                          f"attempts; last error: {st.last_error.message}")
+
+    def _avoid(self, req: GenRequest, route: Route, exc: TandemError, st: Progress, exclude: set[str]) -> None:
+        """Leave the failed half of the pair out of this request's next pick; mark it down for everyone."""
+        stalled = st.stalled
+        decode_side = stalled or st.decoding or route.mixed or route.decode in exc.message \
+            or exc.message.startswith("KV push to")
+        bad = route.decode if decode_side else route.prefill
+        exclude.add(bad)
+        if not isinstance(exc, ResourceExhausted):  # a full worker is busy, not broken
+            self.router.failed(bad, hold_s=self.stall_s if stalled else 0.0)
+        st.last_error, st.stalled = exc, False
+        phase = "decode" if st.generated else "prefill"
+        self.metrics.retries.labels(phase).inc()
+        log(logger, f"moving request to another pair: {exc.message}", logging.WARNING, request_id=req.request_id,
+            failed=bad, phase=phase, tokens_sent=len(st.generated), stalled=stalled)
+
+    def _attempt(self, req: GenRequest, route: Route, st: Progress, cancel: threading.Event) -> Iterator[Chunk]:
+        """One pair's try: prefill prompt + tokens so far, then stream on; raises TandemError if the pair fails."""
+        m = self.metrics
+        st.attempts += 1
+        st.decoding = False
+        prompt = req.prompt_ids + st.generated
+        params = replace(req.params, max_tokens=req.params.max_tokens - len(st.generated))
+        if params.max_tokens < 1:  # the pair died between the last token and its finish: nothing is left to do
+            yield self._last(req, route, st, "length", [], "")
+            return
+        events = None
+        try:
+            try:
+                pr, events = self._start(req.request_id, prompt, params, route, st.deadline, cancel)
+            finally:
+                self.router.prefill_done(route, len(prompt))
+            if events is None:  # cancelled while the prompt ran; its KV is released
+                st.outcome = "cancelled"
+                return
+            st.pr = st.pr or pr
+            st.decoding = True
+            watch = self.watchdog.watch(events.cancel) if hasattr(events, "cancel") else None
+            try:
+                for tid, fin, fd in _tokens(pr, events):
+                    if watch is not None:
+                        watch.kick()
+                    if cancel.is_set():
+                        st.outcome = "cancelled"
+                        return
+                    now = time.perf_counter() - req.received
+                    if fd is not None and not st.first_decode:
+                        st.first_decode = fd
+                    if st.first_at is None:
+                        st.first_at = now
+                        m.waiting.dec()
+                        m.running.inc()
+                    if fin == "cancelled":
+                        raise Unavailable(f"worker {route.decode} cancelled request {req.request_id}")
+                    # A worker's "stop" always means its end-of-sequence token: neither text nor a counted token.
+                    ids = [tid] if tid >= 0 and fin != "stop" else []
+                    text = ""
+                    if ids:
+                        if st.times:
+                            m.itl.observe(now - st.times[-1])
+                        st.times.append(now)
+                        st.generated.append(tid)
+                        text = st.stream.push(tid)
+                        if st.stream.stopped:
+                            fin = "stop"
+                    if fin is not None:
+                        yield self._last(req, route, st, fin, ids, text)
+                        return
+                    yield Chunk(ids, text, workers=route.workers)
+                    if time.perf_counter() > st.deadline:
+                        raise DeadlineExceeded(f"request {req.request_id} ran past its {req.timeout_s:.1f}s deadline")
+            except Unavailable:
+                st.stalled = watch is not None and watch.fired
+                raise
+            finally:
+                if watch is not None:
+                    self.watchdog.unwatch(watch)
+            if cancel.is_set():
+                st.outcome = "cancelled"
+                return
+            raise Unavailable(f"worker {route.decode} ended the token stream without a finish reason")
+        finally:
+            if events is not None and hasattr(events, "close"):
+                events.close()  # cancels the decode call when we stopped early (stop string, cancel, error)
+
+    def _last(self, req: GenRequest, route: Route, st: Progress, fin: str, ids: list[int], text: str) -> Chunk:
+        n = len(req.prompt_ids)
+        text += st.stream.finish()
+        e2e = time.perf_counter() - req.received
+        timings = self._timings(st.pr, st.times, st.first_at or e2e, e2e, st.first_decode)
+        self._observe(timings, st.pr.kv_bytes)
+        usage = {"prompt_tokens": n, "completion_tokens": len(st.times), "total_tokens": n + len(st.times)}
+        st.outcome = "ok"
+        return Chunk(ids, text, fin, usage, timings, route.workers)
+
+    def _start(self, rid: str, prompt: list[int], params: SamplingParams, route: Route, deadline: float,
                cancel: threading.Event) -> tuple[Any, Iterator | None]:
         """Run the prompt phase; return the prefill result and the decode token iterator (None if cancelled)."""
-        rid, params = req.request_id, req.params
         if route.mixed:
-            return self.client(route.prefill).generate(rid, req.prompt_ids, params, _remaining(deadline, rid))
+            return self.client(route.prefill).generate(rid, prompt, params, _remaining(deadline, rid))
         decode_addr = route.decode if params.max_tokens > 1 else ""
-        pr = self.client(route.prefill).prefill(rid, req.prompt_ids, params, decode_addr, _remaining(deadline, rid),
-                                                kv_timeout=min(KV_TIMEOUT_S, _remaining(deadline, rid)))
+        pr = self.client(route.prefill).prefill(rid, prompt, params, decode_addr, _remaining(deadline, rid),
+                                                kv_timeout=push_timeout(len(prompt)))
         if pr.finished or cancel.is_set():
             if pr.handle:  # KV was pushed but will never be decoded: free it now rather than at lease expiry
                 try:
@@ -286,6 +368,8 @@ class Gateway:
             doc["models"] = [self.model_name, self.dlm.model_name]
             if not any(ep.role in LLM_ROLES for ep in self.registry.all()):
                 ok = any(w["ok"] for w in dlm)  # a dlm-only gateway
+        if self.admission.draining:
+            return {"status": "draining", **doc}
         return {"status": "ok" if ok else "unavailable", **doc}
 
     def close(self) -> None:

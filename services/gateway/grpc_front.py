@@ -103,12 +103,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:  # noqa: N802
         received = time.perf_counter()
         rid = request_id(context)
-        context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
-        req = self._request(request, rid, context, received)
-        cancel = threading.Event()
-        context.add_callback(cancel.set)  # fires when the call ends for any reason, client cancel included
-        for chunk in self.gw.run(req, cancel):
-            yield to_pb(chunk, rid)
+        ticket = self.gw.admit()  # RESOURCE_EXHAUSTED (full) / UNAVAILABLE (draining) before any work
+        try:
+            context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+            req = self._request(request, rid, context, received)
+            cancel = threading.Event()
+            context.add_callback(cancel.set)  # fires when the call ends for any reason, client cancel included
+            for chunk in self.gw.run(req, cancel):
+                yield to_pb(chunk, rid)
+        finally:
+            ticket.release()
 
 
 class _Unparsable:

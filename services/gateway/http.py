@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.contracts.errors import NotFound, TandemError
 from services.gateway import openai_api as oa
+from services.gateway.admission import RETRY_AFTER_S, Ticket
 from services.gateway.core import Chunk, Gateway, GenRequest, new_request_id
 from services.gateway.edge import ApiKeys, EdgeMiddleware
 from services.gateway.schema import MAX_BODY_BYTES, openapi_body
@@ -34,11 +36,17 @@ def _error(status: int, message: str, type_: str, param: str | None = None, code
 
 def tandem_error_response(exc: TandemError) -> JSONResponse:
     code = getattr(exc, "openai_code", None) or exc.code.lower()
-    return _error(exc.http_status, exc.message, exc.openai_type, exc.param, code)
+    resp = _error(exc.http_status, exc.message, exc.openai_type, exc.param, code)
+    retry = getattr(exc, "retry_after_s", None)
+    if retry is not None or exc.http_status == 503:
+        resp.headers["retry-after"] = str(max(1, math.ceil(retry or RETRY_AFTER_S)))
+    return resp
 
 
-async def relay(gw: Gateway, req: GenRequest, pool: ThreadPoolExecutor) -> AsyncIterator[Chunk]:
-    """Drive Gateway.run on a worker thread; leaving this iterator early (disconnect) cancels upstream."""
+async def relay(gw: Gateway, req: GenRequest, pool: ThreadPoolExecutor,
+                ticket: Ticket | None = None) -> AsyncIterator[Chunk]:
+    """Drive Gateway.run on a worker thread; leaving this iterator early (disconnect) cancels upstream.
+    The admission `ticket` is given back when the run ends, however it ends."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
@@ -56,6 +64,8 @@ async def relay(gw: Gateway, req: GenRequest, pool: ThreadPoolExecutor) -> Async
         except BaseException as exc:  # noqa: BLE001 - handed to the async side, which raises it
             put(exc)
         finally:
+            if ticket is not None:
+                ticket.release()
             put(_END)
 
     pool.submit(produce)
@@ -69,6 +79,34 @@ async def relay(gw: Gateway, req: GenRequest, pool: ThreadPoolExecutor) -> Async
             yield item
     finally:
         cancel.set()
+
+
+class AdmissionMiddleware:
+    """The door, outermost, so a refusal costs no routing, body read or tokenization: a generation request
+    either takes an admission ticket (left in request.state for the handler) or gets 429 / 503 at once."""
+
+    PATHS = ("/v1/completions", "/v1/chat/completions")
+
+    def __init__(self, app: Any, gw: Gateway) -> None:
+        self.app, self.gw = app, gw
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.PATHS:
+            await self.app(scope, receive, send)
+            return
+        try:
+            ticket = self.gw.admit()
+        except TandemError as exc:
+            self.gw.metrics.refused.labels("draining" if self.gw.admission.draining else "full").inc()
+            await tandem_error_response(exc)(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        state["ticket"] = ticket
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if not state.get("ticket_owned"):  # the handler never ran (a failure before it)
+                ticket.release()
 
 
 class RequestIdMiddleware:
@@ -99,9 +137,11 @@ class RequestIdMiddleware:
 def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None, keys: ApiKeys | None = None,
                max_body: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="Tandem gateway", version="1")
-    app.add_middleware(EdgeMiddleware, keys=keys, max_body=max_body)  # inside RequestId: refusals carry the id
-    app.add_middleware(RequestIdMiddleware)
-    pool = pool or ThreadPoolExecutor(max_workers=64, thread_name_prefix="gateway")
+    app.add_middleware(AdmissionMiddleware, gw=gw)  # the door: before routing, body and tokenization
+    app.add_middleware(EdgeMiddleware, keys=keys, max_body=max_body)  # auth and body size before a slot is taken
+    app.add_middleware(RequestIdMiddleware)  # added last = outermost: even a refusal carries x-request-id
+    # one thread per admitted request: the admission bound, not this pool, is what queues are measured by
+    pool = pool or ThreadPoolExecutor(max_workers=max(64, gw.admission.limit + 8), thread_name_prefix="gateway")
     app.state.gateway, app.state.pool = gw, pool
 
     @app.exception_handler(TandemError)
@@ -145,6 +185,8 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None, keys: ApiKey
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if gw.admission.draining:  # no worker polls while shutting down
+            return JSONResponse({"status": "draining", "model": gw.model_name}, status_code=503)
         doc = await run_in_threadpool(gw.health)
         return JSONResponse(doc, status_code=200 if doc["status"] == "ok" else 503)
 
@@ -154,6 +196,16 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None, keys: ApiKey
 
     async def _generate(request: Request, kind: Literal["completions", "chat"]) -> Response:
         received = time.perf_counter()
+        ticket = request.state.ticket  # taken at the door (AdmissionMiddleware); from here on we give it back
+        request.state.ticket_owned = True
+        try:
+            return await _admitted(request, kind, received, ticket)
+        finally:
+            if not ticket.handed_over:  # answered (or failed) before a run took it: a 400, say
+                ticket.release()
+
+    async def _admitted(request: Request, kind: Literal["completions", "chat"], received: float,
+                        ticket: Ticket) -> Response:
         rid = request.state.request_id
         raw = await request.body()
         try:
@@ -173,12 +225,13 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None, keys: ApiKey
             req = await run_in_threadpool(oa.to_request, gw, body, rid, timeout, received)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         shaper = oa.Shaper(kind, model_name, rid, include_usage)
-        chunks = relay(gw, req, pool)
+        ticket.handed_over = True  # the run gives it back when it ends, however it ends
         if not body.stream:
-            collected = await _collect_unless_disconnected(request, chunks)
+            collected = await _collect_unless_disconnected(request, gw, req, pool, ticket)
             if collected is None:  # the client left; upstream is cancelled, nobody reads an answer
                 return Response(status_code=499)
             return JSONResponse(shaper.whole(collected))
+        chunks = relay(gw, req, pool, ticket)
         # Pull the first token before answering 200, so routing/prefill errors get a real status code.
         first = await chunks.__anext__()
         return StreamingResponse(_sse(shaper, first, chunks, rid), media_type="text/event-stream",
@@ -187,26 +240,37 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None, keys: ApiKey
     return app
 
 
-async def _collect_unless_disconnected(request: Request, chunks: AsyncIterator[Chunk]) -> list[Chunk] | None:
-    """All chunks of a non-streaming request; None (upstream cancelled) if the client disconnects first."""
+async def _collect_unless_disconnected(request: Request, gw: Gateway, req: GenRequest, pool: ThreadPoolExecutor,
+                                       ticket: Ticket) -> list[Chunk] | None:
+    """All chunks of a non-streaming request; None (upstream cancelled) if the client disconnects first.
 
-    async def collect() -> list[Chunk]:
-        return [c async for c in chunks]
+    The whole run stays on its thread and comes back once: no event-loop wake-up per token, so the loop
+    stays free to answer the door (429s) quickly under load.
+    """
+    cancel = threading.Event()
+
+    def run() -> list[Chunk]:
+        try:
+            return list(gw.run(req, cancel))
+        finally:
+            ticket.release()
 
     async def watch() -> None:
         while not await request.is_disconnected():
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.25)
 
-    work, watcher = asyncio.ensure_future(collect()), asyncio.ensure_future(watch())
+    work = asyncio.get_running_loop().run_in_executor(pool, run)
+    watcher = asyncio.ensure_future(watch())
     try:
         done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if work in done:
             return work.result()
-        work.cancel()  # raises inside relay(), whose finally sets the cancel flag
+        cancel.set()  # the run ends at its next token and frees the decode slot and KV
         await asyncio.gather(work, return_exceptions=True)
         return None
     finally:
         watcher.cancel()
+        cancel.set()
 
 
 async def _sse(shaper: oa.Shaper, first: Chunk, rest: AsyncIterator[Chunk], rid: str) -> AsyncIterator[bytes]:

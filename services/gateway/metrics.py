@@ -31,6 +31,12 @@ class GatewayMetrics:
         self.kv_bytes = Counter("tandem_kv_transfer_bytes", "KV cache bytes moved prefill -> decode", registry=r)
         self.kv_seconds = Histogram("tandem_kv_transfer_seconds", "KV transfer time not hidden behind prefill",
                                     buckets=_TBT + (5, 10), registry=r)
+        self.retries = Counter("tandem_gateway_retries", "Requests moved to another worker pair after a failure, "
+                               "by phase (prefill: before the first token; decode: mid-stream)", ["phase"], registry=r)
+        self.inflight = Gauge("tandem_gateway_inflight", "Requests holding an admission place (bound: max_inflight)",
+                              registry=r)
+        self.refused = Counter("tandem_gateway_refused", "Requests refused at the door (429 full, 503 draining)",
+                               ["reason"], registry=r)
         self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens admitted", registry=r)
         self.generation_tokens = Counter("tandem_generation_tokens", "Tokens generated", registry=r)
         self.dlm_e2e = Histogram("tandem_gateway_dlm_seconds", "Diffusion-LM completions: received to last text",

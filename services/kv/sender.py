@@ -17,6 +17,16 @@ from services.rpc.tandem.v1 import worker_pb2 as pb
 
 _DONE = object()
 PUSH = "/tandem.v1.KVTransfer/Push"
+KV_TIMEOUT_S = 30.0  # a push's time limit once its KV is ready, plus KV_TIMEOUT_PER_TOKEN_S per prompt token
+KV_TIMEOUT_PER_TOKEN_S = 0.002
+# The receiver's allowance for silence between two pieces grows faster: each layer arrives after its own forward
+# pass, and a layer of an 8k-token prompt takes seconds on a free CPU core, tens of seconds on a busy one.
+KV_STALL_PER_TOKEN_S = 0.01
+
+
+def push_timeout(n_tokens: int, base_s: float = KV_TIMEOUT_S) -> float:
+    """Seconds a push of `n_tokens` may take after its last layer is computed (scaled with the prompt)."""
+    return base_s + KV_TIMEOUT_PER_TOKEN_S * n_tokens
 
 
 class Channels:
@@ -47,18 +57,23 @@ class KVSender:
 
     `put(layer, k, v)` in layer order from the compute thread; `close()` after the last layer; `wait()` for the
     receipt. gRPC's own thread pulls the pieces (and does the serialization), so compute is never blocked.
+
+    `timeout_s` bounds the push from the moment its KV is complete (`close()`), not from the header: the
+    forward pass of a long prompt may take minutes on CPU. `call_timeout_s` (the request's own deadline) is the
+    backstop on the whole call.
     """
 
     def __init__(self, stubs: Channels, address: str, spec: KVSpec, request_id: str, timeout_s: float,
-                 lease_s: float = 0.0, chunk_bytes: int = DEFAULT_CHUNK) -> None:
+                 lease_s: float = 0.0, chunk_bytes: int = DEFAULT_CHUNK, call_timeout_s: float | None = None) -> None:
         self.address, self.spec, self.request_id = address, spec, request_id
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes, self.timeout_s = chunk_bytes, timeout_s
         self._q: queue.Queue = queue.Queue()
         self._header = spec.header(request_id, lease_s).SerializeToString()
         self.started = time.perf_counter()
         self.first_piece_at = 0.0
-        self._future = stubs.push(address).future(self._chunks(), timeout=timeout_s,
-                                                        metadata=((REQUEST_ID_KEY, request_id),))
+        self.ready_at = 0.0  # when the last layer was handed over: the KV timeout starts here
+        self._future = stubs.push(address).future(self._chunks(), timeout=call_timeout_s,
+                                                  metadata=((REQUEST_ID_KEY, request_id),))
 
     def _chunks(self):
         yield self._header
@@ -87,6 +102,7 @@ class KVSender:
         self._q.put((layer, k, v, ready))
 
     def close(self) -> None:
+        self.ready_at = time.perf_counter()
         self._q.put(_DONE)
 
     def cancel(self) -> None:
@@ -96,8 +112,15 @@ class KVSender:
 
     def wait(self) -> pb.KVReceipt:
         """The receipt; the failure as a services.contracts.errors exception (naming the decode worker)."""
+        from services.contracts.errors import DeadlineExceeded
+
+        left = self.timeout_s - (time.perf_counter() - (self.ready_at or time.perf_counter()))
         try:
-            return self._future.result()
+            return self._future.result(timeout=max(0.0, left))
+        except grpc.FutureTimeoutError:
+            self._future.cancel()
+            raise DeadlineExceeded(f"KV push to {self.address} did not finish within {self.timeout_s:.1f}s of the "
+                                   f"KV being ready ({self.spec.n_tokens} tokens)") from None
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"worker {self.address}") from None
         except grpc.FutureCancelledError:

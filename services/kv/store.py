@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.contracts.errors import NotFound, ResourceExhausted
+from services.contracts.errors import NotFound, ResourceExhausted, Unavailable
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -27,16 +27,22 @@ class Entry:
     cancel: Callable[[], None] | None = None  # stops an in-flight push (the RPC's context.cancel)
     layers: Layers = field(default_factory=list)
     n_tokens: int = 0
+    stall_s: float = 0.0  # while in flight: the longest silence between pieces
 
 
 class KVStore:
     """Owns received KV until Decode claims it. `used_bytes` counts in-flight and leased caches."""
 
     def __init__(self, budget_bytes: int, lease_s: float = 30.0, stall_s: float = 10.0,
-                 other_used: Callable[[], int] = lambda: 0, on_expire: Callable[[Entry, str], None] | None = None) -> None:
+                 other_used: Callable[[], int] = lambda: 0, on_expire: Callable[[Entry, str], None] | None = None,
+                 max_held: int | None = None, other_held: Callable[[], int] = lambda: 0) -> None:
         self.budget_bytes = budget_bytes
         self.lease_s, self.stall_s = lease_s, stall_s
-        self.other_used = other_used  # KV the decode scheduler holds, sharing the same budget
+        # KV the decode scheduler holds, sharing the same budget: its live rows AND the requests it has
+        # claimed but not admitted yet (their reservations), so free_bytes never over-reports
+        self.other_used = other_used
+        self.max_held, self.other_held = max_held, other_held  # a bound on requests held (ours + the scheduler's)
+        self.draining = False
         self.on_expire = on_expire
         self._lock = threading.Lock()
         self._inflight: dict[str, Entry] = {}
@@ -55,26 +61,38 @@ class KVStore:
         return max(0, self.budget_bytes - self.used_bytes - self.other_used())
 
     @property
+    def pushing(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    @property
     def waiting(self) -> int:
         with self._lock:
             return len(self._inflight) + len(self._leased)
 
-    def begin(self, request_id: str, nbytes: int, cancel: Callable[[], None]) -> str:
-        """Reserve a push's bytes; returns its ticket. ResourceExhausted when the budget cannot hold it now."""
+    def begin(self, request_id: str, nbytes: int, cancel: Callable[[], None], stall_s: float | None = None) -> str:
+        """Reserve a push's bytes; returns its ticket. ResourceExhausted when the budget or the request bound
+        cannot hold it now; Unavailable while the worker drains."""
+        if self.draining:
+            raise Unavailable("decode worker is draining; it takes no new KV")
         with self._lock:
+            held = len(self._inflight) + len(self._leased) + self.other_held()
+            if self.max_held is not None and held >= self.max_held:
+                raise ResourceExhausted(f"decode worker full: {held} requests held (bound {self.max_held})")
             used = sum(e.nbytes for e in (*self._inflight.values(), *self._leased.values())) + self.other_used()
             if used + nbytes > self.budget_bytes:
                 raise ResourceExhausted(f"KV of {nbytes} bytes does not fit: {self.budget_bytes - used} of "
                                         f"{self.budget_bytes} bytes free on this decode worker")
             ticket = uuid.uuid4().hex
-            self._inflight[ticket] = Entry(request_id, nbytes, time.monotonic() + self.stall_s, cancel)
+            stall = stall_s or self.stall_s
+            self._inflight[ticket] = Entry(request_id, nbytes, time.monotonic() + stall, cancel, stall_s=stall)
             return ticket
 
     def touch(self, ticket: str) -> None:
         """A piece arrived: push the stall deadline out."""
         entry = self._inflight.get(ticket)
         if entry is not None:
-            entry.deadline = time.monotonic() + self.stall_s
+            entry.deadline = time.monotonic() + (entry.stall_s or self.stall_s)
 
     def abort(self, ticket: str) -> None:
         with self._lock:

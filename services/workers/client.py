@@ -90,6 +90,41 @@ def _event(m: pb.DecodeEvent, first: bool) -> TokenEvent:
     return TokenEvent(token, m.finish_reason or None, m.first_decode_s if first else None)
 
 
+class TokenStream:
+    """A decode call's events, in order. `cancel()` may come from any thread (a stall watchdog); the reader
+    then gets Unavailable. `close()` (or dropping it early) cancels the call, freeing the worker's slot and KV."""
+
+    def __init__(self, call: grpc.Call, convert: Callable, address: str) -> None:
+        self._call, self._convert, self.address = call, convert, address
+        self._i = 0
+
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> TokenEvent:
+        try:
+            m = next(self._call)
+        except grpc.RpcError as exc:
+            self._call.cancel()
+            raise error_from_rpc(exc, f"worker {self.address}") from None
+        except StopIteration:
+            self._call.cancel()
+            raise
+        self._i += 1
+        return self._convert(m, self._i - 1)
+
+    def cancel(self) -> None:
+        self._call.cancel()  # no-op when the call is finished
+
+    close = cancel
+
+    def __del__(self) -> None:
+        try:
+            self._call.cancel()
+        except Exception:  # noqa: BLE001,S110 - interpreter shutdown; nothing left to free
+            pass
+
+
 class WorkerClient:
     """Calls one worker. Every call carries a deadline and the request id as `x-request-id` metadata."""
 
@@ -154,14 +189,8 @@ class WorkerClient:
         """Free a pushed KV that will never be decoded; False if the handle was already gone."""
         return self._call(lambda: self._kv.Release(pb.KVReleaseRequest(handle=handle), timeout=timeout)).released
 
-    def _stream(self, call: grpc.Call, convert: Callable) -> Iterator[TokenEvent]:
-        try:
-            for i, m in enumerate(call):
-                yield convert(m, i)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, f"worker {self.address}") from None
-        finally:
-            call.cancel()  # no-op when finished; frees the worker's slot when the caller stops early
+    def _stream(self, call: grpc.Call, convert: Callable) -> TokenStream:
+        return TokenStream(call, convert, self.address)
 
     def close(self) -> None:
         self._channel.close()

@@ -19,10 +19,13 @@ from services.engine import Engine
 from services.engine.sampling import SamplingParams
 from services.grpcutil import log, request_id
 from services.kv.proto import Piece
+from services.kv.sender import KV_STALL_PER_TOKEN_S
 from services.kv.store import Entry, KVStore, Layers
 from services.kv.wire import KVAssembler, KVSpec, dtype_name
 from services.rpc.tandem.v1 import worker_pb2 as pb
 from services.workers.client import sampling_from_pb
+
+LEASE_WAIT_S = 5.0  # draining: how long received KV may wait for its Decode call (its gateway may be gone)
 
 
 class DecodeWorker:
@@ -31,11 +34,21 @@ class DecodeWorker:
     def __init__(self, engine: Engine, scheduler: FusionScheduler, kv_budget_bytes: int, logger: logging.Logger,
                  lease_s: float = 30.0, stall_s: float = 10.0,
                  on_receive: Callable[[int, float], None] | None = None,
-                 on_reject: Callable[[str], None] | None = None) -> None:
+                 on_reject: Callable[[str], None] | None = None, max_waiting: int | None = None) -> None:
         self.engine, self.scheduler, self.logger = engine, scheduler, logger
         self.on_receive, self.on_reject = on_receive, on_reject
-        self.store = KVStore(kv_budget_bytes, lease_s, stall_s,
-                             other_used=lambda: scheduler.stats()["kv_used_bytes"], on_expire=self._expired)
+        held = None if max_waiting is None else scheduler.max_batch + max_waiting
+
+        def used() -> int:
+            st = scheduler.stats()
+            return st["kv_used_bytes"] + st["kv_waiting_bytes"]
+
+        def held_by_scheduler() -> int:
+            st = scheduler.stats()
+            return st["live"] + st["waiting"]
+
+        self.store = KVStore(kv_budget_bytes, lease_s, stall_s, other_used=used, on_expire=self._expired,
+                             max_held=held, other_held=held_by_scheduler)
         cfg = engine.cfg
         self.expect = KVSpec(engine.fingerprint, cfg.n_layers, dtype_name(engine.dtype), 0, cfg.n_kv_heads, cfg.head_dim)
 
@@ -55,7 +68,10 @@ class DecodeWorker:
                                       param="header")
             spec = asm.header(first)
             rid = first.request_id or rid
-            ticket = self.store.begin(rid, spec.nbytes, cancel=context.cancel)
+            # a long prompt's layers take long to compute (each one arrives after its forward pass): the
+            # silence allowed between pieces grows with the prompt, as the sender's own limit does
+            ticket = self.store.begin(rid, spec.nbytes, cancel=context.cancel,
+                                      stall_s=self.store.stall_s + KV_STALL_PER_TOKEN_S * spec.n_tokens)
             for chunk in chunks:
                 if isinstance(chunk, str):
                     raise InvalidArgument(chunk, param="data")
@@ -127,6 +143,17 @@ class DecodeWorker:
             if reason:
                 log(self.logger, "decode finished", request_id=rid, finish_reason=reason)
                 return
+
+    def drain(self, grace_s: float) -> bool:
+        """Take no new KV; wait up to `grace_s` for received KV to be decoded and live streams to end."""
+        self.store.draining = True
+        start = time.monotonic()
+        while self.store.pushing or not self.scheduler.idle() or (
+                self.store.waiting and time.monotonic() - start < min(grace_s, LEASE_WAIT_S)):
+            if time.monotonic() - start > grace_s:
+                return False
+            time.sleep(0.05)
+        return True
 
     def close(self) -> None:
         self.store.close()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.contracts.errors import InvalidArgument, TandemError, Unavailable
+from services.contracts.errors import InvalidArgument, ResourceExhausted, TandemError, Unavailable
 from services.engine import Engine
 from services.engine.sampling import Sampler, SamplingParams
 from services.kv.sender import Channels, KVSender
@@ -33,8 +33,9 @@ class PrefillJob:
     prompt: list[int]
     params: SamplingParams
     decode_address: str | None
-    kv_timeout_s: float = 30.0
+    kv_timeout_s: float = 30.0  # from the moment the KV is ready (see KVSender)
     lease_s: float = 0.0
+    call_timeout_s: float | None = None  # the request's remaining deadline: the backstop on the whole push
     enqueued: float = field(default_factory=time.perf_counter)
     future: Future = field(default_factory=Future)
     layers: Layers | None = None
@@ -52,8 +53,10 @@ class PrefillBatcher:
     """Owns the prefill queue and thread. submit() is thread-safe; results arrive on each job's future."""
 
     def __init__(self, engine: Engine, max_batch_tokens: int = 2048, max_batch: int = 32,
-                 chunk_bytes: int = DEFAULT_CHUNK, on_push: object = None, overlap: bool = True) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK, on_push: object = None, overlap: bool = True,
+                 max_waiting: int | None = None) -> None:
         self.engine = engine
+        self.max_waiting = max_waiting  # prompts held beyond one full batch (queued or pushing); None = unbounded
         self.overlap = overlap  # False: push only after the whole forward pass (the baseline Splitwise improves on)
         self.max_batch_tokens, self.max_batch = max_batch_tokens, max_batch
         self.chunk_bytes = chunk_bytes
@@ -65,6 +68,8 @@ class PrefillBatcher:
         self._active: _Batch | None = None
         self._stopping = False
         self._copy_stream = None  # CUDA: the stream the per-layer device->host KV copies run on
+        self._draining = False
+        self._unresolved = 0  # jobs submitted whose future is not done yet (queued, running, or pushing)
         self._thread = threading.Thread(target=self._loop, name="prefill-batcher", daemon=True)
         self._thread.start()
 
@@ -84,12 +89,31 @@ class PrefillBatcher:
                                   f"length {cfg.max_seq_len}", param="prompt")
         job.sampler = Sampler(job.params)  # validates the params
         with self._cv:
-            if self._stopping:
+            if self._stopping or self._draining:
                 raise Unavailable("prefill worker is shutting down")
+            if self.max_waiting is not None and self._unresolved >= self.max_batch + self.max_waiting:
+                raise ResourceExhausted(f"prefill worker full: {self._unresolved} prompts held (max_batch "
+                                        f"{self.max_batch} + max_waiting {self.max_waiting})")
             self._queue.append(job)
             self._pending_tokens += len(job.prompt)
+            self._unresolved += 1
             self._cv.notify()
+        job.future.add_done_callback(self._resolved)
         return job.future
+
+    def _resolved(self, _future: Future) -> None:
+        with self._cv:
+            self._unresolved -= 1
+            self._cv.notify_all()
+
+    def drain(self, grace_s: float) -> bool:
+        """Refuse new prompts; wait up to `grace_s` for every accepted one to finish. True when all did."""
+        deadline = time.monotonic() + grace_s
+        with self._cv:
+            self._draining = True
+            while self._unresolved and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(left)
+            return self._unresolved == 0
 
     def stop(self) -> None:
         with self._cv:
@@ -166,7 +190,8 @@ class PrefillBatcher:
 
     def _open(self, jobs: list[PrefillJob], remote: list[bool]) -> list[KVSender | None]:
         return [KVSender(self.channels, j.decode_address, self._spec(len(j.prompt)), j.request_id, j.kv_timeout_s,
-                         j.lease_s, self.chunk_bytes) if r else None for j, r in zip(jobs, remote, strict=True)]
+                         j.lease_s, self.chunk_bytes, j.call_timeout_s) if r else None
+                for j, r in zip(jobs, remote, strict=True)]
 
     def _run(self, jobs: list[PrefillJob]) -> None:
         t0 = time.perf_counter()
@@ -222,6 +247,8 @@ class PrefillBatcher:
                 try:
                     receipt = s.wait()
                 except TandemError as exc:
+                    # name the decode worker, so the gateway knows which half of the pair to avoid
+                    exc.message = f"KV push to {s.address} failed: {exc.message}"
                     j.future.set_exception(exc)
                     continue
                 timings.kv_transfer_s = time.perf_counter() - t1

@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any
 
 import grpc
@@ -20,6 +21,7 @@ from services.contracts.errors import InvalidArgument, TandemError, Unavailable
 from services.contracts.roles import DECODE_ROLES, LLM_ROLES, PREFILL_ROLES
 from services.grpcutil import Server, get_logger, log, request_id, rpc_errors
 from services.kv.proto import parse_chunk
+from services.kv.sender import push_timeout
 from services.kv.wire import DEFAULT_CHUNK, dtype_name
 from services.registry.connect import worker_heartbeat
 from services.registry.live import WorkerRecord
@@ -73,6 +75,7 @@ class WorkerServer:
         self.kv_overlap, self.threads = kv_overlap, threads
         self.kv_lease_s, self.kv_stall_s, self.kv_timeout_s, self.chunk_bytes = kv_lease_s, kv_stall_s, kv_timeout_s, chunk_bytes
         self.engine = self.batcher = self.decoder = self.mixed = self.scheduler = None
+        self.draining = False
         # Every live Decode stream holds a server thread; leave room for pushes, Info and Generate beside them.
         self.server = Server(address, [self._add], SERVICES, max_workers=max(32, 2 * self.batching.max_batch + 16))
         self.address = self.server.address
@@ -117,12 +120,14 @@ class WorkerServer:
                                      kv_free=lambda: self.decoder.store.free_bytes if self.decoder else 0)
         if self.role in PREFILL_ROLES:
             self.batcher = PrefillBatcher(self.engine, b.max_batch_tokens, b.max_batch, self.chunk_bytes,
-                                          on_push=self.metrics.pushed, overlap=self.kv_overlap)
+                                          on_push=self.metrics.pushed, overlap=self.kv_overlap,
+                                          max_waiting=b.waiting_bound())
         if self.role in DECODE_ROLES:
             self.scheduler = FusionScheduler(self.engine, b.policy, b.max_batch, budget)
             self.scheduler.start()
             self.decoder = DecodeWorker(self.engine, self.scheduler, budget, logger, self.kv_lease_s, self.kv_stall_s,
-                                        on_receive=self.metrics.received, on_reject=self.metrics.rejected)
+                                        on_receive=self.metrics.received, on_reject=self.metrics.rejected,
+                                        max_waiting=b.waiting_bound())
         if self.role == "mixed":
             self.mixed = MixedWorker(self.batcher, self.decoder)
 
@@ -145,6 +150,8 @@ class WorkerServer:
 
     def info(self) -> pb.WorkerInfo:
         e = self.need("engine")
+        if self.draining:  # routers treat the worker as down from now on
+            raise Unavailable(f"worker {self.address} is draining")
         total = self.decoder.store.budget_bytes if self.decoder else 0
         return pb.WorkerInfo(
             role=self.role, model=self.model_spec or e.name, fingerprint=e.fingerprint, address=self.address,
@@ -152,6 +159,18 @@ class WorkerServer:
             waiting_requests=self._waiting(), kv_free_bytes=self.decoder.store.free_bytes if self.decoder else 0,
             kv_total_bytes=total, max_seq_len=e.cfg.max_seq_len, vocab_size=e.cfg.vocab_size,
             kv_dtype=dtype_name(e.dtype))
+
+    def drain(self, grace_s: float) -> bool:
+        """SIGTERM: report NOT_SERVING, refuse new prompts and KV, let accepted requests finish (up to grace_s)."""
+        self.draining = True
+        self.server.health.enter_graceful_shutdown()
+        deadline = time.monotonic() + grace_s
+        done = True
+        if self.batcher:
+            done = self.batcher.drain(grace_s) and done
+        if self.decoder:
+            done = self.decoder.drain(max(0.0, deadline - time.monotonic())) and done
+        return done
 
     def record(self, address: str | None = None, index: int = 0) -> WorkerRecord:
         """What this worker registers and renews: `address` is how others reach it (default: where it listens,
@@ -184,11 +203,10 @@ class _Prefill(rpc.PrefillServicer):
             raise InvalidArgument("decode_address is required when max_tokens > 1", param="decode_address")
         if req.kv_timeout_s < 0:
             raise InvalidArgument(f"kv_timeout_s must be >= 0 (got {req.kv_timeout_s})", param="kv_timeout_s")
-        timeout = req.kv_timeout_s or self.w.kv_timeout_s
-        remaining = context.time_remaining()
-        if remaining is not None:
-            timeout = min(timeout, remaining)
-        job = PrefillJob(rid, list(req.prompt_ids), params, req.decode_address or None, timeout)
+        # the KV limit runs from when the KV is ready; the caller's deadline bounds the whole call
+        timeout = req.kv_timeout_s or push_timeout(len(req.prompt_ids), self.w.kv_timeout_s)
+        job = PrefillJob(rid, list(req.prompt_ids), params, req.decode_address or None, timeout,
+                         call_timeout_s=context.time_remaining())
         batcher.submit(job)
         result = wait_result(job, context)
         log(logger, "prefill done", request_id=rid, prompt_tokens=result.prompt_tokens, kv_bytes=result.kv_bytes,
@@ -237,9 +255,11 @@ def serve(role: str, address: str, model: str | None = None, batching: Any = Non
     """Run one worker until SIGINT/SIGTERM (or `stop_event`); `ready_event` is set once it is SERVING.
 
     With `registry=redis://...` it registers once ready, renews a heartbeat with its load, and deregisters
-    first when it stops (`advertise`: the address others reach it at; `index`: its place in its pool).
+    first when it stops (`advertise`: the address others reach it at; `index`: its place in its pool). Then
+    it drains: health NOT_SERVING, no new work, accepted requests finish within `drain_s`.
     """
     registry, advertise, index = opts.pop("registry", "memory"), opts.pop("advertise", None), opts.pop("index", 0)
+    drain_s = opts.pop("drain_s", 30.0)
     stop = stop_event or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -253,7 +273,9 @@ def serve(role: str, address: str, model: str | None = None, batching: Any = Non
     finally:
         if beat is not None:
             beat.stop()  # deregister first: routers stop sending work here
-        log(logger, "worker stopping", role=role, address=worker.address)
+        log(logger, "worker draining", role=role, address=worker.address, grace_s=drain_s)
+        done = worker.drain(drain_s)
+        log(logger, "worker stopping", role=role, address=worker.address, drained=done)
         worker.stop()
 
 
@@ -269,6 +291,8 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--kv-budget-mb", type=float, default=None)
+    p.add_argument("--max-waiting", type=int, default=None, help="requests held beyond the batch (default 2 x max-batch)")
+    p.add_argument("--drain-s", type=float, default=30.0, help="on SIGTERM, seconds accepted requests may take")
     p.add_argument("--kv-lease-s", type=float, default=30.0)
     p.add_argument("--kv-stall-s", type=float, default=10.0)
     p.add_argument("--kv-timeout-s", type=float, default=30.0)
@@ -279,11 +303,11 @@ def main() -> None:
     p.add_argument("--advertise", default=None, help="HOST:PORT others reach this worker at (registry record)")
     a = p.parse_args()
     batching = Batching(policy=a.policy, max_batch=a.max_batch, max_batch_tokens=a.max_batch_tokens,
-                        kv_budget_mb=a.kv_budget_mb)
+                        kv_budget_mb=a.kv_budget_mb, max_waiting=a.max_waiting)
     try:
         serve(a.role, a.address, a.model, batching, a.metrics_port, kv_lease_s=a.kv_lease_s, kv_stall_s=a.kv_stall_s,
               kv_timeout_s=a.kv_timeout_s, device=a.device, kv_overlap=not a.no_kv_overlap, threads=a.threads,
-              registry=a.registry, advertise=a.advertise)
+              registry=a.registry, advertise=a.advertise, drain_s=a.drain_s)
     except TandemError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         sys.exit(2)

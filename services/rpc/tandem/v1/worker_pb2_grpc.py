@@ -46,7 +46,9 @@ class PrefillServicer:
 
     def Prefill(self, request, context):
         """Unary: queued into the worker's token-budget batcher; returns once the decode worker has
-        acknowledged the whole KV (or the first token finished the request).
+        acknowledged the whole KV (or the first token finished the request). RESOURCE_EXHAUSTED at once
+        (nothing computed) when the worker already holds max_batch + max_waiting prompts; UNAVAILABLE while
+        it drains. A failed push names the decode worker: "KV push to HOST:PORT failed: ...".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -201,6 +203,9 @@ class KVTransferServicer:
         """Client stream: KVChunk.header first, then pieces; returns the receipt once every layer is in.
         Wrong checksum, shape, dtype, fingerprint, layer, order or a missing piece: INVALID_ARGUMENT,
         and the partial cache is freed. A stream that stalls past the receiver's timeout is cancelled.
+        RESOURCE_EXHAUSTED at the header when the KV budget (live rows, claimed-but-not-admitted requests,
+        pushes and leases together) cannot hold it, or the worker holds max_batch + max_waiting requests;
+        UNAVAILABLE while the worker drains.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -317,7 +322,8 @@ class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Info(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """UNAVAILABLE while the worker drains (SIGTERM): routers stop sending it work.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -1,0 +1,111 @@
+"""The gateway's front-door bound: at most `limit` requests in flight; the rest get 429 (or 503 while draining)
+at once, before their body is read or tokenized. A stream-stall watchdog for the decode streams lives here too.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from services.contracts.errors import ResourceExhausted, Unavailable
+
+RETRY_AFTER_S = 1.0  # the hint a refused client gets (HTTP Retry-After, gRPC `retry-after` trailer)
+
+
+class Ticket:
+    """One admitted request's place; `release()` is idempotent, so every exit path may call it. Whoever runs
+    the request marks it `handed_over` and gives it back when the run ends; else the front door does."""
+
+    __slots__ = ("_admission", "_done", "handed_over")
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission, self._done, self.handed_over = admission, False, False
+
+    def release(self) -> None:
+        if not self._done:
+            self._done = True
+            self._admission._leave()
+
+
+class Admission:
+    """A counting bound with a drain switch. `enter()` never blocks: a full gateway answers now, not later."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.inflight = 0
+        self.draining = False
+        self.refused = 0
+        self._cv = threading.Condition()
+
+    def enter(self) -> Ticket:
+        with self._cv:
+            if self.draining:
+                raise Unavailable("the gateway is draining (shutting down); send new requests elsewhere")
+            if self.inflight >= self.limit:
+                self.refused += 1
+                raise ResourceExhausted(f"the gateway is full: {self.inflight} requests in flight (max_inflight "
+                                        f"{self.limit}); retry after {RETRY_AFTER_S:.0f}s", retry_after_s=RETRY_AFTER_S)
+            self.inflight += 1
+            return Ticket(self)
+
+    def _leave(self) -> None:
+        with self._cv:
+            self.inflight -= 1
+            self._cv.notify_all()
+
+    def drain(self, grace_s: float) -> bool:
+        """Refuse new requests; wait up to `grace_s` for those in flight. True when none is left."""
+        deadline = time.monotonic() + grace_s
+        with self._cv:
+            self.draining = True
+            while self.inflight and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(left)
+            return self.inflight == 0
+
+
+class Watch:
+    """One watched stream: `kick()` on every token; the watchdog calls `on_stall` once if kicks stop."""
+
+    __slots__ = ("last", "on_stall", "fired")
+
+    def __init__(self, on_stall: Callable[[], None]) -> None:
+        self.last, self.on_stall, self.fired = time.monotonic(), on_stall, False
+
+    def kick(self) -> None:
+        self.last = time.monotonic()
+
+
+class Watchdog:
+    """One thread checking every live decode stream for a token within `stall_s` (a hung or stopped worker)."""
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self._watches: set[Watch] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, on_stall: Callable[[], None]) -> Watch:
+        w = Watch(on_stall)
+        with self._lock:
+            self._watches.add(w)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="gateway-stall-watchdog", daemon=True)
+                self._thread.start()
+        return w
+
+    def unwatch(self, w: Watch) -> None:
+        with self._lock:
+            self._watches.discard(w)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(min(0.25, self.stall_s / 4))
+            now = time.monotonic()
+            with self._lock:
+                stalled = [w for w in self._watches if now - w.last > self.stall_s]
+                for w in stalled:
+                    self._watches.discard(w)
+            for w in stalled:
+                w.fired = True
+                w.on_stall()

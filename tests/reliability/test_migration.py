@@ -1,0 +1,207 @@
+"""Request migration over real processes: 2 prefill + 3 decode workers and a gateway, on a tiny checkpoint.
+
+A corrupted KV chunk is caught by its crc32 and the request retried on another pair; a SIGSTOPped decode worker's
+streams move after the gateway's stall timeout and the worker serves again after SIGCONT; SIGTERM drains a decode
+worker (its streams finish there); SIGKILL of a decode worker under 18 live greedy streams loses none of them;
+with no prefill worker left, a clear UNAVAILABLE. Every output is the greedy one (checked teacher-forced).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from kit.faults import (
+    CorruptingProxy,
+    Split,
+    greedy_mismatch,
+    run_streams,
+    start_split,
+    stop_split,
+    stream,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+STALL_S = 3.0
+MAX_TOKENS = 1000
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kit.checkpoints import tiny_config, write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", tiny_config(max_seq_len=4096))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny: Path):
+    from services.engine.loader import load_engine
+
+    return load_engine(str(tiny), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def proxy() -> dict:
+    return {}
+
+
+@pytest.fixture(scope="module")
+def split(tiny: Path, tmp_path_factory: pytest.TempPathFactory, proxy: dict):
+    def via(name: str, address: str) -> str | None:
+        if name == "decode-0":  # the gateway (and so every KV push) reaches decode-0 through the proxy
+            proxy["p"] = CorruptingProxy(address)
+            return proxy["p"].address
+        return None
+
+    s = start_split(tmp_path_factory.mktemp("migration"), str(tiny), 2, 3, via=via,
+                    gateway={"stall_s": STALL_S, "drain_s": 5})
+    yield s
+    stop_split(s)
+    proxy["p"].close()
+
+
+def prompts(n: int, length: int = 24, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 384) for _ in range(length)] for _ in range(n)]
+
+
+def reference(engine, prompt: list[int], max_tokens: int) -> list[int]:
+    from services.engine.generate import generate
+    from services.engine.sampling import SamplingParams
+
+    return list(generate(engine, prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)))
+
+
+def decode_of(result) -> str:
+    return result.workers[-1][1]
+
+
+def busiest(results: list) -> tuple[str, int]:
+    """The decode worker holding the most streams that are still far from their end."""
+    counts = Counter(decode_of(r) for r in results if not r.finish and len(r.token_ids) < MAX_TOKENS - 200)
+    addr = max(counts, key=lambda a: counts[a])
+    return addr, counts[addr]
+
+
+def check_greedy(engine, prompts: list[list[int]], results: list) -> None:
+    """Every stream completed, MAX_TOKENS long, each token the greedy choice after everything before it
+    (what a fault-free greedy run produces)."""
+    for p, r in zip(prompts, results, strict=True):
+        assert r.error is None, r.error
+        assert len(r.token_ids) == MAX_TOKENS and r.finish
+        assert greedy_mismatch(engine, p, r.token_ids) == -1, f"stream {r.workers} differs from greedy"
+
+
+def test_a_corrupted_kv_chunk_is_detected_and_retried(split: Split, proxy: dict, engine) -> None:
+    prompt = prompts(1, length=1500, seed=1)[0]  # 1500 tokens: each K/V tensor is one 192 KB piece
+    proxy["p"].armed.set()
+    results = run_streams(split.grpc, [prompt], 8)
+    r = results[0]
+    assert r.error is None, r.error
+    assert proxy["p"].corrupted == 1
+    assert r.token_ids == reference(engine, prompt, 8)
+    wrong = r.token_ids[:4] + [(r.token_ids[4] + 1) % 384] + r.token_ids[5:]
+    assert greedy_mismatch(engine, prompt, r.token_ids) == -1 and greedy_mismatch(engine, prompt, wrong) == 4
+    assert r.workers[-1][1] != split.addr["decode-0"] and len(r.workers) == 1  # no token came from the bad push
+    assert "checksum mismatch" in split.log("decode-0")
+    assert "moving request to another pair" in split.log("gateway")
+
+
+def test_a_stopped_decode_worker_loses_its_streams_to_the_others_and_rejoins(split: Split, engine) -> None:
+    ps = prompts(9, seed=2)
+    victim: dict[str, str] = {}
+
+    def stop_one(results: list) -> None:
+        wait_until(lambda: all(len(r.token_ids) >= 20 for r in results), 60, "every stream to flow")
+        victim["addr"], held = busiest(results)
+        victim["name"] = split.name_of(victim["addr"])
+        split.signal(victim["name"], signal.SIGSTOP)
+        print(f"\nSIGSTOP {victim['name']} holding {held} live streams; tokens so far "
+              f"{[len(r.token_ids) for r in results]}")
+
+    try:
+        results = run_streams(split.grpc, ps, MAX_TOKENS, during=stop_one)
+    finally:
+        if "name" in victim:
+            split.signal(victim["name"], signal.SIGCONT)
+    moved = [r for r in results if any(w[1] == victim["addr"] for w in r.workers[:-1])]
+    assert moved, "no stream was on the stopped worker"
+    check_greedy(engine, ps, results)
+    assert victim["addr"] not in {decode_of(r) for r in results}
+    # after SIGCONT (and the gateway's hold on it, STALL_S) it takes new work again
+    time.sleep(STALL_S + 0.5)
+    later = run_streams(split.grpc, prompts(6, seed=3), 40)
+    assert all(r.error is None for r in later)
+    assert victim["addr"] in {decode_of(r) for r in later}
+
+
+def test_sigterm_drains_a_decode_worker(split: Split, engine) -> None:
+    """Its live streams finish where they are; then it exits 0, and new requests go to the others."""
+    ps = prompts(6, seed=6)
+    victim: dict[str, str] = {}
+
+    def term_one(results: list) -> None:
+        wait_until(lambda: all(len(r.token_ids) >= 20 for r in results), 60, "every stream to flow")
+        victim["addr"], _ = busiest(results)
+        victim["name"] = split.name_of(victim["addr"])
+        split.signal(victim["name"], signal.SIGTERM)
+
+    results = run_streams(split.grpc, ps, MAX_TOKENS, during=term_one)
+    check_greedy(engine, ps, results)
+    stayed = [r for r in results if r.workers[0][1] == victim["addr"]]
+    assert stayed and all(len(r.workers) == 1 for r in stayed)  # finished on the draining worker, not moved
+    assert split.cluster.procs[victim["name"]].wait(30) == 0
+    assert "worker draining" in split.log(victim["name"])
+    after = run_streams(split.grpc, prompts(4, seed=7), 16)
+    assert all(r.error is None for r in after) and victim["addr"] not in {decode_of(r) for r in after}
+
+
+def test_sigkill_of_a_decode_worker_under_18_streams_loses_no_request(split: Split, engine) -> None:
+    ps = prompts(18, seed=4)
+    victim: dict[str, str] = {}
+
+    def kill_one(results: list) -> None:
+        wait_until(lambda: all(len(r.token_ids) >= 20 for r in results), 60, "every stream to flow")
+        victim["addr"], held = busiest(results)
+        victim["name"] = split.name_of(victim["addr"])
+        victim["streams"] = str(held)
+        victim["live"] = str(sum(not r.finish for r in results))
+        split.signal(victim["name"], signal.SIGKILL)
+
+    t0 = time.monotonic()
+    results = run_streams(split.grpc, ps, MAX_TOKENS, during=kill_one)
+    moved = [r for r in results if len(r.workers) > 1]
+    print(f"\nSIGKILL {victim['name']} holding {victim['streams']} of {victim['live']} live streams: "
+          f"{len(moved)} moved, {sum(r.error is None for r in results)}/18 completed in {time.monotonic() - t0:.1f}s")
+    assert int(victim["live"]) >= 16 and len(moved) >= 1
+    check_greedy(engine, ps, results)
+    # the others never stopped: new requests are served by what is left
+    after = run_streams(split.grpc, prompts(4, seed=5), 16)
+    assert all(r.error is None and len(r.token_ids) == 16 for r in after)
+    assert victim["addr"] not in {decode_of(r) for r in after}
+
+
+def test_no_pair_left_is_a_clear_unavailable(split: Split) -> None:
+    """With every prefill worker stopped, a request ends in UNAVAILABLE naming the problem (not a hang)."""
+    import grpc
+
+    names = [n for n in split.addr if n.startswith("prefill")]
+    for n in names:
+        split.signal(n, signal.SIGKILL)
+    wait_until(lambda: all(split.cluster.procs[n].poll() is not None for n in names), 10, "prefill workers to die")
+    results = [None]
+    from kit.faults import StreamResult
+
+    results = [StreamResult()]
+    t = threading.Thread(target=stream, args=(split.grpc, prompts(1)[0], 8, results, 0), daemon=True)
+    t.start()
+    t.join(30)
+    assert results[0].code == grpc.StatusCode.UNAVAILABLE, results[0]
+    assert "prefill" in (results[0].error or "")
