@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from kit.faults import (
-    CorruptingProxy,
     Split,
     greedy_mismatch,
     run_streams,
@@ -25,6 +24,8 @@ from kit.faults import (
     stream,
     wait_until,
 )
+
+from services.bench.faultproxy import CorruptingProxy
 
 pytestmark = pytest.mark.slow
 STALL_S = 3.0
@@ -101,7 +102,7 @@ def check_greedy(engine, prompts: list[list[int]], results: list) -> None:
 
 def test_a_corrupted_kv_chunk_is_detected_and_retried(split: Split, proxy: dict, engine) -> None:
     prompt = prompts(1, length=1500, seed=1)[0]  # 1500 tokens: each K/V tensor is one 192 KB piece
-    proxy["p"].armed.set()
+    proxy["p"].arm(1)
     results = run_streams(split.grpc, [prompt], 8)
     r = results[0]
     assert r.error is None, r.error
