@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -80,15 +81,18 @@ def start_up(layout: Path, log_dir: Path, timeout_s: float = 240.0, args: tuple[
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", str(layout), "--log-dir", str(log_dir), *args],
                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     up = Up(proc, f"http://{http}", grpc_addr, log_dir)
+    ours = {f"127.0.0.1:{p['base_port'] + i}" for p in lay.get("pools", []) if p.get("base_port")
+            for i in range(p.get("count", 1))}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"tandem up exited {proc.returncode}: {Path(out.name).read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(f"{up.http}/health", timeout=1) as r:
-                if r.status == 200:
+                # ours, not another test's gateway that still holds a port free_port() handed out again
+                if r.status == 200 and ours <= {w.get("address") for w in json.loads(r.read()).get("workers", [])}:
                     return up
-        except OSError:
+        except (OSError, ValueError):
             pass
         time.sleep(0.3)
     up.stop(signal.SIGKILL)

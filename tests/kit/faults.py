@@ -15,8 +15,8 @@ from pathlib import Path
 
 import grpc
 import yaml
-from conftest import free_port
 
+from kit.net import free_port
 from services.cluster.launcher import Cluster, ProcSpec, plan
 from services.contracts.layout import parse_layout
 from services.rpc.tandem.v1 import generation_pb2 as gpb

@@ -183,7 +183,7 @@ def test_the_http_door_answers_a_burst_of_a_full_gateway_at_once() -> None:
 
     import httpx
     import uvicorn
-    from conftest import free_port
+    from kit.net import free_port
 
     from services.gateway.core import Gateway
     from services.gateway.http import create_app

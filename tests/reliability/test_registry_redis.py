@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import free_port
+from kit.net import free_port
 from kit.redisd import RedisServer
 
 from services.contracts.errors import Unavailable

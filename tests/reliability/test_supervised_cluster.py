@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
 from kit.cluster import alive, child_named, start_up, write_layout
+from kit.net import free_port
 from kit.redisd import RedisServer
 
 pytestmark = pytest.mark.slow
