@@ -172,6 +172,7 @@ class PerfModel:
         self._flops = hw.peak_flops * hw.mfu
         self._bw = hw.hbm_bw * hw.mbu
         self._decode_cache: dict[int, tuple[float, float, float]] = {}
+        self._prefill_cache: dict[tuple[int, float | None], tuple[float, float]] = {}
         ovh = profile.overheads if profile is not None else {}
         # runtime costs measured by `tandem profile` through a running cluster (0 / 1 without them)
         self.request_overhead_s = ovh.get("request_overhead_s", 0.0)  # gateway: tokenize, route, RPC hops
@@ -202,6 +203,12 @@ class PerfModel:
 
         `sum_sq` is the sum of squared prompt lengths (causal attention FLOPs); defaults to one prompt.
         """
+        hit = self._prefill_cache.get((tokens, sum_sq))  # a pure function of its arguments: remembered
+        if hit is None:
+            hit = self._prefill_cache[(tokens, sum_sq)] = self._prefill(tokens, sum_sq)
+        return hit
+
+    def _prefill(self, tokens: int, sum_sq: float | None) -> tuple[float, float]:
         s = self.spec
         if sum_sq is None:
             sum_sq = float(tokens) ** 2

@@ -13,19 +13,17 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from functools import partial
-
-import simpy
 
 from services.contracts.layout import Batching
-from services.contracts.routing import Load
+from services.contracts.routing import Load, Ranked
+from sim.clock import Clock
 from sim.kvlink import Fabric
 from sim.perf import PerfModel
 from sim.state import Requests, Tally
 
 
 def seg_time(k: float, a: float, c: float, c0: float, b: int) -> float:
-    return k * a + c * (k * c0 + b * k * (k - 1) / 2.0)
+    return k * a + c * (k * c0 + b * k * (k - 1) / 2.0)  # (the hot paths below inline this very expression)
 
 
 def iters_done(elapsed: float, a: float, c: float, c0: float, b: int) -> int:
@@ -48,7 +46,7 @@ class Worker:
     # way per-iteration simulators work (kept for the speed benchmark's side-by-side and for tests).
     segment_limit: int | None = None
 
-    def __init__(self, env: simpy.Environment, idx: int, role: str, perf: PerfModel, batching: Batching,
+    def __init__(self, env: Clock, idx: int, role: str, perf: PerfModel, batching: Batching,
                  reqs: Requests, tally: Tally, cluster: object, kv_usable_fraction: float,
                  fabric: Fabric, *, kv_transfer: str = "layerwise", mixed_overhead: float = 0.0) -> None:
         self.env, self.idx, self.role, self.perf, self.reqs, self.tally = env, idx, role, perf, reqs, tally
@@ -84,29 +82,46 @@ class Worker:
         self.idle_w = perf.hw.power_idle_w
         # what the router ranks by (services.contracts.routing); KV counts every token routed here for decode
         self.load = Load(idx, kv_free_bytes=cap * self.kv_bytes, kv_total_bytes=cap * self.kv_bytes)
+        self.rank: Ranked | None = None  # the router's pool holding self.load, at position rank_i (sim/cluster.py)
+        self.rank_i = 0
 
     # -- inputs from the router / other workers -------------------------------------------------------------
     def add_prefill(self, rid: int) -> None:
         self.prefill_q.append(rid)
         self.prefill_pending += self.reqs.prompt[rid]
-        self.load.pending_prompt_tokens = self.prefill_pending
-        self.load.waiting_requests += 1
-        self._poke()
+        load = self.load
+        load.pending_prompt_tokens = self.prefill_pending
+        load.waiting_requests += 1
+        if self.rank is not None:
+            self.rank.update(self.rank_i)
+        if not self.busy:  # _poke, inlined (once per request)
+            self._next()
+        elif self.fusion and self.seg[0] == "decode":
+            self._cut()
 
     def assign_decode(self, need: int) -> None:
         """The router sent a request's decode phase here: reserve its KV share in the router's view."""
         self.dec_assigned += need
-        self.load.live_requests += 1
-        self.load.kv_free_bytes = (self.kv_cap - self.dec_assigned) * self.kv_bytes
+        load = self.load
+        load.live_requests += 1
+        load.kv_free_bytes = (self.kv_cap - self.dec_assigned) * self.kv_bytes
+        if self.rank is not None:
+            self.rank.update(self.rank_i)
 
     def release_decode(self, need: int) -> None:
         self.dec_assigned -= need
-        self.load.live_requests -= 1
-        self.load.kv_free_bytes = (self.kv_cap - self.dec_assigned) * self.kv_bytes
+        load = self.load
+        load.live_requests -= 1
+        load.kv_free_bytes = (self.kv_cap - self.dec_assigned) * self.kv_bytes
+        if self.rank is not None:
+            self.rank.update(self.rank_i)
 
     def add_decode(self, rid: int) -> None:
         self.dec_wait.append(rid)
-        self._poke()
+        if not self.busy:  # _poke, inlined
+            self._next()
+        elif self.fusion and self.seg[0] == "decode":
+            self._cut()
 
     def _poke(self) -> None:
         if not self.busy:
@@ -118,23 +133,25 @@ class Worker:
     def _admit(self) -> None:
         if not self.dec_wait or (not self.fusion and self.heap):
             return
-        r, heap, it = self.reqs, self.heap, self.it
-        while self.dec_wait and len(heap) < self.max_batch:
-            rid = self.dec_wait[0]
-            need = r.prompt[rid] + r.output[rid]
+        r, heap, it, wait = self.reqs, self.heap, self.it, self.dec_wait
+        prompt, output, gen = r.prompt, r.output, r.gen
+        while wait and len(heap) < self.max_batch:
+            rid = wait[0]
+            need = prompt[rid] + output[rid]
             if self.kv_used + need > self.kv_cap and heap:
                 break  # wait for memory; an empty worker always takes one (the router checked it fits)
-            self.dec_wait.popleft()
+            wait.popleft()
             self.kv_used += need
-            heapq.heappush(heap, (it + r.output[rid] - r.gen[rid], rid))
+            heapq.heappush(heap, (it + output[rid] - gen[rid], rid))
             self.join_it[rid] = it
             self.fresh.append(rid)
-            self.ctx += r.prompt[rid] + r.gen[rid]
+            self.ctx += prompt[rid] + gen[rid]
 
     def _next(self) -> None:
         """Start the next unit of work, if any (called when not busy)."""
         if self.fusion:
-            self._admit()
+            if self.dec_wait:
+                self._admit()
             if self.prefill_q:
                 self._start_prefill()
             elif self.heap:
@@ -149,15 +166,15 @@ class Worker:
             self._start_decode()
 
     def _start_prefill(self) -> None:
-        r = self.reqs
+        prompt, q = self.reqs.prompt, self.prefill_q
         batch: list[int] = []
         tokens = 0
         sum_sq = 0.0
-        while self.prefill_q and len(batch) < self.max_batch:
-            p = r.prompt[self.prefill_q[0]]
+        while q and len(batch) < self.max_batch:
+            p = prompt[q[0]]
             if batch and tokens + p > self.max_batch_tokens:
                 break
-            batch.append(self.prefill_q.popleft())
+            batch.append(q.popleft())
             tokens += p
             sum_sq += float(p) * p
         b = len(self.heap)  # decode requests riding along (mixed iteration)
@@ -171,80 +188,93 @@ class Worker:
             # a mixed iteration: sim.mixed_overhead (splitwise-sim: 0.1) plus reading the decoders' KV
             t = t * (1.0 + self.mixed_overhead) + self.perf.decode(b)[1] * self.ctx
         self.busy = True
-        self.version += 1
-        now = self.env.now
+        self.version = version = self.version + 1
+        env = self.env
+        now = env.now
         self.seg = ("prefill", now, t, watts, batch, tokens)
-        self.env.timeout(t).callbacks.append(partial(self._end_prefill, self.version))
+        env.call(t, self._end_prefill, version)
         self._push_kv(batch, now, t)
 
     def _push_kv(self, batch: list[int], t0: float, t: float) -> None:
         """Start the KV transfers of the prompts that decode elsewhere (sim/kvlink.py): layer-wise from the
         first layer's end, or whole after the prefill."""
-        r, workers, fabric = self.reqs, self.cluster.workers, self.fabric
+        r, workers, fabric, idx, twin = self.reqs, self.cluster.workers, self.fabric, self.idx, self.twin
+        dests, output, prompt = r.dest, r.output, r.prompt
         for rid in batch:
-            dest = r.dest[rid]
-            if dest == self.idx or r.output[rid] <= 1 or workers[dest] is self.twin:
+            dest = dests[rid]
+            if dest == idx or output[rid] <= 1 or workers[dest] is twin:
                 continue
-            nbytes = r.prompt[rid] * self.kv_bytes
+            nbytes = prompt[rid] * self.kv_bytes
             if self.layerwise:
                 ready, floor = t0 + t / self.layers, t0 + t + fabric.alone_s(nbytes / self.layers)
             else:
                 ready = floor = t0 + t
-            fabric.send(self.idx, dest, nbytes, ready, floor, partial(self._landed, rid))
+            fabric.send(idx, dest, nbytes, ready, floor, self._landed, rid)
 
     def _start_decode(self) -> None:
-        b = len(self.heap)
+        heap = self.heap
+        b = len(heap)
         a, c, watts = self.perf.decode(b)
-        if self.lane is not None and self.lane.busy:
+        lane = self.lane
+        if lane is not None and lane.busy:
             a, c = a * self.perf.mixed_decode_slowdown, c * self.perf.mixed_decode_slowdown
         if self.fusion:
-            k = self.heap[0][0] - self.it
+            k = heap[0][0] - self.it
             if self.segment_limit is not None:
                 k = min(k, self.segment_limit)
         else:
-            k = max(self.heap)[0] - self.it
-        t = seg_time(k, a, c, self.ctx, b)
+            k = max(heap)[0] - self.it
+        c0 = self.ctx
+        t = k * a + c * (k * c0 + b * k * (k - 1) / 2.0)  # seg_time(k, a, c, c0, b)
         self.busy = True
-        self.version += 1
-        self.seg = ("decode", self.env.now, t, watts, k, a, c, self.ctx, b)
-        self.env.timeout(t).callbacks.append(partial(self._end_decode, self.version))
+        self.version = version = self.version + 1
+        env = self.env
+        self.seg = ("decode", env.now, t, watts, k, a, c, c0, b)
+        env.call(t, self._end_decode, version)
 
     def _cut(self) -> None:
         """Something must join: end the running decode segment at the next iteration boundary."""
         _, t0, _, watts, k, a, c, c0, b = self.seg
-        i = iters_done(self.env.now - t0, a, c, c0, b) + 1
+        env = self.env
+        now = env.now
+        i = iters_done(now - t0, a, c, c0, b) + 1
         if i >= k:
             return
-        t = seg_time(i, a, c, c0, b)
-        self.version += 1
+        t = i * a + c * (i * c0 + b * i * (i - 1) / 2.0)  # seg_time(i, a, c, c0, b)
+        self.version = version = self.version + 1
         self.seg = ("decode", t0, t, watts, i, a, c, c0, b)
-        self.env.timeout(t0 + t - self.env.now).callbacks.append(partial(self._end_decode, self.version))
+        env.call(t0 + t - now, self._end_decode, version)
 
     # -- completions ----------------------------------------------------------------------------------------
-    def _end_prefill(self, version: int, _ev: object) -> None:
+    def _end_prefill(self, version: int) -> None:
         if version != self.version:
             return
         _, t0, t, watts, batch, tokens = self.seg
         now = self.env.now
-        self.tally.events += 1
-        self.tally.busy(t0, now, watts - self.idle_w)
+        tally = self.tally
+        tally.events += 1
+        tally.busy(t0, now, watts - self.idle_w)
         r = self.reqs
         self.prefill_pending -= tokens
-        self.load.pending_prompt_tokens = self.prefill_pending
-        self.load.waiting_requests -= len(batch)
+        load = self.load
+        load.pending_prompt_tokens = self.prefill_pending
+        load.waiting_requests -= len(batch)
+        if self.rank is not None:
+            self.rank.update(self.rank_i)
         if self.heap:  # the riding decode requests got one token each
             self._advance(1, t0, t, t)
         self.busy = False  # before handing requests on: a concurrent twin must see this lane idle
+        first_tok, gen, output, dests, idx = r.first_tok, r.gen, r.output, r.dest, self.idx
         for rid in batch:
-            r.first_tok[rid] = now
-            r.gen[rid] += 1
-            if r.output[rid] <= 1:
+            first_tok[rid] = now
+            gen[rid] += 1
+            if output[rid] <= 1:
                 r.finish[rid] = now
                 self.cluster.on_done(rid)
-            elif r.dest[rid] == self.idx:
+            elif dests[rid] == idx:
                 self.dec_wait.append(rid)
-            elif self.cluster.workers[r.dest[rid]] is self.twin:  # a concurrent mixed worker: no transfer
-                self._join(rid)
+            elif self.twin is not None and self.cluster.workers[dests[rid]] is self.twin:
+                self._join(rid)  # a concurrent mixed worker: no transfer
             # else: its KV is on the way (_push_kv); _landed hands it to the destination
         self._next()
 
@@ -259,29 +289,31 @@ class Worker:
         """Hand the request to its decode worker after the runtime's join delay (Decode call, KV claim)."""
         to = self.cluster.workers[self.reqs.dest[rid]]
         if self.perf.decode_join_s > 0:
-            self.env.timeout(self.perf.decode_join_s).callbacks.append(partial(_deliver, to, rid))
+            self.env.call(self.perf.decode_join_s, to.add_decode, rid)
         else:
             to.add_decode(rid)
 
-    def _end_decode(self, version: int, _ev: object) -> None:
+    def _end_decode(self, version: int) -> None:
         if version != self.version:
             return
         _, t0, t, watts, k, a, c, c0, b = self.seg
-        now = self.env.now
-        self.tally.events += 1
-        self.tally.busy(t0, now, watts - self.idle_w)
-        self._advance(k, t0, seg_time(1, a, c, c0, b), t, (a, c, c0, b))
+        tally = self.tally
+        tally.events += 1
+        tally.busy(t0, self.env.now, watts - self.idle_w)
+        self._advance(k, t0, a + c * c0, t, (a, c, c0, b))  # seg_time(1, ...) is exactly a + c·c0
         self.busy = False
         self._next()
 
     def _advance(self, k: int, t0: float, s1: float, total: float, coef: tuple | None = None) -> None:
         """Apply k iterations (first one s1 long, all of them `total`) to the batch: record the TBT gaps and
         retire members whose last token came out."""
-        r, tally, heap = self.reqs, self.tally, self.heap
-        n, nf = len(heap), len(self.fresh)
-        for rid in self.fresh:
-            r.first_gap[rid] = t0 + s1 - r.first_tok[rid]
-        self.fresh = []
+        r, tally, heap, fresh = self.reqs, self.tally, self.heap, self.fresh
+        n, nf = len(heap), len(fresh)
+        if nf:
+            first_gap, first_tok, at = r.first_gap, r.first_tok, t0 + s1
+            for rid in fresh:
+                first_gap[rid] = at - first_tok[rid]
+            self.fresh = []
         it0 = self.it
         self.it = it = it0 + k
         self.ctx += n * k
@@ -293,6 +325,8 @@ class Worker:
             if nf and k > 1:
                 tally.gap_values.append((total - s1) / (k - 1))
                 tally.gap_weights.append(float(nf * (k - 1)))
+        if not heap or heap[0][0] > it:
+            return
         join_it, on_done = self.join_it, self.cluster.on_done
         while heap and heap[0][0] <= it:
             end_it, rid = heapq.heappop(heap)
@@ -308,6 +342,3 @@ class Worker:
                 tally.gap_weights.append(float(steps - 1))
             on_done(rid)
 
-
-def _deliver(worker: Worker, rid: int, _ev: object) -> None:
-    worker.add_decode(rid)
