@@ -8,6 +8,11 @@ calls it directly. Everything else SimPy does is untouched: processes, resources
 the queue and run through SimPy's own step, so the order of every event — and every simulated number — is what
 `env.timeout(d).callbacks.append(...)` gave.
 
+`cancel` drops a pending call (a decode segment cut short, a KV flow's superseded finish): it is skipped when it
+comes up, and the queue is rebuilt without the dropped calls once they make up half of it. Removing entries
+leaves the order of the others as it was (the sequence number breaks every tie), so this only keeps the queue
+short: before it, a busy cluster's queue held about three stale entries per live one.
+
 Relies on SimPy's queue layout (`_queue` entries `(time, priority, sequence, event)`, `_eid`, `_now`), which has
 not changed since SimPy 3; `tests/sim` runs every path through it.
 """
@@ -15,7 +20,7 @@ not changed since SimPy 3; `tests/sim` runs every path through it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from heapq import heappop, heappush
+from heapq import heapify, heappop, heappush
 from typing import Any
 
 import simpy
@@ -30,12 +35,26 @@ class Clock(simpy.Environment):
     def __init__(self, initial_time: float = 0) -> None:
         super().__init__(initial_time)
         self.now = self._now
+        self._dropped: set[int] = set()  # sequence numbers of cancelled calls still on the queue
 
-    def call(self, delay: float, fn: Callable[[Any], object], arg: Any = None) -> None:
-        """Call fn(arg) `delay` seconds from now, ordered exactly as `self.timeout(delay)` would be."""
+    def call(self, delay: float, fn: Callable[[Any], object], arg: Any = None) -> int:
+        """Call fn(arg) `delay` seconds from now, ordered exactly as `self.timeout(delay)` would be. Returns the
+        call's sequence number, for `cancel`."""
         if delay < 0:
             raise ValueError(f"Negative delay {delay}")  # what SimPy's Timeout raises
-        heappush(self._queue, (self._now + delay, NORMAL, next(self._eid), fn, arg))
+        eid = next(self._eid)
+        heappush(self._queue, (self._now + delay, NORMAL, eid, fn, arg))
+        return eid
+
+    def cancel(self, eid: int) -> None:
+        """Drop a pending call (one that `call` returned and that has not come up yet)."""
+        dropped = self._dropped
+        dropped.add(eid)
+        queue = self._queue
+        if len(dropped) > 16 and 2 * len(dropped) > len(queue):
+            queue[:] = [item for item in queue if item[2] not in dropped]
+            heapify(queue)
+            dropped.clear()
 
     def step(self) -> None:
         """SimPy's step, also for `call` entries (so `env.run()` works on a mix of both)."""
@@ -43,10 +62,14 @@ class Clock(simpy.Environment):
             item = heappop(self._queue)
         except IndexError:
             raise EmptySchedule from None
-        self._now = self.now = item[0]
         if len(item) == 5:
+            if item[2] in self._dropped:
+                self._dropped.discard(item[2])
+                return
+            self._now = self.now = item[0]
             item[3](item[4])
         else:
+            self._now = self.now = item[0]
             self._fire(item[3])
 
     def _fire(self, event: simpy.Event) -> None:
@@ -73,15 +96,20 @@ class Clock(simpy.Environment):
         if at <= self._now:
             raise ValueError(f"until ({at}) must be greater than the current simulation time")
         stop = (self._now + (at - self._now), URGENT, next(self._eid))
-        queue = self._queue
+        queue, dropped = self._queue, self._dropped
         try:
             while queue and queue[0] < stop:
                 item = heappop(queue)
+                if dropped and item[2] in dropped:
+                    dropped.discard(item[2])
+                    continue
                 self._now = self.now = item[0]
-                if len(item) == 5:
-                    item[3](item[4])
-                else:
+                try:
+                    arg = item[4]  # a `call` (5 fields); SimPy's own entries have 4
+                except IndexError:
                     self._fire(item[3])
+                else:
+                    item[3](arg)
         except StopSimulation as exc:  # an event-based stop left over from an earlier run(until=event)
             return exc.args[0]
         self._now = self.now = stop[0]

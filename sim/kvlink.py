@@ -49,6 +49,7 @@ class Fabric:
         self.n_in = [0] * n_workers
         self.t_last = 0.0
         self.version = 0
+        self.tick = -1  # the clock's sequence number of the pending _tick (-1: none)
         self.started = 0  # flows ever started (tests, bench)
 
     def send(self, src: int, dst: int, nbytes: float, ready_at: float, floor: float,
@@ -68,7 +69,12 @@ class Fabric:
 
     # -- the fluid model ------------------------------------------------------------------------------------
     def _start(self, f: Flow) -> None:
-        self._progress()
+        now = self.env.now  # _progress, inlined
+        dt = now - self.t_last
+        if dt > 0:
+            for g in self.flows:
+                g.left -= g.rate * dt
+        self.t_last = now
         self.flows.append(f)
         self.n_out[f.src] += 1
         self.n_in[f.dst] += 1
@@ -101,12 +107,14 @@ class Fabric:
             if due < soonest:
                 soonest = due
         self.version = version = self.version + 1
-        if flows:
-            self.env.call(soonest, self._tick, version)
+        if self.tick >= 0:
+            self.env.cancel(self.tick)  # superseded by the rates just computed
+        self.tick = self.env.call(soonest, self._tick, version) if flows else -1
 
     def _tick(self, version: int) -> None:
         if version != self.version:
             return
+        self.tick = -1
         self._progress()
         eps = self.link_Bps * 1e-9  # a nanosecond's worth of bytes: float dust
         keep: list[Flow] = []

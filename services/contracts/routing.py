@@ -75,32 +75,26 @@ def decode_key(load: Load) -> tuple:
     return (load.kv_total_bytes > 0 and free <= 0, load.live_requests + load.waiting_requests, -free)
 
 
-class Ranked(Sequence[L]):
-    """A fixed pool of loads with each one's `key` kept current: whoever changes `self[i]` calls `update(i)`.
-    `jsq(ranked, ranked.key)` then compares stored keys instead of calling `key` on every load."""
+class Ranked(list):
+    """A fixed pool of loads (a list of them) with each one's `key` kept current: whoever changes `self[i]` calls
+    `update(i)`. `jsq(ranked, ranked.key)` then compares the stored keys instead of calling `key` on every load."""
 
-    __slots__ = ("loads", "key", "keys")
+    __slots__ = ("key", "keys")
 
-    def __init__(self, loads: Iterable[L], key: Key) -> None:
-        self.loads: list[L] = list(loads)
+    def __init__(self, loads: Iterable[Load], key: Key) -> None:
+        super().__init__(loads)
         self.key = key
-        self.keys: list[tuple] = [key(ld) for ld in self.loads]
-
-    def __len__(self) -> int:
-        return len(self.loads)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return self.loads[i]
+        self.keys: list[tuple] = [key(ld) for ld in self]
 
     def update(self, i: int) -> None:
-        self.keys[i] = self.key(self.loads[i])
+        self.keys[i] = self.key(self[i])
 
 
 def jsq(loads: Sequence[L], key: Key) -> L:
     """The least-loaded worker by `key` (ties go to the first in `loads`, i.e. registry/layout order)."""
     if type(loads) is Ranked and loads.key is key:
         keys = loads.keys
-        return loads.loads[keys.index(min(keys))]  # the first least key, as min(loads, key=key) picks
+        return loads[keys.index(min(keys))]  # the first least key, as min(loads, key=key) picks
     return min(loads, key=key)
 
 
