@@ -2,7 +2,7 @@
 
 A worker, the KV fabric and the arrival loop schedule plain calls ("at now + d, call f(x)"). Through SimPy each
 such call costs a Timeout object, a functools.partial and a trip through `Environment.step`; at a few events per
-simulated request that was a fifth of the simulator's CPU. `Clock.call` puts the call itself on SimPy's queue, in
+simulated request that was about a sixth of the simulator's CPU. `Clock.call` puts the call itself on SimPy's queue, in
 the slot `env.timeout(d)` would have taken (same time, priority and sequence number), and `Clock.run` pops and
 calls it directly. Everything else SimPy does is untouched: processes, resources and timeouts (the dlm pool) share
 the queue and run through SimPy's own step, so the order of every event — and every simulated number — is what
@@ -13,7 +13,7 @@ comes up, and the queue is rebuilt without the dropped calls once they make up h
 leaves the order of the others as it was (the sequence number breaks every tie), so this only keeps the queue
 short: before it, a busy cluster's queue held about three stale entries per live one.
 
-Relies on SimPy's queue layout (`_queue` entries `(time, priority, sequence, event)`, `_eid`, `_now`), which has
+Relies on SimPy's queue layout (`_queue` entries `(time, priority, sequence, event)`, `_eid`), which has
 not changed since SimPy 3; `tests/sim` runs every path through it.
 """
 
@@ -28,8 +28,8 @@ from simpy.core import NORMAL, URGENT, EmptySchedule, EventPriority, StopSimulat
 
 
 class Clock(simpy.Environment):
-    # `now` is a plain attribute here (SimPy's is a property over `_now`): it is read several times per event.
-    # Every path that moves the clock (`step`, `run`) sets both.
+    # `now` is a plain attribute here (SimPy's is a property over `_now`, read several times per event); `step`,
+    # `run` and `schedule`, the only SimPy code that touches `_now`, are overridden to use it instead.
     now: float = 0.0  # type: ignore[assignment]
 
     def __init__(self, initial_time: float = 0) -> None:
@@ -43,8 +43,12 @@ class Clock(simpy.Environment):
         if delay < 0:
             raise ValueError(f"Negative delay {delay}")  # what SimPy's Timeout raises
         eid = next(self._eid)
-        heappush(self._queue, (self._now + delay, NORMAL, eid, fn, arg))
+        heappush(self._queue, (self.now + delay, NORMAL, eid, fn, arg))
         return eid
+
+    def schedule(self, event: simpy.Event, priority: EventPriority = NORMAL, delay: float = 0) -> None:
+        """SimPy's schedule (its events: the dlm pool's timeouts, processes, resources), on this clock's `now`."""
+        heappush(self._queue, (self.now + delay, priority, next(self._eid), event))
 
     def cancel(self, eid: int) -> None:
         """Drop a pending call (one that `call` returned and that has not come up yet)."""
@@ -66,10 +70,10 @@ class Clock(simpy.Environment):
             if item[2] in self._dropped:
                 self._dropped.discard(item[2])
                 return
-            self._now = self.now = item[0]
+            self.now = item[0]
             item[3](item[4])
         else:
-            self._now = self.now = item[0]
+            self.now = item[0]
             self._fire(item[3])
 
     def _fire(self, event: simpy.Event) -> None:
@@ -93,9 +97,9 @@ class Clock(simpy.Environment):
         if until is None or isinstance(until, simpy.Event):
             return super().run(until)  # steps through self.step
         at = until if isinstance(until, int) else float(until)
-        if at <= self._now:
+        if at <= self.now:
             raise ValueError(f"until ({at}) must be greater than the current simulation time")
-        stop = (self._now + (at - self._now), URGENT, next(self._eid))
+        stop = (self.now + (at - self.now), URGENT, next(self._eid))
         queue, dropped = self._queue, self._dropped
         try:
             while queue and queue[0] < stop:
@@ -103,7 +107,7 @@ class Clock(simpy.Environment):
                 if dropped and item[2] in dropped:
                     dropped.discard(item[2])
                     continue
-                self._now = self.now = item[0]
+                self.now = item[0]
                 try:
                     arg = item[4]  # a `call` (5 fields); SimPy's own entries have 4
                 except IndexError:
@@ -112,5 +116,5 @@ class Clock(simpy.Environment):
                     item[3](arg)
         except StopSimulation as exc:  # an event-based stop left over from an earlier run(until=event)
             return exc.args[0]
-        self._now = self.now = stop[0]
+        self.now = stop[0]
         return None

@@ -43,9 +43,13 @@ def _interp(x: float, xs: list[float], ys: list[float]) -> float:
     """Piecewise-linear, extrapolating linearly past both ends (more tokens cost more, never a plateau).
     Pure Python: it runs once per simulated batch, where numpy's call overhead dominates."""
     i = bisect.bisect_right(xs, x) - 1
-    i = min(max(i, 0), len(xs) - 2)
+    if i < 0:  # min(max(i, 0), len(xs) - 2), written out (it runs once per simulated batch)
+        i = 0
+    elif i > len(xs) - 2:
+        i = len(xs) - 2
     y = ys[i] + (ys[i + 1] - ys[i]) * (x - xs[i]) / (xs[i + 1] - xs[i])
-    return max(y, ys[0] * 0.5)
+    floor = ys[0] * 0.5
+    return floor if floor > y else y  # max(y, floor)
 
 
 def _interp_c(x: float, xs: list[float], ys: list[float]) -> float:
@@ -190,7 +194,11 @@ class PerfModel:
         """Power (W) of a phase whose roofline terms are t_compute, t_memory and whose time is t; and the
         slowdown a power cap forces (frequency ~ sqrt(dynamic power), which makes a 70% cap cost prefill about
         1.3x: the ratio in splitwise_perf_model.csv's h100-80gb-pcap rows)."""
-        frac = min(1.0, min(1.0, t_compute / t) + MEMORY_POWER_WEIGHT * min(1.0, t_memory / t))
+        # min(1.0, min(1.0, t_compute / t) + MEMORY_POWER_WEIGHT * min(1.0, t_memory / t)), without the calls
+        fc, fm = t_compute / t, t_memory / t  # (min(1.0, x) is x if x < 1.0 else 1.0)
+        frac = (fc if fc < 1.0 else 1.0) + MEMORY_POWER_WEIGHT * (fm if fm < 1.0 else 1.0)
+        if not frac < 1.0:
+            frac = 1.0
         idle, peak = self.hw.power_idle_w, self.hw.power_peak_w
         want = idle + (peak - idle) * frac
         if self.cap_w is None or want <= self.cap_w:

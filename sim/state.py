@@ -42,24 +42,41 @@ class Requests:
 
 @dataclass(slots=True)
 class Tally:
-    """TBT gap samples (value, weight) and power steps (time, +/- watts above idle)."""
+    """What the workers record as they go, one append per event: TBT gap samples `gaps` (value, weight) and busy
+    spans `spans` (start, end, watts above idle), one per unit of work (prefill batch or decode segment) finished.
+    Totals are derived when asked for, in recording order (so the float sums are the ones a running total gives)."""
 
-    gap_values: list[float] = field(default_factory=list)
-    gap_weights: list[float] = field(default_factory=list)
-    power_t: list[float] = field(default_factory=list)
-    power_dw: list[float] = field(default_factory=list)
-    busy_energy_j: float = 0.0
-    events: int = 0
+    gaps: list[tuple[float, int]] = field(default_factory=list)
+    spans: list[tuple[float, float, float]] = field(default_factory=list)
 
     def busy(self, t0: float, t1: float, watts_above_idle: float) -> None:
-        self.busy_energy_j += (t1 - t0) * watts_above_idle
-        self.power_t += (t0, t1)
-        self.power_dw += (watts_above_idle, -watts_above_idle)
+        self.spans.append((t0, t1, watts_above_idle))
+
+    @property
+    def events(self) -> int:
+        """Units of work simulated (each ends in one event)."""
+        return len(self.spans)
+
+    @property
+    def gap_values(self) -> list[float]:
+        return [v for v, _ in self.gaps]
+
+    @property
+    def gap_weights(self) -> list[float]:
+        return [float(w) for _, w in self.gaps]
+
+    @property
+    def busy_energy_j(self) -> float:
+        energy = 0.0
+        for t0, t1, w in self.spans:
+            energy += (t1 - t0) * w
+        return energy
 
     def peak_above_idle(self) -> float:
-        if not self.power_t:
+        if not self.spans:
             return 0.0
-        t = np.asarray(self.power_t)
-        dw = np.asarray(self.power_dw)
+        spans = np.asarray(self.spans, dtype=np.float64)
+        t = spans[:, :2].ravel()  # t0, t1, t0', t1', ...
+        dw = np.column_stack((spans[:, 2], -spans[:, 2])).ravel()  # +w at the start, -w at the end
         order = np.lexsort((dw, t))  # at equal times apply drops first, so back-to-back intervals don't stack
         return float(max(0.0, np.cumsum(dw[order]).max()))

@@ -46,6 +46,11 @@ class Worker:
     # way per-iteration simulators work (kept for the speed benchmark's side-by-side and for tests).
     segment_limit: int | None = None
 
+    __slots__ = ("env", "idx", "role", "perf", "reqs", "tally", "cluster", "policy", "fusion", "max_batch",
+                 "max_batch_tokens", "kv_cap", "kv_used", "dec_assigned", "prefill_q", "prefill_pending", "dec_wait",
+                 "it", "heap", "join_it", "fresh", "ctx", "busy", "version", "pending", "seg", "kv_bytes", "layers",
+                 "fabric", "layerwise", "mixed_overhead", "twin", "lane", "idle_w", "load", "rank", "rank_i")
+
     def __init__(self, env: Clock, idx: int, role: str, perf: PerfModel, batching: Batching,
                  reqs: Requests, tally: Tally, cluster: object, kv_usable_fraction: float,
                  fabric: Fabric, *, kv_transfer: str = "layerwise", mixed_overhead: float = 0.0) -> None:
@@ -238,7 +243,10 @@ class Worker:
         _, t0, _, watts, k, a, c, c0, b = self.seg
         env = self.env
         now = env.now
-        i = iters_done(now - t0, a, c, c0, b) + 1
+        if c == 0.0 or b == 0:  # iters_done's closed case, inlined (profile decode times have no context term)
+            i = int((now - t0) / a + 1e-9) + 1
+        else:
+            i = iters_done(now - t0, a, c, c0, b) + 1
         if i >= k:
             return
         t = i * a + c * (i * c0 + b * i * (i - 1) / 2.0)  # seg_time(i, a, c, c0, b)
@@ -253,9 +261,7 @@ class Worker:
             return
         _, t0, t, watts, batch, tokens = self.seg
         now = self.env.now
-        tally = self.tally
-        tally.events += 1
-        tally.busy(t0, now, watts - self.idle_w)
+        self.tally.spans.append((t0, now, watts - self.idle_w))  # Tally.busy, inlined
         r = self.reqs
         self.prefill_pending -= tokens
         load = self.load
@@ -285,7 +291,11 @@ class Worker:
         first_token_after_kv), so the first token leaves here, not at the prefill's end."""
         if self.perf.first_token_after_kv:
             self.reqs.first_tok[rid] = max(self.reqs.first_tok[rid], self.env.now)
-        self._join(rid)
+        to = self.cluster.workers[self.reqs.dest[rid]]  # _join, inlined
+        if self.perf.decode_join_s > 0:
+            self.env.call(self.perf.decode_join_s, to.add_decode, rid)
+        else:
+            to.add_decode(rid)
 
     def _join(self, rid: int) -> None:
         """Hand the request to its decode worker after the runtime's join delay (Decode call, KV claim)."""
@@ -299,12 +309,7 @@ class Worker:
         if version != self.version:
             return
         _, t0, t, watts, k, a, c, c0, b = self.seg
-        tally = self.tally
-        tally.events += 1
-        now, w = self.env.now, watts - self.idle_w
-        tally.busy_energy_j += (now - t0) * w  # Tally.busy, inlined (its most frequent caller)
-        tally.power_t += (t0, now)
-        tally.power_dw += (w, -w)
+        self.tally.spans.append((t0, self.env.now, watts - self.idle_w))  # Tally.busy, inlined
         self._advance(k, t0, a + c * c0, t, (a, c, c0, b))  # seg_time(1, ...) is exactly a + c·c0
         self.busy = False
         if self.fusion:  # _next, inlined for the fused batch
@@ -320,7 +325,7 @@ class Worker:
     def _advance(self, k: int, t0: float, s1: float, total: float, coef: tuple | None = None) -> None:
         """Apply k iterations (first one s1 long, all of them `total`) to the batch: record the TBT gaps and
         retire members whose last token came out."""
-        r, tally, heap, fresh = self.reqs, self.tally, self.heap, self.fresh
+        r, heap, fresh = self.reqs, self.heap, self.fresh
         n, nf = len(heap), len(fresh)
         if nf:
             first_gap, first_tok, at = r.first_gap, r.first_tok, t0 + s1
@@ -333,11 +338,9 @@ class Worker:
         if self.fusion or coef is None:
             # every member made k steps: one gap sample per segment (the within-segment spread is c·b a step)
             if n - nf:
-                tally.gap_values.append(total / k)
-                tally.gap_weights.append(float((n - nf) * k))
+                self.tally.gaps.append((total / k, (n - nf) * k))
             if nf and k > 1:
-                tally.gap_values.append((total - s1) / (k - 1))
-                tally.gap_weights.append(float(nf * (k - 1)))
+                self.tally.gaps.append(((total - s1) / (k - 1), nf * (k - 1)))
         if not heap or heap[0][0] > it:
             return
         join_it, on_done = self.join_it, self.cluster.on_done
@@ -351,7 +354,6 @@ class Worker:
             self.kv_used -= r.prompt[rid] + r.output[rid]
             if not self.fusion and coef is not None and steps > 1:
                 # a static batch is formed at once, so its first step gave every member its second token
-                tally.gap_values.append((end - t0 - s1) / (steps - 1))
-                tally.gap_weights.append(float(steps - 1))
+                self.tally.gaps.append(((end - t0 - s1) / (steps - 1), steps - 1))
             on_done(rid)
 
