@@ -48,7 +48,7 @@ class Worker:
 
     __slots__ = ("env", "idx", "role", "perf", "reqs", "tally", "cluster", "policy", "fusion", "max_batch",
                  "max_batch_tokens", "kv_cap", "kv_used", "dec_assigned", "prefill_q", "prefill_pending", "dec_wait",
-                 "it", "heap", "join_it", "fresh", "ctx", "busy", "version", "pending", "seg", "kv_bytes", "layers",
+                 "it", "heap", "fresh", "ctx", "busy", "version", "pending", "seg", "kv_bytes", "layers",
                  "fabric", "layerwise", "mixed_overhead", "twin", "lane", "idle_w", "load", "rank", "rank_i")
 
     def __init__(self, env: Clock, idx: int, role: str, perf: PerfModel, batching: Batching,
@@ -71,7 +71,6 @@ class Worker:
         self.dec_wait: deque[int] = deque()
         self.it = 0  # decode iterations this worker has run
         self.heap: list[tuple[int, int]] = []  # (iteration at which the member finishes, rid)
-        self.join_it: dict[int, int] = {}
         self.fresh: list[int] = []  # members that have not yet produced their second token
         self.ctx = 0  # total context of the active decode batch
         self.busy = False
@@ -98,8 +97,8 @@ class Worker:
         load = self.load
         load.pending_prompt_tokens = self.prefill_pending
         load.waiting_requests += 1
-        if self.rank is not None:
-            self.rank.update(self.rank_i)
+        if self.rank is not None:  # Ranked.update, inlined
+            self.rank.keys[self.rank_i] = self.rank.key(load)
         if not self.busy:  # _poke, inlined (once per request)
             self._next()
         elif self.fusion and self.seg[0] == "decode":
@@ -111,16 +110,16 @@ class Worker:
         load = self.load
         load.live_requests += 1
         load.kv_free_bytes = (self.kv_cap - self.dec_assigned) * self.kv_bytes
-        if self.rank is not None:
-            self.rank.update(self.rank_i)
+        if self.rank is not None:  # Ranked.update, inlined
+            self.rank.keys[self.rank_i] = self.rank.key(load)
 
     def release_decode(self, need: int) -> None:
         self.dec_assigned -= need
         load = self.load
         load.live_requests -= 1
         load.kv_free_bytes = (self.kv_cap - self.dec_assigned) * self.kv_bytes
-        if self.rank is not None:
-            self.rank.update(self.rank_i)
+        if self.rank is not None:  # Ranked.update, inlined
+            self.rank.keys[self.rank_i] = self.rank.key(load)
 
     def add_decode(self, rid: int) -> None:
         self.dec_wait.append(rid)
@@ -149,7 +148,6 @@ class Worker:
             wait.popleft()
             self.kv_used += need
             heapq.heappush(heap, (it + output[rid] - gen[rid], rid))
-            self.join_it[rid] = it
             self.fresh.append(rid)
             self.ctx += prompt[rid] + gen[rid]
 
@@ -212,7 +210,7 @@ class Worker:
                 continue
             nbytes = prompt[rid] * self.kv_bytes
             if self.layerwise:
-                ready, floor = t0 + t / self.layers, t0 + t + fabric.alone_s(nbytes / self.layers)
+                ready, floor = t0 + t / self.layers, t0 + t + nbytes / self.layers / fabric.link_Bps  # + alone_s
             else:
                 ready = floor = t0 + t
             fabric.send(idx, dest, nbytes, ready, floor, self._landed, rid)
@@ -267,8 +265,8 @@ class Worker:
         load = self.load
         load.pending_prompt_tokens = self.prefill_pending
         load.waiting_requests -= len(batch)
-        if self.rank is not None:
-            self.rank.update(self.rank_i)
+        if self.rank is not None:  # Ranked.update, inlined
+            self.rank.keys[self.rank_i] = self.rank.key(load)
         if self.heap:  # the riding decode requests got one token each
             self._advance(1, t0, t, t)
         self.busy = False  # before handing requests on: a concurrent twin must see this lane idle
@@ -284,7 +282,15 @@ class Worker:
             elif self.twin is not None and self.cluster.workers[dests[rid]] is self.twin:
                 self._join(rid)  # a concurrent mixed worker: no transfer
             # else: its KV is on the way (_push_kv); _landed hands it to the destination
-        self._next()
+        if self.fusion:  # _next, inlined for the fused batch
+            if self.dec_wait:
+                self._admit()
+            if self.prefill_q:
+                self._start_prefill()
+            elif self.heap:
+                self._start_decode()
+        else:
+            self._next()
 
     def _landed(self, rid: int) -> None:
         """A pushed KV arrived at its decode worker. Our runtime answers Prefill only now (tandem profile's
@@ -310,7 +316,8 @@ class Worker:
             return
         _, t0, t, watts, k, a, c, c0, b = self.seg
         self.tally.spans.append((t0, self.env.now, watts - self.idle_w))  # Tally.busy, inlined
-        self._advance(k, t0, a + c * c0, t, (a, c, c0, b))  # seg_time(1, ...) is exactly a + c·c0
+        # seg_time(1, ...) is exactly a + c·c0; a fused batch's members all leave at the segment's end (no coef)
+        self._advance(k, t0, a + c * c0, t, None if self.fusion else (a, c, c0, b))
         self.busy = False
         if self.fusion:  # _next, inlined for the fused batch
             if self.dec_wait:
@@ -343,13 +350,13 @@ class Worker:
                 self.tally.gaps.append(((total - s1) / (k - 1), nf * (k - 1)))
         if not heap or heap[0][0] > it:
             return
-        join_it, on_done = self.join_it, self.cluster.on_done
+        on_done = self.cluster.on_done
         while heap and heap[0][0] <= it:
             end_it, rid = heapq.heappop(heap)
             steps = end_it - it0  # static batching: members leave at their own iteration
             end = t0 + (total if steps == k else seg_time(steps, *coef))
             r.finish[rid] = end
-            r.gen[rid] += end_it - join_it.pop(rid)
+            r.gen[rid] = r.output[rid]  # end_it was set so that it is exactly the last token
             self.ctx -= r.prompt[rid] + r.gen[rid] + (it - end_it)
             self.kv_used -= r.prompt[rid] + r.output[rid]
             if not self.fusion and coef is not None and steps > 1:
