@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from services.contracts import routing
 from services.contracts.errors import InvalidArgument
 from services.contracts.layout import Layout

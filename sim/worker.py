@@ -49,7 +49,8 @@ class Worker:
     __slots__ = ("env", "idx", "role", "perf", "reqs", "tally", "cluster", "policy", "fusion", "max_batch",
                  "max_batch_tokens", "kv_cap", "kv_used", "dec_assigned", "prefill_q", "prefill_pending", "dec_wait",
                  "it", "heap", "fresh", "ctx", "busy", "version", "pending", "seg", "kv_bytes", "layers",
-                 "fabric", "layerwise", "mixed_overhead", "twin", "lane", "idle_w", "load", "rank", "rank_i")
+                 "fabric", "layerwise", "mixed_overhead", "twin", "lane", "idle_w", "load", "rank", "rank_i",
+                 "decode_times")
 
     def __init__(self, env: Clock, idx: int, role: str, perf: PerfModel, batching: Batching,
                  reqs: Requests, tally: Tally, cluster: object, kv_usable_fraction: float,
@@ -60,6 +61,8 @@ class Worker:
         self.fusion = batching.policy == "fusion"
         self.max_batch = 1 if batching.policy == "sequential" else batching.max_batch
         self.max_batch_tokens = batching.max_batch_tokens
+        # perf.decode(b) by batch size b <= max_batch, filled as met (a list lookup instead of a call per segment)
+        self.decode_times: list[tuple[float, float, float] | None] = [None] * (self.max_batch + 1)
         cap = perf.kv_capacity_tokens(kv_usable_fraction)
         if batching.kv_budget_mb is not None:
             cap = min(cap, int(batching.kv_budget_mb * 1e6 // perf.spec.kv_bytes_per_token))
@@ -190,7 +193,7 @@ class Worker:
                 twin._cut()  # its next decode segment runs beside this prefill, at the shared speed
         if b:
             # a mixed iteration: sim.mixed_overhead (splitwise-sim: 0.1) plus reading the decoders' KV
-            t = t * (1.0 + self.mixed_overhead) + self.perf.decode(b)[1] * self.ctx
+            t = t * (1.0 + self.mixed_overhead) + self._decode_time(b)[1] * self.ctx
         self.busy = True
         self.version = version = self.version + 1
         env = self.env
@@ -215,10 +218,14 @@ class Worker:
                 ready = floor = t0 + t
             fabric.send(idx, dest, nbytes, ready, floor, self._landed, rid)
 
+    def _decode_time(self, b: int) -> tuple[float, float, float]:
+        hit = self.decode_times[b] = self.perf.decode(b)
+        return hit
+
     def _start_decode(self) -> None:
         heap = self.heap
         b = len(heap)
-        a, c, watts = self.perf.decode(b)
+        a, c, watts = self.decode_times[b] or self._decode_time(b)
         lane = self.lane
         if lane is not None and lane.busy:
             a, c = a * self.perf.mixed_decode_slowdown, c * self.perf.mixed_decode_slowdown

@@ -20,10 +20,11 @@ lands on the other side of Splitwise's p90 TBT slowdown SLO (1.48 instead of 1.5
 Split pools are used when both have a worker; otherwise the mixed pool serves both phases.
 
 Speed: the runtime ranks a few freshly polled loads per pick, so `jsq` over a list is all it needs. The simulator
-picks once per request among up to dozens of workers whose loads change a few times per request; ranking every
-worker per pick was a third of its CPU. It keeps each pool in a `Ranked`: the key of a worker is recomputed when
-that worker's load changes (`Ranked.update`), and `jsq` over a `Ranked` finds the least key without calling the
-key function, with the same answer (same keys, same first-in-order tie-break) as over a list.
+picks twice per request among up to dozens of workers whose loads change a few times per request; calling the
+key function on every worker per pick took about an eighth of its CPU. It keeps each pool in a `Ranked`: a
+worker's key is recomputed when that worker's load changes (`Ranked.update`: `keys[i]` is always `key(self[i])`),
+and `jsq` over a `Ranked` compares the stored keys, with the same answer (same keys, same first-in-order
+tie-break) as over a list (tests/contracts/test_routing.py).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def decode_key(load: Load) -> tuple:
 
 class Ranked(list):
     """A fixed pool of loads (a list of them) with each one's `key` kept current: whoever changes `self[i]` calls
-    `update(i)`. `jsq(ranked, ranked.key)` then compares the stored keys instead of calling `key` on every load."""
+    `update(i)` (or sets `keys[i] = key(self[i])` itself). `jsq(ranked, ranked.key)` then compares the stored keys
+    instead of calling `key` on every load."""
 
     __slots__ = ("key", "keys")
 

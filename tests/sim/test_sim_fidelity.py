@@ -9,8 +9,8 @@ import pytest
 
 from services.contracts.layout import parse_layout
 from sim import catalog
-from sim.cluster import perf_for, simulate
 from sim.clock import Clock
+from sim.cluster import perf_for, simulate
 from sim.kvlink import Fabric
 from sim.perf import PerfModel, load_profile
 from sim.trace import Workload, load_trace
