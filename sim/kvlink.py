@@ -48,7 +48,6 @@ class Fabric:
         self.n_out = [0] * n_workers
         self.n_in = [0] * n_workers
         self.t_last = 0.0
-        self.version = 0
         self.tick = -1  # the clock's sequence number of the pending _tick (-1: none)
         self.started = 0  # flows ever started (tests, bench)
 
@@ -106,14 +105,11 @@ class Fabric:
             due = (0.0 if 0.0 > left else left) / rate
             if due < soonest:
                 soonest = due
-        self.version = version = self.version + 1
         if self.tick >= 0:
-            self.env.cancel(self.tick)  # superseded by the rates just computed
-        self.tick = self.env.call(soonest, self._tick, version) if flows else -1
+            self.env.cancel(self.tick)  # superseded by the rates just computed: it never comes
+        self.tick = self.env.call(soonest, self._tick) if flows else -1
 
-    def _tick(self, version: int) -> None:
-        if version != self.version:
-            return
+    def _tick(self, _: object = None) -> None:
         self.tick = -1
         now = self.env.now  # _progress, inlined
         dt = now - self.t_last

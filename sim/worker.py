@@ -48,7 +48,7 @@ class Worker:
 
     __slots__ = ("env", "idx", "role", "perf", "reqs", "tally", "cluster", "policy", "fusion", "max_batch",
                  "max_batch_tokens", "kv_cap", "kv_used", "dec_assigned", "prefill_q", "prefill_pending", "dec_wait",
-                 "it", "heap", "fresh", "ctx", "busy", "version", "pending", "seg", "kv_bytes", "layers",
+                 "it", "heap", "fresh", "ctx", "busy", "pending", "seg", "kv_bytes", "layers",
                  "fabric", "layerwise", "mixed_overhead", "twin", "lane", "idle_w", "load", "rank", "rank_i",
                  "decode_times")
 
@@ -77,7 +77,6 @@ class Worker:
         self.fresh: list[int] = []  # members that have not yet produced their second token
         self.ctx = 0  # total context of the active decode batch
         self.busy = False
-        self.version = 0
         self.pending = -1  # the clock's sequence number of the running unit's end (a cut cancels it)
         self.seg: tuple = ()
         self.kv_bytes = perf.spec.kv_bytes_per_token
@@ -195,11 +194,10 @@ class Worker:
             # a mixed iteration: sim.mixed_overhead (splitwise-sim: 0.1) plus reading the decoders' KV
             t = t * (1.0 + self.mixed_overhead) + self._decode_time(b)[1] * self.ctx
         self.busy = True
-        self.version = version = self.version + 1
         env = self.env
         now = env.now
-        self.seg = ("prefill", now, t, watts, batch, tokens)
-        env.call(t, self._end_prefill, version)
+        self.seg = seg = ("prefill", now, t, watts, batch, tokens)
+        env.call(t, self._end_prefill, seg)
         self._push_kv(batch, now, t)
 
     def _push_kv(self, batch: list[int], t0: float, t: float) -> None:
@@ -238,10 +236,9 @@ class Worker:
         c0 = self.ctx
         t = k * a + c * (k * c0 + b * k * (k - 1) / 2.0)  # seg_time(k, a, c, c0, b)
         self.busy = True
-        self.version = version = self.version + 1
         env = self.env
-        self.seg = ("decode", env.now, t, watts, k, a, c, c0, b)
-        self.pending = env.call(t, self._end_decode, version)
+        self.seg = seg = ("decode", env.now, t, watts, k, a, c, c0, b)
+        self.pending = env.call(t, self._end_decode, seg)
 
     def _cut(self) -> None:
         """Something must join: end the running decode segment at the next iteration boundary."""
@@ -255,16 +252,13 @@ class Worker:
         if i >= k:
             return
         t = i * a + c * (i * c0 + b * i * (i - 1) / 2.0)  # seg_time(i, a, c, c0, b)
-        self.version = version = self.version + 1
-        self.seg = ("decode", t0, t, watts, i, a, c, c0, b)
-        env.cancel(self.pending)
-        self.pending = env.call(t0 + t - now, self._end_decode, version)
+        self.seg = seg = ("decode", t0, t, watts, i, a, c, c0, b)
+        env.cancel(self.pending)  # the segment's old end: it never comes
+        self.pending = env.call(t0 + t - now, self._end_decode, seg)
 
     # -- completions ----------------------------------------------------------------------------------------
-    def _end_prefill(self, version: int) -> None:
-        if version != self.version:
-            return
-        _, t0, t, watts, batch, tokens = self.seg
+    def _end_prefill(self, seg: tuple) -> None:
+        _, t0, t, watts, batch, tokens = seg
         now = self.env.now
         self.tally.spans.append((t0, now, watts - self.idle_w))  # Tally.busy, inlined
         r = self.reqs
@@ -318,10 +312,8 @@ class Worker:
         else:
             to.add_decode(rid)
 
-    def _end_decode(self, version: int) -> None:
-        if version != self.version:
-            return
-        _, t0, t, watts, k, a, c, c0, b = self.seg
+    def _end_decode(self, seg: tuple) -> None:
+        _, t0, t, watts, k, a, c, c0, b = seg
         self.tally.spans.append((t0, self.env.now, watts - self.idle_w))  # Tally.busy, inlined
         # seg_time(1, ...) is exactly a + c·c0; a fused batch's members all leave at the segment's end (no coef)
         self._advance(k, t0, a + c * c0, t, None if self.fusion else (a, c, c0, b))
