@@ -17,14 +17,14 @@ class Requests:
     """
 
     __slots__ = ("arrival", "prompt", "output", "first_tok", "first_gap", "finish", "gen", "rejected", "dest",
-                 "prefill_on", "n")
+                 "prefill_on", "n", "_inputs")
 
     def __init__(self, w: Workload) -> None:
         n = self.n = len(w)
         nan = float("nan")
-        self.arrival = w.arrival_s.astype(np.float64).tolist()
-        self.prompt = w.prompt.astype(np.int64).tolist()
-        self.output = w.output.astype(np.int64).tolist()
+        # the inputs as arrays too: freeze() hands these back rather than converting the unchanged lists
+        self._inputs = (w.arrival_s.astype(np.float64), w.prompt.astype(np.int64), w.output.astype(np.int64))
+        self.arrival, self.prompt, self.output = (a.tolist() for a in self._inputs)
         self.first_tok = [nan] * n
         self.first_gap = [nan] * n  # first token -> second token (includes the KV transfer)
         self.finish = [nan] * n
@@ -34,8 +34,8 @@ class Requests:
         self.prefill_on = [-1] * n
 
     def freeze(self) -> None:
-        for name, dtype in (("arrival", np.float64), ("prompt", np.int64), ("output", np.int64),
-                            ("first_tok", np.float64), ("first_gap", np.float64), ("finish", np.float64),
+        self.arrival, self.prompt, self.output = self._inputs  # read-only while the simulation ran
+        for name, dtype in (("first_tok", np.float64), ("first_gap", np.float64), ("finish", np.float64),
                             ("gen", np.int64), ("rejected", bool), ("dest", np.int64), ("prefill_on", np.int64)):
             setattr(self, name, np.asarray(getattr(self, name), dtype=dtype))
 
