@@ -3,7 +3,6 @@ pool) plus Splitwise's mixed-pool fallback, the run loop."""
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,23 +199,14 @@ class SimulatedCluster:
         horizon = last + self.layout.sim.drain_s
         if n:
             self.env.call(float(self.reqs.arrival[0]), self._arrive, 0)
-        # The run makes a few dozen short-lived tuples per request and no reference cycles, so the cyclic garbage
-        # collector finds nothing here; its passes over the process's long-lived objects (more of them after earlier
-        # runs in the same process) cost a few percent of a run and now and then a third of one. Off while we run.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            if progress is None:
-                self._run_until(horizon)
-            else:
-                steps = 50
-                for i in range(1, steps + 1):
-                    self._run_until(last * i / steps)
-                    progress(min(self.env.now, last), last)
-                self._run_until(horizon)
-        finally:
-            if collecting:
-                gc.enable()
+        if progress is None:
+            self._run_until(horizon)
+        else:
+            steps = 50
+            for i in range(1, steps + 1):
+                self._run_until(last * i / steps)
+                progress(min(self.env.now, last), last)
+            self._run_until(horizon)
         self.reqs.freeze()
         end = self.env.now
         fin = self.reqs.finish[~np.isnan(self.reqs.finish)]
