@@ -1,6 +1,6 @@
 """Co-located KV transfer over CUDA IPC (KVTransfer.PushShared): handles on the wire, bytes stay on the GPU.
 
-When the prefill and decode workers share a machine and a GPU (or GPUs joined by peer access), the prefill
+When the prefill and decode workers share a machine and a GPU, the prefill
 worker exports its batch KV buffer's device memory with torch's CUDA IPC (`UntypedStorage._share_cuda_`, as
 torch.multiprocessing does) and streams, per layer, only the byte offsets of that layer's K and V and an
 interprocess CUDA event recorded after the layer's kernels. The decode worker opens the memory
@@ -8,8 +8,8 @@ interprocess CUDA event recorded after the layer's kernels. The decode worker op
 device-to-device into memory of its own, and answers with the same KVReceipt as the bytes path once every
 copy has landed. The prefill worker holds the buffer until then.
 
-A receiver that cannot take it (another machine, the same process, a model not on CUDA, a GPU it cannot see
-or reach, `kv_path: grpc`, a handle that does not open) answers FAILED_PRECONDITION before it holds
+A receiver that cannot take it (another machine, the same process, a model not on CUDA, another GPU,
+`kv_path: grpc`, a handle that does not open) answers FAILED_PRECONDITION before it holds
 anything; the sender then pushes the same KV as bytes (`KVSender`) and sends bytes to that address from
 then on.
 
@@ -264,11 +264,12 @@ class IpcReceiver:
         if h.pid == os.getpid():
             raise IpcRefused("the prefill worker is this same process (CUDA IPC handles open in another one)")
         src = local_device(h.device_uuid)
-        if src is None:
-            raise IpcRefused(f"GPU {h.device_uuid} is not visible to this decode worker")
         dst = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        if src != dst and not torch.cuda.can_device_access_peer(dst, src):
-            raise IpcRefused(f"GPU {dst} of this decode worker has no peer access to GPU {src}")
+        if src != dst:
+            # Opening another GPU's memory and copying it over peer access crashed the decode worker (SIGSEGV)
+            # on two H200s (docs/gpu.md); until that is understood, only same-GPU pairs share memory.
+            raise IpcRefused(f"the KV is on GPU {h.device_uuid}, not this decode worker's GPU "
+                             f"{device_uuid(dst)} (CUDA IPC is used within one GPU)")
         return src
 
     def stream(self) -> torch.cuda.Stream:

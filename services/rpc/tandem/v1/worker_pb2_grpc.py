@@ -220,7 +220,7 @@ class KVTransferServicer:
         """Client stream: KVSharedChunk.header first, then one KVSharedLayer per layer in order; returns the same
         receipt as Push once every layer has been copied into the decode worker's own device memory.
         FAILED_PRECONDITION when this worker cannot take KV over CUDA IPC (another machine, the same process,
-        a model not on CUDA, a GPU it cannot see or reach, kv_path grpc, or a handle that does not open): the
+        a model not on CUDA or on another GPU, kv_path grpc, or a handle that does not open): the
         sender then pushes the same KV with Push. Everything else as Push (INVALID_ARGUMENT for a header
         mismatch, a layer out of order, an offset outside the storage; RESOURCE_EXHAUSTED; UNAVAILABLE).
         """
