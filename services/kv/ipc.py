@@ -266,8 +266,8 @@ class IpcReceiver:
         src = local_device(h.device_uuid)
         dst = self.device.index if self.device.index is not None else torch.cuda.current_device()
         if src != dst:
-            # Opening another GPU's memory and copying it over peer access crashed the decode worker (SIGSEGV)
-            # on two H200s (docs/gpu.md); until that is understood, only same-GPU pairs share memory.
+            # Across two H200s the decode worker died (SIGSEGV) in its copy stream's wait on the event opened
+            # on the other GPU (docs/gpu.md); until that is understood, only same-GPU pairs share memory.
             raise IpcRefused(f"the KV is on GPU {h.device_uuid}, not this decode worker's GPU "
                              f"{device_uuid(dst)} (CUDA IPC is used within one GPU)")
         return src
