@@ -123,7 +123,8 @@ def serve_role(role: str, layout: str | None, address: str | None, index: int, m
     batching = (pool.batching if pool and pool.batching else None) or lay.batching
     server = _optional("services.workers.server", role)
     server.serve(role=role, address=address, model=lay.model.path, batching=batching, metrics_port=metrics_port,
-                 registry=lay.registry, advertise=advertise or (eps[0].address if eps else None), index=index)
+                 registry=lay.registry, advertise=advertise or (eps[0].address if eps else None), index=index,
+                 kv_path=lay.kv_link.path)
 
 
 def _optional(module: str, role: str) -> Any:

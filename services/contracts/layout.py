@@ -86,6 +86,10 @@ class KVLink(_Strict):
     latency_s: float = Field(0.0, ge=0)
     switch_gbps: float | None = Field(None, gt=0, description="simulator: a switch every KV transfer crosses, "
                                       "shared by all of them (None: no switch limit)")
+    path: Literal["auto", "grpc", "ipc"] = Field(
+        "auto", description="runtime: how prefill workers hand KV to decode workers: 'grpc' (bytes), 'ipc' (CUDA "
+        "IPC handles; workers whose model is not on CUDA refuse to start), 'auto' (CUDA IPC between workers on "
+        "one machine and GPU, gRPC elsewhere). The simulator models every transfer by bandwidth_gbps.")
 
 
 class SimSpec(_Strict):

@@ -37,6 +37,7 @@ class PrefillResult:
     finished: str | None  # "stop"/"length" when the first token ends the request
     timings: Timings = field(default_factory=Timings)
     kv_bytes: int = 0
+    kv_path: str = ""  # "grpc" or "ipc": how the KV reached the decode worker ("" when nothing was pushed)
 
 
 @dataclass(slots=True)
@@ -82,7 +83,7 @@ def result_from_pb(m: pb.PrefillResponse) -> PrefillResult:
     return PrefillResult(request_id=m.request_id, first_token=m.first_token, handle=m.handle,
                          prompt_tokens=m.prompt_tokens, finished=m.finish_reason or None,
                          timings=Timings(queue_s=t.queue_s, prefill_s=t.prefill_s, kv_transfer_s=t.kv_transfer_s),
-                         kv_bytes=m.kv_bytes)
+                         kv_bytes=m.kv_bytes, kv_path=m.kv_path)
 
 
 def _event(m: pb.DecodeEvent, first: bool) -> TokenEvent:
