@@ -45,6 +45,25 @@ class Plan:
         return cls(prompt_sizes=[8, 48, 192], prompt_batches=[1, 2], decode_batches=[1, 4, 16],
                    contexts=[16, 256], kv_tokens=[16, 1024], repeats=2, steps=3, overhead_requests=4)
 
+    @classmethod
+    def gpu(cls, quick: bool = False) -> Plan:
+        """A GPU's range: prompts and contexts up to 4096 tokens, decode batches up to 32 (a 1B model's cells
+        take milliseconds, so more points cost little); `quick` keeps every other point."""
+        plan = cls(prompt_sizes=[32, 128, 512, 1024, 2048, 4096], prompt_batches=[1, 2, 4],
+                   decode_batches=[1, 2, 4, 8, 16, 32], contexts=[128, 1024, 4096], kv_tokens=[64, 512, 2048, 4096],
+                   repeats=5, steps=10, overhead_requests=10)
+        if quick:
+            plan.prompt_sizes, plan.decode_batches, plan.contexts = [32, 512, 4096], [1, 4, 16, 32], [128, 4096]
+            plan.kv_tokens, plan.repeats, plan.steps, plan.overhead_requests = [64, 4096], 3, 5, 6
+        return plan
+
+    @classmethod
+    def for_device(cls, device_type: str, quick: bool = False) -> Plan:
+        """The plan for an engine on `device_type` ('cpu' or 'cuda')."""
+        if device_type == "cuda":
+            return cls.gpu(quick)
+        return cls.quick() if quick else cls()
+
     def units(self) -> int:
         """Progress units: one per measured cell."""
         return (len(self.prompt_sizes) * len(self.prompt_batches) + len(self.decode_batches) * len(self.contexts)
@@ -106,9 +125,9 @@ def decode_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, int,
         for b in plan.decode_batches:
             sched = FusionScheduler(engine, "fusion", max_batch=b, kv_budget_bytes=None)
             shape = (ctx, cfg.n_kv_heads, cfg.head_dim)
-            for i in range(b):
-                kv = [(torch.randn(shape, dtype=engine.dtype) * 0.1, torch.randn(shape, dtype=engine.dtype) * 0.1)
-                      for _ in range(cfg.n_layers)]
+            for i in range(b):  # made where the engine runs: a GPU's cells hold gigabytes of KV
+                kv = [(torch.randn(shape, dtype=engine.dtype, device=engine.device) * 0.1,
+                       torch.randn(shape, dtype=engine.dtype, device=engine.device) * 0.1) for _ in range(cfg.n_layers)]
                 sched.submit(DecodeRequest(f"d{i}", kv, 5, params, emit=lambda tok, reason: None))
             sched.step()  # admits every request (installs their KV) and runs the first step
             cells[(b, ctx)] = (sched, [])
@@ -199,9 +218,10 @@ def kv_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, float]]:
     cfg = engine.cfg
     if not plan.kv_tokens:
         return []
+    # the receiver's KV dtype is the engine's (bf16 on a GPU), whatever device it lands on
     spec_str = random_spec(vocab_size=256, dim=64, n_layers=cfg.n_layers, n_heads=cfg.n_kv_heads,
                            n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_dim=64,
-                           max_seq_len=max(plan.kv_tokens) + 8)
+                           max_seq_len=max(plan.kv_tokens) + 8, dtype=dtype_name(engine.dtype))
     receiver_fp = load_model(spec_str).fingerprint
     proc, addr = _spawn_worker("decode", spec_str, ["--kv-budget-mb", "512"])
     out = []
@@ -212,7 +232,8 @@ def kv_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, float]]:
             push = ch.stream_unary(PUSH, request_serializer=None, response_deserializer=pb.KVReceipt.FromString)
             for n in [plan.kv_tokens[0], *plan.kv_tokens]:  # the first push warms the channel up
                 spec = KVSpec(receiver_fp, cfg.n_layers, dtype_name(engine.dtype), n, cfg.n_kv_heads, cfg.head_dim)
-                layers = [(torch.randn(spec.shape), torch.randn(spec.shape)) for _ in range(cfg.n_layers)]
+                layers = [(torch.randn(spec.shape).to(engine.dtype), torch.randn(spec.shape).to(engine.dtype))
+                          for _ in range(cfg.n_layers)]
                 times = []
                 for i in range(plan.repeats):
                     t0 = time.perf_counter()
