@@ -64,7 +64,7 @@ def study(layout: Path, rates: list[float] | None, duration: float, seed: int, o
     name = layout.stem
     scaling = scaling or Scaling()
     rows = []
-    with running_cluster(layout, note=console.print) as (lay, served):
+    with running_cluster(layout, log_dir=out / f"{name}-logs", note=console.print) as (lay, served):
         cap = None
         if capacity_s:
             w = scaled_workload("conv", 50.0, 20.0, seed + 1000, scaling)  # ~1000 requests, sizes from the trace
