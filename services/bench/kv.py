@@ -62,19 +62,19 @@ def _raw_sink(port: int, ready: Any) -> None:
 
 
 def worker_device(value: str | None, param: str) -> tuple[list[str], dict[str, str]]:
-    """'cpu' or 'cuda:N' -> (the worker's --device arguments, the environment pinning it to GPU N alone).
+    """'cpu', 'cuda' or 'cuda:N' -> (the worker's --device arguments, the environment pinning it to GPU N alone):
+    `tandem up`'s placement (services/cluster/launcher.py), with this bench's option named in the error."""
+    from services.cluster.launcher import placement
+    from services.contracts.layout import parse_device
 
-    A worker on 'cuda:N' runs with CUDA_VISIBLE_DEVICES=N and --device cuda, so it sees that one GPU only."""
     if value is None:
         return [], {}
-    v = value.strip().lower()
-    if v == "cpu":
-        return ["--device", "cpu"], {}
-    head, sep, index = v.partition(":")
-    if head == "cuda" and sep and index.isdigit():
-        return ["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": str(int(index))}
-    raise InvalidArgument(f"{param} must be 'cpu' or 'cuda:N' with N a GPU index, e.g. cuda:0 (got {value!r})",
-                          param=param.lstrip("-").replace("-", "_"))
+    try:
+        parse_device(value)
+    except ValueError:
+        raise InvalidArgument(f"{param} must be 'cpu' or 'cuda:N' with N a GPU index, e.g. cuda:0, or 'cuda' "
+                              f"(got {value!r})", param=param.lstrip("-").replace("-", "_")) from None
+    return placement(value, param.lstrip("-").replace("-", "_"))
 
 
 def model_for_ttft(model: str | None, dtype: str | None, lengths: list[int]) -> str | None:
@@ -82,7 +82,7 @@ def model_for_ttft(model: str | None, dtype: str | None, lengths: list[int]) -> 
     prompt) becomes a random spec; any other spec passes through. `dtype` applies to SHAPES names only."""
     from dataclasses import asdict
 
-    from services.bench.fusion import SHAPES
+    from services.engine.shapes import SHAPES
     from services.workers.modelspec import DTYPES
 
     if dtype is not None and dtype not in DTYPES:

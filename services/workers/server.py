@@ -65,12 +65,13 @@ class WorkerServer:
     def __init__(self, role: str, address: str, model: str | None = None, batching: Any = None,
                  metrics_port: int | None = None, *, kv_lease_s: float = 30.0, kv_stall_s: float = 10.0,
                  kv_timeout_s: float = 30.0, chunk_bytes: int = DEFAULT_CHUNK, device: str | None = None,
-                 kv_overlap: bool = True, threads: int | None = None, kv_path: str = "auto") -> None:
+                 kv_overlap: bool = True, threads: int | None = None, dtype: str | None = None,
+                 kv_path: str = "auto") -> None:
         if role not in LLM_ROLES:
             raise InvalidArgument(f"role must be one of {', '.join(LLM_ROLES)} (got {role!r})", param="role")
         from services.contracts.layout import Batching
 
-        self.role, self.model_spec, self.device = role, model, device
+        self.role, self.model_spec, self.device, self.dtype = role, model, device, dtype
         self.batching = batching if batching is not None else Batching()
         self.metrics_port = metrics_port
         self.kv_overlap, self.threads = kv_overlap, threads
@@ -117,7 +118,7 @@ class WorkerServer:
         from services.workers.prefill import PrefillBatcher
 
         set_threads(self.threads)
-        self.engine = load_model(self.model_spec, self.device)
+        self.engine = load_model(self.model_spec, self.device, self.dtype)
         check_kv_path(self.kv_path, self.engine.device)
         b = self.batching
         budget = int(b.kv_budget_mb * 2**20) if b.kv_budget_mb else DEFAULT_KV_BUDGET
@@ -313,6 +314,8 @@ def main() -> None:
     p.add_argument("--kv-stall-s", type=float, default=10.0)
     p.add_argument("--kv-timeout-s", type=float, default=30.0)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="weights and KV (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores - 1)")
     p.add_argument("--no-kv-overlap", action="store_true", help="push KV after the forward pass (baseline)")
     p.add_argument("--kv-path", default="auto", choices=KV_PATHS,
@@ -326,8 +329,8 @@ def main() -> None:
                         kv_budget_mb=a.kv_budget_mb, max_waiting=a.max_waiting)
     try:
         serve(a.role, a.address, a.model, batching, a.metrics_port, kv_lease_s=a.kv_lease_s, kv_stall_s=a.kv_stall_s,
-              kv_timeout_s=a.kv_timeout_s, device=a.device, kv_overlap=not a.no_kv_overlap, threads=a.threads,
-              kv_path=a.kv_path,
+              kv_timeout_s=a.kv_timeout_s, device=a.device, dtype=a.dtype, kv_overlap=not a.no_kv_overlap,
+              threads=a.threads, kv_path=a.kv_path,
               registry=a.registry, advertise=a.advertise, drain_s=a.drain_s)
     except TandemError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
