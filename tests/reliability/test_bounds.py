@@ -53,6 +53,27 @@ def test_the_watchdog_fires_once_for_a_silent_stream_only() -> None:
     assert fired == ["quiet"] and quiet.fired and not busy.fired
 
 
+def test_a_call_without_tokens_is_judged_by_its_workers_heartbeat() -> None:
+    """A prefill call: it fires when the worker's last heartbeat (or the call's start, if later) is older than
+    stall_s; a beating worker's long call never fires; no heartbeat source (None) never fires; a cancel bound
+    after the verdict runs at once."""
+    dog = Watchdog(0.2)
+    beats = {"alive": time.monotonic(), "stopped": time.monotonic()}
+    cancelled: list[str] = []
+    stopped = dog.watch(beat=lambda: beats["stopped"])
+    alive = dog.watch(beat=lambda: beats["alive"])
+    unknown = dog.watch(beat=lambda: None)
+    stopped.bind(lambda: cancelled.append("stopped"))
+    for _ in range(10):
+        beats["alive"] = time.monotonic()
+        time.sleep(0.05)
+    assert cancelled == ["stopped"] and stopped.fired and not alive.fired and not unknown.fired
+    stopped.bind(lambda: cancelled.append("late"))  # the call began after the verdict: cancelled on arrival
+    assert cancelled == ["stopped", "late"]
+    for w in (alive, unknown):
+        dog.unwatch(w)
+
+
 def test_the_kv_store_bounds_requests_held_and_counts_the_schedulers_share() -> None:
     held = {"n": 0}
     store = KVStore(budget_bytes=1000, other_used=lambda: 600, max_held=3, other_held=lambda: held["n"])
