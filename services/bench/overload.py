@@ -370,7 +370,7 @@ def run_overload(model: str | None = None, factor: int = 4, max_tokens: int = 20
         hist = door.get(f"{row['client']}/{row['scenario']}", {})
         row["door_p50_le_ms"] = _ms(bucket_quantile({}, hist, 0.5))
         row["door_p99_le_ms"] = _ms(bucket_quantile({}, hist, 0.99))
-    return {"config": {"model": model or "embedded SmolLM2-135M", "layout": "1 prefill + 2 decode (tandem up)",
+    return {"config": {"model": Path(model).name if model else "embedded SmolLM2-135M", "layout": "1 prefill + 2 decode (tandem up)",
                        "decode_batching": DECODE_BATCHING, "capacity": capacity, "factor": factor,
                        "max_tokens": max_tokens, "hold_tokens": hold_tokens, "rounds": rounds, "cores": os.cpu_count(),
                        "load_average": {"min": min(loads), "max": max(loads)}},
