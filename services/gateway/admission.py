@@ -69,11 +69,12 @@ class Watch:
     `beat()`, the worker's last heartbeat (None: no source of heartbeats, so never judged). The watchdog calls
     `on_stall` once when neither moved for `stall_s`; `bind(cancel)` sets it once the call exists."""
 
-    __slots__ = ("last", "on_stall", "fired", "beat", "_lock")
+    __slots__ = ("last", "on_stall", "fired", "beat", "closed", "_lock")
 
     def __init__(self, on_stall: Callable[[], None] | None = None,
                  beat: Callable[[], float | None] | None = None) -> None:
         self.last, self.on_stall, self.fired, self.beat = time.monotonic(), on_stall, False, beat
+        self.closed = False
         self._lock = threading.Lock()
 
     def kick(self) -> None:
@@ -88,16 +89,22 @@ class Watch:
     def bind(self, cancel: Callable[[], None]) -> None:
         with self._lock:
             self.on_stall = cancel
-            late = self.fired
-        if late:
-            cancel()
+            if self.fired and not self.closed:  # the verdict came before the call existed
+                cancel()
 
     def fire(self) -> None:
+        # Under the lock and never after close(): a call that finished meanwhile is not cancelled (a mixed
+        # worker's prompt call goes on as its decode stream).
         with self._lock:
+            if self.closed:
+                return
             self.fired = True
-            cancel = self.on_stall
-        if cancel is not None:
-            cancel()
+            if self.on_stall is not None:
+                self.on_stall()
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
 
 
 class Watchdog:
@@ -121,8 +128,10 @@ class Watchdog:
         return w
 
     def unwatch(self, w: Watch) -> None:
+        """Stop watching; once this returns, `w` never fires."""
         with self._lock:
             self._watches.discard(w)
+        w.close()
 
     def _loop(self) -> None:
         while True:

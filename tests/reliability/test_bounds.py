@@ -72,6 +72,9 @@ def test_a_call_without_tokens_is_judged_by_its_workers_heartbeat() -> None:
     assert cancelled == ["stopped", "late"]
     for w in (alive, unknown):
         dog.unwatch(w)
+    beats["alive"] = 0.0  # long silent now, but unwatched (its call ended): never fires
+    time.sleep(0.5)
+    assert not alive.fired and cancelled == ["stopped", "late"]
 
 
 def test_the_kv_store_bounds_requests_held_and_counts_the_schedulers_share() -> None:
