@@ -209,6 +209,7 @@ def run_soak(layout: str | Path, cfg: SoakConfig, attach: bool = False, api_key:
     from services.bench.cluster import running_cluster
 
     say = note or (lambda _m: None)
+    given = _shown(layout)
     if not attach:
         api_key = api_key or "soak-" + secrets.token_hex(8)
         layout = sized_layout(layout, cfg.streams, Path(tempfile.mkdtemp(prefix="tandem-soak-")) / "layout.yaml")
@@ -221,12 +222,19 @@ def run_soak(layout: str | Path, cfg: SoakConfig, attach: bool = False, api_key:
             say(f"warning: this cluster admits {min(bound, served.capacity())} requests at once, fewer than "
                 f"{cfg.streams} streams + {INVALID_SENDERS} invalid senders: expect 429s (unexpected errors)")
         res = asyncio.run(_soak(served, cfg, api_key, tick, say))
-    return {"config": {**asdict(cfg), "layout": str(layout), "attach": attach, "api_keys": bool(api_key),
+    return {"config": {**asdict(cfg), "layout": given, "attach": attach, "api_keys": bool(api_key),
                        "invalid_senders": INVALID_SENDERS, "model": served.model.path or "embedded SmolLM2-135M",
                        "pools": [p.model_dump() for p in served.pools],
                        "gateway_max_inflight": served.gateway.max_inflight or served.capacity(),
                        "loadavg_before": load_avg, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                        "cpus": os.cpu_count()}, **res}
+
+
+def _shown(path: str | Path) -> str:
+    """A layout path as the result records it: relative to the repository when inside it."""
+    p = Path(path).resolve()
+    root = SPLIT_LAYOUT.parents[1]
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(path)
 
 
 async def _soak(lay: Layout, cfg: SoakConfig, api_key: str | None, tick: Callable[[Load, float], None] | None,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from services.bench.soak import SPLIT_LAYOUT
+SPLIT_LAYOUT = Path(__file__).resolve().parents[2] / "examples/local-split.yaml"
 
 
 def bench_soak(

@@ -61,7 +61,8 @@ def test_a_short_soak_has_no_unexpected_error_and_frees_all_kv(tmp_path: Path, m
 def test_a_prefill_worker_holding_all_it_admits_still_answers_info(tmp_path: Path) -> None:
     """41 prompts held (max_batch 1 + max_waiting 40) while their KV pushes hang on a peer that never answers:
     each Prefill call holds a server thread. With a pool smaller than what the worker admits (it was
-    max(32, 2 x max_batch + 16) = 32 threads), the next call and Info waited behind them and timed out."""
+    max(32, 2 x max_batch + 16) = 32 threads), the next call and Info waited behind them and timed out (the
+    gateway's poller, which allows Info 1 s, then dropped the worker as dead)."""
     from services.contracts.errors import ResourceExhausted, TandemError
     from services.engine.sampling import SamplingParams
     from services.grpcutil import wait_healthy
@@ -83,10 +84,15 @@ def test_a_prefill_worker_holding_all_it_admits_still_answers_info(tmp_path: Pat
         client.prefill(rid, [5, 6, 7], params, peer, timeout=timeout, kv_timeout=120.0)
 
     def hold(i: int) -> None:
-        try:
-            prefill(f"held-{i}", 120.0)
-        except TandemError:  # cancelled when the worker stops
-            pass
+        while True:  # until held: a place a probe took is given back at the probe's deadline
+            try:
+                prefill(f"held-{i}", 120.0)
+            except ResourceExhausted:
+                time.sleep(0.2)
+                continue
+            except Exception:  # noqa: BLE001 - the worker stopped (or the channel closed) at the end of the test
+                pass
+            return
 
     try:
         wait_healthy(addr, 120)
@@ -95,15 +101,15 @@ def test_a_prefill_worker_holding_all_it_admits_still_answers_info(tmp_path: Pat
         refused, deadline = None, time.monotonic() + 90
         while refused is None and time.monotonic() < deadline:  # one more is refused once all are held
             try:
-                prefill("probe", 3.0)
+                prefill("probe", 5.0)
             except ResourceExhausted as exc:
                 refused = exc
             except TandemError:  # DeadlineExceeded: not answered (queued behind the held calls), or admitted
                 time.sleep(0.3)
         assert refused is not None, "the worker never refused a prompt beyond max_batch + max_waiting"
-        assert client.info(timeout=1.0).role == "prefill"  # the gateway's poller allows 1 s too
+        assert client.info(timeout=5.0).role == "prefill"  # queued behind the held calls, it never answered
     finally:
-        client.close()
         proc.kill()
         proc.wait(10)
+        client.close()
         silent.close()
