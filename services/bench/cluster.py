@@ -57,14 +57,15 @@ def _free_block(n: int, taken: set[int]) -> int:
 
 
 def with_free_ports(layout_path: str | Path, dest: Path) -> Path:
-    """The layout with every port (gateway, pools, metrics) moved to free ones: runs beside other clusters."""
+    """The layout with every port (gateway, pools, metrics) moved to free ones: runs beside other clusters.
+    The gateway's other settings (max_inflight, stall_s, drain_s) are kept."""
     doc = yaml.safe_load(Path(layout_path).read_text()) or {}
     taken: set[int] = set()
     for pool in doc.get("pools") or [{"role": "mixed", "count": 1}]:
         pool["base_port"] = _free_block(int(pool.get("count", 1)), taken)
     doc.setdefault("pools", [{"role": "mixed", "count": 1, "base_port": _free_block(1, taken)}])
     http, grpc_port = _free_block(1, taken), _free_block(1, taken)
-    doc["gateway"] = {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc_port}"}
+    doc["gateway"] = {**(doc.get("gateway") or {}), "http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc_port}"}
     dest.write_text(yaml.safe_dump(doc, sort_keys=False))
     return dest
 

@@ -79,8 +79,11 @@ class WorkerServer:
         self.kv_lease_s, self.kv_stall_s, self.kv_timeout_s, self.chunk_bytes = kv_lease_s, kv_stall_s, kv_timeout_s, chunk_bytes
         self.engine = self.batcher = self.decoder = self.mixed = self.scheduler = None
         self.draining = False
-        # Every live Decode stream holds a server thread; leave room for pushes, Info and Generate beside them.
-        self.server = Server(address, [self._add], SERVICES, max_workers=max(32, 2 * self.batching.max_batch + 16))
+        # Every request the worker holds (a live or waiting Decode stream, a queued or running Prefill) holds a server
+        # thread; leave room for pushes, Info and Generate beside them: an Info queued behind held requests times
+        # out, and the gateway's poller then drops the worker as dead (found by `tandem bench soak`).
+        held = self.batching.max_batch + self.batching.waiting_bound()
+        self.server = Server(address, [self._add], SERVICES, max_workers=max(32, held + self.batching.max_batch + 16))
         self.address = self.server.address
 
     def _add(self, server: grpc.Server) -> None:
