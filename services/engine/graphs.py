@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
+from services.engine import gemv
 from services.engine.fused import FusedModel, decode_step, fuse_weights, prefill_step, triton_ops
 from services.engine.kv import KVBuffer
 from services.engine.model import Transformer
@@ -44,12 +46,19 @@ class _Graph:
 
 
 class DecodeGraphs:
-    """Owns the fused weights, the graphs of the current KV buffer, and the pinned staging of step inputs."""
+    """Owns the fused weights, the graphs of the current KV buffer, and the pinned staging of step inputs.
 
-    def __init__(self, model: Transformer) -> None:
+    `gemv`: how each bucket's projections pick their kernel (services.engine.gemv: "auto" measures at the
+    bucket's first capture, "on" forces the Triton skinny kernel where it applies, "off" keeps cuBLAS)."""
+
+    def __init__(self, model: Transformer, gemv_mode: str = "auto") -> None:
+        if gemv_mode not in gemv.MODES:
+            raise ValueError(f"gemv mode must be one of {', '.join(gemv.MODES)} (got {gemv_mode!r})")
         self.fused: FusedModel = fuse_weights(model)
         self.device = self.fused.embed.device
         self.ops = triton_ops()
+        self.gemv_mode = gemv_mode
+        self.plans: dict[int, gemv.Plan] = {}
         self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, _Graph] = {}
@@ -111,6 +120,12 @@ class DecodeGraphs:
         self.stage_done[self.flip].synchronize()
         return self.stage[self.flip]
 
+    def ops_for(self, b: int, kv: KVBuffer) -> SimpleNamespace:
+        """The ops table of bucket b: the Triton kernels, with each projection's kernel from the bucket's plan."""
+        if b not in self.plans:
+            self.plans[b] = gemv.plan_for(self.fused, b, self.gemv_mode, kv.k, kv.v, self.sms, self.ops)
+        return gemv.bind(self.plans[b].choices, self.ops)
+
     def _capture(self, b: int, kv: KVBuffer) -> _Graph:
         fm = self.fused
         inp = torch.zeros(3, b, dtype=torch.int64, device=self.device)
@@ -118,9 +133,10 @@ class DecodeGraphs:
         inp[2] = torch.arange(b, device=self.device)
         logits = torch.empty(b, fm.lm_head.shape[0], dtype=fm.lm_head.dtype, device=self.device)
         splits = attn_splits(b, fm.n_kv, self.sms)
+        ops = self.ops_for(b, kv)
 
         def step() -> None:
-            decode_step(fm, self.ops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits)
+            decode_step(fm, ops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits)
 
         self.graphs[b] = g = _Graph(b, inp, logits, _graph_of(step, self.device, self.pool))
         self.captures += 1
