@@ -125,17 +125,20 @@ def decode_row(engine: Engine, shape: str, batch: int, context: int, steps: int,
 
     step_ms = _events_ms(run, reps) / steps
     gemv: dict[str, Any] = {}
-    if engine.graphs is not None:  # the same step with the projections' kernels forced: before/after side by side
+    if engine.graphs is not None:  # the same step with the kernel choices forced: before/after side by side
         from services.engine.graphs import DecodeGraphs
 
         b = bucket_for(batch)
         default = engine.graphs
         gemv["plan"] = default.plans[b].summary() if b in default.plans else None
-        for mode in ("off", "on"):
-            engine.graphs = DecodeGraphs(engine.model, mode)
+        gemv["pdl"] = default.pdl_choice.get(b)
+        # off: cuBLAS projections, no PDL (the step before this work); auto_nopdl: the measured kernel plan
+        # without PDL; on: the Triton projection forced everywhere (PDL measured as by default)
+        for name, mode, pdl in (("off", "off", False), ("auto_nopdl", "auto", False), ("on", "on", None)):
+            engine.graphs = DecodeGraphs(engine.model, mode, pdl)
             try:
-                gemv[f"step_ms_{mode}"] = _events_ms(run, reps) / steps
-                gemv[f"choices_{mode}"] = engine.graphs.plans[b].summary()["choices"]
+                gemv[f"step_ms_{name}"] = _events_ms(run, reps) / steps
+                gemv[f"choices_{name}"] = engine.graphs.plans[b].summary()["choices"]
             finally:
                 engine.graphs = default
             torch.cuda.empty_cache()
@@ -166,6 +169,7 @@ def decode_row(engine: Engine, shape: str, batch: int, context: int, steps: int,
             "baseline_graph_step_ms": base_ms, "baseline_roofline_share": roof_ms / base_ms,
             "eager_step_ms": eager_ms, "gemv_mode": engine.graphs.gemv_mode if engine.graphs else None,
             "step_ms_gemv_off": gemv.get("step_ms_off"), "step_ms_gemv_on": gemv.get("step_ms_on"),
+            "step_ms_auto_no_pdl": gemv.get("step_ms_auto_nopdl"), "pdl": gemv.get("pdl"),
             "roofline_share_gemv_off": roof_ms / gemv["step_ms_off"] if "step_ms_off" in gemv else None,
             "gemv_plan": gemv.get("plan"), "gemv_choices_on": gemv.get("choices_on"), "weight_bytes": wbytes, "kv_bytes_read": int(kv_bytes),
             "tokens_per_s": batch / step_ms * 1e3, "path": "cuda-graph" if graphed else "eager"}
@@ -219,14 +223,14 @@ def _print_row(r: dict[str, Any]) -> None:
     eager = f" | eager {r['eager_step_ms']:.2f} ms" if r["eager_step_ms"] is not None else ""
     gemv = ""
     if r.get("step_ms_gemv_off") is not None:
-        gemv = (f" | projections: cuBLAS only {r['step_ms_gemv_off']:.3f} ms ({r['roofline_share_gemv_off']:.0%}), "
-                f"Triton forced {r['step_ms_gemv_on']:.3f} ms")
+        gemv = (f" | cuBLAS projections, no PDL {r['step_ms_gemv_off']:.3f} ms ({r['roofline_share_gemv_off']:.0%}), "
+                f"planned, no PDL {r['step_ms_auto_no_pdl']:.3f} ms, Triton forced {r['step_ms_gemv_on']:.3f} ms")
     print(f"{r['shape']} B={r['batch']} ctx {r['context']}: engine {r['step_ms']:.3f} ms "
           f"({r['roofline_share']:.0%} of roofline {r['roofline_ms']:.3f} ms) | plain graph "
           f"{r['baseline_graph_step_ms']:.3f} ms ({r['baseline_roofline_share']:.0%}){eager}{gemv} [{r['path']}]",
           flush=True)
     if r.get("gemv_plan"):
-        print(f"  plan (gemv {r['gemv_mode']}): {r['gemv_plan']['choices']}", flush=True)
+        print(f"  plan (gemv {r['gemv_mode']}): {r['gemv_plan']['choices']}; pdl {r['pdl']}", flush=True)
 
 
 def parse_rows(batches: str, context: int, smollm_context: int = 256) -> list[tuple[str, int, int]]:

@@ -164,14 +164,20 @@ TORCH_OPS = SimpleNamespace(rmsnorm=_rmsnorm, add_rmsnorm=_add_rmsnorm, silu_mul
                             attention=_attention, qkv=_qkv, o=_o, mlp_in=_mlp_in, down=_down, head=_head)
 
 
-def triton_ops() -> SimpleNamespace:
-    """The Triton kernels, projections through cuBLAS (services.engine.gemv picks others per batch bucket)."""
+def triton_ops(pdl: bool = False) -> SimpleNamespace:
+    """The Triton kernels, projections through cuBLAS (services.engine.gemv picks others per batch bucket).
+    pdl: launch every Triton kernel with programmatic dependent launch (Hopper; each kernel waits for its
+    predecessor inside, so the next launch overlaps the running kernel)."""
+    from functools import partial
+
     from services.engine import kernels
 
-    return SimpleNamespace(rmsnorm=kernels.rmsnorm, add_rmsnorm=kernels.add_rmsnorm, silu_mul=kernels.silu_mul,
-                           rope_kv=kernels.rope_kv, attention=kernels.decode_attention, qkv=_qkv, o=_o,
-                           mlp_in=lambda h, wgu: kernels.silu_mul(F.linear(h, wgu)), down=kernels.splitk_linear,
-                           head=_head)
+    k = {name: partial(getattr(kernels, fn), pdl=True) if pdl else getattr(kernels, fn) for name, fn in
+         (("rmsnorm", "rmsnorm"), ("add_rmsnorm", "add_rmsnorm"), ("silu_mul", "silu_mul"), ("rope_kv", "rope_kv"),
+          ("attention", "decode_attention"))}
+    silu_mul = k["silu_mul"]
+    return SimpleNamespace(**k, qkv=_qkv, o=_o, mlp_in=lambda h, wgu: silu_mul(F.linear(h, wgu)),
+                           down=kernels.splitk_linear, head=_head, pdl=pdl)
 
 
 def decode_step(fm: FusedModel, ops: SimpleNamespace, tokens: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,

@@ -117,12 +117,12 @@ def heuristic(fm: FusedModel, unit: str, rows: int, sms: int) -> Choice:
 
 
 def projection(unit: str, c: Choice, base: SimpleNamespace) -> Callable[..., torch.Tensor]:
-    """The ops-table function of a unit for a choice (`base`: the cuBLAS table, triton_ops())."""
+    """The ops-table function of a unit for a choice (`base`: the cuBLAS table, triton_ops(pdl))."""
     if c.kernel == "cublas":
         return getattr(base, unit)
     from services.engine import kernels
 
-    kw = {"bn": c.bn, "bk": c.bk, "num_warps": c.warps, "num_stages": c.stages}
+    kw = {"bn": c.bn, "bk": c.bk, "num_warps": c.warps, "num_stages": c.stages, "pdl": getattr(base, "pdl", False)}
     if unit == "qkv":
         return lambda h, w, b: kernels.skinny_linear(h, w, split=c.split, **kw)
     if unit in ("o", "down"):
@@ -130,7 +130,7 @@ def projection(unit: str, c: Choice, base: SimpleNamespace) -> Callable[..., tor
     if unit == "mlp_in":
         if c.silu:
             return lambda h, w: kernels.skinny_linear(h, w, silu=True, **kw)
-        return lambda h, w: kernels.silu_mul(kernels.skinny_linear(h, w, split=c.split, **kw), h.dtype)
+        return lambda h, w: base.silu_mul(kernels.skinny_linear(h, w, split=c.split, **kw), h.dtype)
     if unit == "head":
         return lambda h, w, out=None: kernels.skinny_linear(h, w, partials=False, out=out, **kw)
     raise ValueError(f"unknown projection {unit!r}")

@@ -48,17 +48,22 @@ class _Graph:
 class DecodeGraphs:
     """Owns the fused weights, the graphs of the current KV buffer, and the pinned staging of step inputs.
 
-    `gemv`: how each bucket's projections pick their kernel (services.engine.gemv: "auto" measures at the
-    bucket's first capture, "on" forces the Triton skinny kernel where it applies, "off" keeps cuBLAS)."""
+    `gemv_mode`: how each bucket's projections pick their kernel (services.engine.gemv: "auto" measures at the
+    bucket's first capture, "on" forces the Triton skinny kernel where it applies, "off" keeps cuBLAS).
+    `pdl`: launch the step's Triton kernels with programmatic dependent launch (each kernel's launch overlaps
+    the one before it); None captures the bucket both ways and keeps the graph whose replay is faster."""
 
-    def __init__(self, model: Transformer, gemv_mode: str = "auto") -> None:
+    def __init__(self, model: Transformer, gemv_mode: str = "auto", pdl: bool | None = None) -> None:
         if gemv_mode not in gemv.MODES:
             raise ValueError(f"gemv mode must be one of {', '.join(gemv.MODES)} (got {gemv_mode!r})")
         self.fused: FusedModel = fuse_weights(model)
         self.device = self.fused.embed.device
         self.ops = triton_ops()
+        self.ops_pdl = triton_ops(pdl=True)
         self.gemv_mode = gemv_mode
+        self.pdl = pdl
         self.plans: dict[int, gemv.Plan] = {}
+        self.pdl_choice: dict[int, dict] = {}  # bucket -> {"pdl": used, and the replay times when measured}
         self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, _Graph] = {}
@@ -120,11 +125,11 @@ class DecodeGraphs:
         self.stage_done[self.flip].synchronize()
         return self.stage[self.flip]
 
-    def ops_for(self, b: int, kv: KVBuffer) -> SimpleNamespace:
+    def ops_for(self, b: int, kv: KVBuffer, pdl: bool = False) -> SimpleNamespace:
         """The ops table of bucket b: the Triton kernels, with each projection's kernel from the bucket's plan."""
         if b not in self.plans:
             self.plans[b] = gemv.plan_for(self.fused, b, self.gemv_mode, kv.k, kv.v, self.sms, self.ops)
-        return gemv.bind(self.plans[b].choices, self.ops)
+        return gemv.bind(self.plans[b].choices, self.ops_pdl if pdl else self.ops)
 
     def _capture(self, b: int, kv: KVBuffer) -> _Graph:
         fm = self.fused
@@ -133,14 +138,46 @@ class DecodeGraphs:
         inp[2] = torch.arange(b, device=self.device)
         logits = torch.empty(b, fm.lm_head.shape[0], dtype=fm.lm_head.dtype, device=self.device)
         splits = attn_splits(b, fm.n_kv, self.sms)
-        ops = self.ops_for(b, kv)
 
-        def step() -> None:
-            decode_step(fm, ops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits)
+        def capture(pdl: bool) -> torch.cuda.CUDAGraph:
+            ops = self.ops_for(b, kv, pdl)
 
-        self.graphs[b] = g = _Graph(b, inp, logits, _graph_of(step, self.device, self.pool))
+            def step() -> None:
+                decode_step(fm, ops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits)
+            return _graph_of(step, self.device, self.pool)
+
+        if self.pdl is not None:
+            graph, choice = capture(self.pdl), {"pdl": self.pdl}
+        else:  # both ways, timed as captured (every row padding: no KV is written)
+            graph = capture(False)
+            try:
+                with_pdl = capture(True)
+            except Exception as e:  # noqa: BLE001 - a Triton or driver without programmatic dependent launch
+                choice = {"pdl": False, "pdl_error": f"{type(e).__name__}: {str(e)[:160]}"}
+            else:
+                t_plain, t_pdl = _replay_us([graph, with_pdl])
+                choice = {"pdl": t_pdl < t_plain, "replay_us_plain": round(t_plain, 1), "replay_us_pdl": round(t_pdl, 1)}
+                graph = with_pdl if choice["pdl"] else graph
+        self.pdl_choice[b] = choice
+        self.graphs[b] = g = _Graph(b, inp, logits, graph)
         self.captures += 1
         return g
+
+
+def _replay_us(graphs: list[torch.cuda.CUDAGraph], rounds: int = 5, reps: int = 8) -> list[float]:
+    """Median replay time of each graph, in microseconds, the graphs timed in turns."""
+    times: list[list[float]] = [[] for _ in graphs]
+    for _ in range(rounds):
+        for g, t in zip(graphs, times, strict=True):
+            g.replay()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(reps):
+                g.replay()
+            b.record()
+            b.synchronize()
+            t.append(a.elapsed_time(b) * 1e3 / reps)
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def _graph_of(step: Callable[[], None], device: torch.device, pool: tuple) -> torch.cuda.CUDAGraph:

@@ -17,8 +17,25 @@ import triton.language as tl
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, a_ptr, sum_ptr, out_ptr, w_ptr, N, eps, A_PARTS: tl.constexpr, BLOCK: tl.constexpr):
+def _pdl_enter():
+    """Programmatic dependent launch (Hopper): let the next kernel be launched now (it waits in its own
+    _pdl_enter), then wait until the previous kernel has finished and its writes are visible. A kernel launched
+    with launch_pdl must call this before it reads or writes anything another kernel touches."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False,
+                              pack=1)
+    tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+def _pdl(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, a_ptr, sum_ptr, out_ptr, w_ptr, N, eps, A_PARTS: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr = False):
     """x + a (a given as A_PARTS partial sums [A_PARTS, R, N], 0 for none) and RMSNorm of it, per row."""
+    if PDL:
+        _pdl_enter()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     m = cols < N
@@ -36,21 +53,22 @@ def _add_rmsnorm_kernel(x_ptr, a_ptr, sum_ptr, out_ptr, w_ptr, N, eps, A_PARTS: 
     tl.store(out_ptr + row * N + cols, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, pdl: bool = False) -> torch.Tensor:
     """RMSNorm of contiguous rows x [R, N]."""
     out = torch.empty_like(x)
     _add_rmsnorm_kernel[(x.shape[0],)](x, x, x, out, w, x.shape[1], eps, A_PARTS=0,
-                                       BLOCK=triton.next_power_of_2(x.shape[1]))
+                                       BLOCK=triton.next_power_of_2(x.shape[1]), PDL=pdl, **_pdl(pdl))
     return out
 
 
-def add_rmsnorm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rmsnorm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float,
+                pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + a, RMSNorm(x + a)) in one pass; a is [R, N] or split-K partials [P, R, N] summed here.
     The sum is rounded to x's dtype before the norm, as the eager residual is."""
     s, out = torch.empty_like(x), torch.empty_like(x)
     parts = a.shape[0] if a.dim() == 3 else 1
     _add_rmsnorm_kernel[(x.shape[0],)](x, a.contiguous(), s, out, w, x.shape[1], eps, A_PARTS=parts,
-                                       BLOCK=triton.next_power_of_2(x.shape[1]))
+                                       BLOCK=triton.next_power_of_2(x.shape[1]), PDL=pdl, **_pdl(pdl))
     return s, out
 
 
@@ -69,13 +87,16 @@ def splitk_linear(x: torch.Tensor, w: torch.Tensor, parts: int = 8) -> torch.Ten
 
 @triton.jit(do_not_specialize=["M", "stride_op"])  # one binary for every batch size of a block size
 def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, K_PER, stride_xm, stride_op, stride_om,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SILU: tl.constexpr, IEEE: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SILU: tl.constexpr, IEEE: tl.constexpr,
+                   PDL: tl.constexpr = False):
     """out[part] = x[:, K slice `part`] @ w[BN rows, same slice].T for the M (<= BM) rows of x at once.
 
     Program (n, part) streams a [BN, K_PER] block of w once, whatever M: the products are [BN, BK] x [BK, BM]
     tensor-core dots (rows of x past M are masked to zero). SILU: w is [gate | up] (2N rows); the program also
     streams the up rows n + N and stores silu(gate) * up, each rounded to the output dtype where the eager
     modules round."""
+    if PDL:
+        _pdl_enter()
     pid_n = tl.program_id(0)
     part = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -116,7 +137,7 @@ SKINNY_MAX_ROWS = 64
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, *, bn: int = 64, bk: int = 128, split: int = 1,
                   partials: bool = True, silu: bool = False, out: torch.Tensor | None = None,
-                  num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                  num_warps: int = 4, num_stages: int = 3, pdl: bool = False) -> torch.Tensor:
     """x [M, K] @ w.T for M <= 64 rows, w [N, K] read once for all of them.
 
     partials (the default): float32 split-K partial products [split, M, N], for the next kernel to sum
@@ -143,14 +164,16 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, *, bn: int = 64, bk: int = 1
         stride_op, stride_om = m * n, n
     _skinny_kernel[(triton.cdiv(n, bn), split)](x, w, y, m, n, k, k // split, x.stride(0), stride_op, stride_om,
                                                 BM=max(16, triton.next_power_of_2(m)), BN=bn, BK=bk, SILU=silu,
-                                                IEEE=x.dtype == torch.float32, num_warps=num_warps,
-                                                num_stages=num_stages)
+                                                IEEE=x.dtype == torch.float32, PDL=pdl, num_warps=num_warps,
+                                                num_stages=num_stages, **_pdl(pdl))
     return y
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, HID, PSTRIDE, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, HID, PSTRIDE, PARTS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """silu(gate) * up of one row of gu = [gate | up]; PARTS > 0: gu is float32 split-K partials summed here."""
+    if PDL:
+        _pdl_enter()
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < HID
@@ -170,7 +193,7 @@ def _silu_mul_kernel(gu_ptr, out_ptr, HID, PSTRIDE, PARTS: tl.constexpr, BLOCK: 
     tl.store(out_ptr + row * HID + cols, (silu.to(tl.float32) * u.to(tl.float32)).to(dt), mask=m)
 
 
-def silu_mul(gu: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def silu_mul(gu: torch.Tensor, dtype: torch.dtype | None = None, pdl: bool = False) -> torch.Tensor:
     """silu(gate) * up for the fused projection gu = [gate | up] of shape [R, 2 * hidden], or for its float32
     split-K partials [P, R, 2 * hidden] (summed and rounded to `dtype` first, as the eager product is rounded)."""
     parts = gu.shape[0] if gu.dim() == 3 else 0
@@ -178,14 +201,17 @@ def silu_mul(gu: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
     out = torch.empty(rows, hid, device=gu.device, dtype=dtype or gu.dtype)
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(hid, block))](gu.contiguous(), out, hid, rows * 2 * hid, PARTS=parts,
-                                                      BLOCK=block)
+                                                      BLOCK=block, PDL=pdl, **_pdl(pdl))
     return out
 
 
 @triton.jit
 def _rope_kv_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                     stride_ks, stride_kc, stride_kh, PSTRIDE,
-                    H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, PARTS: tl.constexpr):
+                    H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, PARTS: tl.constexpr,
+                    PDL: tl.constexpr = False):
+    if PDL:
+        _pdl_enter()
     row = tl.program_id(0)
     head = tl.program_id(1)
     pos = tl.load(pos_ptr + row)
@@ -225,7 +251,7 @@ def _rope_kv_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, 
 
 
 def rope_kv(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
+            k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, pdl: bool = False) -> torch.Tensor:
     """Rotate q and k of qkv [R, (H + 2 Hkv) * D] (or its float32 split-K partials [P, R, (H + 2 Hkv) * D]) at
     positions `pos` [R]; write k, v into the caches [S, C, Hkv, D] at (slot[r], pos[r]); return q [R, H, D] in the
     caches' dtype. Rows with pos < 0 write nothing."""
@@ -236,7 +262,8 @@ def rope_kv(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos: torch
     qkv = qkv.contiguous()
     _rope_kv_kernel[(rows, n_heads + 2 * n_kv)](qkv, pos, slot, cos, sin, q, k_cache, v_cache,
                                                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                                                rows * qkv.shape[-1], H=n_heads, HKV=n_kv, HALF=hd // 2, PARTS=parts)
+                                                rows * qkv.shape[-1], H=n_heads, HKV=n_kv, HALF=hd // 2, PARTS=parts,
+                                                PDL=pdl, **_pdl(pdl))
     return q
 
 
@@ -244,7 +271,9 @@ def rope_kv(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos: torch
 def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, po_ptr, pml_ptr,
                         stride_ks, stride_kc, stride_kh, qk_scale,
                         H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                        BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr):
+                        BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        _pdl_enter()
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sp = tl.program_id(2)
@@ -293,7 +322,9 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, po_ptr, pml_ptr,
 
 
 @triton.jit
-def _decode_reduce_kernel(po_ptr, pml_ptr, o_ptr, D: tl.constexpr, NSPLIT: tl.constexpr):
+def _decode_reduce_kernel(po_ptr, pml_ptr, o_ptr, D: tl.constexpr, NSPLIT: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        _pdl_enter()
     bh = tl.program_id(0)
     sp = tl.arange(0, NSPLIT)
     d = tl.arange(0, D)
@@ -308,7 +339,8 @@ def _decode_reduce_kernel(po_ptr, pml_ptr, o_ptr, D: tl.constexpr, NSPLIT: tl.co
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     splits: int, block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                     splits: int, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+                     pdl: bool = False) -> torch.Tensor:
     """Attention of q [R, H, D] (row r = slot r) over keys 0..pos[r] of the caches [S, C, Hkv, D]; out [R, H * D].
 
     Grouped-query heads share one program, so each live K/V element is read once per step."""
@@ -326,7 +358,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale,
                                               H=n_heads, G=g, GP=max(16, triton.next_power_of_2(g)), D=hd,
                                               BLOCK_N=block_n, NSPLIT=splits, IEEE=q.dtype == torch.float32,
-                                              num_warps=num_warps, num_stages=num_stages)
+                                              PDL=pdl, num_warps=num_warps, num_stages=num_stages, **_pdl(pdl))
     if splits > 1:
-        _decode_reduce_kernel[(rows * n_heads,)](po, pml, out, D=hd, NSPLIT=splits)
+        _decode_reduce_kernel[(rows * n_heads,)](po, pml, out, D=hd, NSPLIT=splits, PDL=pdl, **_pdl(pdl))
     return out

@@ -88,19 +88,23 @@ def test_scheduler_replays_graphs_and_matches_solo_eager_tokens() -> None:
     assert got == want
 
 
-def test_triton_projections_greedy_tokens_equal_eager_fp32() -> None:
+@pytest.mark.parametrize("mode, pdl", [("on", True), ("on", False), ("off", True)])
+def test_triton_projections_and_pdl_greedy_tokens_equal_eager_fp32(mode: str, pdl: bool) -> None:
     """gemv "on": every projection through the skinny Triton kernel (split-K partials, SiLU in the epilogue, the
-    head straight into the logits), float32 so that greedy tokens must match the eager path."""
+    head straight into the logits); pdl: every Triton kernel launched with programmatic dependent launch. In
+    float32, so greedy tokens must match the eager path."""
     from services.engine.graphs import DecodeGraphs
 
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(3, 384, (int(n),), generator=g).tolist() for n in (7, 90, 140)]
     eager = _greedy(_engine(torch.float32, graphs=False), prompts, 40)
     fast_engine = _engine(torch.float32, graphs=True)
-    fast_engine.graphs = DecodeGraphs(fast_engine.model, "on")
+    fast_engine.graphs = DecodeGraphs(fast_engine.model, mode, pdl)
     assert _greedy(fast_engine, prompts, 40) == eager
     plan = fast_engine.graphs.plans[4]
-    assert all(c.kernel == "skinny" for c in plan.choices.values()) and plan.choices["mlp_in"].silu
+    assert fast_engine.graphs.pdl_choice[4] == {"pdl": pdl}
+    if mode == "on":
+        assert all(c.kernel == "skinny" for c in plan.choices.values()) and plan.choices["mlp_in"].silu
 
 
 def test_auto_plan_times_cublas_and_the_triton_candidates_bf16() -> None:
@@ -118,3 +122,6 @@ def test_auto_plan_times_cublas_and_the_triton_candidates_bf16() -> None:
             best = min(plan.timings_us[unit], key=plan.timings_us[unit].get)
             assert plan.choices[unit].label() == best
     assert not any("relative error" in why for r in plan.rejected.values() for why in r.values()), plan.rejected
+    choice = engine.graphs.pdl_choice[2]  # measured both ways at capture
+    assert "pdl_error" not in choice, choice
+    assert choice["pdl"] == (choice["replay_us_pdl"] < choice["replay_us_plain"])
