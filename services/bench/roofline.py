@@ -131,14 +131,14 @@ def decode_row(engine: Engine, shape: str, batch: int, context: int, steps: int,
         b = bucket_for(batch)
         default = engine.graphs
         gemv["plan"] = default.plans[b].summary() if b in default.plans else None
-        gemv["pdl"] = default.pdl_choice.get(b)
-        # off: cuBLAS projections, no PDL (the step before this work); auto_nopdl: the measured kernel plan
-        # without PDL; on: the Triton projection forced everywhere (PDL measured as by default)
+        gemv["step"] = default.step_choice.get(b)
+        # off: cuBLAS projections, no PDL (the step before this work); auto_nopdl: the projection plans as by
+        # default, without PDL; on: the Triton projection forced everywhere (PDL tried as by default)
         for name, mode, pdl in (("off", "off", False), ("auto_nopdl", "auto", False), ("on", "on", None)):
             engine.graphs = DecodeGraphs(engine.model, mode, pdl)
             try:
                 gemv[f"step_ms_{name}"] = _events_ms(run, reps) / steps
-                gemv[f"choices_{name}"] = engine.graphs.plans[b].summary()["choices"]
+                gemv[f"step_{name}"] = engine.graphs.step_choice.get(b)
             finally:
                 engine.graphs = default
             torch.cuda.empty_cache()
@@ -169,9 +169,10 @@ def decode_row(engine: Engine, shape: str, batch: int, context: int, steps: int,
             "baseline_graph_step_ms": base_ms, "baseline_roofline_share": roof_ms / base_ms,
             "eager_step_ms": eager_ms, "gemv_mode": engine.graphs.gemv_mode if engine.graphs else None,
             "step_ms_gemv_off": gemv.get("step_ms_off"), "step_ms_gemv_on": gemv.get("step_ms_on"),
-            "step_ms_auto_no_pdl": gemv.get("step_ms_auto_nopdl"), "pdl": gemv.get("pdl"),
+            "step_ms_auto_no_pdl": gemv.get("step_ms_auto_nopdl"), "step_variant": gemv.get("step"),
+            "step_variant_no_pdl": gemv.get("step_auto_nopdl"), "step_variant_on": gemv.get("step_on"),
             "roofline_share_gemv_off": roof_ms / gemv["step_ms_off"] if "step_ms_off" in gemv else None,
-            "gemv_plan": gemv.get("plan"), "gemv_choices_on": gemv.get("choices_on"), "weight_bytes": wbytes, "kv_bytes_read": int(kv_bytes),
+            "gemv_plan": gemv.get("plan"), "weight_bytes": wbytes, "kv_bytes_read": int(kv_bytes),
             "tokens_per_s": batch / step_ms * 1e3, "path": "cuda-graph" if graphed else "eager"}
 
 
@@ -229,8 +230,10 @@ def _print_row(r: dict[str, Any]) -> None:
           f"({r['roofline_share']:.0%} of roofline {r['roofline_ms']:.3f} ms) | plain graph "
           f"{r['baseline_graph_step_ms']:.3f} ms ({r['baseline_roofline_share']:.0%}){eager}{gemv} [{r['path']}]",
           flush=True)
-    if r.get("gemv_plan"):
-        print(f"  plan (gemv {r['gemv_mode']}): {r['gemv_plan']['choices']}; pdl {r['pdl']}", flush=True)
+    if r.get("step_variant"):
+        v = r["step_variant"]
+        print(f"  step kept: plan {v['plan']}, pdl {v['pdl']}, {v['choices']}; replay us {v.get('replay_us')}",
+              flush=True)
 
 
 def parse_rows(batches: str, context: int, smollm_context: int = 256) -> list[tuple[str, int, int]]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -262,7 +262,3 @@ def _graph_time_us(fn: Callable[[], None], dev: torch.device, reps: int = 25) ->
     out = statistics.median(a.elapsed_time(b) for a, b in zip(ev, ev[1:], strict=False)) * 1e3
     del graph
     return out
-
-
-def plan_dict(plan: Plan) -> dict[str, Any]:
-    return {**plan.summary(), "choices_detail": {u: asdict(c) for u, c in plan.choices.items()}}

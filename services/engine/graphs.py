@@ -51,7 +51,11 @@ class DecodeGraphs:
     `gemv_mode`: how each bucket's projections pick their kernel (services.engine.gemv: "auto" measures at the
     bucket's first capture, "on" forces the Triton skinny kernel where it applies, "off" keeps cuBLAS).
     `pdl`: launch the step's Triton kernels with programmatic dependent launch (each kernel's launch overlaps
-    the one before it); None captures the bucket both ways and keeps the graph whose replay is faster."""
+    the one before it); None tries both.
+
+    At a bucket's first capture, every variant of the step (the measured projection plan and, in "auto", the
+    "on" heuristic plan, each with and without PDL as `pdl` allows) is captured and replayed in turns, and the
+    graph with the fastest replay is kept: `step_choice[b]` records which and the replay times."""
 
     def __init__(self, model: Transformer, gemv_mode: str = "auto", pdl: bool | None = None) -> None:
         if gemv_mode not in gemv.MODES:
@@ -63,7 +67,7 @@ class DecodeGraphs:
         self.gemv_mode = gemv_mode
         self.pdl = pdl
         self.plans: dict[int, gemv.Plan] = {}
-        self.pdl_choice: dict[int, dict] = {}  # bucket -> {"pdl": used, and the replay times when measured}
+        self.step_choice: dict[int, dict] = {}  # bucket -> {"plan", "pdl", "choices"[, "replay_us"]}
         self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, _Graph] = {}
@@ -131,6 +135,17 @@ class DecodeGraphs:
             self.plans[b] = gemv.plan_for(self.fused, b, self.gemv_mode, kv.k, kv.v, self.sms, self.ops)
         return gemv.bind(self.plans[b].choices, self.ops_pdl if pdl else self.ops)
 
+    def _variants(self, b: int, kv: KVBuffer) -> list[tuple[str, dict, bool]]:
+        """(plan name, projection choices, pdl) of every step variant to capture for bucket b."""
+        self.ops_for(b, kv)
+        plans = {self.gemv_mode: self.plans[b].choices}
+        if self.gemv_mode == "auto":
+            on = gemv.plan_for(self.fused, b, "on", kv.k, kv.v, self.sms, self.ops).choices
+            if on != plans["auto"]:
+                plans["on"] = on
+        pdls = [False, True] if self.pdl is None else [self.pdl]
+        return [(name, choices, pdl) for name, choices in plans.items() for pdl in pdls]
+
     def _capture(self, b: int, kv: KVBuffer) -> _Graph:
         fm = self.fused
         inp = torch.zeros(3, b, dtype=torch.int64, device=self.device)
@@ -139,26 +154,38 @@ class DecodeGraphs:
         logits = torch.empty(b, fm.lm_head.shape[0], dtype=fm.lm_head.dtype, device=self.device)
         splits = attn_splits(b, fm.n_kv, self.sms)
 
-        def capture(pdl: bool) -> torch.cuda.CUDAGraph:
-            ops = self.ops_for(b, kv, pdl)
+        def capture(choices: dict, pdl: bool) -> torch.cuda.CUDAGraph:
+            ops = gemv.bind(choices, self.ops_pdl if pdl else self.ops)
 
             def step() -> None:
                 decode_step(fm, ops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits)
             return _graph_of(step, self.device, self.pool)
 
-        if self.pdl is not None:
-            graph, choice = capture(self.pdl), {"pdl": self.pdl}
-        else:  # both ways, timed as captured (every row padding: no KV is written)
-            graph = capture(False)
+        variants = self._variants(b, kv)
+        graphs: list[torch.cuda.CUDAGraph] = []
+        kept: list[tuple[str, dict, bool]] = []
+        errors: dict[str, str] = {}
+        for name, choices, pdl in variants:
             try:
-                with_pdl = capture(True)
-            except Exception as e:  # noqa: BLE001 - a Triton or driver without programmatic dependent launch
-                choice = {"pdl": False, "pdl_error": f"{type(e).__name__}: {str(e)[:160]}"}
-            else:
-                t_plain, t_pdl = _replay_us([graph, with_pdl])
-                choice = {"pdl": t_pdl < t_plain, "replay_us_plain": round(t_plain, 1), "replay_us_pdl": round(t_pdl, 1)}
-                graph = with_pdl if choice["pdl"] else graph
-        self.pdl_choice[b] = choice
+                graphs.append(capture(choices, pdl))
+                kept.append((name, choices, pdl))
+            except Exception as e:  # noqa: BLE001 - e.g. a Triton or driver without programmatic dependent launch
+                if not pdl or len(variants) == 1:
+                    raise
+                errors[f"{name}{' pdl' if pdl else ''}"] = f"{type(e).__name__}: {str(e)[:160]}"
+        # timed as captured: every row padding, so nothing is written to the KV buffer
+        times = _replay_us(graphs) if len(graphs) > 1 else [float("nan")]
+        best = min(range(len(graphs)), key=lambda i: times[i])
+        name, choices, pdl = kept[best]
+        graph = graphs[best]
+        choice: dict = {"plan": name, "pdl": pdl, "choices": {u: c.label() for u, c in choices.items()}}
+        if len(graphs) > 1:
+            choice["replay_us"] = {f"{n}{' pdl' if p else ''}": round(t, 1) for (n, _, p), t in zip(kept, times,
+                                                                                                     strict=True)}
+        if errors:
+            choice["errors"] = errors
+        del graphs
+        self.step_choice[b] = choice
         self.graphs[b] = g = _Graph(b, inp, logits, graph)
         self.captures += 1
         return g

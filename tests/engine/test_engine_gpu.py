@@ -102,7 +102,8 @@ def test_triton_projections_and_pdl_greedy_tokens_equal_eager_fp32(mode: str, pd
     fast_engine.graphs = DecodeGraphs(fast_engine.model, mode, pdl)
     assert _greedy(fast_engine, prompts, 40) == eager
     plan = fast_engine.graphs.plans[4]
-    assert fast_engine.graphs.pdl_choice[4] == {"pdl": pdl}
+    kept = fast_engine.graphs.step_choice[4]
+    assert (kept["plan"], kept["pdl"]) == (mode, pdl) and "replay_us" not in kept  # one variant: nothing to time
     if mode == "on":
         assert all(c.kernel == "skinny" for c in plan.choices.values()) and plan.choices["mlp_in"].silu
 
@@ -122,6 +123,8 @@ def test_auto_plan_times_cublas_and_the_triton_candidates_bf16() -> None:
             best = min(plan.timings_us[unit], key=plan.timings_us[unit].get)
             assert plan.choices[unit].label() == best
     assert not any("relative error" in why for r in plan.rejected.values() for why in r.values()), plan.rejected
-    choice = engine.graphs.pdl_choice[2]  # measured both ways at capture
-    assert "pdl_error" not in choice, choice
-    assert choice["pdl"] == (choice["replay_us_pdl"] < choice["replay_us_plain"])
+    kept = engine.graphs.step_choice[2]  # every variant captured and replayed; the fastest kept
+    assert "errors" not in kept, kept
+    times = kept["replay_us"]
+    assert {"auto", "auto pdl"} <= set(times) and len(times) in (2, 4), kept
+    assert min(times, key=times.get) == kept["plan"] + (" pdl" if kept["pdl"] else "")
