@@ -17,6 +17,7 @@ from services.rpc.tandem.v1 import worker_pb2 as pb
 
 _DONE = object()
 PUSH = "/tandem.v1.KVTransfer/Push"
+PUSH_SHARED = "/tandem.v1.KVTransfer/PushShared"
 KV_TIMEOUT_S = 30.0  # a push's time limit once its KV is ready, plus KV_TIMEOUT_PER_TOKEN_S per prompt token
 KV_TIMEOUT_PER_TOKEN_S = 0.002
 # The receiver's allowance for silence between two pieces grows faster: each layer arrives after its own forward
@@ -34,22 +35,32 @@ class Channels:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._stubs: dict[str, tuple[grpc.Channel, grpc.StreamUnaryMultiCallable]] = {}
+        self._channels: dict[str, grpc.Channel] = {}
+        self._calls: dict[tuple[str, str], grpc.StreamUnaryMultiCallable] = {}
+
+    def _call(self, address: str, method: str, serializer: Any) -> grpc.StreamUnaryMultiCallable:
+        with self._lock:
+            if (address, method) not in self._calls:
+                if address not in self._channels:
+                    self._channels[address] = channel(address)
+                self._calls[(address, method)] = self._channels[address].stream_unary(
+                    method, request_serializer=serializer, response_deserializer=pb.KVReceipt.FromString)
+            return self._calls[(address, method)]
 
     def push(self, address: str) -> grpc.StreamUnaryMultiCallable:
         """KVTransfer.Push taking requests already serialized (kvwire's wire-form pieces)."""
-        with self._lock:
-            if address not in self._stubs:
-                ch = channel(address)
-                self._stubs[address] = (ch, ch.stream_unary(PUSH, request_serializer=None,
-                                                            response_deserializer=pb.KVReceipt.FromString))
-            return self._stubs[address][1]
+        return self._call(address, PUSH, None)
+
+    def push_shared(self, address: str) -> grpc.StreamUnaryMultiCallable:
+        """KVTransfer.PushShared (CUDA IPC handles, services.kv.ipc)."""
+        return self._call(address, PUSH_SHARED, pb.KVSharedChunk.SerializeToString)
 
     def close(self) -> None:
         with self._lock:
-            for ch, _ in self._stubs.values():
+            for ch in self._channels.values():
                 ch.close()
-            self._stubs.clear()
+            self._channels.clear()
+            self._calls.clear()
 
 
 class KVSender:
@@ -62,6 +73,8 @@ class KVSender:
     forward pass of a long prompt may take minutes on CPU. `call_timeout_s` (the request's own deadline) is the
     backstop on the whole call.
     """
+
+    path = "grpc"  # PrefillResponse.kv_path
 
     def __init__(self, stubs: Channels, address: str, spec: KVSpec, request_id: str, timeout_s: float,
                  lease_s: float = 0.0, chunk_bytes: int = DEFAULT_CHUNK, call_timeout_s: float | None = None) -> None:
@@ -112,18 +125,26 @@ class KVSender:
 
     def wait(self) -> pb.KVReceipt:
         """The receipt; the failure as a services.contracts.errors exception (naming the decode worker)."""
-        from services.contracts.errors import DeadlineExceeded
-
-        left = self.timeout_s - (time.perf_counter() - (self.ready_at or time.perf_counter()))
         try:
-            return self._future.result(timeout=max(0.0, left))
-        except grpc.FutureTimeoutError:
-            self._future.cancel()
-            raise DeadlineExceeded(f"KV push to {self.address} did not finish within {self.timeout_s:.1f}s of the "
-                                   f"KV being ready ({self.spec.n_tokens} tokens)") from None
+            return receipt_within(self._future, self.timeout_s, self.ready_at, f"KV push to {self.address}",
+                                  self.spec.n_tokens)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"worker {self.address}") from None
         except grpc.FutureCancelledError:
             from services.contracts.errors import Unavailable
 
             raise Unavailable(f"KV push to {self.address} was cancelled") from None
+
+
+def receipt_within(future: Any, timeout_s: float, ready_at: float | None, what: str, n_tokens: int) -> pb.KVReceipt:
+    """A push's receipt, waited for until `timeout_s` after the KV was ready (`ready_at`; None: from now);
+    past it the push is cancelled and DeadlineExceeded names `what`. RPC failures propagate to the caller."""
+    from services.contracts.errors import DeadlineExceeded
+
+    left = timeout_s - (time.perf_counter() - (ready_at or time.perf_counter()))
+    try:
+        return future.result(timeout=max(0.0, left))
+    except grpc.FutureTimeoutError:
+        future.cancel()
+        raise DeadlineExceeded(f"{what} did not finish within {timeout_s:.1f}s of the KV being ready "
+                               f"({n_tokens} tokens)") from None
