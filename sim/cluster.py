@@ -5,17 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
-import simpy
 
 from services.contracts import routing
 from services.contracts.errors import InvalidArgument
 from services.contracts.layout import Layout
 from services.contracts.roles import LLM_ROLES
 from sim import catalog
+from sim.clock import Clock
 from sim.dlm import DLMPool, split
 from sim.kvlink import Fabric
 from sim.perf import PerfModel, ProfileTable, load_profile
@@ -75,7 +74,7 @@ class SimulatedCluster:
 
     def __init__(self, layout: Layout, workload: Workload) -> None:
         self.layout = layout
-        self.env = simpy.Environment()
+        self.env = Clock()
         self.entered = len(workload)
         workload, dlm_arrivals = split(workload, layout.sim.dlm_fraction)  # the dlm share never meets the router
         self.dlm = DLMPool.build(self.env, layout, dlm_arrivals)
@@ -116,39 +115,51 @@ class SimulatedCluster:
         if not self.workers:
             raise InvalidArgument("pools: the simulator needs at least one prefill, decode or mixed worker",
                                   param="pools")
-        loads = {role: [w.load for w in self.workers if w.role == role] for role in ("prefill", "decode", "mixed")}
-        self.prefill_loads, self.decode_loads = loads["prefill"], loads["decode"]
+        by_role = {role: [w for w in self.workers if w.role == role] for role in ("prefill", "decode", "mixed")}
         # the runtime's pools: split when both exist, else mixed; a layout with only one split pool (which the
-        # runtime would refuse) runs both phases on it
-        self.mixed_loads = loads["mixed"] or loads["prefill"] or loads["decode"]
-        if not (self.prefill_loads and self.decode_loads):
-            self.prefill_loads = self.decode_loads = []
+        # runtime would refuse) runs both phases on it. Each pool keeps its routing keys current (routing.Ranked):
+        # a worker re-ranks itself when its load changes.
+        empty = routing.Ranked((), routing.prefill_key)
+        self.prefill_loads = self.decode_loads = self.mixed_loads = empty
+        if by_role["prefill"] and by_role["decode"]:
+            pools = ((by_role["prefill"], routing.prefill_key, "prefill_loads"),
+                     (by_role["decode"], routing.decode_key, "decode_loads"))
+        else:
+            pools = ((by_role["mixed"] or by_role["prefill"] or by_role["decode"], routing.prefill_key, "mixed_loads"),)
+        for members, key, attr in pools:
+            ranked = routing.Ranked((w.load for w in members), key)
+            setattr(self, attr, ranked)
+            for i, w in enumerate(members):
+                w.rank, w.rank_i = ranked, i
+                if w.lane is not None:  # a concurrent mixed worker's prefill lane moves the same load
+                    w.lane.rank, w.lane.rank_i = ranked, i
         self.fallback_tokens = layout.sim.fallback_queue_tokens if layout.router.mixed_fallback else None
         # the gateway's own time per request (tokenize, route, RPC hops), when the profile measured it
         self.gateway_s = max(w.perf.request_overhead_s for w in self.workers)
+        self._mixed = lambda: self.mixed_loads
+        policy = layout.router.policy  # the pick within one pool (routing.Choose)
+        self._choose = routing.jsq if policy == "jsq" else self._in_turn if policy == "round_robin" else self._at_random
         self.rng = np.random.default_rng(0)
         self._rr = 0
         self.done = 0
         self.rejected = 0
 
     # -- router -------------------------------------------------------------------------------------------------
-    def _choose(self, loads: list[routing.Load], key: routing.Key) -> routing.Load:
-        policy = self.layout.router.policy
-        if policy == "jsq":
-            return routing.jsq(loads, key)
-        if policy == "round_robin":
-            self._rr += 1
-            return loads[self._rr % len(loads)]
+    def _in_turn(self, loads: routing.Ranked, key: routing.Key) -> routing.Load:
+        self._rr += 1
+        return loads[self._rr % len(loads)]
+
+    def _at_random(self, loads: routing.Ranked, key: routing.Key) -> routing.Load:
         return loads[int(self.rng.integers(len(loads)))]
 
     def route(self, rid: int) -> None:
         r = self.reqs
-        need = int(r.prompt[rid] + r.output[rid])
+        need = r.prompt[rid] + r.output[rid]  # (Requests holds Python ints while it runs)
         workers = self.workers
-        picked = routing.route(self.prefill_loads, self.decode_loads, lambda: self.mixed_loads, self._choose)
+        picked = routing.route(self.prefill_loads, self.decode_loads, self._mixed, self._choose)
         assert picked is not None  # the constructor left at least one pool
         pl, dl, mixed = picked
-        p, d = int(pl.address), int(dl.address)
+        p, d = pl.address, dl.address  # worker indices
         fb = self.fallback_tokens
         if not mixed and fb is not None:
             pw, dw = workers[p], workers[d]
@@ -167,19 +178,18 @@ class SimulatedCluster:
 
     def on_done(self, rid: int) -> None:
         r = self.reqs
-        self.workers[int(r.dest[rid])].release_decode(int(r.prompt[rid] + r.output[rid]))
+        self.workers[r.dest[rid]].release_decode(r.prompt[rid] + r.output[rid])
         self.done += 1
 
     # -- run ----------------------------------------------------------------------------------------------------
-    def _arrive(self, rid: int, _ev: object) -> None:
+    def _arrive(self, rid: int) -> None:
         if self.gateway_s > 0:
-            self.env.timeout(self.gateway_s).callbacks.append(lambda _ev, rid=rid: self.route(rid))
+            self.env.call(self.gateway_s, self.route, rid)
         else:
             self.route(rid)
         nxt = rid + 1
         if nxt < self.reqs.n:
-            ev = self.env.timeout(self.reqs.arrival[nxt] - self.env.now)
-            ev.callbacks.append(partial(self._arrive, nxt))
+            self.env.call(self.reqs.arrival[nxt] - self.env.now, self._arrive, nxt)
 
     def run(self, progress: Callable[[float, float], None] | None = None) -> RunOutput:
         n = self.reqs.n
@@ -188,8 +198,7 @@ class SimulatedCluster:
             last = max(last, self.dlm.last_arrival)
         horizon = last + self.layout.sim.drain_s
         if n:
-            ev = self.env.timeout(float(self.reqs.arrival[0]))
-            ev.callbacks.append(partial(self._arrive, 0))
+            self.env.call(float(self.reqs.arrival[0]), self._arrive, 0)
         if progress is None:
             self._run_until(horizon)
         else:

@@ -20,22 +20,24 @@ KV flow). `sim.kv_link_sharing: none` gives every flow the full link whatever el
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from typing import Any
 
-import simpy
+from sim.clock import Clock
 
 
 class Flow:
-    __slots__ = ("src", "dst", "left", "rate", "floor", "on_done")
+    __slots__ = ("src", "dst", "left", "rate", "floor", "on_done", "arg")
 
-    def __init__(self, src: int, dst: int, nbytes: float, floor: float, on_done: Callable[[], None]) -> None:
-        self.src, self.dst, self.left, self.rate, self.floor, self.on_done = src, dst, nbytes, 0.0, floor, on_done
+    def __init__(self, src: int, dst: int, nbytes: float, floor: float, on_done: Callable[[Any], object],
+                 arg: Any) -> None:
+        self.src, self.dst, self.left, self.rate, self.floor = src, dst, nbytes, 0.0, floor
+        self.on_done, self.arg = on_done, arg
 
 
 class Fabric:
     """Every worker's KV link, shared by the flows in flight (see the module docstring)."""
 
-    def __init__(self, env: simpy.Environment, n_workers: int, link_gbps: float, latency_s: float = 0.0,
+    def __init__(self, env: Clock, n_workers: int, link_gbps: float, latency_s: float = 0.0,
                  switch_gbps: float | None = None, sharing: str = "fair") -> None:
         self.env = env
         self.link_Bps = link_gbps * 1e9 / 8.0
@@ -46,27 +48,32 @@ class Fabric:
         self.n_out = [0] * n_workers
         self.n_in = [0] * n_workers
         self.t_last = 0.0
-        self.version = 0
+        self.tick = -1  # the clock's sequence number of the pending _tick (-1: none)
         self.started = 0  # flows ever started (tests, bench)
 
     def send(self, src: int, dst: int, nbytes: float, ready_at: float, floor: float,
-             on_done: Callable[[], None]) -> None:
-        """Move `nbytes` from worker src to dst, starting at `ready_at` (>= now); call on_done when the last byte
-        has arrived, no earlier than `floor`, plus the link latency."""
-        f = Flow(src, dst, nbytes, floor, on_done)
+             on_done: Callable[[Any], object], arg: Any = None) -> None:
+        """Move `nbytes` from worker src to dst, starting at `ready_at` (>= now); call on_done(arg) when the last
+        byte has arrived, no earlier than `floor`, plus the link latency."""
+        f = Flow(src, dst, nbytes, floor, on_done, arg)
         delay = ready_at - self.env.now
         if delay > 0:
-            self.env.timeout(delay).callbacks.append(partial(self._start, f))
+            self.env.call(delay, self._start, f)
         else:
-            self._start(f, None)
+            self._start(f)
 
     def alone_s(self, nbytes: float) -> float:
         """Seconds `nbytes` take on an idle link."""
         return nbytes / self.link_Bps
 
     # -- the fluid model ------------------------------------------------------------------------------------
-    def _start(self, f: Flow, _ev: object) -> None:
-        self._progress()
+    def _start(self, f: Flow) -> None:
+        now = self.env.now  # _progress, inlined
+        dt = now - self.t_last
+        if dt > 0:
+            for g in self.flows:
+                g.left -= g.rate * dt
+        self.t_last = now
         self.flows.append(f)
         self.n_out[f.src] += 1
         self.n_in[f.dst] += 1
@@ -82,43 +89,47 @@ class Fabric:
         self.t_last = now
 
     def _reschedule(self) -> None:
-        link, n_out, n_in = self.link_Bps, self.n_out, self.n_in
-        sw = self.switch_Bps / len(self.flows) if self.switch_Bps and self.flows else None
+        link, n_out, n_in, flows, shared = self.link_Bps, self.n_out, self.n_in, self.flows, self.shared
+        sw = self.switch_Bps / len(flows) if self.switch_Bps and flows else None
         soonest = float("inf")
-        for f in self.flows:
-            if self.shared:
-                f.rate = link / max(n_out[f.src], n_in[f.dst])
-                if sw is not None and sw < f.rate:
-                    f.rate = sw
+        for f in flows:  # (max/min written out: the same values as the builtins, without their calls)
+            if shared:
+                no, ni = n_out[f.src], n_in[f.dst]
+                rate = link / (ni if ni > no else no)
+                if sw is not None and sw < rate:
+                    rate = sw
             else:
-                f.rate = link
-            soonest = min(soonest, max(f.left, 0.0) / f.rate)
-        self.version += 1
-        if self.flows:
-            self.env.timeout(soonest).callbacks.append(partial(self._tick, self.version))
+                rate = link
+            f.rate = rate
+            left = f.left
+            due = (0.0 if 0.0 > left else left) / rate
+            if due < soonest:
+                soonest = due
+        if self.tick >= 0:
+            self.env.cancel(self.tick)  # superseded by the rates just computed: it never comes
+        self.tick = self.env.call(soonest, self._tick) if flows else -1
 
-    def _tick(self, version: int, _ev: object) -> None:
-        if version != self.version:
-            return
-        self._progress()
+    def _tick(self, _: object = None) -> None:
+        self.tick = -1
+        now = self.env.now  # _progress, inlined
+        dt = now - self.t_last
+        flows = self.flows
+        if dt > 0:
+            for f in flows:
+                f.left -= f.rate * dt
+        self.t_last = now
         eps = self.link_Bps * 1e-9  # a nanosecond's worth of bytes: float dust
-        keep: list[Flow] = []
-        done: list[Flow] = []
-        for f in self.flows:
-            (done if f.left <= eps else keep).append(f)
-        self.flows = keep
-        for f in done:
-            self.n_out[f.src] -= 1
-            self.n_in[f.dst] -= 1
+        done = [f for f in flows if f.left <= eps]
+        if done:
+            self.flows = [f for f in flows if not f.left <= eps]
+            n_out, n_in = self.n_out, self.n_in
+            for f in done:
+                n_out[f.src] -= 1
+                n_in[f.dst] -= 1
         self._reschedule()
-        now = self.env.now
         for f in done:
             at = max(now, f.floor) + self.latency
             if at > now:
-                self.env.timeout(at - now).callbacks.append(partial(_call, f.on_done))
+                self.env.call(at - now, f.on_done, f.arg)
             else:
-                f.on_done()
-
-
-def _call(fn: Callable[[], None], _ev: object) -> None:
-    fn()
+                f.on_done(f.arg)

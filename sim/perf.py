@@ -43,9 +43,13 @@ def _interp(x: float, xs: list[float], ys: list[float]) -> float:
     """Piecewise-linear, extrapolating linearly past both ends (more tokens cost more, never a plateau).
     Pure Python: it runs once per simulated batch, where numpy's call overhead dominates."""
     i = bisect.bisect_right(xs, x) - 1
-    i = min(max(i, 0), len(xs) - 2)
+    if i < 0:  # min(max(i, 0), len(xs) - 2), written out (it runs once per simulated batch)
+        i = 0
+    elif i > len(xs) - 2:
+        i = len(xs) - 2
     y = ys[i] + (ys[i + 1] - ys[i]) * (x - xs[i]) / (xs[i + 1] - xs[i])
-    return max(y, ys[0] * 0.5)
+    floor = ys[0] * 0.5
+    return floor if floor > y else y  # max(y, floor)
 
 
 def _interp_c(x: float, xs: list[float], ys: list[float]) -> float:
@@ -172,6 +176,7 @@ class PerfModel:
         self._flops = hw.peak_flops * hw.mfu
         self._bw = hw.hbm_bw * hw.mbu
         self._decode_cache: dict[int, tuple[float, float, float]] = {}
+        self._prefill_cache: dict[tuple[int, float | None], tuple[float, float]] = {}
         ovh = profile.overheads if profile is not None else {}
         # runtime costs measured by `tandem profile` through a running cluster (0 / 1 without them)
         self.request_overhead_s = ovh.get("request_overhead_s", 0.0)  # gateway: tokenize, route, RPC hops
@@ -193,7 +198,11 @@ class PerfModel:
         """Power (W) of a phase whose roofline terms are t_compute, t_memory and whose time is t; and the
         slowdown a power cap forces (frequency ~ sqrt(dynamic power), which makes a 70% cap cost prefill about
         1.3x: the ratio in splitwise_perf_model.csv's h100-80gb-pcap rows)."""
-        frac = min(1.0, min(1.0, t_compute / t) + MEMORY_POWER_WEIGHT * min(1.0, t_memory / t))
+        # min(1.0, min(1.0, t_compute / t) + MEMORY_POWER_WEIGHT * min(1.0, t_memory / t)), without the calls
+        fc, fm = t_compute / t, t_memory / t  # (min(1.0, x) is x if x < 1.0 else 1.0)
+        frac = (fc if fc < 1.0 else 1.0) + MEMORY_POWER_WEIGHT * (fm if fm < 1.0 else 1.0)
+        if not frac < 1.0:
+            frac = 1.0
         idle, peak = self.hw.power_idle_w, self.hw.power_peak_w
         want = idle + (peak - idle) * frac
         if self.cap_w is None or want <= self.cap_w:
@@ -206,6 +215,12 @@ class PerfModel:
 
         `sum_sq` is the sum of squared prompt lengths (causal attention FLOPs); defaults to one prompt.
         """
+        hit = self._prefill_cache.get((tokens, sum_sq))  # a pure function of its arguments: remembered
+        if hit is None:
+            hit = self._prefill_cache[(tokens, sum_sq)] = self._prefill(tokens, sum_sq)
+        return hit
+
+    def _prefill(self, tokens: int, sum_sq: float | None) -> tuple[float, float]:
         s = self.spec
         if sum_sq is None:
             sum_sq = float(tokens) ** 2

@@ -6,6 +6,7 @@ subprocess; nothing of it is imported or copied."""
 from __future__ import annotations
 
 import csv
+import gc
 import resource
 import subprocess
 import time
@@ -135,6 +136,9 @@ def with_settings(layout: Layout, settings: dict[str, object]) -> Layout:
 
 
 def run_ours(layout: Layout, trace: Path) -> Timelines:
+    # a clean heap first: the reference runs in a fresh process, and the garbage earlier runs in this one left (a
+    # simulation's objects form cycles) would otherwise be collected on this run's clock
+    gc.collect()
     t0 = time.process_time()
     r = simulate(layout, load_trace(str(trace))).reqs
     cpu = time.process_time() - t0

@@ -3,6 +3,7 @@ decode iteration, on the same trace and layout in one run."""
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def _time(layout_path: Path, trace: str, rate: float | None, limit: int | None,
     try:
         cpu = wall = float("inf")
         for _ in range(repeats):
+            gc.collect()  # each run starts from a clean heap (earlier runs' cyclic garbage is not charged to it)
             t0, w0 = time.process_time(), time.perf_counter()
             run = simulate(lay, wl)
             cpu, wall = min(cpu, time.process_time() - t0), min(wall, time.perf_counter() - w0)

@@ -17,14 +17,14 @@ class Requests:
     """
 
     __slots__ = ("arrival", "prompt", "output", "first_tok", "first_gap", "finish", "gen", "rejected", "dest",
-                 "prefill_on", "n")
+                 "prefill_on", "n", "_inputs")
 
     def __init__(self, w: Workload) -> None:
         n = self.n = len(w)
         nan = float("nan")
-        self.arrival = w.arrival_s.astype(np.float64).tolist()
-        self.prompt = w.prompt.astype(np.int64).tolist()
-        self.output = w.output.astype(np.int64).tolist()
+        # the inputs as arrays too: freeze() hands these back rather than converting the unchanged lists
+        self._inputs = (w.arrival_s.astype(np.float64), w.prompt.astype(np.int64), w.output.astype(np.int64))
+        self.arrival, self.prompt, self.output = (a.tolist() for a in self._inputs)
         self.first_tok = [nan] * n
         self.first_gap = [nan] * n  # first token -> second token (includes the KV transfer)
         self.finish = [nan] * n
@@ -34,32 +34,49 @@ class Requests:
         self.prefill_on = [-1] * n
 
     def freeze(self) -> None:
-        for name, dtype in (("arrival", np.float64), ("prompt", np.int64), ("output", np.int64),
-                            ("first_tok", np.float64), ("first_gap", np.float64), ("finish", np.float64),
+        self.arrival, self.prompt, self.output = self._inputs  # read-only while the simulation ran
+        for name, dtype in (("first_tok", np.float64), ("first_gap", np.float64), ("finish", np.float64),
                             ("gen", np.int64), ("rejected", bool), ("dest", np.int64), ("prefill_on", np.int64)):
             setattr(self, name, np.asarray(getattr(self, name), dtype=dtype))
 
 
 @dataclass(slots=True)
 class Tally:
-    """TBT gap samples (value, weight) and power steps (time, +/- watts above idle)."""
+    """What the workers record as they go, one append per event: TBT gap samples `gaps` (value, weight) and busy
+    spans `spans` (start, end, watts above idle), one per unit of work (prefill batch or decode segment) finished.
+    Totals are derived when asked for, in recording order (so the float sums are the ones a running total gives)."""
 
-    gap_values: list[float] = field(default_factory=list)
-    gap_weights: list[float] = field(default_factory=list)
-    power_t: list[float] = field(default_factory=list)
-    power_dw: list[float] = field(default_factory=list)
-    busy_energy_j: float = 0.0
-    events: int = 0
+    gaps: list[tuple[float, int]] = field(default_factory=list)
+    spans: list[tuple[float, float, float]] = field(default_factory=list)
 
     def busy(self, t0: float, t1: float, watts_above_idle: float) -> None:
-        self.busy_energy_j += (t1 - t0) * watts_above_idle
-        self.power_t += (t0, t1)
-        self.power_dw += (watts_above_idle, -watts_above_idle)
+        self.spans.append((t0, t1, watts_above_idle))
+
+    @property
+    def events(self) -> int:
+        """Units of work simulated (each ends in one event)."""
+        return len(self.spans)
+
+    @property
+    def gap_values(self) -> list[float]:
+        return [v for v, _ in self.gaps]
+
+    @property
+    def gap_weights(self) -> list[float]:
+        return [float(w) for _, w in self.gaps]
+
+    @property
+    def busy_energy_j(self) -> float:
+        energy = 0.0
+        for t0, t1, w in self.spans:
+            energy += (t1 - t0) * w
+        return energy
 
     def peak_above_idle(self) -> float:
-        if not self.power_t:
+        if not self.spans:
             return 0.0
-        t = np.asarray(self.power_t)
-        dw = np.asarray(self.power_dw)
+        spans = np.asarray(self.spans, dtype=np.float64)
+        t = spans[:, :2].ravel()  # t0, t1, t0', t1', ...
+        dw = np.column_stack((spans[:, 2], -spans[:, 2])).ravel()  # +w at the start, -w at the end
         order = np.lexsort((dw, t))  # at equal times apply drops first, so back-to-back intervals don't stack
         return float(max(0.0, np.cumsum(dw[order]).max()))

@@ -13,19 +13,17 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from functools import partial
-
-import simpy
 
 from services.contracts.layout import Batching
-from services.contracts.routing import Load
+from services.contracts.routing import Load, Ranked
+from sim.clock import Clock
 from sim.kvlink import Fabric
 from sim.perf import PerfModel
 from sim.state import Requests, Tally
 
 
 def seg_time(k: float, a: float, c: float, c0: float, b: int) -> float:
-    return k * a + c * (k * c0 + b * k * (k - 1) / 2.0)
+    return k * a + c * (k * c0 + b * k * (k - 1) / 2.0)  # (the hot paths below inline this very expression)
 
 
 def iters_done(elapsed: float, a: float, c: float, c0: float, b: int) -> int:
@@ -48,7 +46,13 @@ class Worker:
     # way per-iteration simulators work (kept for the speed benchmark's side-by-side and for tests).
     segment_limit: int | None = None
 
-    def __init__(self, env: simpy.Environment, idx: int, role: str, perf: PerfModel, batching: Batching,
+    __slots__ = ("env", "idx", "role", "perf", "reqs", "tally", "cluster", "policy", "fusion", "max_batch",
+                 "max_batch_tokens", "kv_cap", "kv_used", "dec_assigned", "prefill_q", "prefill_pending", "dec_wait",
+                 "it", "heap", "fresh", "ctx", "busy", "pending", "seg", "kv_bytes", "layers",
+                 "fabric", "layerwise", "mixed_overhead", "twin", "lane", "idle_w", "load", "rank", "rank_i",
+                 "decode_times")
+
+    def __init__(self, env: Clock, idx: int, role: str, perf: PerfModel, batching: Batching,
                  reqs: Requests, tally: Tally, cluster: object, kv_usable_fraction: float,
                  fabric: Fabric, *, kv_transfer: str = "layerwise", mixed_overhead: float = 0.0) -> None:
         self.env, self.idx, self.role, self.perf, self.reqs, self.tally = env, idx, role, perf, reqs, tally
@@ -57,6 +61,8 @@ class Worker:
         self.fusion = batching.policy == "fusion"
         self.max_batch = 1 if batching.policy == "sequential" else batching.max_batch
         self.max_batch_tokens = batching.max_batch_tokens
+        # perf.decode(b) by batch size b <= max_batch, filled as met (a list lookup instead of a call per segment)
+        self.decode_times: list[tuple[float, float, float] | None] = [None] * (self.max_batch + 1)
         cap = perf.kv_capacity_tokens(kv_usable_fraction)
         if batching.kv_budget_mb is not None:
             cap = min(cap, int(batching.kv_budget_mb * 1e6 // perf.spec.kv_bytes_per_token))
@@ -68,11 +74,10 @@ class Worker:
         self.dec_wait: deque[int] = deque()
         self.it = 0  # decode iterations this worker has run
         self.heap: list[tuple[int, int]] = []  # (iteration at which the member finishes, rid)
-        self.join_it: dict[int, int] = {}
         self.fresh: list[int] = []  # members that have not yet produced their second token
         self.ctx = 0  # total context of the active decode batch
         self.busy = False
-        self.version = 0
+        self.pending = -1  # the clock's sequence number of the running unit's end (a cut cancels it)
         self.seg: tuple = ()
         self.kv_bytes = perf.spec.kv_bytes_per_token
         self.layers = perf.spec.layers
@@ -84,29 +89,46 @@ class Worker:
         self.idle_w = perf.hw.power_idle_w
         # what the router ranks by (services.contracts.routing); KV counts every token routed here for decode
         self.load = Load(idx, kv_free_bytes=cap * self.kv_bytes, kv_total_bytes=cap * self.kv_bytes)
+        self.rank: Ranked | None = None  # the router's pool holding self.load, at position rank_i (sim/cluster.py)
+        self.rank_i = 0
 
     # -- inputs from the router / other workers -------------------------------------------------------------
     def add_prefill(self, rid: int) -> None:
         self.prefill_q.append(rid)
         self.prefill_pending += self.reqs.prompt[rid]
-        self.load.pending_prompt_tokens = self.prefill_pending
-        self.load.waiting_requests += 1
-        self._poke()
+        load = self.load
+        load.pending_prompt_tokens = self.prefill_pending
+        load.waiting_requests += 1
+        if self.rank is not None:  # Ranked.update, inlined
+            self.rank.keys[self.rank_i] = self.rank.key(load)
+        if not self.busy:  # _poke, inlined (once per request)
+            self._next()
+        elif self.fusion and self.seg[0] == "decode":
+            self._cut()
 
     def assign_decode(self, need: int) -> None:
         """The router sent a request's decode phase here: reserve its KV share in the router's view."""
         self.dec_assigned += need
-        self.load.live_requests += 1
-        self.load.kv_free_bytes = (self.kv_cap - self.dec_assigned) * self.kv_bytes
+        load = self.load
+        load.live_requests += 1
+        load.kv_free_bytes = (self.kv_cap - self.dec_assigned) * self.kv_bytes
+        if self.rank is not None:  # Ranked.update, inlined
+            self.rank.keys[self.rank_i] = self.rank.key(load)
 
     def release_decode(self, need: int) -> None:
         self.dec_assigned -= need
-        self.load.live_requests -= 1
-        self.load.kv_free_bytes = (self.kv_cap - self.dec_assigned) * self.kv_bytes
+        load = self.load
+        load.live_requests -= 1
+        load.kv_free_bytes = (self.kv_cap - self.dec_assigned) * self.kv_bytes
+        if self.rank is not None:  # Ranked.update, inlined
+            self.rank.keys[self.rank_i] = self.rank.key(load)
 
     def add_decode(self, rid: int) -> None:
         self.dec_wait.append(rid)
-        self._poke()
+        if not self.busy:  # _poke, inlined
+            self._next()
+        elif self.fusion and self.seg[0] == "decode":
+            self._cut()
 
     def _poke(self) -> None:
         if not self.busy:
@@ -118,23 +140,24 @@ class Worker:
     def _admit(self) -> None:
         if not self.dec_wait or (not self.fusion and self.heap):
             return
-        r, heap, it = self.reqs, self.heap, self.it
-        while self.dec_wait and len(heap) < self.max_batch:
-            rid = self.dec_wait[0]
-            need = r.prompt[rid] + r.output[rid]
+        r, heap, it, wait = self.reqs, self.heap, self.it, self.dec_wait
+        prompt, output, gen = r.prompt, r.output, r.gen
+        while wait and len(heap) < self.max_batch:
+            rid = wait[0]
+            need = prompt[rid] + output[rid]
             if self.kv_used + need > self.kv_cap and heap:
                 break  # wait for memory; an empty worker always takes one (the router checked it fits)
-            self.dec_wait.popleft()
+            wait.popleft()
             self.kv_used += need
-            heapq.heappush(heap, (it + r.output[rid] - r.gen[rid], rid))
-            self.join_it[rid] = it
+            heapq.heappush(heap, (it + output[rid] - gen[rid], rid))
             self.fresh.append(rid)
-            self.ctx += r.prompt[rid] + r.gen[rid]
+            self.ctx += prompt[rid] + gen[rid]
 
     def _next(self) -> None:
         """Start the next unit of work, if any (called when not busy)."""
         if self.fusion:
-            self._admit()
+            if self.dec_wait:
+                self._admit()
             if self.prefill_q:
                 self._start_prefill()
             elif self.heap:
@@ -149,15 +172,15 @@ class Worker:
             self._start_decode()
 
     def _start_prefill(self) -> None:
-        r = self.reqs
+        prompt, q = self.reqs.prompt, self.prefill_q
         batch: list[int] = []
         tokens = 0
         sum_sq = 0.0
-        while self.prefill_q and len(batch) < self.max_batch:
-            p = r.prompt[self.prefill_q[0]]
+        while q and len(batch) < self.max_batch:
+            p = prompt[q[0]]
             if batch and tokens + p > self.max_batch_tokens:
                 break
-            batch.append(self.prefill_q.popleft())
+            batch.append(q.popleft())
             tokens += p
             sum_sq += float(p) * p
         b = len(self.heap)  # decode requests riding along (mixed iteration)
@@ -169,145 +192,174 @@ class Worker:
                 twin._cut()  # its next decode segment runs beside this prefill, at the shared speed
         if b:
             # a mixed iteration: sim.mixed_overhead (splitwise-sim: 0.1) plus reading the decoders' KV
-            t = t * (1.0 + self.mixed_overhead) + self.perf.decode(b)[1] * self.ctx
+            t = t * (1.0 + self.mixed_overhead) + self._decode_time(b)[1] * self.ctx
         self.busy = True
-        self.version += 1
-        now = self.env.now
-        self.seg = ("prefill", now, t, watts, batch, tokens)
-        self.env.timeout(t).callbacks.append(partial(self._end_prefill, self.version))
+        env = self.env
+        now = env.now
+        self.seg = seg = ("prefill", now, t, watts, batch, tokens)
+        env.call(t, self._end_prefill, seg)
         self._push_kv(batch, now, t)
 
     def _push_kv(self, batch: list[int], t0: float, t: float) -> None:
         """Start the KV transfers of the prompts that decode elsewhere (sim/kvlink.py): layer-wise from the
         first layer's end, or whole after the prefill."""
-        r, workers, fabric = self.reqs, self.cluster.workers, self.fabric
+        r, workers, fabric, idx, twin = self.reqs, self.cluster.workers, self.fabric, self.idx, self.twin
+        dests, output, prompt = r.dest, r.output, r.prompt
         for rid in batch:
-            dest = r.dest[rid]
-            if dest == self.idx or r.output[rid] <= 1 or workers[dest] is self.twin:
+            dest = dests[rid]
+            if dest == idx or output[rid] <= 1 or workers[dest] is twin:
                 continue
-            nbytes = r.prompt[rid] * self.kv_bytes
+            nbytes = prompt[rid] * self.kv_bytes
             if self.layerwise:
-                ready, floor = t0 + t / self.layers, t0 + t + fabric.alone_s(nbytes / self.layers)
+                ready, floor = t0 + t / self.layers, t0 + t + nbytes / self.layers / fabric.link_Bps  # + alone_s
             else:
                 ready = floor = t0 + t
-            fabric.send(self.idx, dest, nbytes, ready, floor, partial(self._landed, rid))
+            fabric.send(idx, dest, nbytes, ready, floor, self._landed, rid)
+
+    def _decode_time(self, b: int) -> tuple[float, float, float]:
+        hit = self.decode_times[b] = self.perf.decode(b)
+        return hit
 
     def _start_decode(self) -> None:
-        b = len(self.heap)
-        a, c, watts = self.perf.decode(b)
-        if self.lane is not None and self.lane.busy:
+        heap = self.heap
+        b = len(heap)
+        a, c, watts = self.decode_times[b] or self._decode_time(b)
+        lane = self.lane
+        if lane is not None and lane.busy:
             a, c = a * self.perf.mixed_decode_slowdown, c * self.perf.mixed_decode_slowdown
         if self.fusion:
-            k = self.heap[0][0] - self.it
+            k = heap[0][0] - self.it
             if self.segment_limit is not None:
                 k = min(k, self.segment_limit)
         else:
-            k = max(self.heap)[0] - self.it
-        t = seg_time(k, a, c, self.ctx, b)
+            k = max(heap)[0] - self.it
+        c0 = self.ctx
+        t = k * a + c * (k * c0 + b * k * (k - 1) / 2.0)  # seg_time(k, a, c, c0, b)
         self.busy = True
-        self.version += 1
-        self.seg = ("decode", self.env.now, t, watts, k, a, c, self.ctx, b)
-        self.env.timeout(t).callbacks.append(partial(self._end_decode, self.version))
+        env = self.env
+        self.seg = seg = ("decode", env.now, t, watts, k, a, c, c0, b)
+        self.pending = env.call(t, self._end_decode, seg)
 
     def _cut(self) -> None:
         """Something must join: end the running decode segment at the next iteration boundary."""
         _, t0, _, watts, k, a, c, c0, b = self.seg
-        i = iters_done(self.env.now - t0, a, c, c0, b) + 1
+        env = self.env
+        now = env.now
+        if c == 0.0 or b == 0:  # iters_done's closed case, inlined (profile decode times have no context term)
+            i = int((now - t0) / a + 1e-9) + 1
+        else:
+            i = iters_done(now - t0, a, c, c0, b) + 1
         if i >= k:
             return
-        t = seg_time(i, a, c, c0, b)
-        self.version += 1
-        self.seg = ("decode", t0, t, watts, i, a, c, c0, b)
-        self.env.timeout(t0 + t - self.env.now).callbacks.append(partial(self._end_decode, self.version))
+        t = i * a + c * (i * c0 + b * i * (i - 1) / 2.0)  # seg_time(i, a, c, c0, b)
+        self.seg = seg = ("decode", t0, t, watts, i, a, c, c0, b)
+        env.cancel(self.pending)  # the segment's old end: it never comes
+        self.pending = env.call(t0 + t - now, self._end_decode, seg)
 
     # -- completions ----------------------------------------------------------------------------------------
-    def _end_prefill(self, version: int, _ev: object) -> None:
-        if version != self.version:
-            return
-        _, t0, t, watts, batch, tokens = self.seg
+    def _end_prefill(self, seg: tuple) -> None:
+        _, t0, t, watts, batch, tokens = seg
         now = self.env.now
-        self.tally.events += 1
-        self.tally.busy(t0, now, watts - self.idle_w)
+        self.tally.spans.append((t0, now, watts - self.idle_w))  # Tally.busy, inlined
         r = self.reqs
         self.prefill_pending -= tokens
-        self.load.pending_prompt_tokens = self.prefill_pending
-        self.load.waiting_requests -= len(batch)
+        load = self.load
+        load.pending_prompt_tokens = self.prefill_pending
+        load.waiting_requests -= len(batch)
+        if self.rank is not None:  # Ranked.update, inlined
+            self.rank.keys[self.rank_i] = self.rank.key(load)
         if self.heap:  # the riding decode requests got one token each
             self._advance(1, t0, t, t)
         self.busy = False  # before handing requests on: a concurrent twin must see this lane idle
+        first_tok, gen, output, dests, idx = r.first_tok, r.gen, r.output, r.dest, self.idx
         for rid in batch:
-            r.first_tok[rid] = now
-            r.gen[rid] += 1
-            if r.output[rid] <= 1:
+            first_tok[rid] = now
+            gen[rid] += 1
+            if output[rid] <= 1:
                 r.finish[rid] = now
                 self.cluster.on_done(rid)
-            elif r.dest[rid] == self.idx:
+            elif dests[rid] == idx:
                 self.dec_wait.append(rid)
-            elif self.cluster.workers[r.dest[rid]] is self.twin:  # a concurrent mixed worker: no transfer
-                self._join(rid)
+            elif self.twin is not None and self.cluster.workers[dests[rid]] is self.twin:
+                self._join(rid)  # a concurrent mixed worker: no transfer
             # else: its KV is on the way (_push_kv); _landed hands it to the destination
-        self._next()
+        if self.fusion:  # _next, inlined for the fused batch
+            if self.dec_wait:
+                self._admit()
+            if self.prefill_q:
+                self._start_prefill()
+            elif self.heap:
+                self._start_decode()
+        else:
+            self._next()
 
     def _landed(self, rid: int) -> None:
         """A pushed KV arrived at its decode worker. Our runtime answers Prefill only now (tandem profile's
         first_token_after_kv), so the first token leaves here, not at the prefill's end."""
         if self.perf.first_token_after_kv:
             self.reqs.first_tok[rid] = max(self.reqs.first_tok[rid], self.env.now)
-        self._join(rid)
+        to = self.cluster.workers[self.reqs.dest[rid]]  # _join, inlined
+        if self.perf.decode_join_s > 0:
+            self.env.call(self.perf.decode_join_s, to.add_decode, rid)
+        else:
+            to.add_decode(rid)
 
     def _join(self, rid: int) -> None:
         """Hand the request to its decode worker after the runtime's join delay (Decode call, KV claim)."""
         to = self.cluster.workers[self.reqs.dest[rid]]
         if self.perf.decode_join_s > 0:
-            self.env.timeout(self.perf.decode_join_s).callbacks.append(partial(_deliver, to, rid))
+            self.env.call(self.perf.decode_join_s, to.add_decode, rid)
         else:
             to.add_decode(rid)
 
-    def _end_decode(self, version: int, _ev: object) -> None:
-        if version != self.version:
-            return
-        _, t0, t, watts, k, a, c, c0, b = self.seg
-        now = self.env.now
-        self.tally.events += 1
-        self.tally.busy(t0, now, watts - self.idle_w)
-        self._advance(k, t0, seg_time(1, a, c, c0, b), t, (a, c, c0, b))
+    def _end_decode(self, seg: tuple) -> None:
+        _, t0, t, watts, k, a, c, c0, b = seg
+        self.tally.spans.append((t0, self.env.now, watts - self.idle_w))  # Tally.busy, inlined
+        # seg_time(1, ...) is exactly a + c·c0; a fused batch's members all leave at the segment's end (no coef)
+        self._advance(k, t0, a + c * c0, t, None if self.fusion else (a, c, c0, b))
         self.busy = False
-        self._next()
+        if self.fusion:  # _next, inlined for the fused batch
+            if self.dec_wait:
+                self._admit()
+            if self.prefill_q:
+                self._start_prefill()
+            elif self.heap:
+                self._start_decode()
+        else:
+            self._next()
 
     def _advance(self, k: int, t0: float, s1: float, total: float, coef: tuple | None = None) -> None:
         """Apply k iterations (first one s1 long, all of them `total`) to the batch: record the TBT gaps and
         retire members whose last token came out."""
-        r, tally, heap = self.reqs, self.tally, self.heap
-        n, nf = len(heap), len(self.fresh)
-        for rid in self.fresh:
-            r.first_gap[rid] = t0 + s1 - r.first_tok[rid]
-        self.fresh = []
+        r, heap, fresh = self.reqs, self.heap, self.fresh
+        n, nf = len(heap), len(fresh)
+        if nf:
+            first_gap, first_tok, at = r.first_gap, r.first_tok, t0 + s1
+            for rid in fresh:
+                first_gap[rid] = at - first_tok[rid]
+            self.fresh = []
         it0 = self.it
         self.it = it = it0 + k
         self.ctx += n * k
         if self.fusion or coef is None:
             # every member made k steps: one gap sample per segment (the within-segment spread is c·b a step)
             if n - nf:
-                tally.gap_values.append(total / k)
-                tally.gap_weights.append(float((n - nf) * k))
+                self.tally.gaps.append((total / k, (n - nf) * k))
             if nf and k > 1:
-                tally.gap_values.append((total - s1) / (k - 1))
-                tally.gap_weights.append(float(nf * (k - 1)))
-        join_it, on_done = self.join_it, self.cluster.on_done
+                self.tally.gaps.append(((total - s1) / (k - 1), nf * (k - 1)))
+        if not heap or heap[0][0] > it:
+            return
+        on_done = self.cluster.on_done
         while heap and heap[0][0] <= it:
             end_it, rid = heapq.heappop(heap)
             steps = end_it - it0  # static batching: members leave at their own iteration
             end = t0 + (total if steps == k else seg_time(steps, *coef))
             r.finish[rid] = end
-            r.gen[rid] += end_it - join_it.pop(rid)
+            r.gen[rid] = r.output[rid]  # end_it was set so that it is exactly the last token
             self.ctx -= r.prompt[rid] + r.gen[rid] + (it - end_it)
             self.kv_used -= r.prompt[rid] + r.output[rid]
             if not self.fusion and coef is not None and steps > 1:
                 # a static batch is formed at once, so its first step gave every member its second token
-                tally.gap_values.append((end - t0 - s1) / (steps - 1))
-                tally.gap_weights.append(float(steps - 1))
+                self.tally.gaps.append(((end - t0 - s1) / (steps - 1), steps - 1))
             on_done(rid)
 
-
-def _deliver(worker: Worker, rid: int, _ev: object) -> None:
-    worker.add_decode(rid)

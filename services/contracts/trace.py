@@ -61,9 +61,22 @@ def read_csv(path: Path) -> TraceRows:
             raise InvalidArgument(f"{path}: header lacks column(s) {', '.join(missing)} (need {', '.join(COLUMNS)}, "
                                   f"or splitwise-sim's {', '.join(SPLITWISE_COLUMNS)})", param="trace")
         it, ic, ig = (header.index(c) for c in names)
+        width = len(header)
         for row_no, row in enumerate(reader, start=1):
             if not row:
                 continue
+            if len(row) >= width:  # the common row (seconds, valid counts) without building error context
+                try:
+                    t, pr, gen = float(row[it]), int(row[ic]), int(row[ig])
+                except ValueError:
+                    pass
+                else:
+                    if pr >= 0 and gen >= 1:
+                        times.append(t)
+                        prompts.append(pr)
+                        outputs.append(gen)
+                        continue
+            # anything else (an ISO time, or a bad row) goes the checked way, which names what is wrong
             where = f"{path}: row {row_no}"
             if len(row) < len(header):
                 raise InvalidArgument(f"{where}: expected {len(header)} fields, got {len(row)}", param="trace")

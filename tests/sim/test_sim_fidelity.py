@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import simpy
 
 from services.contracts.layout import parse_layout
 from sim import catalog
+from sim.clock import Clock
 from sim.cluster import perf_for, simulate
 from sim.kvlink import Fabric
 from sim.perf import PerfModel, load_profile
@@ -21,11 +21,11 @@ BLOOM_KV = catalog.MODELS["bloom-176b"].kv_bytes_per_token
 
 
 def _finish_times(flows: list[tuple[int, int, float]], gbps: float = 8.0, **kw: object) -> list[float]:
-    env = simpy.Environment()
+    env = Clock()
     fab = Fabric(env, 4, gbps, **kw)  # 8 Gb/s = 1e9 B/s
     done: list[float] = [0.0] * len(flows)
     for i, (src, dst, nbytes) in enumerate(flows):
-        fab.send(src, dst, nbytes, 0.0, 0.0, lambda i=i: done.__setitem__(i, env.now))
+        fab.send(src, dst, nbytes, 0.0, 0.0, lambda i: done.__setitem__(i, env.now), i)
     env.run()
     return done
 
