@@ -63,6 +63,14 @@ HARDWARE: dict[str, Hardware] = {
         sources="H200-SXM datasheet (989 TFLOP/s dense bf16, 4.8 TB/s HBM3e, 141 GB); DGX H200 datasheet "
         "(~10.2 kW max, 8x 400 Gb/s); $/h: 1.25x DGX-H100, our assumption (no list price used)",
     ),
+    "h200x1": Hardware(
+        name="h200x1", gpus=1, peak_flops=989e12, hbm_bw=4.8e12, memory_bytes=141 * _GB,
+        power_idle_w=0.3 * 700, power_peak_w=700, cost_per_hour=38.0 * 1.25 / 8, link_gbps=400,
+        mfu=0.5, mbu=0.6, iter_overhead_s=0.004, profile_name=None,
+        sources="one H200-SXM GPU (989 TFLOP/s dense bf16, 4.8 TB/s HBM3e, 141 GB; 700 W max TDP): a worker "
+        "pinned to one GPU of a multi-GPU host (`device: cuda:N`); $/h: an eighth of the h200 machine; link: "
+        "one 400 Gb/s NIC; efficiencies as h200 (our assumption; a `tandem profile` table replaces them)",
+    ),
     "cpu": Hardware(
         name="cpu", gpus=0, peak_flops=2 * 2.6e9 * 64, hbm_bw=20 * _GB, memory_bytes=24 * 2**30,
         power_idle_w=20.0, power_peak_w=60.0, cost_per_hour=0.10, link_gbps=10.0,
@@ -107,6 +115,9 @@ MODELS: dict[str, ModelShape] = {
                             source="meta-llama/Llama-2-70b-hf config.json (80 layers, 8192, 64 heads, 8 KV heads)"),
     "llama3-8b": ModelShape("llama3-8b", 8.03e9, 32, 4096, 32, 8,
                            source="meta-llama/Meta-Llama-3-8B config.json (32 layers, 4096, 32 heads, 8 KV heads)"),
+    "llama-3.2-1b": ModelShape("llama-3.2-1b", 1.236e9, 16, 2048, 32, 8,
+                              source="meta-llama/Llama-3.2-1B config.json (16 layers, 2048, 32 heads, 8 KV heads, "
+                              "head dim 64, tied embeddings: 1.24B parameters)"),
     "smollm2-135m": ModelShape("smollm2-135m", 134.5e6, 30, 576, 9, 3,
                               source="HuggingFaceTB/SmolLM2-135M config.json (30 layers, 576, 9 heads, 3 KV heads)"),
 }

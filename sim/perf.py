@@ -197,6 +197,10 @@ class PerfModel:
         self.request_overhead_s = ovh.get("request_overhead_s", 0.0)  # gateway: tokenize, route, RPC hops
         self.decode_join_s = ovh.get("decode_join_s", 0.0)  # Decode call + KV claim before a request joins
         self.decode_ratio = ovh.get("decode_step_ratio", 1.0)  # in-cluster step / engine-alone step
+        # ... and by batch size (`decode_step_ratio@B`, b requests decoding at once through the gateway)
+        by_b = sorted((int(k.split("@", 1)[1]), v) for k, v in ovh.items()
+                      if k.startswith("decode_step_ratio@") and k.split("@", 1)[1].isdigit())
+        self._ratio_b = ([float(b) for b, _ in by_b], [v for _, v in by_b]) if by_b else None
         self.prefill_ratio = ovh.get("prefill_ratio", 1.0)
         self.first_token_after_kv = bool(ovh.get("first_token_after_kv", 0.0))  # our runtime's Prefill reply
         self.concurrent_phases = bool(ovh.get("concurrent_phases", 0.0))  # mixed: prefill and decode threads
@@ -262,10 +266,11 @@ class PerfModel:
         t_w = s.weight_bytes / self._bw
         c = s.kv_bytes_per_token / self._bw
         if self.profile is not None:
-            a = _interp(batch, self.profile.batch, self.profile.token_s) * self.decode_ratio
+            ratio = self.decode_ratio if self._ratio_b is None else _interp_c(batch, *self._ratio_b)
+            a = _interp(batch, self.profile.batch, self.profile.token_s) * ratio
             # splitwise_perf_model.csv: the token time barely moves with context (token_size 128..8192)
             c = 0.0 if not self.profile.token_c else _interp_c(batch, self.profile.batch, self.profile.token_c)
-            c *= self.decode_ratio
+            c *= ratio
         else:
             a = self.hw.iter_overhead_s + max(t_c, t_w)
         # power judged at a typical context (1k tokens per request); the cap then scales the whole iteration

@@ -15,7 +15,9 @@ from services.bench import (
     faults_cli,
     fusion_cli,
     kv_cli,
+    overload_cli,
     policy_cli,
+    soak_cli,
     verify_cli,
 )
 
@@ -48,6 +50,8 @@ def register(group: Callable[[str], typer.Typer]) -> None:
     bench.command("policy")(policy_cli.bench_policy)
     bench.command("sim")(bench_sim)
     bench.command("faults")(faults_cli.bench_faults)
+    bench.command("overload")(overload_cli.bench_overload)
+    bench.command("soak")(soak_cli.bench_soak)
     bench.command("cluster")(verify_cli.bench_cluster_cmd)
 
     top = group("")  # the verify loop (issue 13): plan -> deploy -> verify

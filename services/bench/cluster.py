@@ -57,14 +57,15 @@ def _free_block(n: int, taken: set[int]) -> int:
 
 
 def with_free_ports(layout_path: str | Path, dest: Path) -> Path:
-    """The layout with every port (gateway, pools, metrics) moved to free ones: runs beside other clusters."""
+    """The layout with every port (gateway, pools, metrics) moved to free ones: runs beside other clusters.
+    The gateway's other settings (max_inflight, stall_s, drain_s) are kept."""
     doc = yaml.safe_load(Path(layout_path).read_text()) or {}
     taken: set[int] = set()
     for pool in doc.get("pools") or [{"role": "mixed", "count": 1}]:
         pool["base_port"] = _free_block(int(pool.get("count", 1)), taken)
     doc.setdefault("pools", [{"role": "mixed", "count": 1, "base_port": _free_block(1, taken)}])
     http, grpc_port = _free_block(1, taken), _free_block(1, taken)
-    doc["gateway"] = {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc_port}"}
+    doc["gateway"] = {**(doc.get("gateway") or {}), "http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc_port}"}
     dest.write_text(yaml.safe_dump(doc, sort_keys=False))
     return dest
 
@@ -74,7 +75,7 @@ def running_cluster(layout_path: str | Path, attach: bool = False, log_dir: str 
                     note: Callable[[str], None] | None = None) -> Iterator[tuple[Layout, Path]]:
     """Yields (layout, the layout file actually served). attach: the cluster is already up at the layout's
     addresses; otherwise it is started on free ports with the launcher (`tandem up`'s code) and stopped after."""
-    from services.cluster.launcher import Cluster, plan
+    from services.cluster.launcher import Cluster, check_devices, plan
 
     say = note or (lambda _m: None)
     if attach:
@@ -84,6 +85,7 @@ def running_cluster(layout_path: str | Path, attach: bool = False, log_dir: str 
     path = with_free_ports(layout_path, tmp / Path(layout_path).name)
     lay = load_layout(path)
     specs = plan(lay, str(path))
+    check_devices(lay)
     cluster = Cluster(specs, log_dir or tmp / "logs")
     workers = [s.name for s in specs if s.name != "gateway"]
     try:
@@ -126,6 +128,50 @@ def bench(lay: Layout, w: Workload, progress: Callable[[int], None] | None = Non
     res["loadavg_before"] = [round(x, 2) for x in load_before]
     res["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     return res
+
+
+def capacity(lay: Layout, w: Workload, seconds: float, concurrency: int | None = None) -> dict[str, Any]:
+    """Saturated throughput of the running cluster, closed loop: `concurrency` clients (default: every decode
+    and mixed worker's max_batch, summed: a full batch everywhere) each send `w`'s next request as soon as their
+    last one finished, for `seconds`. The rate counts completions after the first fifth (the ramp-up)."""
+    import threading
+
+    import grpc
+
+    from services.bench.load import prompt_ids
+
+    if concurrency is None:
+        concurrency = sum(p.count * (p.batching or lay.batching).max_batch
+                          for role in ("decode", "mixed") for p in lay.pools_of(role))
+    ch = grpc.insecure_channel(lay.gateway.grpc, options=[("grpc.max_concurrent_streams", max(256, concurrency))])
+    lock, nxt, finish, failed = threading.Lock(), [0], [], [0]
+    t0 = time.perf_counter()
+
+    def client() -> None:
+        while time.perf_counter() - t0 < seconds:
+            with lock:
+                i = nxt[0] % len(w)
+                nxt[0] += 1
+            try:
+                stream_one(lay.gateway.grpc, prompt_ids(int(w.prompt[i]), i), int(w.output[i]), f"cap-{i}", ch)
+            except Exception:  # noqa: BLE001 - a refused or failed request counts, whatever the error
+                with lock:
+                    failed[0] += 1
+                continue
+            with lock:
+                finish.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(max(1, concurrency))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ch.close()
+    start = seconds / 5
+    window = [f for f in finish if start <= f <= seconds]
+    return {"concurrency": concurrency, "seconds": seconds, "sent": nxt[0], "completed": len(finish),
+            "failed": failed[0], "capacity_rps": len(window) / (seconds - start) if window else float("nan"),
+            "prompt_tokens_mean": float(w.prompt.mean()), "output_tokens_mean": float(w.output.mean())}
 
 
 def meta(layout: str | Path, trace: str, rate: float | None, duration: float | None, seed: int, scaling: Scaling,

@@ -272,7 +272,7 @@ def run_faults(model: str | None = None, streams: int = 16, max_tokens: int = 64
     work = Path(workdir or tempfile.mkdtemp(prefix="tandem-faults-"))
     work.mkdir(parents=True, exist_ok=True)
     redis_srv = Redis(work).start()
-    cluster = Cluster(work, model, f"redis://127.0.0.1:{redis_srv.port}/0", ttl_s, stall_s)
+    cluster = Cluster(work, model, f"redis://127.0.0.1:{redis_srv.port}/0?ttl_s={ttl_s}", stall_s)
     outcomes: list[Outcome] = []
     try:
         say(f"starting the cluster (logs in {cluster.log_dir})")

@@ -1,4 +1,5 @@
-"""The cluster `tandem bench faults` breaks: `tandem up` on a generated split layout with a private Redis."""
+"""The cluster `tandem bench faults` breaks (and `tandem bench overload` floods): `tandem up` on a generated split
+layout, with a private Redis as its registry for the faults."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ class Redis:
 class Cluster:
     """`tandem up` on a generated split layout, in the background."""
 
-    def __init__(self, workdir: Path, model: str | None, redis_url: str, ttl_s: float, stall_s: float) -> None:
+    def __init__(self, workdir: Path, model: str | None, registry: str, stall_s: float,
+                 decode_batching: dict | None = None) -> None:
         from services.contracts.layout import GatewaySpec
 
         self.ports = {"prefill-0": free_port(), "decode-0": free_port(), "decode-1": free_port()}
@@ -65,9 +67,11 @@ class Cluster:
             gateway["stall_s"] = stall_s
         doc = {"name": "faults", "model": {"name": "bench", "path": model},
                "pools": [{"role": "prefill", "count": 1, "base_port": self.ports["prefill-0"]},
-                         {"role": "decode", "count": 1, "base_port": self.ports["decode-0"]},
-                         {"role": "decode", "count": 1, "base_port": self.ports["decode-1"]}],
-               "gateway": gateway, "registry": f"{redis_url}?ttl_s={ttl_s}"}
+                         *({"role": "decode", "count": 1, "base_port": self.ports[name],
+                            **({"batching": decode_batching} if decode_batching else {})}
+                           for name in ("decode-0", "decode-1"))],
+               "gateway": gateway, "registry": registry}
+        self.doc = doc
         self.layout = workdir / "layout.yaml"
         self.layout.write_text(yaml.safe_dump(doc))
         self.http = f"http://{gateway['http']}"
@@ -96,7 +100,8 @@ class Cluster:
         return ok >= {f"127.0.0.1:{p}" for p in self.ports.values()}
 
     def pid(self, name: str) -> int:
-        want = f"127.0.0.1:{self.ports[name]}"
+        """A running process of the cluster: a worker by name, or "gateway"."""
+        want = self.http.removeprefix("http://") if name == "gateway" else f"127.0.0.1:{self.ports[name]}"
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue

@@ -2,6 +2,12 @@
 scaled conv trace with another seed, simulate the same requests with that profile, and compare.
 
     python -m services.bench.fidelity --out docs/results/fidelity LAYOUT=RATE,RATE ...
+    python -m services.bench.fidelity --out DIR --hardware h200x1 --capacity-s 20 --fractions 0.2,0.8 LAYOUT ...
+
+A LAYOUT without rates is run at `--fractions` of its measured capacity: before the profile (this also warms every
+process up), a closed loop keeps every decode/mixed worker's batch full for `--capacity-s` seconds
+(services/bench/cluster.py `capacity`). The profile runs on the layout's own device (`pools[].device`)
+and is written under `--hardware`, the catalog name the layout's pools carry.
 
 Each step is the CLI verb of the same name: `tandem profile LAYOUT --out P.csv`, `tandem bench cluster LAYOUT
 --trace conv --rate R --duration S --seed N --json M.json`, `tandem sim run LAYOUT --trace M.trace.csv --perf
@@ -14,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from services.bench.cluster import Scaling, bench, running_cluster, scaled_workload
+from services.bench.cluster import Scaling, bench, capacity, running_cluster, scaled_workload
 from services.bench.compare import HEADLINE, compare, plot_cdfs, table
 from services.bench.load import write_trace
 
@@ -36,30 +43,60 @@ def _simulate(layout_path: Path, profile: Path, trace_csv: Path) -> dict[str, An
     return {**summarize_run(run), "samples": run_samples(run)}
 
 
-def study(layout: Path, rates: list[float], duration: float, seed: int, out: Path, quick: bool,
-          console: Console) -> list[dict[str, Any]]:
+def _free_gpu_memory() -> None:
+    """The profile's in-process engine is gone: give its cached GPU memory back (the workers share the GPU)."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def study(layout: Path, rates: list[float] | None, duration: float, seed: int, out: Path, quick: bool,
+          console: Console, hardware: str = "cpu", scaling: Scaling | None = None, capacity_s: float = 0.0,
+          fractions: list[float] | None = None) -> list[dict[str, Any]]:
+    """One layout: start its cluster, [measure its capacity,] profile through it, then replay, simulate and
+    compare at each rate (given, or `fractions` of the measured capacity)."""
     from services.bench.verify_cli import _write_json, profile_to
 
     name = layout.stem
+    scaling = scaling or Scaling()
     rows = []
-    with running_cluster(layout, note=console.print) as (lay, served):
+    with running_cluster(layout, log_dir=out / f"{name}-logs", note=console.print) as (lay, served):
+        cap = None
+        if capacity_s:
+            w = scaled_workload("conv", 50.0, 20.0, seed + 1000, scaling)  # ~1000 requests, sizes from the trace
+            console.rule(f"{name}: capacity, closed loop for {capacity_s:g} s")
+            cap = capacity(lay, w, capacity_s)
+            _write_json(out / f"{name}-capacity.json", cap)
+            console.print(f"{name}: {cap['completed']} completed ({cap['failed']} failed) at concurrency "
+                          f"{cap['concurrency']}: capacity {cap['capacity_rps']:.2f} req/s")
+        if rates is None:
+            if cap is None or not cap["capacity_rps"] > 0:
+                raise SystemExit(f"{layout}: no rates given and no capacity measured (--capacity-s S --fractions F,F)")
+            rates = [round(f * cap["capacity_rps"], 2) for f in (fractions or [0.2, 0.8])]
         prof = out / f"{name}-profile.csv"
-        profile_to(prof, str(served), None, None, "cpu", None, quick, True, console)
+        profile_to(prof, str(served), None, None, hardware, None, quick, True, console)
+        _free_gpu_memory()
         for rate in rates:
             tag = f"{name}-r{rate:g}"
-            w = scaled_workload("conv", rate, duration, seed, Scaling())
+            w = scaled_workload("conv", rate, duration, seed, scaling)
             write_trace(w, out / f"{tag}.trace.csv")
             console.rule(f"{tag}: {len(w)} requests")
             measured = bench(lay, w)
             _write_json(out / f"{tag}-measured.json", {"layout": str(layout), "rate": rate, "duration": duration,
-                                                       "seed": seed, **measured})
+                                                       "seed": seed, "scaling": asdict(scaling), **measured})
             predicted = _simulate(layout, prof, out / f"{tag}.trace.csv")
             _write_json(out / f"{tag}-predicted.json", predicted)
             cmp = compare(predicted, measured)
+            _write_json(out / f"{tag}-compare.json", cmp)
             plot_cdfs(predicted, measured, out / f"{tag}-cdf.png", f"{name}, conv scaled, {rate:g} req/s")
             console.print(table(cmp, tag))
             rows.append({"layout": name, "rate": rate, "requests": len(w), **cmp,
-                         "loadavg": measured["loadavg_before"]})
+                         "loadavg": measured["loadavg_before"],
+                         **({"capacity_rps": cap["capacity_rps"]} if cap else {})})
     return rows
 
 
@@ -84,18 +121,33 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="LAYOUT=RATE[,RATE...]")
+    ap.add_argument("runs", nargs="+", help="LAYOUT=RATE[,RATE...], or LAYOUT alone with --capacity-s and --fractions")
     ap.add_argument("--out", type=Path, default=Path("docs/results/fidelity"))
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=1, help="the replayed trace's seed (the profile uses its own requests)")
     ap.add_argument("--quick", action="store_true", help="the quick profile plan")
+    ap.add_argument("--hardware", default="cpu", help="the profile table's hardware name (the layout's pools' "
+                    "`hardware`, a sim/catalog.py key)")
+    ap.add_argument("--capacity-s", type=float, default=0.0, help="measure capacity first: a closed loop of this "
+                    "many seconds, every decode/mixed worker's batch kept full")
+    ap.add_argument("--fractions", default="0.2,0.8", help="rates for a LAYOUT without rates, as fractions of the "
+                    "measured capacity")
+    d = Scaling()
+    ap.add_argument("--prompt-scale", type=float, default=d.prompt_scale)
+    ap.add_argument("--output-scale", type=float, default=d.output_scale)
+    ap.add_argument("--max-prompt", type=int, default=d.max_prompt)
+    ap.add_argument("--max-output", type=int, default=d.max_output)
     a = ap.parse_args()
     console = Console()
     a.out.mkdir(parents=True, exist_ok=True)
+    scaling = Scaling(a.prompt_scale, a.output_scale, a.max_prompt, a.max_output)
+    fractions = [float(x) for x in a.fractions.split(",")]
     rows = []
     for run in a.runs:
-        path, _, rates = run.partition("=")
-        rows += study(Path(path), [float(x) for x in rates.split(",")], a.duration, a.seed, a.out, a.quick, console)
+        path, sep, rates = run.partition("=")
+        given = [float(x) for x in rates.split(",")] if sep else None
+        rows += study(Path(path), given, a.duration, a.seed, a.out, a.quick, console, a.hardware, scaling,
+                      a.capacity_s, fractions)
         (a.out / "summary.json").write_text(json.dumps(rows, indent=1, default=float))
     md = markdown(rows)
     (a.out / "summary.md").write_text(md)

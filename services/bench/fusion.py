@@ -25,16 +25,8 @@ from services.contracts.metrics import RequestRecord, summarize
 from services.engine import Engine, ModelConfig
 from services.engine.model import Transformer
 from services.engine.sampling import SamplingParams
+from services.engine.shapes import SHAPES  # random-weight models with real models' shapes
 
-SHAPES = {  # random-weight models with real models' shapes
-    "tiny": ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=512),
-    "smollm2-135m": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,
-                                rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True, eos_ids=(2,)),
-    "llama-3.2-1b": ModelConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
-                                rope_theta=500000.0, max_seq_len=8192, tie_embeddings=True, eos_ids=(128001,),
-                                rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-}
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 

@@ -62,19 +62,19 @@ def _raw_sink(port: int, ready: Any) -> None:
 
 
 def worker_device(value: str | None, param: str) -> tuple[list[str], dict[str, str]]:
-    """'cpu' or 'cuda:N' -> (the worker's --device arguments, the environment pinning it to GPU N alone).
+    """'cpu', 'cuda' or 'cuda:N' -> (the worker's --device arguments, the environment pinning it to GPU N alone):
+    `tandem up`'s placement (services/cluster/launcher.py), with this bench's option named in the error."""
+    from services.cluster.launcher import placement
+    from services.contracts.layout import parse_device
 
-    A worker on 'cuda:N' runs with CUDA_VISIBLE_DEVICES=N and --device cuda, so it sees that one GPU only."""
     if value is None:
         return [], {}
-    v = value.strip().lower()
-    if v == "cpu":
-        return ["--device", "cpu"], {}
-    head, sep, index = v.partition(":")
-    if head == "cuda" and sep and index.isdigit():
-        return ["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": str(int(index))}
-    raise InvalidArgument(f"{param} must be 'cpu' or 'cuda:N' with N a GPU index, e.g. cuda:0 (got {value!r})",
-                          param=param.lstrip("-").replace("-", "_"))
+    try:
+        parse_device(value)
+    except ValueError:
+        raise InvalidArgument(f"{param} must be 'cpu' or 'cuda:N' with N a GPU index, e.g. cuda:0, or 'cuda' "
+                              f"(got {value!r})", param=param.lstrip("-").replace("-", "_")) from None
+    return placement(value, param.lstrip("-").replace("-", "_"))
 
 
 def model_for_ttft(model: str | None, dtype: str | None, lengths: list[int]) -> str | None:
@@ -82,7 +82,7 @@ def model_for_ttft(model: str | None, dtype: str | None, lengths: list[int]) -> 
     prompt) becomes a random spec; any other spec passes through. `dtype` applies to SHAPES names only."""
     from dataclasses import asdict
 
-    from services.bench.fusion import SHAPES
+    from services.engine.shapes import SHAPES
     from services.workers.modelspec import DTYPES
 
     if dtype is not None and dtype not in DTYPES:
@@ -188,63 +188,111 @@ def kv_throughput(tokens: int = 4096, repeats: int = 4, chunk_bytes: int = DEFAU
             "grpc_s": grpc_s, "raw_tcp_s": raw_s}
 
 
-def _one_ttft(pc: Any, dc: Any, mc: Any, sc: Any, d_addr: str, prompt: list[int], params: Any) -> dict[str, float]:
+def _split_run(pc: Any, sc: Any, dc: Any, d_addr: str, prompt: list[int], params: Any) -> dict[str, Any]:
+    """One prompt through one path: overlapped push (then decoded), and pushed after the pass (released)."""
     t0 = time.perf_counter()
     r = pc.prefill(None, prompt, params, d_addr, timeout=600)
     split = time.perf_counter() - t0
-    list(dc.decode(None, r.handle, r.first_token, params, timeout=600))
+    tokens = [r.first_token] + [e.token_id for e in dc.decode(None, r.handle, r.first_token, params, timeout=600)]
     t0 = time.perf_counter()
     rs = sc.prefill(None, prompt, params, d_addr, timeout=600)  # same, KV pushed after the forward pass
     serial = time.perf_counter() - t0
     dc.release(rs.handle)
+    return {"split_ttft_s": split, "split_serial_ttft_s": serial, "prefill_s": r.timings.prefill_s,
+            "queue_s": r.timings.queue_s, "kv_exposed_s": r.timings.kv_transfer_s,
+            "kv_serial_s": rs.timings.kv_transfer_s, "kv_bytes": r.kv_bytes, "kv_path_used": r.kv_path,
+            "kv_path_serial_used": rs.kv_path, "first_token": r.first_token, "serial_first_token": rs.first_token,
+            "tokens": tokens}
+
+
+def _mixed_run(mc: Any, prompt: list[int], params: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     first, rest = mc.generate(None, prompt, params, timeout=600)
     mixed = time.perf_counter() - t0
-    list(rest)
-    assert first.first_token == r.first_token == rs.first_token
-    return {"split_ttft_s": split, "split_serial_ttft_s": serial, "mixed_ttft_s": mixed,
-            "prefill_s": r.timings.prefill_s, "queue_s": r.timings.queue_s, "kv_exposed_s": r.timings.kv_transfer_s,
-            "mixed_prefill_s": first.timings.prefill_s,
-            "kv_serial_s": rs.timings.kv_transfer_s, "kv_bytes": r.kv_bytes}
+    tokens = [first.first_token] + [e.token_id for e in rest]
+    return {"mixed_ttft_s": mixed, "mixed_prefill_s": first.timings.prefill_s, "tokens": tokens}
+
+
+def check_kv_paths(value: str, devices: dict[str, str | None]) -> list[str]:
+    """--kv-path: a comma list of grpc / ipc / auto; ipc needs both the prefill and decode workers on one GPU
+    (the bench shows each worker only its own GPU, so IPC across two would always fall back)."""
+    paths = [p.strip() for p in value.split(",") if p.strip()]
+    bad = [p for p in paths if p not in ("grpc", "ipc", "auto")]
+    if not paths or bad or len(set(paths)) != len(paths):
+        raise InvalidArgument(f"--kv-path must be distinct names among grpc, ipc, auto, comma-separated (got {value!r})",
+                              param="kv_path")
+    if "ipc" in paths:
+        pre, dec = ((devices.get(r) or "").strip().lower() for r in ("prefill", "decode"))
+        if not pre.startswith("cuda:") or pre != dec:
+            raise InvalidArgument("--kv-path ipc needs --prefill-device and --decode-device on the same GPU, e.g. "
+                                  f"cuda:0 for both (got {devices.get('prefill')!r} and {devices.get('decode')!r})",
+                                  param="kv_path")
+    return paths
 
 
 def ttft(model: str | None, lengths: list[int], max_tokens: int = 2, progress: Any = None,
-         repeats: int = 1, devices: dict[str, str | None] | None = None, log: Any = None) -> list[dict[str, Any]]:
-    """TTFT per prompt length: prefill -> layer-wise KV push -> decode worker, the same with the push after the
-    forward pass (no overlap), and the mixed worker (no push). One process per worker, requests one at a time;
-    each column is the best of `repeats` interleaved runs. `devices` maps "prefill" (both prefill workers),
-    "decode" and "mixed" to 'cpu' / 'cuda:N' (None: the worker's default); `log`, a file the workers' stderr
-    goes to."""
+         repeats: int = 1, devices: dict[str, str | None] | None = None, log: Any = None,
+         kv_paths: list[str] | None = None) -> list[dict[str, Any]]:
+    """TTFT per prompt length and KV path: prefill -> layer-wise KV push -> decode worker, the same with the push
+    after the forward pass (no overlap), and the mixed worker (no push). One process per worker (per path: a
+    prefill worker and a no-overlap prefill worker started with `--kv-path PATH`; one decode worker and one
+    mixed worker), requests one at a time; each column is the best of `repeats` interleaved runs. Returns one
+    row per (length, path), each with the length's mixed-worker columns. `devices` maps "prefill" (every
+    prefill worker), "decode" and "mixed" to 'cpu' / 'cuda:N' (None: the worker's default); `log`, a file the
+    workers' stderr goes to. `kv_path_used` in a row is the path the KV actually took (a refused IPC push
+    goes over gRPC)."""
     from services.engine.sampling import SamplingParams
     from services.workers.client import WorkerClient
 
+    paths = kv_paths or ["grpc"]
     # One request at a time here; a small max_batch keeps the decode scheduler's dense KV (max_batch slots x
     # the longest context) within memory for 4096-token prompts.
     args = ["--max-batch-tokens", str(max(lengths)), "--kv-timeout-s", "300", "--kv-stall-s", "120",
             "--max-batch", "2"]
     placed = {role: worker_device((devices or {}).get(role), f"--{role}-device") for role in ("prefill", "decode", "mixed")}
-    started = [_spawn_worker(r, model, args + x + placed[r][0], placed[r][1], log) for r, x in
-               (("prefill", []), ("decode", []), ("mixed", []), ("prefill", ["--no-kv-overlap"]))]
+    plan = [("decode", []), ("mixed", [])]
+    for path in paths:
+        plan += [("prefill", ["--kv-path", path]), ("prefill", ["--kv-path", path, "--no-kv-overlap"])]
+    started = [_spawn_worker(r, model, args + x + placed[r][0], placed[r][1], log) for r, x in plan]
     procs = [p for p, _ in started]
-    (_, p_addr), (_, d_addr), (_, m_addr), (_, s_addr) = started
+    d_addr = started[0][1]
     rows = []
+    clients: list[Any] = []
     try:
         _wait_started(started, 600)
-        pc, dc, mc, sc = WorkerClient(p_addr), WorkerClient(d_addr), WorkerClient(m_addr), WorkerClient(s_addr)
-        vocab = pc.info().vocab_size
+        clients = [WorkerClient(addr) for _, addr in started]
+        dc, mc = clients[0], clients[1]
+        pairs = {path: (clients[2 + 2 * i], clients[3 + 2 * i]) for i, path in enumerate(paths)}
+        vocab = dc.info().vocab_size
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         for n in [lengths[0], *lengths]:  # the first (repeated) length warms every process up
             prompt = [(i * 7919) % (vocab - 10) + 5 for i in range(n)]
-            runs = [_one_ttft(pc, dc, mc, sc, d_addr, prompt, params) for _ in range(repeats)]
-            best = {k: min(r[k] for r in runs) for k in runs[0]}  # least disturbed by other load, per column
-            best.update(prompt_tokens=n, ratio=best["split_ttft_s"] / best["mixed_ttft_s"], kv_bytes=runs[0]["kv_bytes"],
-                        repeats=repeats)
-            rows.append(best)
+            runs: dict[str, list[dict]] = {path: [] for path in paths}
+            mixed = []
+            for _ in range(repeats):
+                for path in paths:
+                    runs[path].append(_split_run(*pairs[path], dc, d_addr, prompt, params))
+                mixed.append(_mixed_run(mc, prompt, params))
+            m_best = {k: min(r[k] for r in mixed) for k in ("mixed_ttft_s", "mixed_prefill_s")}
+            length_rows = []
+            for path in paths:
+                rs = runs[path]
+                best = {k: min(r[k] for r in rs) for k in ("split_ttft_s", "split_serial_ttft_s", "prefill_s",
+                                                          "queue_s", "kv_exposed_s", "kv_serial_s")}
+                best.update(m_best)
+                used = sorted({r["kv_path_used"] for r in rs}), sorted({r["kv_path_serial_used"] for r in rs})
+                firsts = {r["first_token"] for r in rs} | {r["serial_first_token"] for r in rs}
+                best.update(prompt_tokens=n, kv_path=path, kv_path_used=",".join(used[0]),
+                            kv_path_serial_used=",".join(used[1]), ratio=best["split_ttft_s"] / best["mixed_ttft_s"],
+                            kv_bytes=rs[0]["kv_bytes"], repeats=repeats,
+                            first_token_equal=firsts == {m["tokens"][0] for m in mixed},
+                            tokens_equal_mixed=all(r["tokens"] == m["tokens"] for r in rs for m in mixed))
+                length_rows.append(best)
+            rows.append(length_rows)
             if progress:
-                progress(best if len(rows) > 1 else None)  # None: the warm-up row, not reported
-        for c in (pc, dc, mc, sc):
-            c.close()
+                progress(length_rows if len(rows) > 1 else None)  # None: the warm-up length, not reported
     finally:
+        for c in clients:
+            c.close()
         _stop(procs)
-    return rows[1:]
-
+    return [r for length_rows in rows[1:] for r in length_rows]

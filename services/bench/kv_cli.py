@@ -24,6 +24,8 @@ def bench_kv(
     mixed_device: str = typer.Option(None, help="--ttft: 'cpu' or 'cuda:N' for the mixed worker"),
     worker_log: Path = typer.Option(None, help="--ttft: append the workers' stderr to this file"),
     skip_throughput: bool = typer.Option(False, "--skip-throughput", help="with --ttft: skip the gRPC vs raw TCP run"),
+    kv_path: str = typer.Option(None, help="--ttft: KV paths to measure side by side, comma-separated: grpc (bytes), "
+                                "ipc (CUDA IPC; prefill and decode on one GPU), auto (default: grpc)"),
 ) -> None:
     """KV transfer throughput over gRPC vs raw TCP on loopback (ratio); optionally TTFT split vs mixed."""
     import json
@@ -31,7 +33,7 @@ def bench_kv(
     from rich.console import Console
     from rich.progress import Progress
 
-    from services.bench.kv import kv_throughput, model_for_ttft, worker_device
+    from services.bench.kv import check_kv_paths, kv_throughput, model_for_ttft, worker_device
     from services.bench.kv import ttft as run_ttft
     from services.contracts.errors import InvalidArgument
     from services.kv.wire import check_chunk_bytes
@@ -49,9 +51,10 @@ def bench_kv(
     for role, dev in devices.items():
         worker_device(dev, f"--{role}-device")  # a malformed device fails before any worker starts
     placed = any(d is not None for d in devices.values())
-    if not ttft and (placed or ttft_dtype or skip_throughput):
-        raise InvalidArgument("--prefill/decode/mixed-device, --ttft-dtype and --skip-throughput apply to --ttft only",
-                              param="ttft")
+    if not ttft and (placed or ttft_dtype or skip_throughput or kv_path is not None):
+        raise InvalidArgument("--prefill/decode/mixed-device, --ttft-dtype, --kv-path and --skip-throughput apply to "
+                              "--ttft only", param="ttft")
+    paths = check_kv_paths(kv_path or "grpc", devices)
     spec = model_for_ttft(ttft_model, ttft_dtype, lens) if ttft else None
     console = Console()
     res: dict = {}
@@ -60,20 +63,22 @@ def bench_kv(
             res = kv_throughput(tokens, repeats, chunk)
         _throughput_table(console, res, tokens)
     if ttft:
-        res["ttft_setup"] = {"model": spec, "devices": devices, "lengths": lens, "repeats": ttft_repeats}
+        res["ttft_setup"] = {"model": spec, "devices": devices, "lengths": lens, "repeats": ttft_repeats,
+                             "kv_paths": paths}
         log = open(worker_log, "a") if worker_log else None  # noqa: SIM115 - closed below
         try:
             with Progress(console=console) as prog:
                 task = prog.add_task("TTFT split vs mixed", total=len(lens) + 1)
                 done: list[dict] = []
 
-                def row_done(row: dict | None) -> None:  # the JSON so far after every length (a run cut short keeps it)
+                def rows_done(rows: list[dict] | None) -> None:  # the JSON so far after every length (a run cut short keeps it)
                     prog.advance(task)
-                    if row is not None and json_out:
-                        done.append(row)
+                    if rows is not None and json_out:
+                        done.extend(rows)
                         json_out.write_text(json.dumps({**res, "ttft": done, "partial": True}, indent=2))
 
-                rows = run_ttft(spec, lens, progress=row_done, repeats=ttft_repeats, devices=devices, log=log)
+                rows = run_ttft(spec, lens, progress=rows_done, repeats=ttft_repeats, devices=devices, log=log,
+                                kv_paths=paths)
         finally:
             if log:
                 log.close()
@@ -101,11 +106,14 @@ def _ttft_table(console, rows: list[dict]) -> None:
     from rich.table import Table
 
     t = Table(title="TTFT: prefill -> KV push -> decode worker vs mixed worker")
-    for col in ("prompt", "split s", "split, push after s", "mixed s", "split/mixed", "prefill s", "KV exposed s",
-                "KV exposed, push after s", "KV MiB"):
+    for col in ("prompt", "KV path (used)", "split s", "split, push after s", "mixed s", "split/mixed", "prefill s",
+                "KV exposed s", "KV exposed, push after s", "KV MiB", "tokens = mixed"):
         t.add_column(col)
     for r in rows:
-        t.add_row(str(r["prompt_tokens"]), f"{r['split_ttft_s']:.4f}", f"{r['split_serial_ttft_s']:.4f}",
-                  f"{r['mixed_ttft_s']:.4f}", f"{r['ratio']:.3f}", f"{r['prefill_s']:.4f}", f"{r['kv_exposed_s']:.4f}",
-                  f"{r['kv_serial_s']:.4f}", f"{r['kv_bytes'] / 2**20:.1f}")
+        used = r["kv_path_used"] if r["kv_path_used"] == r["kv_path_serial_used"] else \
+            f"{r['kv_path_used']} / {r['kv_path_serial_used']}"
+        t.add_row(str(r["prompt_tokens"]), f"{r['kv_path']} ({used})", f"{r['split_ttft_s']:.4f}",
+                  f"{r['split_serial_ttft_s']:.4f}", f"{r['mixed_ttft_s']:.4f}", f"{r['ratio']:.3f}",
+                  f"{r['prefill_s']:.4f}", f"{r['kv_exposed_s']:.4f}", f"{r['kv_serial_s']:.4f}",
+                  f"{r['kv_bytes'] / 2**20:.1f}", "yes" if r["tokens_equal_mixed"] else "NO")
     console.print(t)

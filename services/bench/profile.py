@@ -40,11 +40,35 @@ class Plan:
     repeats: int = 3
     steps: int = 4
     overhead_requests: int = 6
+    # in-cluster decode steps at these batch sizes (b requests at once through the gateway); each must be one of
+    # decode_batches and at most the layout's max_batch. Empty: only the one-at-a-time ratio.
+    cluster_batches: list[int] = field(default_factory=list)
+    cluster_output: int = 64
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(prompt_sizes=[8, 48, 192], prompt_batches=[1, 2], decode_batches=[1, 4, 16],
                    contexts=[16, 256], kv_tokens=[16, 1024], repeats=2, steps=3, overhead_requests=4)
+
+    @classmethod
+    def gpu(cls, quick: bool = False) -> Plan:
+        """A GPU's range: prompts and contexts up to 4096 tokens, decode batches up to 32 (a 1B model's cells
+        take milliseconds, so more points cost little); `quick` keeps every other point."""
+        plan = cls(prompt_sizes=[32, 128, 512, 1024, 2048, 4096], prompt_batches=[1, 2, 4],
+                   decode_batches=[1, 2, 4, 8, 16, 32], contexts=[128, 1024, 4096], kv_tokens=[64, 512, 2048, 4096],
+                   repeats=5, steps=10, overhead_requests=10, cluster_batches=[1, 4, 16, 32])
+        if quick:
+            plan.prompt_sizes, plan.decode_batches, plan.contexts = [32, 512, 4096], [1, 4, 16, 32], [128, 4096]
+            plan.cluster_batches = [1, 4, 32]
+            plan.kv_tokens, plan.repeats, plan.steps, plan.overhead_requests = [64, 4096], 3, 5, 6
+        return plan
+
+    @classmethod
+    def for_device(cls, device_type: str, quick: bool = False) -> Plan:
+        """The plan for an engine on `device_type` ('cpu' or 'cuda')."""
+        if device_type == "cuda":
+            return cls.gpu(quick)
+        return cls.quick() if quick else cls()
 
     def units(self) -> int:
         """Progress units: one per measured cell."""
@@ -93,8 +117,13 @@ def prefill_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, int
     return out
 
 
-def decode_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, int, float]]:
-    """(batch_size, context per request, seconds per step): FusionScheduler.step() over b live requests."""
+def decode_rows(engine: Any, plan: Plan, tick: Progress, sequential: bool | None = None) -> list[tuple[int, int, float]]:
+    """(batch_size, context per request, seconds per step): FusionScheduler.step() over b live requests.
+
+    On the CPU the cells are stepped round robin, so a drift in the machine's load spreads over all of them. On
+    CUDA each cell runs its steps back to back after a warm step: the engine keeps one CUDA graph per batch
+    bucket over the KV buffer it last saw, so alternating between cells (each with its own buffer) would time a
+    graph capture at every step. `sequential` forces either way (None: back to back on CUDA)."""
     import torch
 
     from services.batching.scheduler import DecodeRequest, FusionScheduler
@@ -102,22 +131,39 @@ def decode_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, int,
 
     cfg = engine.cfg
     params = SamplingParams(max_tokens=plan.steps + 8, temperature=0.0, ignore_eos=True)
-    cells = {}
-    for ctx in [c for c in plan.contexts if c + plan.steps + 8 < cfg.max_seq_len]:
-        for b in plan.decode_batches:
-            sched = FusionScheduler(engine, "fusion", max_batch=b, kv_budget_bytes=None)
-            shape = (ctx, cfg.n_kv_heads, cfg.head_dim)
-            for i in range(b):
-                kv = [(torch.randn(shape, dtype=engine.dtype) * 0.1, torch.randn(shape, dtype=engine.dtype) * 0.1)
-                      for _ in range(cfg.n_layers)]
-                sched.submit(DecodeRequest(f"d{i}", kv, 5, params, emit=lambda tok, reason: None))
-            sched.step()  # admits every request (installs their KV) and runs the first step
-            cells[(b, ctx)] = (sched, [])
+    on_gpu = engine.device.type == "cuda" if sequential is None else sequential
+
+    def cell(b: int, ctx: int) -> Any:
+        sched = FusionScheduler(engine, "fusion", max_batch=b, kv_budget_bytes=None)
+        shape = (ctx, cfg.n_kv_heads, cfg.head_dim)
+        for i in range(b):  # made where the engine runs: a GPU's cells hold gigabytes of KV
+            kv = [(torch.randn(shape, dtype=engine.dtype, device=engine.device) * 0.1,
+                   torch.randn(shape, dtype=engine.dtype, device=engine.device) * 0.1) for _ in range(cfg.n_layers)]
+            sched.submit(DecodeRequest(f"d{i}", kv, 5, params, emit=lambda tok, reason: None))
+        sched.step()  # admits every request (installs their KV) and runs the first step
+        return sched
+
+    def step(sched: Any) -> float:
+        t0 = time.perf_counter()
+        sched.step()
+        return time.perf_counter() - t0
+
+    shapes = [(b, ctx) for ctx in plan.contexts if ctx + plan.steps + 8 < cfg.max_seq_len for b in plan.decode_batches]
+    if on_gpu:
+        out = []
+        for b, ctx in shapes:
+            sched = cell(b, ctx)
+            try:
+                step(sched)  # warm: this cell's buffer gets its graph
+                out.append((b, ctx, statistics.median(step(sched) for _ in range(plan.steps))))
+            finally:
+                sched.stop()
+            tick(f"decode batch {b} context {ctx}")
+        return out
+    cells = {(b, ctx): (cell(b, ctx), []) for b, ctx in shapes}
     for r in range(plan.steps):  # round robin, as for prefill
         for (b, ctx), (sched, times) in cells.items():
-            t0 = time.perf_counter()
-            sched.step()
-            times.append(time.perf_counter() - t0)
+            times.append(step(sched))
             if r == plan.steps - 1:
                 sched.stop()
                 tick(f"decode batch {b} context {ctx}")
@@ -200,9 +246,10 @@ def kv_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, float]]:
     cfg = engine.cfg
     if not plan.kv_tokens:
         return []
+    # the receiver's KV dtype is the engine's (bf16 on a GPU), whatever device it lands on
     spec_str = random_spec(vocab_size=256, dim=64, n_layers=cfg.n_layers, n_heads=cfg.n_kv_heads,
                            n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_dim=64,
-                           max_seq_len=max(plan.kv_tokens) + 8)
+                           max_seq_len=max(plan.kv_tokens) + 8, dtype=dtype_name(engine.dtype))
     receiver_fp = load_model(spec_str).fingerprint
     proc, addr = _spawn_worker("decode", spec_str, ["--kv-budget-mb", "512"])
     out = []
@@ -213,7 +260,8 @@ def kv_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, float]]:
             push = ch.stream_unary(PUSH, request_serializer=None, response_deserializer=pb.KVReceipt.FromString)
             for n in [plan.kv_tokens[0], *plan.kv_tokens]:  # the first push warms the channel up
                 spec = KVSpec(receiver_fp, cfg.n_layers, dtype_name(engine.dtype), n, cfg.n_kv_heads, cfg.head_dim)
-                layers = [(torch.randn(spec.shape), torch.randn(spec.shape)) for _ in range(cfg.n_layers)]
+                layers = [(torch.randn(spec.shape).to(engine.dtype), torch.randn(spec.shape).to(engine.dtype))
+                          for _ in range(cfg.n_layers)]
                 times = []
                 for i in range(plan.repeats):
                     t0 = time.perf_counter()
@@ -291,6 +339,36 @@ def overhead_values(gateway: str, step_s: Callable[[int, int], float], prefill_s
             "decode_step_ratio": statistics.median(ratio) if ratio else 1.0, **jitter_quantiles(lone + batched)}
 
 
+def batch_step_ratios(gateway: str, step_s: Callable[[int, int], float], batches: list[int], output: int,
+                      prompt: int = 32) -> dict[str, float]:
+    """The decode step in the cluster at batch b over the engine-alone step: b requests sent together through
+    the gateway, the mean token gap over the middle half of their streams (all b decoding; median over streams) over the profiled step
+    at batch b. Per-token work outside the engine (each stream's gRPC messages in the worker and the gateway, in
+    Python threads) grows with b, so one ratio measured one request at a time misses it.
+    Keys `decode_step_ratio@B` (sim/perf.py interpolates them over the batch size)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from services.bench.load import prompt_ids, stream_one
+
+    out: dict[str, float] = {}
+    ch = grpc.insecure_channel(gateway, options=[("grpc.max_concurrent_streams", 1024)])
+    try:
+        for b in batches:
+            with ThreadPoolExecutor(max_workers=b) as pool:  # b streams at once: the worker batches them
+                res = list(pool.map(lambda i, b=b: stream_one(gateway, prompt_ids(prompt, 500 + i), output,
+                                                              f"batch-{b}-{i}", ch), range(b)))
+            lo, hi = output // 4, 3 * output // 4
+            # per stream, the mean gap over the window (a message may carry several tokens: zero gaps)
+            steps = [sum(r["gaps"][lo:hi]) / (hi - lo) for r in res if len(r["gaps"]) >= hi]
+            if steps:
+                out[f"decode_step_ratio@{b}"] = float(np.median(steps)) / step_s(b, prompt + output // 2)
+    finally:
+        ch.close()
+    return out
+
+
 def machine_note() -> dict[str, Any]:
     load = os.getloadavg()
     return {"cpus": len(os.sched_getaffinity(0)), "loadavg": [round(x, 2) for x in load],
@@ -330,6 +408,8 @@ def run_profile(engine: Any, model_name: str, hardware: str, plan: Plan, gateway
     overheads = {"request_overhead_s": 0.0, "decode_join_s": 0.0, "decode_step_ratio": 1.0, "prefill_ratio": 1.0}
     if gateway:
         overheads = overhead_values(gateway, step_s, prefill_s, plan.overhead_requests)
+        overheads.update(batch_step_ratios(gateway, step_s, [b for b in plan.cluster_batches if b in by_b],
+                                           plan.cluster_output))
     overheads.update(side_by_side(engine, plan))
     overheads["first_token_after_kv"] = 1.0  # the runtime answers Prefill once the KV push has landed
     overheads["concurrent_phases"] = 1.0  # a mixed worker runs its batcher and scheduler on two threads

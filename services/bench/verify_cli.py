@@ -17,9 +17,19 @@ def _write_json(path: Path, data: object) -> None:
     write_json(path, data)
 
 
+def layout_device(lay: object) -> str | None:
+    """The device of the layout's first LLM worker (what the profile's in-process engine runs on)."""
+    for role in ("mixed", "prefill", "decode"):
+        where = lay.instance(role, 0)  # type: ignore[attr-defined]
+        if where is not None:
+            return where[1].device_of(where[2])
+    return None
+
+
 def profile_to(out: Path, layout: str | None, model: str | None, name: str | None, hardware: str,
-               device: str | None, quick: bool, attach: bool, console: object) -> dict:
-    """Measure and write the table; with a layout, the overheads come through its cluster's gateway."""
+               device: str | None, quick: bool, attach: bool, console: object, dtype: str | None = None) -> dict:
+    """Measure and write the table; with a layout, the overheads come through its cluster's gateway, and the
+    engine runs on the layout's device and dtype unless `device` / `dtype` say otherwise."""
     from rich.progress import Progress
 
     from services.bench.cluster import running_cluster
@@ -31,9 +41,11 @@ def profile_to(out: Path, layout: str | None, model: str | None, name: str | Non
     lay = load_layout(layout) if layout else None
     spec = model if model is not None else (lay.model.path if lay else None)
     table_name = name or (lay.model.name if lay else "smollm2-135m")
-    plan = Plan.quick() if quick else Plan()
+    device = device or (layout_device(lay) if lay else None)
+    dtype = dtype or (lay.model.dtype if lay else None)
     set_threads(None)  # what a worker process uses: every core but one
-    engine = load_model(spec, device)
+    engine = load_model(spec, device, dtype)
+    plan = Plan.for_device(engine.device.type, quick)
     with Progress(console=console, transient=False) as bar:
         task = bar.add_task("profiling", total=plan.units())
 
@@ -54,7 +66,10 @@ def profile_cmd(
     model: str = typer.Option(None, help="checkpoint path or random:... (default: the layout's, else SmolLM2)"),
     name: str = typer.Option(None, help="model name in the table (the simulator's catalog key)"),
     hardware: str = typer.Option("cpu", help="hardware name in the table (the simulator's catalog key)"),
-    device: str = typer.Option(None, help="cpu or cuda (default: the engine's choice)"),
+    device: str = typer.Option(None, help="cpu, cuda or cuda:N (default: the layout's first worker's device, "
+                               "else the engine's choice); on CUDA the plan covers prompts and contexts to 4096"),
+    dtype: str = typer.Option(None, help="float32, bfloat16 or float16 (default: the layout's model.dtype, else "
+                              "bfloat16 on CUDA, float32 on CPU)"),
     out: Path = typer.Option(Path("profile.csv"), "--out", help="the table: profile.csv or profile.json"),
     json_out: Path = typer.Option(None, "--json", hidden=True, help="the same as --out"),
     quick: bool = typer.Option(False, help="fewer points (the demo's profile)"),
@@ -65,7 +80,7 @@ def profile_cmd(
     from rich.console import Console
 
     console = Console(stderr=True)
-    res = profile_to(out, layout, model, name, hardware, device, quick, attach, console)
+    res = profile_to(out, layout, model, name, hardware, device, quick, attach, console, dtype)
     fit = res["fit"]
     console.print(f"wrote {out}: {len(res['rows'])} rows; KV push {fit['kv_latency_s'] * 1e3:.2f} ms + "
                   f"{fit['kv_gbps'] or 0:.2f} Gbit/s; gateway overhead {fit['request_overhead_s'] * 1e3:.1f} ms "

@@ -32,10 +32,11 @@ def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float =
     from rich.console import Console
     from rich.table import Table
 
-    from services.cluster.launcher import Cluster, RestartPolicy, plan
+    from services.cluster.launcher import Cluster, RestartPolicy, check_devices, plan
 
     lay = _layout(layout)
     specs = plan(lay, layout)
+    check_devices(lay)  # a pool on a GPU this machine lacks: a clear error before anything starts
     console = Console(stderr=True)
     stop = {"signal": None}
 
@@ -84,8 +85,8 @@ def up(layout: str | None = None, log_dir: str | None = None, timeout_s: float =
 
 def serve_role(role: str, layout: str | None, address: str | None, index: int, metrics_port: int | None,
                http: str | None, grpc_address: str | None, workers: list[str], port: int | None,
-               advertise: str | None = None, max_inflight: int | None = None) -> None:
-    """Run one service in the foreground."""
+               advertise: str | None = None, max_inflight: int | None = None, device: str | None = None) -> None:
+    """Run one service in the foreground. A worker runs on `device`, else its pool's (the layout's `device`)."""
     if role not in ROLES:
         raise InvalidArgument(f"role: must be one of {', '.join(ROLES)} (got {role!r})", param="role")
     lay = _layout(layout)
@@ -119,11 +120,23 @@ def serve_role(role: str, layout: str | None, address: str | None, index: int, m
         address = eps[0].bind or eps[0].address
     if metrics_port is None:
         metrics_port = int(address.rsplit(":", 1)[1]) + METRICS_PORT_OFFSET
-    pool = next((p for p in lay.pools if p.role == role and p.count > 0), None)
+    where = lay.instance(role, index)  # (pool position, pool, instance in the pool)
+    pool = where[1] if where else next((p for p in lay.pools if p.role == role and p.count > 0), None)
     batching = (pool.batching if pool and pool.batching else None) or lay.batching
+    if device is not None:
+        from services.contracts.layout import parse_device
+
+        try:
+            kind, gpu = parse_device(device)
+        except ValueError as exc:
+            raise InvalidArgument(f"--device: {exc}", param="device") from None
+        device = kind if gpu is None else f"{kind}:{gpu}"
+    elif where is not None:
+        device = where[1].device_of(where[2])
     server = _optional("services.workers.server", role)
     server.serve(role=role, address=address, model=lay.model.path, batching=batching, metrics_port=metrics_port,
-                 registry=lay.registry, advertise=advertise or (eps[0].address if eps else None), index=index)
+                 registry=lay.registry, advertise=advertise or (eps[0].address if eps else None), index=index,
+                 device=device, dtype=lay.model.dtype, kv_path=lay.kv_link.path)
 
 
 def _optional(module: str, role: str) -> Any:
@@ -169,10 +182,12 @@ def register(group: Callable[[str], typer.Typer]) -> None:
         max_inflight: int = typer.Option(None, "--max-inflight", help="gateway: requests held at once, beyond "
                                          "which clients get 429 (default: layout gateway.max_inflight, else what "
                                          "the pools hold)"),
+        device: str = typer.Option(None, "--device", help="worker: cpu, cuda or cuda:N (default: its pool's "
+                                   "`device` in the layout, else CUDA when available)"),
     ) -> None:
         """Run one service (prefill, decode, mixed, gateway, dlm, policy) until SIGINT/SIGTERM (which drains)."""
         serve_role(role, layout, address, index, metrics_port, http, grpc_address, list(worker), port, advertise,
-                   max_inflight)
+                   max_inflight, device)
 
     @app.command("compose")
     def compose_cmd(

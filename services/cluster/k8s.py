@@ -148,6 +148,8 @@ def _worker(layout: Layout, pool: PoolSpec) -> dict[str, Doc]:
     else:  # every replica listens on the pool's port; it registers under its own pod IP
         args = ["serve", pool.role, "--layout", LAYOUT_FILE, "--address", f"0.0.0.0:{port}",
                 "--advertise", f"$(POD_IP):{port}"]
+        if pool.device is not None:  # cuda:N becomes cuda: the pod sees the one GPU it was given
+            args[4:4] = ["--device", pool.device]
     container = {"image": GPU_IMAGE if pool.gpu else IMAGE, "command": ["tandem"], "args": args,
                  "ports": [{"name": "grpc", "containerPort": port},
                            {"name": "metrics", "containerPort": pool.metrics_port}],

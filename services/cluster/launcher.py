@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.cluster.probe import grpc_ok, http_ok
-from services.contracts.errors import Unavailable
-from services.contracts.layout import Layout
-from services.contracts.roles import DIFFUSION_ROLES, POOL_ROLES
+from services.contracts.errors import InvalidArgument, Unavailable
+from services.contracts.layout import Layout, parse_device
+from services.contracts.roles import DIFFUSION_ROLES, LLM_ROLES, POOL_ROLES
 from services.registry import layout_endpoints
 
 PR_SET_PDEATHSIG = 1
@@ -36,6 +36,7 @@ class ProcSpec:
     grpc: str | None = None
     http: str | None = None
     endpoints: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # added to the launcher's environment
 
 
 def _probe_addr(addr: str) -> str:
@@ -43,18 +44,68 @@ def _probe_addr(addr: str) -> str:
     return f"127.0.0.1:{port}" if host in ("0.0.0.0", "", "::", "[::]") else addr
 
 
+def placement(device: str | None, field: str = "device",
+              visible: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """A worker's device -> (its --device arguments, the environment that pins it).
+
+    'cuda:N' runs the worker with CUDA_VISIBLE_DEVICES=N and --device cuda, so it sees GPU N alone; N counts the
+    GPUs this process sees (`visible`, default: our own CUDA_VISIBLE_DEVICES, if set). 'cuda' and 'cpu' pass
+    through; None leaves the choice to the worker (CUDA when available)."""
+    if device is None:
+        return [], {}
+    try:
+        kind, index = parse_device(device)
+    except ValueError as exc:
+        raise InvalidArgument(f"{field}: {exc}", param=field) from None
+    if kind == "cpu" or index is None:
+        return ["--device", kind], {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    if visible is not None and visible.strip():
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        if index >= len(ids):
+            raise InvalidArgument(f"{field}: {device!r} asks for GPU {index}, but CUDA_VISIBLE_DEVICES={visible!r} "
+                                  f"leaves this process {len(ids)} GPU(s)", param=field)
+        return ["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ids[index]}
+    return ["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": str(index)}
+
+
+def check_devices(layout: Layout, gpus: int | None = None) -> None:
+    """Every pool's device exists on this machine; InvalidArgument naming `pools.I.device` otherwise. `gpus`:
+    how many GPUs this process sees (default: torch's count, imported only when a pool asks for CUDA)."""
+    wanted = [(pi, d) for pi, p in enumerate(layout.pools) if p.count > 0 and p.role in LLM_ROLES
+              for d in ([*p.device] if isinstance(p.device, list) else [p.device]) if d and d != "cpu"]
+    if not wanted:
+        return
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for pi, device in wanted:
+        _, index = parse_device(device)
+        if gpus == 0:
+            raise InvalidArgument(f"pools.{pi}.device: {device!r} needs a CUDA GPU, and CUDA is not available on "
+                                  "this machine (use device: cpu, or leave it out)", param=f"pools.{pi}.device")
+        if index is not None and index >= gpus:
+            raise InvalidArgument(f"pools.{pi}.device: {device!r} asks for GPU {index}, but this machine has "
+                                  f"{gpus} GPU(s) (cuda:0..cuda:{gpus - 1})", param=f"pools.{pi}.device")
+
+
 def plan(layout: Layout, layout_path: str | None) -> list[ProcSpec]:
-    """The processes for a layout: workers first (their order in the layout), the gateway last."""
+    """The processes for a layout: workers first (their order in the layout), the gateway last. A worker whose
+    pool names a device gets `--device` (and, for cuda:N, CUDA_VISIBLE_DEVICES=N in its environment)."""
     serve = [sys.executable, "-m", "services.cli", "serve"]
     lay = ["--layout", str(layout_path)] if layout_path else []
     specs = []
     for ep in layout_endpoints(layout):
-        argv = [*serve, ep.role, *lay, "--index", str(ep.index), "--address", ep.bind or ep.address]
+        where = layout.instance(ep.role, ep.index)
+        dev_args, env = placement(where[1].device_of(where[2]), f"pools.{where[0]}.device") if where else ([], {})
+        argv = [*serve, ep.role, *lay, *dev_args, "--index", str(ep.index), "--address", ep.bind or ep.address]
         if ep.role in DIFFUSION_ROLES:
             argv = [*serve, ep.role, *lay, "--port", str(ep.port)]
         host = ep.address.rsplit(":", 1)[0]
         extra = [f"metrics http://{host}:{ep.metrics_port}/metrics"] if ep.metrics_port and ep.role in POOL_ROLES else []
-        specs.append(ProcSpec(ep.name, argv, grpc=_probe_addr(ep.address), endpoints=[f"grpc {ep.address}", *extra]))
+        specs.append(ProcSpec(ep.name, argv, grpc=_probe_addr(ep.address), endpoints=[f"grpc {ep.address}", *extra],
+                              env=env))
     http, grpc_addr = layout.gateway.http, layout.gateway.grpc
     specs.append(ProcSpec("gateway", [*serve, "gateway", *lay, "--http", http, "--grpc", grpc_addr],
                           http=f"http://{_probe_addr(http)}/health",
@@ -120,7 +171,8 @@ class Cluster:
             if names is not None and spec.name not in names:
                 continue
             log = open(self.log_dir / f"{spec.name}.log", "ab")  # noqa: SIM115 - the child keeps it open
-            self.procs[spec.name] = subprocess.Popen(spec.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+            self.procs[spec.name] = subprocess.Popen(spec.argv, stdout=log, stderr=subprocess.STDOUT,
+                                                     env={**env, **spec.env},
                                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
             log.close()

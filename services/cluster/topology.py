@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from services.contracts.layout import Batching, Layout
+from services.contracts.errors import InvalidArgument
+from services.contracts.layout import Batching, Layout, Pool, parse_device
 from services.contracts.roles import POOL_ROLES
 from services.registry import METRICS_PORT_OFFSET, layout_endpoints
 
@@ -26,6 +27,7 @@ class PoolSpec:
     hardware: str
     batching: Batching
     power_cap_w: float | None
+    device: str | None = None  # 'cpu' or 'cuda' (every replica alike; a pod's GPU is the device plugin's pick)
 
     @property
     def metrics_port(self) -> int:
@@ -33,7 +35,8 @@ class PoolSpec:
 
     @property
     def gpu(self) -> bool:
-        return self.hardware != CPU_HARDWARE
+        """A GPU pod: the pool's device says cuda, or (no device) its hardware is not the CPU."""
+        return self.device == "cuda" if self.device is not None else self.hardware != CPU_HARDWARE
 
 
 def pools(layout: Layout) -> list[PoolSpec]:
@@ -50,9 +53,21 @@ def pools(layout: Layout) -> list[PoolSpec]:
             distinct = len({q.hardware for q in same}) == len(same)
             name = f"{pool.role}-{slug(pool.hardware) if distinct else same.index(pool)}"
         out.append(PoolSpec(name, pool.role, pool.count, first_port[(pool.role, seen[pool.role])], pool.hardware,
-                            pool.batching or layout.batching, pool.power_cap_w))
+                            pool.batching or layout.batching, pool.power_cap_w, _one_kind(layout, pool)))
         seen[pool.role] += pool.count
     return out
+
+
+def _one_kind(layout: Layout, pool: Pool) -> str | None:
+    """The pool's device kind for replicas that are all alike; InvalidArgument for a per-instance mix."""
+    if pool.device is None:
+        return None
+    kinds = {parse_device(d)[0] for d in (pool.device if isinstance(pool.device, list) else [pool.device])}
+    if len(kinds) > 1:
+        pi = layout.pools.index(pool)
+        raise InvalidArgument(f"pools.{pi}.device: a Deployment's replicas run alike, so a pool cannot mix "
+                              f"{' and '.join(sorted(kinds))}; split it into one pool per device", param=f"pools.{pi}.device")
+    return kinds.pop()
 
 
 def heterogeneous(layout: Layout) -> bool:

@@ -5,27 +5,52 @@ Pure pydantic; no torch, no service imports, so `sim/` may import it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from services.contracts.errors import InvalidArgument
 from services.contracts.metrics import SLO
 from services.contracts.registry_url import parse_registry
-from services.contracts.roles import PoolRole
+from services.contracts.roles import LLM_ROLES, PoolRole
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
+
+
+def parse_device(value: str) -> tuple[str, int | None]:
+    """'cpu' -> ("cpu", None); 'cuda' -> ("cuda", None); 'cuda:N' -> ("cuda", N). ValueError otherwise."""
+    v = value.strip().lower() if isinstance(value, str) else value
+    if not isinstance(v, str) or not _DEVICE.match(v):
+        raise ValueError(f"must be 'cpu', 'cuda' or 'cuda:N' with N a GPU index, e.g. cuda:1 (got {value!r})")
+    kind, _, index = v.partition(":")
+    return kind, int(index) if index else None
+
+
 class ModelRef(_Strict):
-    """Which model the LLM pools serve. `path` is a HF directory or GGUF file; None = the embedded default."""
+    """Which model the LLM pools serve. `name` is the simulator's catalog key (sim/catalog.py); `path` what the
+    workers load: a HF directory or GGUF file, `random:<shape>` (random weights of a named shape, e.g.
+    random:llama-3.2-1b; services/engine/shapes.py), `random:tiny` or `random:<json>`; None = the embedded SmolLM2."""
 
     name: str = "smollm2-135m"
     path: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="the workers' weights and KV; None: bfloat16 on CUDA, float32 on CPU")
 
 
 class Pool(_Strict):
@@ -36,6 +61,35 @@ class Pool(_Strict):
     host: str = "127.0.0.1"
     base_port: int | None = Field(None, ge=1, le=65535, description="instance i listens on base_port + i")
     batching: Batching | None = Field(None, description="per-pool override of the layout's batching")
+    device: str | list[str] | None = Field(
+        None, description="where `tandem up` runs the pool's workers: 'cpu', 'cuda' (the first visible GPU) or "
+        "'cuda:N' (GPU N alone: the worker runs with CUDA_VISIBLE_DEVICES=N); a list gives one per instance. "
+        "None: CUDA when available. The simulator ignores it: `hardware` (and its profile) set the speed")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
+        if value is None:
+            return None
+        role = info.data.get("role")
+        listed = value if isinstance(value, list) else [value]
+        if role is not None and role not in LLM_ROLES and any(str(d).strip().lower() != "cpu" for d in listed):
+            raise ValueError(f"the {role} service runs on the CPU; device applies to prefill, decode and mixed pools")
+        if isinstance(value, list):
+            count = info.data.get("count")
+            if count is not None and len(value) != count:
+                raise ValueError(f"a list needs one device per instance: count is {count}, got {len(value)} devices")
+            return [cls._one_device(v) for v in value]
+        return cls._one_device(value)
+
+    @staticmethod
+    def _one_device(value: str) -> str:
+        kind, index = parse_device(value)
+        return kind if index is None else f"{kind}:{index}"
+
+    def device_of(self, instance: int) -> str | None:
+        """The device of this pool's `instance`-th worker (0-based)."""
+        return self.device[instance] if isinstance(self.device, list) else self.device
 
 
 class RouterSpec(_Strict):
@@ -86,6 +140,10 @@ class KVLink(_Strict):
     latency_s: float = Field(0.0, ge=0)
     switch_gbps: float | None = Field(None, gt=0, description="simulator: a switch every KV transfer crosses, "
                                       "shared by all of them (None: no switch limit)")
+    path: Literal["auto", "grpc", "ipc"] = Field(
+        "auto", description="runtime: how prefill workers hand KV to decode workers: 'grpc' (bytes), 'ipc' (CUDA "
+        "IPC handles; workers whose model is not on CUDA refuse to start), 'auto' (CUDA IPC between workers on "
+        "one machine and GPU, gRPC elsewhere). The simulator models every transfer by bandwidth_gbps.")
 
 
 class SimSpec(_Strict):
@@ -145,6 +203,17 @@ class Layout(_Strict):
 
     def pools_of(self, role: PoolRole) -> list[Pool]:
         return [p for p in self.pools if p.role == role and p.count > 0]
+
+    def instance(self, role: PoolRole, index: int) -> tuple[int, Pool, int] | None:
+        """Worker `index` of `role` (numbered across the role's pools in layout order, as `tandem up` numbers
+        them) -> (its pool's position in `pools`, the pool, its instance within the pool); None past the end."""
+        for pi, pool in enumerate(self.pools):
+            if pool.role != role or pool.count <= 0:
+                continue
+            if index < pool.count:
+                return pi, pool, index
+            index -= pool.count
+        return None
 
     def capacity(self) -> int:
         """Requests the LLM pools hold at once (running + queued): the gateway's default admission bound.

@@ -65,19 +65,51 @@ class Admission:
 
 
 class Watch:
-    """One watched stream: `kick()` on every token; the watchdog calls `on_stall` once if kicks stop."""
+    """One watched call. A stream `kick()`s on every token; a call with nothing to kick (a prefill) is judged by
+    `beat()`, the worker's last heartbeat (None: no source of heartbeats, so never judged). The watchdog calls
+    `on_stall` once when neither moved for `stall_s`; `bind(cancel)` sets it once the call exists."""
 
-    __slots__ = ("last", "on_stall", "fired")
+    __slots__ = ("last", "on_stall", "fired", "beat", "closed", "_lock")
 
-    def __init__(self, on_stall: Callable[[], None]) -> None:
-        self.last, self.on_stall, self.fired = time.monotonic(), on_stall, False
+    def __init__(self, on_stall: Callable[[], None] | None = None,
+                 beat: Callable[[], float | None] | None = None) -> None:
+        self.last, self.on_stall, self.fired, self.beat = time.monotonic(), on_stall, False, beat
+        self.closed = False
+        self._lock = threading.Lock()
 
     def kick(self) -> None:
         self.last = time.monotonic()
 
+    def silent_s(self, now: float) -> float:
+        if self.beat is None:
+            return now - self.last
+        b = self.beat()
+        return 0.0 if b is None else now - max(self.last, b)
+
+    def bind(self, cancel: Callable[[], None]) -> None:
+        with self._lock:
+            self.on_stall = cancel
+            if self.fired and not self.closed:  # the verdict came before the call existed
+                cancel()
+
+    def fire(self) -> None:
+        # Under the lock and never after close(): a call that finished meanwhile is not cancelled (a mixed
+        # worker's prompt call goes on as its decode stream).
+        with self._lock:
+            if self.closed:
+                return
+            self.fired = True
+            if self.on_stall is not None:
+                self.on_stall()
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+
 
 class Watchdog:
-    """One thread checking every live decode stream for a token within `stall_s` (a hung or stopped worker)."""
+    """One thread checking every watched call (decode streams: a token; prompt calls: the worker's heartbeat)
+    for a sign of life within `stall_s` (a hung or stopped worker)."""
 
     def __init__(self, stall_s: float) -> None:
         self.stall_s = stall_s
@@ -85,8 +117,9 @@ class Watchdog:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def watch(self, on_stall: Callable[[], None]) -> Watch:
-        w = Watch(on_stall)
+    def watch(self, on_stall: Callable[[], None] | None = None,
+              beat: Callable[[], float | None] | None = None) -> Watch:
+        w = Watch(on_stall, beat)
         with self._lock:
             self._watches.add(w)
             if self._thread is None:
@@ -95,17 +128,20 @@ class Watchdog:
         return w
 
     def unwatch(self, w: Watch) -> None:
+        """Stop watching; once this returns, `w` never fires."""
         with self._lock:
             self._watches.discard(w)
+        w.close()
 
     def _loop(self) -> None:
         while True:
             time.sleep(min(0.25, self.stall_s / 4))
             now = time.monotonic()
             with self._lock:
-                stalled = [w for w in self._watches if now - w.last > self.stall_s]
+                watches = list(self._watches)
+            stalled = [w for w in watches if w.silent_s(now) > self.stall_s]
+            with self._lock:
                 for w in stalled:
                     self._watches.discard(w)
             for w in stalled:
-                w.fired = True
-                w.on_stall()
+                w.fire()

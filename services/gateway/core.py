@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -88,6 +88,7 @@ class Gateway:
         self.metrics.inflight.set_function(lambda: self.admission.inflight)
         self.stall_s = stall_s
         self.watchdog = Watchdog(stall_s)
+        self._beat = registry.last_beat if isinstance(registry, LiveRegistry) else (lambda address: None)
         # loads come from the registry's heartbeats when it has them (no RPC per pick), else from each worker
         info = registry.info if isinstance(registry, LiveRegistry) else (lambda a: self.client(a).info(timeout=1.0))
         self.router = make_router(routing, registry, info)
@@ -213,14 +214,13 @@ class Gateway:
 
     def _avoid(self, req: GenRequest, route: Route, exc: TandemError, st: Progress, exclude: set[str]) -> None:
         """Leave the failed half of the pair out of this request's next pick; mark it down for everyone."""
-        stalled = st.stalled
-        decode_side = stalled or st.decoding or route.mixed or route.decode in exc.message \
-            or exc.message.startswith("KV push to")
-        bad = route.decode if decode_side else route.prefill
+        stalled = bool(st.stalled)
+        decode_side = st.decoding or route.mixed or route.decode in exc.message or exc.message.startswith("KV push to")
+        bad = st.stalled or (route.decode if decode_side else route.prefill)
         exclude.add(bad)
         if not isinstance(exc, ResourceExhausted):  # a full worker is busy, not broken
             self.router.failed(bad, hold_s=self.stall_s if stalled else 0.0)
-        st.last_error, st.stalled = exc, False
+        st.last_error, st.stalled = exc, ""
         phase = "decode" if st.generated else "prefill"
         self.metrics.retries.labels(phase).inc()
         log(logger, f"moving request to another pair: {exc.message}", logging.WARNING, request_id=req.request_id,
@@ -238,9 +238,19 @@ class Gateway:
             return
         events = None
         try:
+            # The prompt call has no tokens to watch: it is judged by its worker's heartbeat (a SIGSTOPped or hung
+            # worker stops beating; a busy one, however long its forward pass, does not).
+            silent = self.watchdog.watch(beat=lambda: self._beat(route.prefill))
             try:
-                pr, events = self._start(req.request_id, prompt, params, route, st.deadline, cancel)
+                pr, events = self._start(req.request_id, prompt, params, route, st.deadline, cancel, silent.bind)
+            except TandemError:
+                if not silent.fired:
+                    raise
+                st.stalled = route.prefill
+                raise Unavailable(f"prefill worker {route.prefill} stalled: no heartbeat for {self.stall_s:g}s "
+                                  f"during request {req.request_id}'s prompt") from None
             finally:
+                self.watchdog.unwatch(silent)
                 self.router.prefill_done(route, len(prompt))
             if events is None:  # cancelled while the prompt ran; its KV is released
                 st.outcome = "cancelled"
@@ -282,7 +292,7 @@ class Gateway:
                     if time.perf_counter() > st.deadline:
                         raise DeadlineExceeded(f"request {req.request_id} ran past its {req.timeout_s:.1f}s deadline")
             except Unavailable:
-                st.stalled = watch is not None and watch.fired
+                st.stalled = route.decode if watch is not None and watch.fired else ""
                 raise
             finally:
                 if watch is not None:
@@ -306,13 +316,14 @@ class Gateway:
         return Chunk(ids, text, fin, usage, timings, route.workers)
 
     def _start(self, rid: str, prompt: list[int], params: SamplingParams, route: Route, deadline: float,
-               cancel: threading.Event) -> tuple[Any, Iterator | None]:
-        """Run the prompt phase; return the prefill result and the decode token iterator (None if cancelled)."""
+               cancel: threading.Event, on_call: Callable) -> tuple[Any, Iterator | None]:
+        """Run the prompt phase; return the prefill result and the decode token iterator (None if cancelled).
+        `on_call` gets the prompt call's cancel (the stall watchdog's)."""
         if route.mixed:
-            return self.client(route.prefill).generate(rid, prompt, params, _remaining(deadline, rid))
+            return self.client(route.prefill).generate(rid, prompt, params, _remaining(deadline, rid), on_call=on_call)
         decode_addr = route.decode if params.max_tokens > 1 else ""
         pr = self.client(route.prefill).prefill(rid, prompt, params, decode_addr, _remaining(deadline, rid),
-                                                kv_timeout=push_timeout(len(prompt)))
+                                                kv_timeout=push_timeout(len(prompt)), on_call=on_call)
         if pr.finished or cancel.is_set():
             if pr.handle:  # KV was pushed but will never be decoded: free it now rather than at lease expiry
                 try:

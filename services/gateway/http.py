@@ -81,6 +81,18 @@ async def relay(gw: Gateway, req: GenRequest, pool: ThreadPoolExecutor,
         cancel.set()
 
 
+def started_pool(n: int) -> ThreadPoolExecutor:
+    """A pool whose `n` threads already run: ThreadPoolExecutor starts threads on demand, in submit(), which
+    waits for the new thread to be scheduled; on the event loop, under a burst of admissions on a busy machine,
+    that wait would delay every request behind it (refusals included)."""
+    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="gateway")
+    all_up = threading.Barrier(n + 1)
+    for _ in range(n):
+        pool.submit(all_up.wait)
+    all_up.wait()
+    return pool
+
+
 class AdmissionMiddleware:
     """The door, outermost, so a refusal costs no routing, body read or tokenization: a generation request
     either takes an admission ticket (left in request.state for the handler) or gets 429 / 503 at once."""
@@ -94,11 +106,16 @@ class AdmissionMiddleware:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.PATHS:
             await self.app(scope, receive, send)
             return
+        start = time.perf_counter()
         try:
             ticket = self.gw.admit()
         except TandemError as exc:
-            self.gw.metrics.refused.labels("draining" if self.gw.admission.draining else "full").inc()
-            await tandem_error_response(exc)(scope, receive, send)
+            reason = "draining" if self.gw.admission.draining else "full"
+            self.gw.metrics.refused.labels(reason).inc()
+            try:
+                await tandem_error_response(exc)(scope, receive, send)
+            finally:  # the door's own time: ASGI entry to the refusal handed to the socket
+                self.gw.metrics.refusal_seconds.labels(reason).observe(time.perf_counter() - start)
             return
         state = scope.setdefault("state", {})
         state["ticket"] = ticket
@@ -141,7 +158,7 @@ def create_app(gw: Gateway, pool: ThreadPoolExecutor | None = None, keys: ApiKey
     app.add_middleware(EdgeMiddleware, keys=keys, max_body=max_body)  # auth and body size before a slot is taken
     app.add_middleware(RequestIdMiddleware)  # added last = outermost: even a refusal carries x-request-id
     # one thread per admitted request: the admission bound, not this pool, is what queues are measured by
-    pool = pool or ThreadPoolExecutor(max_workers=max(64, gw.admission.limit + 8), thread_name_prefix="gateway")
+    pool = pool or started_pool(gw.admission.limit + 8)
     app.state.gateway, app.state.pool = gw, pool
 
     @app.exception_handler(TandemError)

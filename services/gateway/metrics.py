@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_DOOR = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 _TBT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 TTFT_PHASES = ("queue", "prefill", "kv_transfer", "first_decode", "gateway")
 
@@ -37,6 +38,9 @@ class GatewayMetrics:
                               registry=r)
         self.refused = Counter("tandem_gateway_refused", "Requests refused at the door (429 full, 503 draining)",
                                ["reason"], registry=r)
+        self.refusal_seconds = Histogram("tandem_gateway_refusal_seconds",
+                                         "A refusal at the HTTP door: the request reaching the gateway's ASGI app "
+                                         "to its 429/503 handed to the socket", ["reason"], buckets=_DOOR, registry=r)
         self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens admitted", registry=r)
         self.generation_tokens = Counter("tandem_generation_tokens", "Tokens generated", registry=r)
         self.dlm_e2e = Histogram("tandem_gateway_dlm_seconds", "Diffusion-LM completions: received to last text",

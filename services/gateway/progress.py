@@ -32,7 +32,7 @@ class Progress:
     pr: Any = None  # the prefill result of the pair that produced the first token (the TTFT split)
     attempts: int = 0
     decoding: bool = False  # the current pair is past its prefill
-    stalled: bool = False
+    stalled: str = ""  # the worker whose call just went silent for stall_s (no heartbeat / no token)
     outcome: str = "error"
     last_error: TandemError | None = None
 

@@ -17,6 +17,7 @@ from services.rpc.tandem.v1 import worker_pb2 as pb
 
 _DONE = object()
 PUSH = "/tandem.v1.KVTransfer/Push"
+PUSH_SHARED = "/tandem.v1.KVTransfer/PushShared"
 KV_TIMEOUT_S = 30.0  # a push's time limit once its KV is ready, plus KV_TIMEOUT_PER_TOKEN_S per prompt token
 KV_TIMEOUT_PER_TOKEN_S = 0.002
 # The receiver's allowance for silence between two pieces grows faster: each layer arrives after its own forward
@@ -34,22 +35,32 @@ class Channels:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._stubs: dict[str, tuple[grpc.Channel, grpc.StreamUnaryMultiCallable]] = {}
+        self._channels: dict[str, grpc.Channel] = {}
+        self._calls: dict[tuple[str, str], grpc.StreamUnaryMultiCallable] = {}
+
+    def _call(self, address: str, method: str, serializer: Any) -> grpc.StreamUnaryMultiCallable:
+        with self._lock:
+            if (address, method) not in self._calls:
+                if address not in self._channels:
+                    self._channels[address] = channel(address)
+                self._calls[(address, method)] = self._channels[address].stream_unary(
+                    method, request_serializer=serializer, response_deserializer=pb.KVReceipt.FromString)
+            return self._calls[(address, method)]
 
     def push(self, address: str) -> grpc.StreamUnaryMultiCallable:
         """KVTransfer.Push taking requests already serialized (kvwire's wire-form pieces)."""
-        with self._lock:
-            if address not in self._stubs:
-                ch = channel(address)
-                self._stubs[address] = (ch, ch.stream_unary(PUSH, request_serializer=None,
-                                                            response_deserializer=pb.KVReceipt.FromString))
-            return self._stubs[address][1]
+        return self._call(address, PUSH, None)
+
+    def push_shared(self, address: str) -> grpc.StreamUnaryMultiCallable:
+        """KVTransfer.PushShared (CUDA IPC handles, services.kv.ipc)."""
+        return self._call(address, PUSH_SHARED, pb.KVSharedChunk.SerializeToString)
 
     def close(self) -> None:
         with self._lock:
-            for ch, _ in self._stubs.values():
+            for ch in self._channels.values():
                 ch.close()
-            self._stubs.clear()
+            self._channels.clear()
+            self._calls.clear()
 
 
 class KVSender:
@@ -62,6 +73,8 @@ class KVSender:
     forward pass of a long prompt may take minutes on CPU. `call_timeout_s` (the request's own deadline) is the
     backstop on the whole call.
     """
+
+    path = "grpc"  # PrefillResponse.kv_path
 
     def __init__(self, stubs: Channels, address: str, spec: KVSpec, request_id: str, timeout_s: float,
                  lease_s: float = 0.0, chunk_bytes: int = DEFAULT_CHUNK, call_timeout_s: float | None = None) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
-from services.contracts.errors import TandemError, Unavailable
+from services.contracts.errors import DeadlineExceeded, TandemError, Unavailable
 from services.contracts.registry_url import DEFAULT_TTL_S
 from services.grpcutil import get_logger, log
 from services.registry import Endpoint
@@ -84,6 +84,7 @@ class LiveRegistry:
         self.ttl_s = ttl_s
         self.fixed = list(fixed)
         self._records: dict[str, tuple[WorkerRecord, float]] = {}
+        self._beats: dict[str, float] = {}  # address -> monotonic time of its last heartbeat (kept when it drops out)
         self._lock = threading.Lock()
 
     def _expires(self) -> bool:
@@ -118,9 +119,19 @@ class LiveRegistry:
             return hit[0]
         raise Unavailable(f"worker {address} has no live heartbeat in the registry")
 
+    def last_beat(self, address: str) -> float | None:
+        """When the worker last gave a sign of life (time.monotonic()), also after it dropped out of the view;
+        now, while the view cannot be refreshed (Redis lost: no news is not bad news); None if never seen."""
+        if not self._expires():
+            return time.monotonic()
+        with self._lock:
+            return self._beats.get(address)
+
     def _put(self, record: WorkerRecord, deadline: float) -> None:
         with self._lock:
             self._records[record.address] = (record, deadline)
+            beat = deadline - self.ttl_s  # a record lives one TTL after its beat; a stale read never moves it back
+            self._beats[record.address] = max(beat, self._beats.get(record.address, beat))
 
     def _drop(self, address: str) -> None:
         with self._lock:
@@ -144,6 +155,11 @@ class MemoryRegistry(LiveRegistry):
 
     def deregister(self, address: str) -> None:
         self._drop(address)
+
+    def seen(self, address: str) -> None:
+        """A sign of life that is no heartbeat (it answered, but refused): counts for `last_beat` only."""
+        with self._lock:
+            self._beats[address] = time.monotonic()
 
     def close(self) -> None:
         for poller in self.pollers:
@@ -173,8 +189,10 @@ class Poller:
     def _beat(self, ep: Endpoint) -> None:
         try:
             info = self.info(ep.address, min(1.0, self.registry.ttl_s))
-        except (TandemError, OSError, TimeoutError):
+        except (TandemError, OSError, TimeoutError) as exc:
             self.registry.deregister(ep.address)
+            if isinstance(exc, TandemError) and not isinstance(exc, DeadlineExceeded):
+                self.registry.seen(ep.address)  # it answered (draining, loading): alive, just not taking work
             return
         self.registry.heartbeat(WorkerRecord.from_info(info, ep.address, ep.index, metrics_port=ep.metrics_port))
 

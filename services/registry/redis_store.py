@@ -77,6 +77,7 @@ class RedisRegistry(LiveRegistry):
             with self._lock:
                 for addr, (rec, deadline) in self._records.items():
                     self._records[addr] = (rec, max(deadline, now + self.ttl_s))
+                    self._beats[addr] = now  # silence while Redis was lost is not the worker's
             self.reachable = True
             log(logger, "registry reachable again", url=self.spec.url)
         for key, value, pttl in zip(keys, values[0::2], values[1::2], strict=True):

@@ -16,6 +16,7 @@ from services.rpc.tandem.v1 import worker_pb2 as pb
 from services.rpc.tandem.v1 import worker_pb2_grpc as rpc
 
 T = TypeVar("T")
+OnCall = Callable[[Callable[[], object]], None]  # receives the cancel() of a call in flight
 NO_TOKEN = -1  # TokenEvent.token_id of a last event that adds no token
 
 
@@ -37,6 +38,7 @@ class PrefillResult:
     finished: str | None  # "stop"/"length" when the first token ends the request
     timings: Timings = field(default_factory=Timings)
     kv_bytes: int = 0
+    kv_path: str = ""  # "grpc" or "ipc": how the KV reached the decode worker ("" when nothing was pushed)
 
 
 @dataclass(slots=True)
@@ -82,7 +84,7 @@ def result_from_pb(m: pb.PrefillResponse) -> PrefillResult:
     return PrefillResult(request_id=m.request_id, first_token=m.first_token, handle=m.handle,
                          prompt_tokens=m.prompt_tokens, finished=m.finish_reason or None,
                          timings=Timings(queue_s=t.queue_s, prefill_s=t.prefill_s, kv_transfer_s=t.kv_transfer_s),
-                         kv_bytes=m.kv_bytes)
+                         kv_bytes=m.kv_bytes, kv_path=m.kv_path)
 
 
 def _event(m: pb.DecodeEvent, first: bool) -> TokenEvent:
@@ -151,13 +153,22 @@ class WorkerClient:
                           kv_dtype=m.kv_dtype)
 
     def prefill(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams, decode_address: str,
-                timeout: float, kv_timeout: float = 0.0) -> PrefillResult:
-        """Run the prompt; the prefill worker pushes its KV to `decode_address` itself."""
+                timeout: float, kv_timeout: float = 0.0, on_call: OnCall | None = None) -> PrefillResult:
+        """Run the prompt; the prefill worker pushes its KV to `decode_address` itself. `on_call` gets a way to
+        cancel the call from another thread (then this raises Unavailable)."""
         rid = request_id or uuid.uuid4().hex[:16]
         req = pb.PrefillRequest(request_id=rid, prompt_ids=prompt_ids, sampling=sampling_to_pb(params),
                                 decode_address=decode_address, kv_timeout_s=kv_timeout)
-        m = self._call(lambda: self._prefill.Prefill(req, timeout=timeout, metadata=((REQUEST_ID_KEY, rid),)))
-        return result_from_pb(m)
+        call = self._call(lambda: self._prefill.Prefill.future(req, timeout=timeout,
+                                                                metadata=((REQUEST_ID_KEY, rid),)))
+        if on_call is not None:
+            on_call(call.cancel)
+        try:
+            return result_from_pb(call.result())
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"worker {self.address}") from None
+        except grpc.FutureCancelledError:
+            raise errors.Unavailable(f"worker {self.address} unavailable: prefill call cancelled") from None
 
     def decode(self, request_id: str | None, handle: str, first_token: int, params: SamplingParams,
                timeout: float) -> Iterator[TokenEvent]:
@@ -168,11 +179,13 @@ class WorkerClient:
         return self._stream(call, lambda m, i: _event(m, i == 0))
 
     def generate(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams,
-                 timeout: float) -> tuple[PrefillResult, Iterator[TokenEvent]]:
-        """Mixed worker: the first token (with timings) now, the rest as an iterator."""
+                 timeout: float, on_call: OnCall | None = None) -> tuple[PrefillResult, Iterator[TokenEvent]]:
+        """Mixed worker: the first token (with timings) now, the rest as an iterator. `on_call` as for prefill."""
         rid = request_id or uuid.uuid4().hex[:16]
         req = pb.MixedRequest(request_id=rid, prompt_ids=prompt_ids, sampling=sampling_to_pb(params))
         call = self._call(lambda: self._worker.Generate(req, timeout=timeout, metadata=((REQUEST_ID_KEY, rid),)))
+        if on_call is not None:
+            on_call(call.cancel)
         try:
             first = next(call)
         except grpc.RpcError as exc:

@@ -1,5 +1,8 @@
 """The token phase: receive and validate pushed KV (KVTransfer), hold it under a lease, decode and stream it.
 
+KV arrives as bytes (Push) or, from a prefill worker on the same machine and GPU, as CUDA IPC handles
+(PushShared: copied device-to-device into this worker's memory before the receipt; services.kv.ipc).
+
 Decoding runs on services.batching's FusionScheduler; this module only turns its emit() callbacks into a
 gRPC stream and guarantees the KV is freed on every exit path (finish, cancel, deadline, lease, bad push).
 """
@@ -18,6 +21,7 @@ from services.contracts.errors import InvalidArgument, Unavailable
 from services.engine import Engine
 from services.engine.sampling import SamplingParams
 from services.grpcutil import log, request_id
+from services.kv.ipc import SETTLED_KEY, IpcReceiver, IpcRefused
 from services.kv.proto import Piece
 from services.kv.sender import KV_STALL_PER_TOKEN_S
 from services.kv.store import Entry, KVStore, Layers
@@ -34,8 +38,10 @@ class DecodeWorker:
     def __init__(self, engine: Engine, scheduler: FusionScheduler, kv_budget_bytes: int, logger: logging.Logger,
                  lease_s: float = 30.0, stall_s: float = 10.0,
                  on_receive: Callable[[int, float], None] | None = None,
-                 on_reject: Callable[[str], None] | None = None, max_waiting: int | None = None) -> None:
+                 on_reject: Callable[[str], None] | None = None, max_waiting: int | None = None,
+                 kv_path: str = "auto") -> None:
         self.engine, self.scheduler, self.logger = engine, scheduler, logger
+        self.ipc = IpcReceiver(engine.device, kv_path)  # refuses shared KV unless on CUDA and kv_path != grpc
         self.on_receive, self.on_reject = on_receive, on_reject
         held = None if max_waiting is None else scheduler.max_batch + max_waiting
 
@@ -95,6 +101,59 @@ class DecodeWorker:
         if self.on_receive:
             self.on_receive(spec.nbytes, dt)
         log(self.logger, "KV received", request_id=rid, bytes=spec.nbytes, tokens=spec.n_tokens, seconds=round(dt, 4))
+        return pb.KVReceipt(request_id=rid, handle=handle, bytes=spec.nbytes, receive_s=dt, lease_s=lease)
+
+    def push_shared(self, chunks: Iterator[pb.KVSharedChunk | str], context: grpc.ServicerContext) -> pb.KVReceipt:
+        """KVTransfer.PushShared: the same checks and lease as `push`; the bytes come over CUDA IPC."""
+        rid = request_id(context)
+        asm = KVAssembler(self.expect, self.engine.cfg.max_seq_len - 1)  # the header checks of the bytes path
+        ticket = copy = None
+        opening = False
+        t0 = time.perf_counter()
+        try:
+            first = next(chunks, None)
+            if not isinstance(first, pb.KVSharedChunk) or first.WhichOneof("kind") != "header":
+                raise InvalidArgument(first if isinstance(first, str) else "shared KV push must start with a header",
+                                      param="header")
+            h = first.header
+            spec = asm.header(h.kv)
+            rid = h.kv.request_id or rid
+            src = self.ipc.check(h)  # IpcRefused before anything is held: the sender pushes bytes instead
+            ticket = self.store.begin(rid, spec.nbytes, cancel=context.cancel,
+                                      stall_s=self.store.stall_s + KV_STALL_PER_TOKEN_S * spec.n_tokens)
+            opening = True  # from here on this worker settles the sender's export, whatever happens
+            copy = self.ipc.open(h, spec, src)
+            for chunk in chunks:
+                if isinstance(chunk, str):
+                    raise InvalidArgument(chunk, param="layer")
+                if chunk.WhichOneof("kind") != "layer":
+                    raise InvalidArgument("shared KV push carries a second header", param="header")
+                self.store.touch(ticket)
+                copy.layer(chunk.layer)
+            layers = copy.finish()
+            handle, lease = self.store.commit(ticket, layers, asm.lease_s)
+            ticket = None
+        except IpcRefused as exc:
+            log(self.logger, f"KV over CUDA IPC refused: {exc.message}", logging.INFO, request_id=rid)
+            raise
+        except InvalidArgument as exc:
+            if self.on_reject:
+                self.on_reject(exc.param or "other")
+            log(self.logger, f"shared KV push rejected: {exc.message}", logging.WARNING, request_id=rid,
+                received_bytes=copy.received if copy else 0)
+            raise
+        finally:
+            if opening and ticket is not None:  # failed after opening: the sender must not release again
+                context.set_trailing_metadata(((SETTLED_KEY, "1"),))
+            if copy is not None:
+                copy.close()  # copies landed; the sender's memory is let go only now
+            if ticket is not None:
+                self.store.abort(ticket)
+        dt = time.perf_counter() - t0
+        if self.on_receive:
+            self.on_receive(spec.nbytes, dt)
+        log(self.logger, "KV received over CUDA IPC", request_id=rid, bytes=spec.nbytes, tokens=spec.n_tokens,
+            seconds=round(dt, 4))
         return pb.KVReceipt(request_id=rid, handle=handle, bytes=spec.nbytes, receive_s=dt, lease_s=lease)
 
     def release(self, req: pb.KVReleaseRequest, context: grpc.ServicerContext) -> pb.KVReleaseReply:

@@ -18,6 +18,7 @@ def result_to_pb(r: PrefillResult) -> pb.PrefillResponse:
     t = r.timings
     return pb.PrefillResponse(request_id=r.request_id, first_token=r.first_token, handle=r.handle,
                               prompt_tokens=r.prompt_tokens, finish_reason=r.finished or "", kv_bytes=r.kv_bytes,
+                              kv_path=r.kv_path,
                               timings=pb.PhaseTimings(queue_s=t.queue_s, prefill_s=t.prefill_s,
                                                       kv_transfer_s=t.kv_transfer_s))
 

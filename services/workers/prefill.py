@@ -3,10 +3,16 @@
 Engine.prefill calls back after every layer; the callback copies that layer's K/V of each prompt into the
 request's KVSender while the next layers are still running (Splitwise's layer-wise overlapped transfer). On
 CUDA the copy is a device->host copy into pinned memory on its own stream, so compute never waits for it.
+
+`kv_path` picks the transport per push: "grpc" always sends bytes; "auto" and "ipc" (a model on CUDA only)
+send CUDA IPC handles instead (services.kv.ipc: the layer is published with an interprocess event recorded
+after its kernels, and the decode worker copies it on the GPU), and bytes to a decode worker that refuses
+them, from then on.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -18,11 +24,15 @@ import torch
 from services.contracts.errors import InvalidArgument, ResourceExhausted, TandemError, Unavailable
 from services.engine import Engine
 from services.engine.sampling import Sampler, SamplingParams
+from services.grpcutil import get_logger, log
+from services.kv.ipc import IpcSender, check_kv_path
 from services.kv.sender import Channels, KVSender
 from services.kv.wire import DEFAULT_CHUNK, KVSpec, dtype_name
 from services.workers.client import PrefillResult, Timings
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
+Sender = KVSender | IpcSender
+logger = get_logger("tandem.worker")
 
 
 @dataclass(slots=True, eq=False)
@@ -46,7 +56,7 @@ class PrefillJob:
 class _Batch:
     kv: object
     lens: list[int]
-    senders: list[KVSender | None]
+    senders: list[Sender | None]
 
 
 class PrefillBatcher:
@@ -54,8 +64,12 @@ class PrefillBatcher:
 
     def __init__(self, engine: Engine, max_batch_tokens: int = 2048, max_batch: int = 32,
                  chunk_bytes: int = DEFAULT_CHUNK, on_push: object = None, overlap: bool = True,
-                 max_waiting: int | None = None) -> None:
+                 max_waiting: int | None = None, kv_path: str = "auto") -> None:
         self.engine = engine
+        self.kv_path = check_kv_path(kv_path, engine.device)  # "ipc" on a CPU model is refused here
+        # CUDA IPC is tried where it can work: our KV on CUDA, and a decode worker that has not refused it
+        self.use_ipc = kv_path != "grpc" and torch.device(engine.device).type == "cuda"
+        self._no_ipc: dict[str, str] = {}  # decode address -> why it refused CUDA IPC (bytes from then on)
         self.max_waiting = max_waiting  # prompts held beyond one full batch (queued or pushing); None = unbounded
         self.overlap = overlap  # False: push only after the whole forward pass (the baseline Splitwise improves on)
         self.max_batch_tokens, self.max_batch = max_batch_tokens, max_batch
@@ -158,8 +172,14 @@ class PrefillBatcher:
         b = self._active
         if b is None:
             return
+        event = None
         for slot, sender in enumerate(b.senders):
-            if sender is not None:
+            if isinstance(sender, IpcSender):
+                if event is None:  # one event per layer, after its kernels, for every shared push of the batch
+                    event = torch.cuda.Event(interprocess=True)
+                    event.record()
+                sender.put(index, event)
+            elif sender is not None:
                 self._put(sender, index, b.kv, slot, b.lens[slot])
 
     def _put(self, sender: KVSender, layer: int, kv: object, slot: int, n: int) -> None:
@@ -188,10 +208,45 @@ class PrefillBatcher:
         return KVSpec(self.engine.fingerprint, cfg.n_layers, dtype_name(self.engine.dtype), n_tokens,
                       cfg.n_kv_heads, cfg.head_dim)
 
-    def _open(self, jobs: list[PrefillJob], remote: list[bool]) -> list[KVSender | None]:
-        return [KVSender(self.channels, j.decode_address, self._spec(len(j.prompt)), j.request_id, j.kv_timeout_s,
-                         j.lease_s, self.chunk_bytes, j.call_timeout_s) if r else None
-                for j, r in zip(jobs, remote, strict=True)]
+    def _bytes_sender(self, j: PrefillJob) -> KVSender:
+        return KVSender(self.channels, j.decode_address, self._spec(len(j.prompt)), j.request_id, j.kv_timeout_s,
+                        j.lease_s, self.chunk_bytes, j.call_timeout_s)
+
+    def _open(self, jobs: list[PrefillJob], remote: list[bool], kv: object) -> list[Sender | None]:
+        out: list[Sender | None] = []
+        for slot, (j, r) in enumerate(zip(jobs, remote, strict=True)):
+            if not r:
+                out.append(None)
+            elif self.use_ipc and j.decode_address not in self._no_ipc:
+                try:
+                    out.append(IpcSender(self.channels.push_shared(j.decode_address), j.decode_address,
+                                         self._spec(len(j.prompt)), j.request_id, j.kv_timeout_s, kv.k, kv.v, slot,
+                                         lease_s=j.lease_s, call_timeout_s=j.call_timeout_s,
+                                         fallback=self._fallback(j, kv, slot), on_refused=self._refused))
+                except RuntimeError as exc:  # this process cannot export its CUDA memory at all
+                    self.use_ipc = False
+                    log(logger, "cannot share KV over CUDA IPC; every push goes over gRPC", logging.WARNING,
+                        reason=str(exc))
+                    out.append(self._bytes_sender(j))
+            else:
+                out.append(self._bytes_sender(j))
+        return out
+
+    def _fallback(self, j: PrefillJob, kv: object, slot: int):
+        """The same KV as bytes, all layers at once (the decode worker refused CUDA IPC): the receipt."""
+        def push():
+            s = self._bytes_sender(j)
+            for layer in range(self.engine.cfg.n_layers):
+                self._put(s, layer, kv, slot, len(j.prompt))
+            s.close()
+            return s.wait()
+        return push
+
+    def _refused(self, address: str, reason: str) -> None:
+        if address not in self._no_ipc:
+            log(logger, "decode worker refused CUDA IPC; KV to it goes over gRPC from now on", logging.WARNING,
+                decode=address, reason=reason)
+        self._no_ipc[address] = reason
 
     def _run(self, jobs: list[PrefillJob]) -> None:
         t0 = time.perf_counter()
@@ -200,7 +255,7 @@ class PrefillBatcher:
         remote = [bool(j.decode_address and j.params.max_tokens > 1) for j in jobs]
         # Overlapped: open every push before the forward pass; the hooks feed it layer by layer. Serial
         # baseline: open it only once the cache is complete (an open push with no data would look stalled).
-        senders = self._open(jobs, remote) if self.overlap else [None] * len(jobs)
+        senders = self._open(jobs, remote, kv) if self.overlap else [None] * len(jobs)
         self._active = _Batch(kv, lens, senders)
         try:
             logits = self.engine.prefill([j.prompt for j in jobs], kv, list(range(len(jobs))),
@@ -215,10 +270,17 @@ class PrefillBatcher:
         finally:
             self._active = None
         if not self.overlap:
-            senders = self._open(jobs, remote)
+            senders = self._open(jobs, remote, kv)
+            event = None
             for i, s in enumerate(senders):
+                if isinstance(s, IpcSender) and event is None:
+                    event = torch.cuda.Event(interprocess=True)
+                    event.record()
                 for layer in range(self.engine.cfg.n_layers) if s is not None else ():
-                    self._put(s, layer, kv, i, lens[i])
+                    if isinstance(s, IpcSender):
+                        s.put(layer, event)
+                    else:
+                        self._put(s, layer, kv, i, lens[i])
         firsts = [j.sampler.sample(logits[i]) for i, j in enumerate(jobs)]
         t1 = time.perf_counter()
         eos = set(self.engine.cfg.eos_ids)
@@ -233,12 +295,13 @@ class PrefillBatcher:
                 j.layers = kv.export(i)
         if self._copy_stream is not None:
             self._copy_stream.synchronize()  # the copies have read `kv` before it goes back to the allocator
-        del kv  # the batch's cache is freed here; senders hold their own per-layer copies
+        del kv  # the batch's cache is freed here (bytes senders hold their own per-layer copies; shared ones hold
+        # the buffer itself until their receipt)
         # Receipts are awaited off the batcher thread, so the next batch computes while this one's tail lands.
         threading.Thread(target=self._finish, args=(jobs, firsts, senders, finished, t0, t1), daemon=True,
                          name="prefill-finish").start()
 
-    def _finish(self, jobs: list[PrefillJob], firsts: list[int], senders: list[KVSender | None],
+    def _finish(self, jobs: list[PrefillJob], firsts: list[int], senders: list[Sender | None],
                 finished: list[str | None], t0: float, t1: float) -> None:
         for j, tok, s, reason in zip(jobs, firsts, senders, finished, strict=True):
             timings = Timings(queue_s=t0 - j.enqueued, prefill_s=t1 - t0)
@@ -252,7 +315,7 @@ class PrefillBatcher:
                     j.future.set_exception(exc)
                     continue
                 timings.kv_transfer_s = time.perf_counter() - t1
-                result.handle, result.kv_bytes = receipt.handle, receipt.bytes
+                result.handle, result.kv_bytes, result.kv_path = receipt.handle, receipt.bytes, s.path
                 if self.on_push:
                     self.on_push(receipt.bytes, time.perf_counter() - s.started)
             j.future.set_result(result)

@@ -20,6 +20,7 @@ import grpc
 from services.contracts.errors import InvalidArgument, TandemError, Unavailable
 from services.contracts.roles import DECODE_ROLES, LLM_ROLES, PREFILL_ROLES
 from services.grpcutil import Server, get_logger, log, request_id, rpc_errors
+from services.kv.ipc import KV_PATHS, check_kv_path, parse_shared
 from services.kv.proto import parse_chunk
 from services.kv.sender import push_timeout
 from services.kv.wire import DEFAULT_CHUNK, dtype_name
@@ -64,20 +65,25 @@ class WorkerServer:
     def __init__(self, role: str, address: str, model: str | None = None, batching: Any = None,
                  metrics_port: int | None = None, *, kv_lease_s: float = 30.0, kv_stall_s: float = 10.0,
                  kv_timeout_s: float = 30.0, chunk_bytes: int = DEFAULT_CHUNK, device: str | None = None,
-                 kv_overlap: bool = True, threads: int | None = None) -> None:
+                 kv_overlap: bool = True, threads: int | None = None, dtype: str | None = None,
+                 kv_path: str = "auto") -> None:
         if role not in LLM_ROLES:
             raise InvalidArgument(f"role must be one of {', '.join(LLM_ROLES)} (got {role!r})", param="role")
         from services.contracts.layout import Batching
 
-        self.role, self.model_spec, self.device = role, model, device
+        self.role, self.model_spec, self.device, self.dtype = role, model, device, dtype
         self.batching = batching if batching is not None else Batching()
         self.metrics_port = metrics_port
         self.kv_overlap, self.threads = kv_overlap, threads
+        self.kv_path = check_kv_path(kv_path)  # and against the model's device once it is loaded
         self.kv_lease_s, self.kv_stall_s, self.kv_timeout_s, self.chunk_bytes = kv_lease_s, kv_stall_s, kv_timeout_s, chunk_bytes
         self.engine = self.batcher = self.decoder = self.mixed = self.scheduler = None
         self.draining = False
-        # Every live Decode stream holds a server thread; leave room for pushes, Info and Generate beside them.
-        self.server = Server(address, [self._add], SERVICES, max_workers=max(32, 2 * self.batching.max_batch + 16))
+        # Every request the worker holds (a live or waiting Decode stream, a queued or running Prefill) holds a server
+        # thread; leave room for pushes, Info and Generate beside them: an Info queued behind held requests times
+        # out, and the gateway's poller then drops the worker as dead (found by `tandem bench soak`).
+        held = self.batching.max_batch + self.batching.waiting_bound()
+        self.server = Server(address, [self._add], SERVICES, max_workers=max(32, held + self.batching.max_batch + 16))
         self.address = self.server.address
 
     def _add(self, server: grpc.Server) -> None:
@@ -87,6 +93,8 @@ class WorkerServer:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("tandem.v1.KVTransfer", {
             "Push": grpc.stream_unary_rpc_method_handler(kv.Push, request_deserializer=parse_chunk,
                                                          response_serializer=pb.KVReceipt.SerializeToString),
+            "PushShared": grpc.stream_unary_rpc_method_handler(kv.PushShared, request_deserializer=parse_shared,
+                                                               response_serializer=pb.KVReceipt.SerializeToString),
             "Release": grpc.unary_unary_rpc_method_handler(kv.Release, request_deserializer=pb.KVReleaseRequest.FromString,
                                                            response_serializer=pb.KVReleaseReply.SerializeToString),
         }),))
@@ -102,7 +110,8 @@ class WorkerServer:
         self._load()
         self.server.ready()
         log(logger, "worker ready", role=self.role, address=self.address, model=self.engine.name,
-            fingerprint=self.engine.fingerprint, metrics_port=self.metrics_port)
+            fingerprint=self.engine.fingerprint, metrics_port=self.metrics_port, device=str(self.engine.device),
+            kv_path=self.kv_path, cuda_ipc="on" if self._ipc_on() else "off")
         return self
 
     def _load(self) -> None:
@@ -112,7 +121,8 @@ class WorkerServer:
         from services.workers.prefill import PrefillBatcher
 
         set_threads(self.threads)
-        self.engine = load_model(self.model_spec, self.device)
+        self.engine = load_model(self.model_spec, self.device, self.dtype)
+        check_kv_path(self.kv_path, self.engine.device)
         b = self.batching
         budget = int(b.kv_budget_mb * 2**20) if b.kv_budget_mb else DEFAULT_KV_BUDGET
         self.metrics = WorkerMetrics(self.address, running=self._live, waiting=self._waiting,
@@ -121,15 +131,21 @@ class WorkerServer:
         if self.role in PREFILL_ROLES:
             self.batcher = PrefillBatcher(self.engine, b.max_batch_tokens, b.max_batch, self.chunk_bytes,
                                           on_push=self.metrics.pushed, overlap=self.kv_overlap,
-                                          max_waiting=b.waiting_bound())
+                                          max_waiting=b.waiting_bound(), kv_path=self.kv_path)
         if self.role in DECODE_ROLES:
             self.scheduler = FusionScheduler(self.engine, b.policy, b.max_batch, budget)
             self.scheduler.start()
             self.decoder = DecodeWorker(self.engine, self.scheduler, budget, logger, self.kv_lease_s, self.kv_stall_s,
                                         on_receive=self.metrics.received, on_reject=self.metrics.rejected,
-                                        max_waiting=b.waiting_bound())
+                                        max_waiting=b.waiting_bound(), kv_path=self.kv_path)
         if self.role == "mixed":
             self.mixed = MixedWorker(self.batcher, self.decoder)
+
+    def _ipc_on(self) -> bool:
+        """Whether this worker sends (prefill) or takes (decode) KV over CUDA IPC at all."""
+        if self.batcher is not None and self.batcher.use_ipc:
+            return True
+        return self.decoder is not None and not self.decoder.ipc.refusal
 
     def _live(self) -> int:
         return self.scheduler.stats()["live"] if self.scheduler else 0
@@ -233,6 +249,10 @@ class _KVTransfer(rpc.KVTransferServicer):
         return self.w.need("decoder").push(chunks, context)
 
     @rpc_errors(logger)
+    def PushShared(self, chunks, context: grpc.ServicerContext) -> pb.KVReceipt:  # noqa: N802
+        return self.w.need("decoder").push_shared(chunks, context)
+
+    @rpc_errors(logger)
     def Release(self, req: pb.KVReleaseRequest, context: grpc.ServicerContext) -> pb.KVReleaseReply:  # noqa: N802
         return self.w.need("decoder").release(req, context)
 
@@ -297,8 +317,14 @@ def main() -> None:
     p.add_argument("--kv-stall-s", type=float, default=10.0)
     p.add_argument("--kv-timeout-s", type=float, default=30.0)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="weights and KV (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores - 1)")
     p.add_argument("--no-kv-overlap", action="store_true", help="push KV after the forward pass (baseline)")
+    p.add_argument("--kv-path", default="auto", choices=KV_PATHS,
+                   help="KV transport: grpc (bytes), ipc (CUDA IPC handles; the model must be on CUDA), auto "
+                        "(CUDA IPC where both workers can, gRPC elsewhere); a decode worker that cannot take "
+                        "IPC answers so and the prefill worker sends bytes")
     p.add_argument("--registry", default="memory", help="'memory' or redis://HOST:PORT/DB[?ttl_s=S] to register in")
     p.add_argument("--advertise", default=None, help="HOST:PORT others reach this worker at (registry record)")
     a = p.parse_args()
@@ -306,7 +332,8 @@ def main() -> None:
                         kv_budget_mb=a.kv_budget_mb, max_waiting=a.max_waiting)
     try:
         serve(a.role, a.address, a.model, batching, a.metrics_port, kv_lease_s=a.kv_lease_s, kv_stall_s=a.kv_stall_s,
-              kv_timeout_s=a.kv_timeout_s, device=a.device, kv_overlap=not a.no_kv_overlap, threads=a.threads,
+              kv_timeout_s=a.kv_timeout_s, device=a.device, dtype=a.dtype, kv_overlap=not a.no_kv_overlap,
+              threads=a.threads, kv_path=a.kv_path,
               registry=a.registry, advertise=a.advertise, drain_s=a.drain_s)
     except TandemError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -30,7 +30,7 @@ class FakeMixedWorker:
                           kv_total_bytes=1 << 20, max_seq_len=CONTEXT, vocab_size=VOCAB, kv_dtype="float32")
 
     def generate(self, request_id: str | None, prompt_ids: list[int], params: Any,
-                 timeout: float) -> tuple[PrefillResult, Iterator[TokenEvent]]:
+                 timeout: float, on_call: Any = None) -> tuple[PrefillResult, Iterator[TokenEvent]]:
         n = params.max_tokens
         first = PrefillResult(request_id or "", 40, "", len(prompt_ids), "length" if n == 1 else None)
 

@@ -63,11 +63,16 @@ def test_bench_kv_ttft_places_workers(tmp_path: Path) -> None:
     out = tmp_path / "kv.json"
     proc = _kv_cli("--ttft", "--skip-throughput", "--ttft-model", "tiny", "--ttft-dtype", "bfloat16",
                    "--prefill-device", "cpu", "--decode-device", "cpu", "--mixed-device", "cpu", "--lengths", "8,40",
-                   "--json", str(out))
+                   "--kv-path", "grpc,auto", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
     assert "grpc_gbps" not in res and res["ttft_setup"]["devices"]["decode"] == "cpu"
-    assert [r["prompt_tokens"] for r in res["ttft"]] == [8, 40] and "partial" not in res
+    assert res["ttft_setup"]["kv_paths"] == ["grpc", "auto"] and "partial" not in res
+    assert [(r["prompt_tokens"], r["kv_path"]) for r in res["ttft"]] == [(8, "grpc"), (8, "auto"), (40, "grpc"),
+                                                                          (40, "auto")]
     for r in res["ttft"]:
         assert r["kv_bytes"] == r["prompt_tokens"] * 2 * 2 * 2 * 16 * 2  # layers x K,V x kv heads x head dim x bf16
         assert r["kv_exposed_s"] >= 0 and r["split_ttft_s"] > 0 and r["mixed_prefill_s"] > 0
+        # on CPU, auto takes the bytes path; the split pair's greedy tokens equal the mixed worker's
+        assert r["kv_path_used"] == r["kv_path_serial_used"] == "grpc"
+        assert r["first_token_equal"] and r["tokens_equal_mixed"]

@@ -53,6 +53,30 @@ def test_the_watchdog_fires_once_for_a_silent_stream_only() -> None:
     assert fired == ["quiet"] and quiet.fired and not busy.fired
 
 
+def test_a_call_without_tokens_is_judged_by_its_workers_heartbeat() -> None:
+    """A prefill call: it fires when the worker's last heartbeat (or the call's start, if later) is older than
+    stall_s; a beating worker's long call never fires; no heartbeat source (None) never fires; a cancel bound
+    after the verdict runs at once."""
+    dog = Watchdog(0.2)
+    beats = {"alive": time.monotonic(), "stopped": time.monotonic()}
+    cancelled: list[str] = []
+    stopped = dog.watch(beat=lambda: beats["stopped"])
+    alive = dog.watch(beat=lambda: beats["alive"])
+    unknown = dog.watch(beat=lambda: None)
+    stopped.bind(lambda: cancelled.append("stopped"))
+    for _ in range(10):
+        beats["alive"] = time.monotonic()
+        time.sleep(0.05)
+    assert cancelled == ["stopped"] and stopped.fired and not alive.fired and not unknown.fired
+    stopped.bind(lambda: cancelled.append("late"))  # the call began after the verdict: cancelled on arrival
+    assert cancelled == ["stopped", "late"]
+    for w in (alive, unknown):
+        dog.unwatch(w)
+    beats["alive"] = 0.0  # long silent now, but unwatched (its call ended): never fires
+    time.sleep(0.5)
+    assert not alive.fired and cancelled == ["stopped", "late"]
+
+
 def test_the_kv_store_bounds_requests_held_and_counts_the_schedulers_share() -> None:
     held = {"n": 0}
     store = KVStore(budget_bytes=1000, other_used=lambda: 600, max_held=3, other_held=lambda: held["n"])
@@ -175,16 +199,14 @@ def test_the_kv_push_limit_scales_with_the_prompt() -> None:
 
 
 def test_the_http_door_answers_a_burst_of_a_full_gateway_at_once() -> None:
-    """64 concurrent requests to a full gateway over real HTTP (uvicorn): all 429 with Retry-After; prints the
-    latency a client sees, with no cluster computing beside it (the door's own cost on this machine)."""
+    """64 concurrent requests (100 kB prompts) to a full gateway over real HTTP (uvicorn), all written before any
+    answer is read: every one is 429 with Retry-After, none read its body or reached a handler."""
     import asyncio
-    import os
-    import statistics
 
-    import httpx
     import uvicorn
     from kit.net import free_port
 
+    from services.bench.overload import burst
     from services.gateway.core import Gateway
     from services.gateway.http import create_app
 
@@ -196,29 +218,15 @@ def test_the_http_door_answers_a_burst_of_a_full_gateway_at_once() -> None:
     thread.start()
     while not server.started:
         time.sleep(0.01)
-
-    async def burst(path: str) -> list[tuple[int, float, str | None]]:
-        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as c:
-            url = f"http://127.0.0.1:{port}{path}"
-            await asyncio.gather(*[c.get(f"http://127.0.0.1:{port}/v1/models") for _ in range(64)])
-
-            async def one() -> tuple[int, float, str | None]:
-                t0 = time.perf_counter()
-                r = await c.post(url, json={"model": "tiny", "prompt": "x" * 100_000, "max_tokens": 4})
-                return r.status_code, time.perf_counter() - t0, r.headers.get("retry-after")
-
-            return await asyncio.gather(*[one() for _ in range(64)])
-
+    body = b'{"model": "tiny", "prompt": "' + b"x" * 100_000 + b'", "max_tokens": 4}'
     try:
-        out = asyncio.run(burst("/v1/completions"))
-        other = sorted(dt for _, dt, _ in asyncio.run(burst("/v1/no-such-path")))  # the HTTP stack alone: 404
+        _, out = asyncio.run(burst("raw", f"http://127.0.0.1:{port}", [body] * 64))
     finally:
         server.should_exit = True
         thread.join(10)
         held.release()
-    lat = sorted(dt for _, dt, _ in out)
-    print(f"\nfull gateway, 64 concurrent requests (100 kB prompts): 429 p50 {statistics.median(lat) * 1e3:.1f} ms, "
-          f"p99 {lat[int(0.99 * 63)] * 1e3:.1f} ms; the same burst to a path that 404s: p50 "
-          f"{statistics.median(other) * 1e3:.1f} ms, p99 {other[int(0.99 * 63)] * 1e3:.1f} ms "
-          f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
-    assert all(code == 429 and retry == "1" for code, _, retry in out)
+    assert all(r.status == 429 and r.retry_after == "1" for r in out)
+    assert gw.admission.refused == 64
+    metrics = gw.metrics.render().decode()
+    assert 'tandem_gateway_refused_total{reason="full"} 64.0' in metrics
+    assert 'tandem_gateway_refusal_seconds_count{reason="full"} 64.0' in metrics  # what `tandem bench overload` reads

@@ -3,7 +3,9 @@
 A corrupted KV chunk is caught by its crc32 and the request retried on another pair; a SIGSTOPped decode worker's
 streams move after the gateway's stall timeout and the worker serves again after SIGCONT; SIGTERM drains a decode
 worker (its streams finish there); SIGKILL of a decode worker under 18 live greedy streams loses none of them;
-with no prefill worker left, a clear UNAVAILABLE. Every output is the greedy one (checked teacher-forced).
+a SIGSTOPped prefill worker's prompts move to the other one after the stall timeout (every prefill worker
+stopped: a clear UNAVAILABLE, not a hang); with no prefill worker left, a clear UNAVAILABLE. Every output is the
+greedy one (checked teacher-forced).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 from kit.faults import (
     Split,
+    StreamResult,
     greedy_mismatch,
     run_streams,
     start_split,
@@ -189,6 +192,74 @@ def test_sigkill_of_a_decode_worker_under_18_streams_loses_no_request(split: Spl
     assert victim["addr"] not in {decode_of(r) for r in after}
 
 
+def stalled_prefills(split: Split) -> int:
+    return split.log("gateway").count('"moving request to another pair: prefill worker ')
+
+
+def test_a_stopped_prefill_worker_loses_its_prompts_to_the_other_and_rejoins(split: Split, engine) -> None:
+    """SIGSTOP prefill-0, then 6 requests at once: the first ones are routed to it before its heartbeat lapses
+    (the embedded registry needs a failed 1 s poll to drop it); their prompt calls get no answer, the gateway gives
+    up after STALL_S without a heartbeat and re-runs them on prefill-1: every request completes, greedy."""
+    victim = split.addr["prefill-0"]
+    ps = prompts(6, length=300, seed=8)
+    before = stalled_prefills(split)
+    # both prefill workers in the gateway's view (a pair of requests spreads over them) right before the stop
+    wait_until(lambda: {r.workers[-1][0] for r in run_streams(split.grpc, prompts(2, seed=12), 2)} ==
+               {victim, split.addr["prefill-1"]}, 30, "both prefill workers to take prompts")
+    split.signal("prefill-0", signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        results = [StreamResult() for _ in ps]
+        threads = [threading.Thread(target=stream, args=(split.grpc, p, 64, results, i), kwargs={"timeout": 60})
+                   for i, p in enumerate(ps)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        took = time.monotonic() - t0
+    finally:
+        split.signal("prefill-0", signal.SIGCONT)
+    moved = stalled_prefills(split) - before
+    print(f"\nSIGSTOP prefill-0: {moved} prompt(s) moved to prefill-1 after the stall timeout; "
+          f"all {len(ps)} done in {took:.1f}s")
+    for p, r in zip(ps, results, strict=True):
+        assert r.error is None, r.error
+        assert len(r.token_ids) == 64 and r.finish
+        assert greedy_mismatch(engine, p, r.token_ids) == -1
+        assert r.workers[-1][0] != victim
+    assert moved >= 1, "no request was routed to the stopped prefill worker"
+    assert f"prefill worker {victim} stalled: no heartbeat for {STALL_S:g}s" in split.log("gateway")
+    # after SIGCONT (and the gateway's hold on it, STALL_S) it takes prompts again
+    time.sleep(STALL_S + 0.5)
+    later = run_streams(split.grpc, prompts(6, seed=9), 8)
+    assert all(r.error is None for r in later)
+    assert victim in {r.workers[-1][0] for r in later}
+
+
+def test_every_prefill_worker_stopped_is_a_clear_unavailable_not_a_hang(split: Split) -> None:
+    """Both prefill workers SIGSTOPped: the request ends in UNAVAILABLE naming the stall within a few STALL_S,
+    not at its deadline; after SIGCONT they serve again."""
+    import grpc
+
+    names = [n for n in split.addr if n.startswith("prefill")]
+    for n in names:
+        split.signal(n, signal.SIGSTOP)
+    try:
+        results = [StreamResult()]
+        t0 = time.monotonic()
+        stream(split.grpc, prompts(1, seed=10)[0], 8, results, 0, timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        for n in names:
+            split.signal(n, signal.SIGCONT)
+    print(f"\nevery prefill worker stopped: {results[0].code} after {took:.1f}s: {results[0].error}")
+    assert results[0].code == grpc.StatusCode.UNAVAILABLE, results[0]
+    assert "stalled: no heartbeat" in (results[0].error or "")
+    time.sleep(STALL_S + 0.5)
+    wait_until(lambda: run_streams(split.grpc, prompts(1, seed=11), 4)[0].error is None, 30,
+               "the prefill workers to serve again")
+
+
 def test_no_pair_left_is_a_clear_unavailable(split: Split) -> None:
     """With every prefill worker stopped, a request ends in UNAVAILABLE naming the problem (not a hang)."""
     import grpc
@@ -197,9 +268,6 @@ def test_no_pair_left_is_a_clear_unavailable(split: Split) -> None:
     for n in names:
         split.signal(n, signal.SIGKILL)
     wait_until(lambda: all(split.cluster.procs[n].poll() is not None for n in names), 10, "prefill workers to die")
-    results = [None]
-    from kit.faults import StreamResult
-
     results = [StreamResult()]
     t = threading.Thread(target=stream, args=(split.grpc, prompts(1)[0], 8, results, 0), daemon=True)
     t.start()

@@ -54,6 +54,9 @@ def test_register_heartbeat_expiry_and_deregister(server: RedisServer) -> None:
             worker.heartbeat(r)
         lapsed = wait_until(lambda: [e.address for e in view.endpoints("prefill")] == ["p1:1"])
         assert lapsed <= TTL + 0.1, lapsed
+        # its last sign of life stays known (the gateway's prefill stall watch reads it) and grows old
+        assert time.monotonic() - view.last_beat("p0:1") >= TTL - 0.05 > time.monotonic() - view.last_beat("p1:1")
+        assert view.last_beat("nobody:1") is None
         with pytest.raises(Unavailable):
             view.info("p0:1")
         # every prefill worker lapsed at once (late heartbeats, not dead workers): the last known ones stay
@@ -80,6 +83,7 @@ def test_view_survives_pause_and_restart_and_workers_re_register(server: RedisSe
         t_end = time.monotonic() + 2.5 * TTL
         while time.monotonic() < t_end:
             assert len(view.endpoints("decode")) == 2
+            assert time.monotonic() - view.last_beat("d0:1") < TTL  # no news from a lost Redis is not silence
             time.sleep(0.05)
         wait_until(lambda: view.reachable, timeout=5)
         assert len(view.endpoints("decode")) == 2
@@ -133,6 +137,10 @@ def test_memory_registry_expires_and_deregisters() -> None:
     assert [e.address for e in reg.all()] == ["d0:1"]  # the only one left, though lapsed (see live())
     reg.deregister("d0:1")
     assert reg.all() == []
+    beat = reg.last_beat("d0:1")  # kept after it dropped out: when it was last heard from
+    assert beat is not None and time.monotonic() - beat >= 0.3
+    reg.seen("d0:1")  # it answered, though refusing (draining): alive
+    assert time.monotonic() - reg.last_beat("d0:1") < 0.1 and reg.all() == []
 
 
 @pytest.mark.parametrize("value, needle", [

@@ -87,6 +87,7 @@ def split_generate(c: WorkerPair, rid: str, prompt: list[int], params: SamplingP
     r = c.prefill.prefill(rid, prompt, params, c.decode_addr, timeout=30)
     assert r.prompt_tokens == len(prompt) and r.handle and r.finished is None
     assert r.kv_bytes == len(prompt) * 4 * 2 * 2 * 16 * 4  # tokens x layers x K,V x kv_heads x head_dim x f32
+    assert r.kv_path == "grpc"  # kv_path auto with the model on CPU: bytes (CUDA IPC needs CUDA)
     return [r.first_token] + [e.token_id for e in c.decode.decode(rid, r.handle, r.first_token, params, timeout=30)]
 
 
@@ -195,6 +196,46 @@ def test_corrupt_or_misshapen_kv_is_rejected_and_logged(worker_pair: WorkerPair,
     log = worker_pair.decode_log.read_text()
     assert "checksum mismatch" in log and "shape [5, 3, 16] does not match" in log
     assert "model_fingerprint" in log and "ended early" in log and '"request_id": "raw-shape"' in log
+    assert wait_free(worker_pair).kv_free_bytes == worker_pair.decode.info().kv_total_bytes
+
+
+def _shared_header(engine, n: int = 5, fingerprint: str | None = None) -> pb.KVSharedChunk:
+    from services.kv.ipc import host_id
+
+    cfg = engine.cfg
+    spec = KVSpec(fingerprint or engine.fingerprint, cfg.n_layers, dtype_name(engine.dtype), n, cfg.n_kv_heads,
+                  cfg.head_dim)
+    junk = pb.CudaStorageHandle(handle=b"\0" * 64, size_bytes=1 << 20, ref_counter_handle=b"/nonexistent")
+    return pb.KVSharedChunk(header=pb.KVSharedHeader(kv=spec.header("shared").header, host_id=host_id(), pid=1,
+                                                     device_uuid="GPU-none", k=junk, v=junk, generation=1))
+
+
+def test_shared_push_to_a_cpu_worker_is_refused_before_anything_is_held(worker_pair: WorkerPair,
+                                                                         random_tiny_engine) -> None:
+    """PushShared (CUDA IPC handles) to a worker whose model is on CPU: FAILED_PRECONDITION (the sender's cue to
+    push bytes), nothing reserved; a header that does not match the model is INVALID_ARGUMENT as for bytes."""
+    from services.kv.ipc import parse_shared
+
+    def push_shared(chunks: list[pb.KVSharedChunk], rid: str) -> None:
+        with channel(worker_pair.decode_addr) as ch:
+            call = ch.stream_unary("/tandem.v1.KVTransfer/PushShared",
+                                   request_serializer=pb.KVSharedChunk.SerializeToString,
+                                   response_deserializer=pb.KVReceipt.FromString)
+            call(iter(chunks), timeout=10, metadata=(("x-request-id", rid),))
+
+    with pytest.raises(grpc.RpcError) as exc:
+        push_shared([_shared_header(random_tiny_engine)], "shared-cpu")
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "model is on cpu, not CUDA" in exc.value.details()
+    assert not any(k == "tandem-ipc-settled" for k, _ in exc.value.trailing_metadata() or ())  # sender releases
+    with pytest.raises(grpc.RpcError) as exc:
+        push_shared([_shared_header(random_tiny_engine, fingerprint="0" * 16)], "shared-fingerprint")
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "model_fingerprint" in exc.value.details()
+    with pytest.raises(grpc.RpcError) as exc:
+        push_shared([pb.KVSharedChunk(layer=pb.KVSharedLayer(layer=0))], "shared-no-header")
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "must start with a header" in exc.value.details()
+    assert isinstance(parse_shared(b"\xff\xff\xff"), str)
+    assert "KV over CUDA IPC refused" in worker_pair.decode_log.read_text()
     assert wait_free(worker_pair).kv_free_bytes == worker_pair.decode.info().kv_total_bytes
 
 

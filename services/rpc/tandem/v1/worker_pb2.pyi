@@ -49,7 +49,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[WorkerSampling, _Mapping]] = ..., decode_address: _Optional[str] = ..., kv_timeout_s: _Optional[float] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("request_id", "first_token", "handle", "prompt_tokens", "finish_reason", "timings", "kv_bytes")
+    __slots__ = ("request_id", "first_token", "handle", "prompt_tokens", "finish_reason", "timings", "kv_bytes", "kv_path")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class PrefillResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_PATH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_token: int
     handle: str
@@ -64,7 +65,8 @@ class PrefillResponse(_message.Message):
     finish_reason: str
     timings: PhaseTimings
     kv_bytes: int
-    def __init__(self, request_id: _Optional[str] = ..., first_token: _Optional[int] = ..., handle: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., timings: _Optional[_Union[PhaseTimings, _Mapping]] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
+    kv_path: str
+    def __init__(self, request_id: _Optional[str] = ..., first_token: _Optional[int] = ..., handle: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., timings: _Optional[_Union[PhaseTimings, _Mapping]] = ..., kv_bytes: _Optional[int] = ..., kv_path: _Optional[str] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "handle", "first_token", "sampling")
@@ -157,6 +159,64 @@ class KVReleaseReply(_message.Message):
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: bool
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
+class CudaStorageHandle(_message.Message):
+    __slots__ = ("handle", "size_bytes", "offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    handle: bytes
+    size_bytes: int
+    offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, handle: _Optional[bytes] = ..., size_bytes: _Optional[int] = ..., offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
+
+class KVSharedHeader(_message.Message):
+    __slots__ = ("kv", "host_id", "pid", "device_uuid", "k", "v", "generation")
+    KV_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    V_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    kv: KVHeader
+    host_id: str
+    pid: int
+    device_uuid: str
+    k: CudaStorageHandle
+    v: CudaStorageHandle
+    generation: int
+    def __init__(self, kv: _Optional[_Union[KVHeader, _Mapping]] = ..., host_id: _Optional[str] = ..., pid: _Optional[int] = ..., device_uuid: _Optional[str] = ..., k: _Optional[_Union[CudaStorageHandle, _Mapping]] = ..., v: _Optional[_Union[CudaStorageHandle, _Mapping]] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class KVSharedLayer(_message.Message):
+    __slots__ = ("layer", "generation", "k_offset", "v_offset", "event_handle")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    K_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    V_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    generation: int
+    k_offset: int
+    v_offset: int
+    event_handle: bytes
+    def __init__(self, layer: _Optional[int] = ..., generation: _Optional[int] = ..., k_offset: _Optional[int] = ..., v_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ...) -> None: ...
+
+class KVSharedChunk(_message.Message):
+    __slots__ = ("header", "layer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    header: KVSharedHeader
+    layer: KVSharedLayer
+    def __init__(self, header: _Optional[_Union[KVSharedHeader, _Mapping]] = ..., layer: _Optional[_Union[KVSharedLayer, _Mapping]] = ...) -> None: ...
 
 class WorkerInfoRequest(_message.Message):
     __slots__ = ()

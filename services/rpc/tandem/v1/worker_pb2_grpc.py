@@ -189,6 +189,11 @@ class KVTransferStub:
                 request_serializer=tandem_dot_v1_dot_worker__pb2.KVChunk.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_worker__pb2.KVReceipt.FromString,
                 _registered_method=True)
+        self.PushShared = channel.stream_unary(
+                '/tandem.v1.KVTransfer/PushShared',
+                request_serializer=tandem_dot_v1_dot_worker__pb2.KVSharedChunk.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_worker__pb2.KVReceipt.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/tandem.v1.KVTransfer/Release',
                 request_serializer=tandem_dot_v1_dot_worker__pb2.KVReleaseRequest.SerializeToString,
@@ -211,6 +216,18 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushShared(self, request_iterator, context):
+        """Client stream: KVSharedChunk.header first, then one KVSharedLayer per layer in order; returns the same
+        receipt as Push once every layer has been copied into the decode worker's own device memory.
+        FAILED_PRECONDITION when this worker cannot take KV over CUDA IPC (another machine, the same process,
+        a model not on CUDA or on another GPU, kv_path grpc, or a handle that does not open): the
+        sender then pushes the same KV with Push. Everything else as Push (INVALID_ARGUMENT for a header
+        mismatch, a layer out of order, an offset outside the storage; RESOURCE_EXHAUSTED; UNAVAILABLE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Free a received KV early instead of waiting for its lease to expire.
         """
@@ -224,6 +241,11 @@ def add_KVTransferServicer_to_server(servicer, server):
             'Push': grpc.stream_unary_rpc_method_handler(
                     servicer.Push,
                     request_deserializer=tandem_dot_v1_dot_worker__pb2.KVChunk.FromString,
+                    response_serializer=tandem_dot_v1_dot_worker__pb2.KVReceipt.SerializeToString,
+            ),
+            'PushShared': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushShared,
+                    request_deserializer=tandem_dot_v1_dot_worker__pb2.KVSharedChunk.FromString,
                     response_serializer=tandem_dot_v1_dot_worker__pb2.KVReceipt.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
@@ -258,6 +280,33 @@ class KVTransfer:
             target,
             '/tandem.v1.KVTransfer/Push',
             tandem_dot_v1_dot_worker__pb2.KVChunk.SerializeToString,
+            tandem_dot_v1_dot_worker__pb2.KVReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushShared(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tandem.v1.KVTransfer/PushShared',
+            tandem_dot_v1_dot_worker__pb2.KVSharedChunk.SerializeToString,
             tandem_dot_v1_dot_worker__pb2.KVReceipt.FromString,
             options,
             channel_credentials,
