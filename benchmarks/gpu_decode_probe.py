@@ -11,17 +11,22 @@ import json
 import torch
 
 from services.bench.fusion import SHAPES, random_on_device
-from services.engine.fused import decode_step, triton_ops
-from services.engine.graphs import attn_splits
+from services.engine.fused import decode_step
+from services.engine.graphs import DecodeGraphs, attn_splits, bucket_for
 
 
-def breakdown(shape: str, batch: int, context: int) -> str:
-    """Per-kernel device time of the fused step run eagerly (the graph replays the same kernels)."""
+def breakdown(shape: str, batch: int, context: int, gemv: str = "auto") -> str:
+    """Per-kernel device time of the fused step run eagerly (the graph replays the same kernels), with the
+    projections' kernels the bucket's plan picks (`gemv`: auto, on or off, as in services.engine.gemv)."""
     engine = random_on_device(SHAPES[shape], "cuda", torch.bfloat16, shape)
-    fm, ops = engine.graphs.fused, triton_ops()
+    engine.graphs = DecodeGraphs(engine.model, gemv)
+    fm = engine.graphs.fused
     kv = engine.new_kv(batch, context + 8)
     kv.k.normal_()
     kv.v.normal_()
+    with torch.inference_mode():
+        ops = engine.graphs.ops_for(bucket_for(batch), kv)
+    plan = engine.graphs.plans[bucket_for(batch)].summary()
     tok = torch.randint(0, engine.cfg.vocab_size, (batch,), device="cuda")
     pos = torch.full((batch,), context, device="cuda", dtype=torch.int64)
     slot = torch.arange(batch, device="cuda")
@@ -35,8 +40,10 @@ def breakdown(shape: str, batch: int, context: int) -> str:
                 decode_step(fm, ops, tok, pos, slot, kv.k, kv.v, splits)
             torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14)
-    print(f"--- {shape} B={batch} ctx {context}: 5 steps, eager launch of the fused step\n{table}", flush=True)
-    return table
+    head = f"--- {shape} B={batch} ctx {context} gemv {gemv}: 5 steps, eager launch of the fused step"
+    print(f"{head}\nprojections: {plan['choices']}\ntimed candidates (us per layer): {plan['timings_us']}\n"
+          f"rejected: {plan['rejected']}\n{table}", flush=True)
+    return f"projections: {plan['choices']}\n{plan['timings_us']}\n{table}"
 
 
 def baseline_breakdown(batch: int, context: int) -> str:
@@ -62,8 +69,10 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--json")
     a = ap.parse_args()
-    cases = [("llama-3.2-1b", 1, a.context), ("llama-3.2-1b", 64, a.context), ("smollm2-135m", 1, 256)]
-    out = {f"{shape} B={b}": breakdown(shape, b, ctx) for shape, b, ctx in cases}
+    cases = [("llama-3.2-1b", 1, a.context, "auto"), ("llama-3.2-1b", 1, a.context, "off"),
+             ("llama-3.2-1b", 64, a.context, "auto"), ("llama-3.2-1b", 64, a.context, "off"),
+             ("smollm2-135m", 1, 256, "auto")]
+    out = {f"{shape} B={b} gemv {g}": breakdown(shape, b, ctx, g) for shape, b, ctx, g in cases}
     out["plain baseline llama-3.2-1b B=1"] = baseline_breakdown(1, a.context)
     if a.json:
         with open(a.json, "w") as f:

@@ -124,6 +124,24 @@ def decode_row(engine: Engine, shape: str, batch: int, context: int, steps: int,
             engine.decode(tokens, kv, slice(0, batch))
 
     step_ms = _events_ms(run, reps) / steps
+    gemv: dict[str, Any] = {}
+    if engine.graphs is not None:  # the same step with the kernel choices forced: before/after side by side
+        from services.engine.graphs import DecodeGraphs
+
+        b = bucket_for(batch)
+        default = engine.graphs
+        gemv["plan"] = default.plans[b].summary() if b in default.plans else None
+        gemv["step"] = default.step_choice.get(b)
+        # off: cuBLAS projections, no PDL (the step before this work); auto_nopdl: the projection plans as by
+        # default, without PDL; on: the Triton projection forced everywhere (PDL tried as by default)
+        for name, mode, pdl in (("off", "off", False), ("auto_nopdl", "auto", False), ("on", "on", None)):
+            engine.graphs = DecodeGraphs(engine.model, mode, pdl)
+            try:
+                gemv[f"step_ms_{name}"] = _events_ms(run, reps) / steps
+                gemv[f"step_{name}"] = engine.graphs.step_choice.get(b)
+            finally:
+                engine.graphs = default
+            torch.cuda.empty_cache()
     eager_ms = None
     if eager:
         graphs, engine.graphs = engine.graphs, None
@@ -149,7 +167,12 @@ def decode_row(engine: Engine, shape: str, batch: int, context: int, steps: int,
     return {"shape": shape, "batch": batch, "context": context, "dtype": str(engine.dtype).removeprefix("torch."),
             "step_ms": step_ms, "roofline_ms": roof_ms, "roofline_share": roof_ms / step_ms,
             "baseline_graph_step_ms": base_ms, "baseline_roofline_share": roof_ms / base_ms,
-            "eager_step_ms": eager_ms, "weight_bytes": wbytes, "kv_bytes_read": int(kv_bytes),
+            "eager_step_ms": eager_ms, "gemv_mode": engine.graphs.gemv_mode if engine.graphs else None,
+            "step_ms_gemv_off": gemv.get("step_ms_off"), "step_ms_gemv_on": gemv.get("step_ms_on"),
+            "step_ms_auto_no_pdl": gemv.get("step_ms_auto_nopdl"), "step_variant": gemv.get("step"),
+            "step_variant_no_pdl": gemv.get("step_auto_nopdl"), "step_variant_on": gemv.get("step_on"),
+            "roofline_share_gemv_off": roof_ms / gemv["step_ms_off"] if "step_ms_off" in gemv else None,
+            "gemv_plan": gemv.get("plan"), "weight_bytes": wbytes, "kv_bytes_read": int(kv_bytes),
             "tokens_per_s": batch / step_ms * 1e3, "path": "cuda-graph" if graphed else "eager"}
 
 
@@ -199,10 +222,18 @@ def run_roofline(rows: list[tuple[str, int, int]], steps: int, reps: int, json_o
 
 def _print_row(r: dict[str, Any]) -> None:
     eager = f" | eager {r['eager_step_ms']:.2f} ms" if r["eager_step_ms"] is not None else ""
+    gemv = ""
+    if r.get("step_ms_gemv_off") is not None:
+        gemv = (f" | cuBLAS projections, no PDL {r['step_ms_gemv_off']:.3f} ms ({r['roofline_share_gemv_off']:.0%}), "
+                f"planned, no PDL {r['step_ms_auto_no_pdl']:.3f} ms, Triton forced {r['step_ms_gemv_on']:.3f} ms")
     print(f"{r['shape']} B={r['batch']} ctx {r['context']}: engine {r['step_ms']:.3f} ms "
           f"({r['roofline_share']:.0%} of roofline {r['roofline_ms']:.3f} ms) | plain graph "
-          f"{r['baseline_graph_step_ms']:.3f} ms ({r['baseline_roofline_share']:.0%}){eager} [{r['path']}]",
+          f"{r['baseline_graph_step_ms']:.3f} ms ({r['baseline_roofline_share']:.0%}){eager}{gemv} [{r['path']}]",
           flush=True)
+    if r.get("step_variant"):
+        v = r["step_variant"]
+        print(f"  step kept: plan {v['plan']}, pdl {v['pdl']}, {v['choices']}; replay us {v.get('replay_us')}",
+              flush=True)
 
 
 def parse_rows(batches: str, context: int, smollm_context: int = 256) -> list[tuple[str, int, int]]:

@@ -3,7 +3,8 @@
 `fuse_weights` concatenates each layer's q/k/v and gate/up matrices and re-points the module parameters at
 row slices of the fused matrix, so no memory is added, checkpoints still load by their Hugging Face names
 and the eager path computes exactly what it did. `decode_step` runs one token per row with either
-`TORCH_OPS` (plain PyTorch, any device: the reference) or the Triton kernels (`triton_ops()`, CUDA).
+`TORCH_OPS` (plain PyTorch, any device: the reference) or the Triton kernels (`triton_ops()`, CUDA; the
+projections there are chosen per batch bucket by services.engine.gemv).
 """
 
 from __future__ import annotations
@@ -96,17 +97,23 @@ def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _add_rmsnorm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    s = x + (a[0] if a.dim() == 3 else a)
+    """a: [R, N], or split-K partials [P, R, N] (summed, then added to x with one rounding)."""
+    s = (x + (a.sum(0) if a.dim() == 3 else a)).to(x.dtype)
     return s, _rmsnorm(s, w, eps)
 
 
-def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
+def _silu_mul(gu: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """gu [R, 2 hidden], or split-K partials [P, R, 2 hidden] summed and rounded to `dtype` first."""
+    if gu.dim() == 3:
+        gu = gu.sum(0).to(dtype or gu.dtype)
     g, u = gu.chunk(2, dim=-1)
     return F.silu(g) * u
 
 
 def _rope_kv(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
+    if qkv.dim() == 3:  # split-K partials: summed and rounded once, as the eager product is
+        qkv = qkv.sum(0).to(k_cache.dtype)
     rows, hd = qkv.shape[0], k_cache.shape[-1]
     q, k, v = qkv.view(rows, 1, n_heads + 2 * n_kv, hd).split([n_heads, n_kv, n_kv], dim=2)
     p = pos.clamp(min=0)
@@ -131,19 +138,46 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, po
     return out.reshape(rows, n_heads * hd)
 
 
+def _qkv(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(h, w, b)
+
+
+def _o(o: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(o, w)
+
+
 def _down(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)[None]  # one "partial": the Triton ops split K here (kernels.splitk_linear)
 
 
+def _mlp_in(h: torch.Tensor, wgu: torch.Tensor) -> torch.Tensor:
+    return _silu_mul(F.linear(h, wgu))
+
+
+def _head(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(h, w) if out is None else torch.mm(h, w.t(), out=out)
+
+
+# Projections: qkv (-> rope_kv), o (-> add_rmsnorm), mlp_in (h -> silu(gate) * up), down (-> add_rmsnorm), head.
+# What a projection returns is what its consumer takes: a product [R, N] or float32 split-K partials [P, R, N].
 TORCH_OPS = SimpleNamespace(rmsnorm=_rmsnorm, add_rmsnorm=_add_rmsnorm, silu_mul=_silu_mul, rope_kv=_rope_kv,
-                            attention=_attention, down=_down)
+                            attention=_attention, qkv=_qkv, o=_o, mlp_in=_mlp_in, down=_down, head=_head)
 
 
-def triton_ops() -> SimpleNamespace:
+def triton_ops(pdl: bool = False) -> SimpleNamespace:
+    """The Triton kernels, projections through cuBLAS (services.engine.gemv picks others per batch bucket).
+    pdl: launch every Triton kernel with programmatic dependent launch (Hopper; each kernel waits for its
+    predecessor inside, so the next launch overlaps the running kernel)."""
+    from functools import partial
+
     from services.engine import kernels
 
-    return SimpleNamespace(rmsnorm=kernels.rmsnorm, add_rmsnorm=kernels.add_rmsnorm, silu_mul=kernels.silu_mul,
-                           rope_kv=kernels.rope_kv, attention=kernels.decode_attention, down=kernels.splitk_linear)
+    k = {name: partial(getattr(kernels, fn), pdl=True) if pdl else getattr(kernels, fn) for name, fn in
+         (("rmsnorm", "rmsnorm"), ("add_rmsnorm", "add_rmsnorm"), ("silu_mul", "silu_mul"), ("rope_kv", "rope_kv"),
+          ("attention", "decode_attention"))}
+    silu_mul = k["silu_mul"]
+    return SimpleNamespace(**k, qkv=_qkv, o=_o, mlp_in=lambda h, wgu: silu_mul(F.linear(h, wgu)),
+                           down=kernels.splitk_linear, head=_head, pdl=pdl)
 
 
 def decode_step(fm: FusedModel, ops: SimpleNamespace, tokens: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
@@ -155,16 +189,13 @@ def decode_step(fm: FusedModel, ops: SimpleNamespace, tokens: torch.Tensor, pos:
     x = F.embedding(tokens, fm.embed)
     h = ops.rmsnorm(x, fm.layers[0].in_norm, fm.eps)
     for i, lw in enumerate(fm.layers):
-        qkv = F.linear(h, lw.wqkv, lw.bqkv)
-        q = ops.rope_kv(qkv, pos, slot, fm.cos, fm.sin, k[i], v[i], fm.n_heads, fm.n_kv)
+        q = ops.rope_kv(ops.qkv(h, lw.wqkv, lw.bqkv), pos, slot, fm.cos, fm.sin, k[i], v[i], fm.n_heads, fm.n_kv)
         o = ops.attention(q, k[i], v[i], pos, splits)
-        x, h = ops.add_rmsnorm(x, F.linear(o, lw.wo), lw.post_norm, fm.eps)
-        m = ops.silu_mul(F.linear(h, lw.wgu))
+        x, h = ops.add_rmsnorm(x, ops.o(o, lw.wo), lw.post_norm, fm.eps)
+        m = ops.mlp_in(h, lw.wgu)
         nxt = fm.layers[i + 1].in_norm if i + 1 < len(fm.layers) else fm.norm
         x, h = ops.add_rmsnorm(x, ops.down(m, lw.wdown), nxt, fm.eps)
-    if out is None:
-        return F.linear(h, fm.lm_head)
-    return torch.mm(h, fm.lm_head.t(), out=out)
+    return ops.head(h, fm.lm_head, out)
 
 
 def _causal_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:

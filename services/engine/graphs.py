@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
+from services.engine import gemv
 from services.engine.fused import FusedModel, decode_step, fuse_weights, prefill_step, triton_ops
 from services.engine.kv import KVBuffer
 from services.engine.model import Transformer
@@ -44,12 +46,28 @@ class _Graph:
 
 
 class DecodeGraphs:
-    """Owns the fused weights, the graphs of the current KV buffer, and the pinned staging of step inputs."""
+    """Owns the fused weights, the graphs of the current KV buffer, and the pinned staging of step inputs.
 
-    def __init__(self, model: Transformer) -> None:
+    `gemv_mode`: how each bucket's projections pick their kernel (services.engine.gemv: "auto" measures at the
+    bucket's first capture, "on" forces the Triton skinny kernel where it applies, "off" keeps cuBLAS).
+    `pdl`: launch the step's Triton kernels with programmatic dependent launch (each kernel's launch overlaps
+    the one before it); None tries both.
+
+    At a bucket's first capture, every variant of the step (the measured projection plan and, in "auto", the
+    "on" heuristic plan, each with and without PDL as `pdl` allows) is captured and replayed in turns, and the
+    graph with the fastest replay is kept: `step_choice[b]` records which and the replay times."""
+
+    def __init__(self, model: Transformer, gemv_mode: str = "auto", pdl: bool | None = None) -> None:
+        if gemv_mode not in gemv.MODES:
+            raise ValueError(f"gemv mode must be one of {', '.join(gemv.MODES)} (got {gemv_mode!r})")
         self.fused: FusedModel = fuse_weights(model)
         self.device = self.fused.embed.device
         self.ops = triton_ops()
+        self.ops_pdl = triton_ops(pdl=True)
+        self.gemv_mode = gemv_mode
+        self.pdl = pdl
+        self.plans: dict[int, gemv.Plan] = {}
+        self.step_choice: dict[int, dict] = {}  # bucket -> {"plan", "pdl", "choices"[, "replay_us"]}
         self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, _Graph] = {}
@@ -111,6 +129,23 @@ class DecodeGraphs:
         self.stage_done[self.flip].synchronize()
         return self.stage[self.flip]
 
+    def ops_for(self, b: int, kv: KVBuffer, pdl: bool = False) -> SimpleNamespace:
+        """The ops table of bucket b: the Triton kernels, with each projection's kernel from the bucket's plan."""
+        if b not in self.plans:
+            self.plans[b] = gemv.plan_for(self.fused, b, self.gemv_mode, kv.k, kv.v, self.sms, self.ops)
+        return gemv.bind(self.plans[b].choices, self.ops_pdl if pdl else self.ops)
+
+    def _variants(self, b: int, kv: KVBuffer) -> list[tuple[str, dict, bool]]:
+        """(plan name, projection choices, pdl) of every step variant to capture for bucket b."""
+        self.ops_for(b, kv)
+        plans = {self.gemv_mode: self.plans[b].choices}
+        if self.gemv_mode == "auto":
+            on = gemv.plan_for(self.fused, b, "on", kv.k, kv.v, self.sms, self.ops).choices
+            if on != plans["auto"]:
+                plans["on"] = on
+        pdls = [False, True] if self.pdl is None else [self.pdl]
+        return [(name, choices, pdl) for name, choices in plans.items() for pdl in pdls]
+
     def _capture(self, b: int, kv: KVBuffer) -> _Graph:
         fm = self.fused
         inp = torch.zeros(3, b, dtype=torch.int64, device=self.device)
@@ -119,12 +154,57 @@ class DecodeGraphs:
         logits = torch.empty(b, fm.lm_head.shape[0], dtype=fm.lm_head.dtype, device=self.device)
         splits = attn_splits(b, fm.n_kv, self.sms)
 
-        def step() -> None:
-            decode_step(fm, self.ops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits)
+        def capture(choices: dict, pdl: bool) -> torch.cuda.CUDAGraph:
+            ops = gemv.bind(choices, self.ops_pdl if pdl else self.ops)
 
-        self.graphs[b] = g = _Graph(b, inp, logits, _graph_of(step, self.device, self.pool))
+            def step() -> None:
+                decode_step(fm, ops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits)
+            return _graph_of(step, self.device, self.pool)
+
+        variants = self._variants(b, kv)
+        graphs: list[torch.cuda.CUDAGraph] = []
+        kept: list[tuple[str, dict, bool]] = []
+        errors: dict[str, str] = {}
+        for name, choices, pdl in variants:
+            try:
+                graphs.append(capture(choices, pdl))
+                kept.append((name, choices, pdl))
+            except Exception as e:  # noqa: BLE001 - e.g. a Triton or driver without programmatic dependent launch
+                if not pdl or len(variants) == 1:
+                    raise
+                errors[f"{name}{' pdl' if pdl else ''}"] = f"{type(e).__name__}: {str(e)[:160]}"
+        # timed as captured: every row padding, so nothing is written to the KV buffer
+        times = _replay_us(graphs) if len(graphs) > 1 else [float("nan")]
+        best = min(range(len(graphs)), key=lambda i: times[i])
+        name, choices, pdl = kept[best]
+        graph = graphs[best]
+        choice: dict = {"plan": name, "pdl": pdl, "choices": {u: c.label() for u, c in choices.items()}}
+        if len(graphs) > 1:
+            choice["replay_us"] = {f"{n}{' pdl' if p else ''}": round(t, 1) for (n, _, p), t in zip(kept, times,
+                                                                                                     strict=True)}
+        if errors:
+            choice["errors"] = errors
+        del graphs
+        self.step_choice[b] = choice
+        self.graphs[b] = g = _Graph(b, inp, logits, graph)
         self.captures += 1
         return g
+
+
+def _replay_us(graphs: list[torch.cuda.CUDAGraph], rounds: int = 5, reps: int = 8) -> list[float]:
+    """Median replay time of each graph, in microseconds, the graphs timed in turns."""
+    times: list[list[float]] = [[] for _ in graphs]
+    for _ in range(rounds):
+        for g, t in zip(graphs, times, strict=True):
+            g.replay()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(reps):
+                g.replay()
+            b.record()
+            b.synchronize()
+            t.append(a.elapsed_time(b) * 1e3 / reps)
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def _graph_of(step: Callable[[], None], device: torch.device, pool: tuple) -> torch.cuda.CUDAGraph:

@@ -1,5 +1,7 @@
 """Triton kernels of the CUDA decode step: RMSNorm (with the residual add), RoPE + KV-cache write, SiLU*up,
-split-K decode attention that reads only each slot's live KV; and the MLP down projection as split-K partials.
+split-K decode attention that reads only each slot's live KV; the MLP down projection as split-K partials; and
+`skinny_linear`, a projection for batches of at most 64 rows that streams the weight matrix once for all rows
+(split-K float32 partials that the next kernel sums, or SiLU(gate) * up in its epilogue).
 
 A row whose position is negative is padding (a batch-size bucket larger than the live batch): kernels skip
 its KV write and its attention. Numerics follow the eager modules: float32 inside, one rounding to the
@@ -15,8 +17,25 @@ import triton.language as tl
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, a_ptr, sum_ptr, out_ptr, w_ptr, N, eps, A_PARTS: tl.constexpr, BLOCK: tl.constexpr):
+def _pdl_enter():
+    """Programmatic dependent launch (Hopper): let the next kernel be launched now (it waits in its own
+    _pdl_enter), then wait until the previous kernel has finished and its writes are visible. A kernel launched
+    with launch_pdl must call this before it reads or writes anything another kernel touches."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False,
+                              pack=1)
+    tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+def _pdl(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, a_ptr, sum_ptr, out_ptr, w_ptr, N, eps, A_PARTS: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr = False):
     """x + a (a given as A_PARTS partial sums [A_PARTS, R, N], 0 for none) and RMSNorm of it, per row."""
+    if PDL:
+        _pdl_enter()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     m = cols < N
@@ -34,21 +53,22 @@ def _add_rmsnorm_kernel(x_ptr, a_ptr, sum_ptr, out_ptr, w_ptr, N, eps, A_PARTS: 
     tl.store(out_ptr + row * N + cols, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, pdl: bool = False) -> torch.Tensor:
     """RMSNorm of contiguous rows x [R, N]."""
     out = torch.empty_like(x)
     _add_rmsnorm_kernel[(x.shape[0],)](x, x, x, out, w, x.shape[1], eps, A_PARTS=0,
-                                       BLOCK=triton.next_power_of_2(x.shape[1]))
+                                       BLOCK=triton.next_power_of_2(x.shape[1]), PDL=pdl, **_pdl(pdl))
     return out
 
 
-def add_rmsnorm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rmsnorm(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float,
+                pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + a, RMSNorm(x + a)) in one pass; a is [R, N] or split-K partials [P, R, N] summed here.
     The sum is rounded to x's dtype before the norm, as the eager residual is."""
     s, out = torch.empty_like(x), torch.empty_like(x)
     parts = a.shape[0] if a.dim() == 3 else 1
     _add_rmsnorm_kernel[(x.shape[0],)](x, a.contiguous(), s, out, w, x.shape[1], eps, A_PARTS=parts,
-                                       BLOCK=triton.next_power_of_2(x.shape[1]))
+                                       BLOCK=triton.next_power_of_2(x.shape[1]), PDL=pdl, **_pdl(pdl))
     return s, out
 
 
@@ -65,41 +85,151 @@ def splitk_linear(x: torch.Tensor, w: torch.Tensor, parts: int = 8) -> torch.Ten
     return torch.bmm(xs, ws, out_dtype=torch.float32)
 
 
+@triton.jit(do_not_specialize=["M", "stride_op"])  # one binary for every batch size of a block size
+def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, K_PER, stride_xm, stride_op, stride_om,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SILU: tl.constexpr, IEEE: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    """out[part] = x[:, K slice `part`] @ w[BN rows, same slice].T for the M (<= BM) rows of x at once.
+
+    Program (n, part) streams a [BN, K_PER] block of w once, whatever M: the products are [BN, BK] x [BK, BM]
+    tensor-core dots (rows of x past M are masked to zero). SILU: w is [gate | up] (2N rows); the program also
+    streams the up rows n + N and stores silu(gate) * up, each rounded to the output dtype where the eager
+    modules round."""
+    if PDL:
+        _pdl_enter()
+    pid_n = tl.program_id(0)
+    part = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = tl.arange(0, BM)
+    rk = tl.arange(0, BK)
+    nm = rn < N
+    mm = rm < M
+    k_lo = part * K_PER
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    x_rows = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    acc_u = tl.zeros([BN, BM], dtype=tl.float32)
+    for k in range(k_lo, k_lo + K_PER, BK):
+        x = tl.load(x_rows + k, mask=mm[:, None], other=0.0)
+        w = tl.load(w_rows + k, mask=nm[:, None], other=0.0)
+        if IEEE:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, tl.trans(x), acc)
+        if SILU:
+            u = tl.load(w_rows + N * K + k, mask=nm[:, None], other=0.0)
+            if IEEE:
+                acc_u = tl.dot(u, tl.trans(x), acc_u, input_precision="ieee")
+            else:
+                acc_u = tl.dot(u, tl.trans(x), acc_u)
+    dt = out_ptr.dtype.element_ty
+    if SILU:
+        g = acc.to(dt).to(tl.float32)
+        y = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * acc_u.to(dt).to(tl.float32)
+    else:
+        y = acc
+    dst = out_ptr + part * stride_op + rm[None, :] * stride_om + rn[:, None]
+    tl.store(dst, y.to(dt), mask=nm[:, None] & mm[None, :])
+
+
+SKINNY_MAX_ROWS = 64
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, *, bn: int = 64, bk: int = 128, split: int = 1,
+                  partials: bool = True, silu: bool = False, out: torch.Tensor | None = None,
+                  num_warps: int = 4, num_stages: int = 3, pdl: bool = False) -> torch.Tensor:
+    """x [M, K] @ w.T for M <= 64 rows, w [N, K] read once for all of them.
+
+    partials (the default): float32 split-K partial products [split, M, N], for the next kernel to sum
+    (add_rmsnorm, rope_kv, silu_mul take them). partials=False (split 1): x @ w.T in x's dtype, into `out` when
+    given (rows of `out` may be strided, like a logits buffer). silu=True (split 1): w is [gate | up] [2N, K] and
+    the result is silu(x @ gate.T) * (x @ up.T) [M, N] in x's dtype, as silu_mul(F.linear(x, w)) rounds it."""
+    m, k = x.shape
+    if w.shape[1] != k or x.stride(1) != 1 or w.stride(1) != 1 or w.stride(0) != k:
+        raise ValueError(f"skinny_linear needs contiguous x [M, K] and w [N, K] (got {tuple(x.shape)}, {tuple(w.shape)})")
+    if not 1 <= m <= SKINNY_MAX_ROWS:
+        raise ValueError(f"skinny_linear takes 1..{SKINNY_MAX_ROWS} rows (got {m})")
+    if split < 1 or k % (bk * split):
+        raise ValueError(f"K ({k}) must be a multiple of bk * split ({bk} * {split})")
+    n = w.shape[0] // 2 if silu else w.shape[0]
+    if (silu or not partials) and split != 1:
+        raise ValueError("a rounded (not partial) product takes split 1")
+    if silu or not partials:
+        y = out if out is not None else x.new_empty(m, n)
+        if y.shape != (m, n) or y.stride(1) != 1 or y.dtype != x.dtype:
+            raise ValueError(f"out must be [{m}, {n}] in {x.dtype} with contiguous rows")
+        stride_op, stride_om = 0, y.stride(0)
+    else:
+        y = torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+        stride_op, stride_om = m * n, n
+    _skinny_kernel[(triton.cdiv(n, bn), split)](x, w, y, m, n, k, k // split, x.stride(0), stride_op, stride_om,
+                                                BM=max(16, triton.next_power_of_2(m)), BN=bn, BK=bk, SILU=silu,
+                                                IEEE=x.dtype == torch.float32, PDL=pdl, num_warps=num_warps,
+                                                num_stages=num_stages, **_pdl(pdl))
+    return y
+
+
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, HID, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, HID, PSTRIDE, PARTS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """silu(gate) * up of one row of gu = [gate | up]; PARTS > 0: gu is float32 split-K partials summed here."""
+    if PDL:
+        _pdl_enter()
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < HID
-    g = tl.load(gu_ptr + row * 2 * HID + cols, mask=m, other=0.0)
-    u = tl.load(gu_ptr + row * 2 * HID + HID + cols, mask=m, other=0.0)
+    dt = out_ptr.dtype.element_ty
+    if PARTS == 0:
+        g = tl.load(gu_ptr + row * 2 * HID + cols, mask=m, other=0.0).to(dt)
+        u = tl.load(gu_ptr + row * 2 * HID + HID + cols, mask=m, other=0.0).to(dt)
+    else:
+        ga = tl.zeros([BLOCK], tl.float32)
+        ua = tl.zeros([BLOCK], tl.float32)
+        for p in tl.static_range(PARTS):
+            ga += tl.load(gu_ptr + p * PSTRIDE + row * 2 * HID + cols, mask=m, other=0.0)
+            ua += tl.load(gu_ptr + p * PSTRIDE + row * 2 * HID + HID + cols, mask=m, other=0.0)
+        g, u = ga.to(dt), ua.to(dt)
     gf = g.to(tl.float32)
-    silu = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
-    tl.store(out_ptr + row * HID + cols, (silu.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=m)
+    silu = (gf / (1.0 + tl.exp(-gf))).to(dt)
+    tl.store(out_ptr + row * HID + cols, (silu.to(tl.float32) * u.to(tl.float32)).to(dt), mask=m)
 
 
-def silu_mul(gu: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for the fused projection gu = [gate | up] of shape [R, 2 * hidden]."""
-    rows, hid = gu.shape[0], gu.shape[1] // 2
-    out = gu.new_empty(rows, hid)
+def silu_mul(gu: torch.Tensor, dtype: torch.dtype | None = None, pdl: bool = False) -> torch.Tensor:
+    """silu(gate) * up for the fused projection gu = [gate | up] of shape [R, 2 * hidden], or for its float32
+    split-K partials [P, R, 2 * hidden] (summed and rounded to `dtype` first, as the eager product is rounded)."""
+    parts = gu.shape[0] if gu.dim() == 3 else 0
+    rows, hid = gu.shape[-2], gu.shape[-1] // 2
+    out = torch.empty(rows, hid, device=gu.device, dtype=dtype or gu.dtype)
     block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(hid, block))](gu, out, hid, BLOCK=block)
+    _silu_mul_kernel[(rows, triton.cdiv(hid, block))](gu.contiguous(), out, hid, rows * 2 * hid, PARTS=parts,
+                                                      BLOCK=block, PDL=pdl, **_pdl(pdl))
     return out
 
 
 @triton.jit
 def _rope_kv_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
-                    stride_ks, stride_kc, stride_kh,
-                    H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr):
+                    stride_ks, stride_kc, stride_kh, PSTRIDE,
+                    H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, PARTS: tl.constexpr,
+                    PDL: tl.constexpr = False):
+    if PDL:
+        _pdl_enter()
     row = tl.program_id(0)
     head = tl.program_id(1)
     pos = tl.load(pos_ptr + row)
     slot = tl.load(slot_ptr + row)
-    live = pos >= 0
     p = tl.maximum(pos, 0)
     i = tl.arange(0, HALF)
+    live = (i * 0 + pos) >= 0  # a block mask: some interpreters refuse a scalar one
     base = qkv_ptr + row * (H + 2 * HKV) * 2 * HALF + head * 2 * HALF
-    x1 = tl.load(base + i)
-    x2 = tl.load(base + HALF + i)
+    if PARTS == 0:
+        x1 = tl.load(base + i).to(q_ptr.dtype.element_ty)
+        x2 = tl.load(base + HALF + i).to(q_ptr.dtype.element_ty)
+    else:  # float32 split-K partials of the projection, summed and rounded as the eager product is
+        a1 = tl.zeros([HALF], tl.float32)
+        a2 = tl.zeros([HALF], tl.float32)
+        for pp in tl.static_range(PARTS):
+            a1 += tl.load(base + pp * PSTRIDE + i)
+            a2 += tl.load(base + pp * PSTRIDE + HALF + i)
+        x1, x2 = a1.to(q_ptr.dtype.element_ty), a2.to(q_ptr.dtype.element_ty)
     if head < H + HKV:  # q and k heads rotate; v heads pass through
         c = tl.load(cos_ptr + p * HALF + i)
         s = tl.load(sin_ptr + p * HALF + i)
@@ -116,20 +246,24 @@ def _rope_kv_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, 
             hk -= HKV
             cache = v_ptr
         dst = cache + slot * stride_ks + p * stride_kc + hk * stride_kh
-        tl.store(dst + i, x1, mask=live & (i >= 0))
-        tl.store(dst + HALF + i, x2, mask=live & (i >= 0))
+        tl.store(dst + i, x1, mask=live)
+        tl.store(dst + HALF + i, x2, mask=live)
 
 
 def rope_kv(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
-    """Rotate q and k of qkv [R, (H + 2 Hkv) * D] at positions `pos` [R]; write k, v into the caches
-    [S, C, Hkv, D] at (slot[r], pos[r]); return q [R, H, D]. Rows with pos < 0 write nothing."""
-    rows, hd = qkv.shape[0], k_cache.shape[-1]
-    q = qkv.new_empty(rows, n_heads, hd)
+            k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, pdl: bool = False) -> torch.Tensor:
+    """Rotate q and k of qkv [R, (H + 2 Hkv) * D] (or its float32 split-K partials [P, R, (H + 2 Hkv) * D]) at
+    positions `pos` [R]; write k, v into the caches [S, C, Hkv, D] at (slot[r], pos[r]); return q [R, H, D] in the
+    caches' dtype. Rows with pos < 0 write nothing."""
+    parts = qkv.shape[0] if qkv.dim() == 3 else 0
+    rows, hd = qkv.shape[-2], k_cache.shape[-1]
+    q = torch.empty(rows, n_heads, hd, device=qkv.device, dtype=k_cache.dtype)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    qkv = qkv.contiguous()
     _rope_kv_kernel[(rows, n_heads + 2 * n_kv)](qkv, pos, slot, cos, sin, q, k_cache, v_cache,
                                                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                                                H=n_heads, HKV=n_kv, HALF=hd // 2)
+                                                rows * qkv.shape[-1], H=n_heads, HKV=n_kv, HALF=hd // 2, PARTS=parts,
+                                                PDL=pdl, **_pdl(pdl))
     return q
 
 
@@ -137,7 +271,9 @@ def rope_kv(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos: torch
 def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, po_ptr, pml_ptr,
                         stride_ks, stride_kc, stride_kh, qk_scale,
                         H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                        BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr):
+                        BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        _pdl_enter()
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sp = tl.program_id(2)
@@ -186,7 +322,9 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, po_ptr, pml_ptr,
 
 
 @triton.jit
-def _decode_reduce_kernel(po_ptr, pml_ptr, o_ptr, D: tl.constexpr, NSPLIT: tl.constexpr):
+def _decode_reduce_kernel(po_ptr, pml_ptr, o_ptr, D: tl.constexpr, NSPLIT: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        _pdl_enter()
     bh = tl.program_id(0)
     sp = tl.arange(0, NSPLIT)
     d = tl.arange(0, D)
@@ -201,7 +339,8 @@ def _decode_reduce_kernel(po_ptr, pml_ptr, o_ptr, D: tl.constexpr, NSPLIT: tl.co
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     splits: int, block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                     splits: int, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+                     pdl: bool = False) -> torch.Tensor:
     """Attention of q [R, H, D] (row r = slot r) over keys 0..pos[r] of the caches [S, C, Hkv, D]; out [R, H * D].
 
     Grouped-query heads share one program, so each live K/V element is read once per step."""
@@ -219,7 +358,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale,
                                               H=n_heads, G=g, GP=max(16, triton.next_power_of_2(g)), D=hd,
                                               BLOCK_N=block_n, NSPLIT=splits, IEEE=q.dtype == torch.float32,
-                                              num_warps=num_warps, num_stages=num_stages)
+                                              PDL=pdl, num_warps=num_warps, num_stages=num_stages, **_pdl(pdl))
     if splits > 1:
-        _decode_reduce_kernel[(rows * n_heads,)](po, pml, out, D=hd, NSPLIT=splits)
+        _decode_reduce_kernel[(rows * n_heads,)](po, pml, out, D=hd, NSPLIT=splits, PDL=pdl, **_pdl(pdl))
     return out

@@ -37,8 +37,9 @@ from typing import Any
 import grpc
 import torch
 
-from services.contracts.errors import DeadlineExceeded, InvalidArgument, TandemError, Unavailable
+from services.contracts.errors import InvalidArgument, TandemError, Unavailable
 from services.grpcutil import REQUEST_ID_KEY, error_from_rpc, get_logger, log
+from services.kv.sender import receipt_within
 from services.kv.wire import DTYPES, KVSpec
 from services.rpc.tandem.v1 import worker_pb2 as pb
 
@@ -209,13 +210,9 @@ class IpcSender:
 
     def wait(self) -> pb.KVReceipt:
         """The receipt (over IPC, or over bytes after a refusal); failures as services.contracts.errors."""
-        left = self.timeout_s - (time.perf_counter() - (self.ready_at or time.perf_counter()))
         try:
-            return self._future.result(timeout=max(0.0, left))
-        except grpc.FutureTimeoutError:
-            self._future.cancel()
-            raise DeadlineExceeded(f"KV push (CUDA IPC) to {self.address} did not finish within {self.timeout_s:.1f}s "
-                                   f"of the KV being ready ({self.spec.n_tokens} tokens)") from None
+            return receipt_within(self._future, self.timeout_s, self.ready_at,
+                                  f"KV push (CUDA IPC) to {self.address}", self.spec.n_tokens)
         except grpc.FutureCancelledError:
             raise Unavailable(f"KV push (CUDA IPC) to {self.address} was cancelled") from None
         except grpc.RpcError as exc:

@@ -125,18 +125,26 @@ class KVSender:
 
     def wait(self) -> pb.KVReceipt:
         """The receipt; the failure as a services.contracts.errors exception (naming the decode worker)."""
-        from services.contracts.errors import DeadlineExceeded
-
-        left = self.timeout_s - (time.perf_counter() - (self.ready_at or time.perf_counter()))
         try:
-            return self._future.result(timeout=max(0.0, left))
-        except grpc.FutureTimeoutError:
-            self._future.cancel()
-            raise DeadlineExceeded(f"KV push to {self.address} did not finish within {self.timeout_s:.1f}s of the "
-                                   f"KV being ready ({self.spec.n_tokens} tokens)") from None
+            return receipt_within(self._future, self.timeout_s, self.ready_at, f"KV push to {self.address}",
+                                  self.spec.n_tokens)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"worker {self.address}") from None
         except grpc.FutureCancelledError:
             from services.contracts.errors import Unavailable
 
             raise Unavailable(f"KV push to {self.address} was cancelled") from None
+
+
+def receipt_within(future: Any, timeout_s: float, ready_at: float | None, what: str, n_tokens: int) -> pb.KVReceipt:
+    """A push's receipt, waited for until `timeout_s` after the KV was ready (`ready_at`; None: from now);
+    past it the push is cancelled and DeadlineExceeded names `what`. RPC failures propagate to the caller."""
+    from services.contracts.errors import DeadlineExceeded
+
+    left = timeout_s - (time.perf_counter() - (ready_at or time.perf_counter()))
+    try:
+        return future.result(timeout=max(0.0, left))
+    except grpc.FutureTimeoutError:
+        future.cancel()
+        raise DeadlineExceeded(f"{what} did not finish within {timeout_s:.1f}s of the KV being ready "
+                               f"({n_tokens} tokens)") from None

@@ -86,3 +86,45 @@ def test_scheduler_replays_graphs_and_matches_solo_eager_tokens() -> None:
         sched.batch.check()
     assert engine.graphs.replays == sched.stats()["iterations"] > 0
     assert got == want
+
+
+@pytest.mark.parametrize("mode, pdl", [("on", True), ("on", False), ("off", True)])
+def test_triton_projections_and_pdl_greedy_tokens_equal_eager_fp32(mode: str, pdl: bool) -> None:
+    """gemv "on": every projection through the skinny Triton kernel (split-K partials, SiLU in the epilogue, the
+    head straight into the logits); pdl: every Triton kernel launched with programmatic dependent launch. In
+    float32, so greedy tokens must match the eager path."""
+    from services.engine.graphs import DecodeGraphs
+
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 384, (int(n),), generator=g).tolist() for n in (7, 90, 140)]
+    eager = _greedy(_engine(torch.float32, graphs=False), prompts, 40)
+    fast_engine = _engine(torch.float32, graphs=True)
+    fast_engine.graphs = DecodeGraphs(fast_engine.model, mode, pdl)
+    assert _greedy(fast_engine, prompts, 40) == eager
+    plan = fast_engine.graphs.plans[4]
+    kept = fast_engine.graphs.step_choice[4]
+    assert (kept["plan"], kept["pdl"]) == (mode, pdl) and "replay_us" not in kept  # one variant: nothing to time
+    if mode == "on":
+        assert all(c.kernel == "skinny" for c in plan.choices.values()) and plan.choices["mlp_in"].silu
+
+
+def test_auto_plan_times_cublas_and_the_triton_candidates_bf16() -> None:
+    from services.engine import gemv
+
+    engine = _engine(torch.bfloat16, graphs=True)
+    kv = engine.new_kv(2, 128)
+    engine.prefill([[5, 6, 7], [8, 9]], kv, [0, 1])
+    engine.decode([1, 2], kv, slice(0, 2))
+    plan = engine.graphs.plans[2]
+    fm = engine.graphs.fused
+    for unit in gemv.UNITS:
+        if gemv.candidates(fm, unit, 2, engine.graphs.sms):
+            assert "cublas" in plan.timings_us[unit] and len(plan.timings_us[unit]) >= 2, plan.summary()
+            best = min(plan.timings_us[unit], key=plan.timings_us[unit].get)
+            assert plan.choices[unit].label() == best
+    assert not any("relative error" in why for r in plan.rejected.values() for why in r.values()), plan.rejected
+    kept = engine.graphs.step_choice[2]  # every variant captured and replayed; the fastest kept
+    assert "errors" not in kept, kept
+    times = kept["replay_us"]
+    assert {"auto", "auto pdl"} <= set(times) and len(times) in (2, 4), kept
+    assert min(times, key=times.get) == kept["plan"] + (" pdl" if kept["pdl"] else "")
