@@ -37,7 +37,8 @@ def run_cmd(
     rate: float | None = typer.Option(None, help="requests/s; with --duration: synthetic arrivals, "
                                       "else the trace is time-scaled to this mean rate"),
     duration: float | None = typer.Option(None, help="seconds of arrivals"),
-    seed: int = typer.Option(0, help="seed for synthetic arrivals and size sampling"),
+    seed: int = typer.Option(0, help="seed for synthetic arrivals, size sampling and the simulator's own draws "
+                             "(a profile's step jitter)"),
     arrival: str = typer.Option("poisson", help="'poisson' or 'gamma' (synthetic arrivals)"),
     cv: float = typer.Option(1.0, help="coefficient of variation of gamma inter-arrival times"),
     perf: str | None = typer.Option(None, help="override sim.perf_model: roofline, profile or a CSV path"),
@@ -58,7 +59,7 @@ def run_cmd(
     if perf is not None:
         lay = lay.model_copy(update={"sim": lay.sim.model_copy(update={"perf_model": perf})})
     wl = make_workload(trace, rate=rate, duration_s=duration, seed=seed, arrival=arrival, cv=cv)
-    cluster = SimulatedCluster(lay, wl)
+    cluster = SimulatedCluster(lay, wl, seed)
     console = Console(stderr=True)
     if len(wl) > 5000:
         with Progress(console=console, transient=True) as bar:

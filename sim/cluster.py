@@ -72,7 +72,7 @@ class RunOutput:
 class SimulatedCluster:
     """A layout's prefill/decode/mixed workers on one SimPy clock, fed a workload through the router."""
 
-    def __init__(self, layout: Layout, workload: Workload) -> None:
+    def __init__(self, layout: Layout, workload: Workload, seed: int = 0) -> None:
         self.layout = layout
         self.env = Clock()
         self.entered = len(workload)
@@ -103,7 +103,7 @@ class SimulatedCluster:
             for _ in range(pool.count):
                 self.workers.append(Worker(self.env, len(self.workers), pool.role, perf, batching, self.reqs,
                                            self.tally, self, s.kv_usable_fraction, self.fabric,
-                                           kv_transfer=s.kv_transfer, mixed_overhead=s.mixed_overhead))
+                                           kv_transfer=s.kv_transfer, mixed_overhead=s.mixed_overhead, seed=seed))
                 if pool.role == "mixed" and perf.concurrent_phases:
                     # the runtime's mixed worker: its prefill batcher runs beside the decode scheduler (own
                     # thread), so prompts never stall the decode batch; the prefill lane shares the router's view
@@ -224,5 +224,7 @@ class SimulatedCluster:
             pass
 
 
-def simulate(layout: Layout, workload: Workload, progress: Callable[[float, float], None] | None = None) -> RunOutput:
-    return SimulatedCluster(layout, workload).run(progress)
+def simulate(layout: Layout, workload: Workload, progress: Callable[[float, float], None] | None = None,
+             seed: int = 0) -> RunOutput:
+    """`seed` seeds what the simulator itself draws (the decode step's measured jitter, when the profile has it)."""
+    return SimulatedCluster(layout, workload, seed).run(progress)

@@ -146,6 +146,21 @@ def _fit_decode(rows: list[tuple[int, float, float]], batches: list[int]) -> tup
     return a_out, c_out
 
 
+def step_jitter(overheads: dict[str, float]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(levels, multipliers): the inverse CDF of the decode step's in-cluster multiplier, from the profile's
+    step_jitter_q<per mille> rows (`tandem profile`), or None when it has none."""
+    pts = sorted((int(k[len("step_jitter_q"):]) / 1000.0, float(v)) for k, v in overheads.items()
+                 if k.startswith("step_jitter_q"))
+    if not pts:
+        return None
+    levels, values = np.array([lv for lv, _ in pts]), np.array([v for _, v in pts])
+    if len(pts) < 2 or levels[0] != 0.0 or levels[-1] != 1.0 or np.any(np.diff(levels) <= 0) \
+            or np.any(np.diff(values) < 0) or values[0] < 0:
+        raise InvalidArgument("profile: step_jitter_q rows must run from q0000 to q1000 with non-decreasing, "
+                              "non-negative values", param="sim.perf_model")
+    return levels, values
+
+
 class PerfModel:
     """Prefill time, decode coefficients and power for (hardware, model), optionally power-capped."""
 
@@ -192,6 +207,9 @@ class PerfModel:
         # ... which share the process's cores: each phase's slowdown while the other runs (measured side by side)
         self.mixed_prefill_slowdown = ovh.get("mixed_prefill_slowdown", 1.0)
         self.mixed_decode_slowdown = ovh.get("mixed_decode_slowdown", 1.0)
+        # the in-cluster step's spread (overhead rows step_jitter_q<per mille>): each decode iteration's duration
+        # is multiplied by a draw from this empirical distribution (sim/worker.py); None: every step as profiled
+        self.jitter = step_jitter(ovh)
 
     # -- power -------------------------------------------------------------------------------------------
     def _power_and_slowdown(self, t_compute: float, t_memory: float, t: float) -> tuple[float, float]:

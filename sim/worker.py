@@ -6,6 +6,10 @@ Iteration i of a batch of b requests with total context C0 takes a + c·(C0 + i�
 S(k) = k·a + c·(k·C0 + b·k(k-1)/2); an arrival that must join cuts the segment at the next iteration boundary.
 Members are kept in a heap keyed by the worker iteration at which they finish, so a segment costs O(1) plus
 O(log b) per member that joins or leaves: no per-token and no per-member work.
+
+When the profile measured the in-cluster step's spread (sim/perf.py's `jitter`), every decode iteration's
+duration is its profiled time times a seeded draw from that distribution, so the batch advances one iteration
+per event and every gap is its own sample (the price of jitter is paid only by profiles that carry it).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+
+import numpy as np
 
 from services.contracts.layout import Batching
 from services.contracts.routing import Load, Ranked
@@ -39,6 +45,25 @@ def iters_done(elapsed: float, a: float, c: float, c0: float, b: int) -> int:
     return i
 
 
+class Draws:
+    """Seeded draws from an empirical distribution given by its inverse CDF (levels, values), by blocks."""
+
+    __slots__ = ("rng", "levels", "values", "buf", "i")
+
+    def __init__(self, dist: tuple[np.ndarray, np.ndarray], seed: tuple[int, ...]) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.levels, self.values = dist
+        self.buf: list[float] = []
+        self.i = 0
+
+    def __call__(self) -> float:
+        if self.i == len(self.buf):
+            self.buf = np.interp(self.rng.random(1024), self.levels, self.values).tolist()
+            self.i = 0
+        self.i += 1
+        return self.buf[self.i - 1]
+
+
 class Worker:
     """Runs prefill batches, mixed iterations (prefill + one decode step) and multi-iteration decode segments."""
 
@@ -50,11 +75,12 @@ class Worker:
                  "max_batch_tokens", "kv_cap", "kv_used", "dec_assigned", "prefill_q", "prefill_pending", "dec_wait",
                  "it", "heap", "fresh", "ctx", "busy", "pending", "seg", "kv_bytes", "layers",
                  "fabric", "layerwise", "mixed_overhead", "twin", "lane", "idle_w", "load", "rank", "rank_i",
-                 "decode_times")
+                 "decode_times", "jitter")
 
     def __init__(self, env: Clock, idx: int, role: str, perf: PerfModel, batching: Batching,
                  reqs: Requests, tally: Tally, cluster: object, kv_usable_fraction: float,
-                 fabric: Fabric, *, kv_transfer: str = "layerwise", mixed_overhead: float = 0.0) -> None:
+                 fabric: Fabric, *, kv_transfer: str = "layerwise", mixed_overhead: float = 0.0,
+                 seed: int = 0) -> None:
         self.env, self.idx, self.role, self.perf, self.reqs, self.tally = env, idx, role, perf, reqs, tally
         self.cluster = cluster  # has .workers and .on_done(rid)
         self.policy = batching.policy
@@ -91,6 +117,8 @@ class Worker:
         self.load = Load(idx, kv_free_bytes=cap * self.kv_bytes, kv_total_bytes=cap * self.kv_bytes)
         self.rank: Ranked | None = None  # the router's pool holding self.load, at position rank_i (sim/cluster.py)
         self.rank_i = 0
+        # the decode step's measured spread: one multiplier per iteration, seeded by the run's seed and this worker
+        self.jitter = Draws(perf.jitter, (seed, idx)) if perf.jitter is not None and idx >= 0 else None
 
     # -- inputs from the router / other workers -------------------------------------------------------------
     def add_prefill(self, rid: int) -> None:
@@ -234,7 +262,11 @@ class Worker:
         else:
             k = max(heap)[0] - self.it
         c0 = self.ctx
-        t = k * a + c * (k * c0 + b * k * (k - 1) / 2.0)  # seg_time(k, a, c, c0, b)
+        if self.jitter is not None:  # one iteration, its own duration: a profiled step times a measured multiplier
+            k = 1
+            t = (a + c * c0) * self.jitter()
+        else:
+            t = k * a + c * (k * c0 + b * k * (k - 1) / 2.0)  # seg_time(k, a, c, c0, b)
         self.busy = True
         env = self.env
         self.seg = seg = ("decode", env.now, t, watts, k, a, c, c0, b)
@@ -316,7 +348,10 @@ class Worker:
         _, t0, t, watts, k, a, c, c0, b = seg
         self.tally.spans.append((t0, self.env.now, watts - self.idle_w))  # Tally.busy, inlined
         # seg_time(1, ...) is exactly a + c·c0; a fused batch's members all leave at the segment's end (no coef)
-        self._advance(k, t0, a + c * c0, t, None if self.fusion else (a, c, c0, b))
+        if self.jitter is not None:  # a single drawn iteration: its gap is the whole segment
+            self._advance(1, t0, t, t)
+        else:
+            self._advance(k, t0, a + c * c0, t, None if self.fusion else (a, c, c0, b))
         self.busy = False
         if self.fusion:  # _next, inlined for the fused batch
             if self.dec_wait:

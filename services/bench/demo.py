@@ -71,7 +71,7 @@ def run_demo(layout: Path, rate: float, duration: float, plot: Path, seed: int =
                      f"{scaling.prompt_scale:.3g}, output x {scaling.output_scale:.3g})")
         measured = bench(lay, w)
     sim_layout = lay.model_copy(update={"sim": lay.sim.model_copy(update={"perf_model": str(work / "profile.csv")})})
-    run = simulate(sim_layout, w)
+    run = simulate(sim_layout, w, seed=seed)
     predicted = {**summarize_run(run), "samples": run_samples(run)}
     cmp = compare(predicted, measured)
     plot_cdfs(predicted, measured, plot, f"tandem demo: {lay.name}, conv (scaled), {rate} req/s")

@@ -31,7 +31,7 @@ from services.bench.compare import HEADLINE, compare, plot_cdfs, table
 from services.bench.load import write_trace
 
 
-def _simulate(layout_path: Path, profile: Path, trace_csv: Path) -> dict[str, Any]:
+def _simulate(layout_path: Path, profile: Path, trace_csv: Path, seed: int = 0) -> dict[str, Any]:
     from services.contracts.layout import load_layout
     from sim.cluster import simulate
     from sim.results import run_samples, summarize_run
@@ -39,7 +39,7 @@ def _simulate(layout_path: Path, profile: Path, trace_csv: Path) -> dict[str, An
 
     lay = load_layout(layout_path)
     lay = lay.model_copy(update={"sim": lay.sim.model_copy(update={"perf_model": str(profile)})})
-    run = simulate(lay, make_workload(str(trace_csv)))
+    run = simulate(lay, make_workload(str(trace_csv)), seed=seed)  # seed: the profile's step jitter draws
     return {**summarize_run(run), "samples": run_samples(run)}
 
 
@@ -88,7 +88,7 @@ def study(layout: Path, rates: list[float] | None, duration: float, seed: int, o
             measured = bench(lay, w)
             _write_json(out / f"{tag}-measured.json", {"layout": str(layout), "rate": rate, "duration": duration,
                                                        "seed": seed, "scaling": asdict(scaling), **measured})
-            predicted = _simulate(layout, prof, out / f"{tag}.trace.csv")
+            predicted = _simulate(layout, prof, out / f"{tag}.trace.csv", seed)
             _write_json(out / f"{tag}-predicted.json", predicted)
             cmp = compare(predicted, measured)
             _write_json(out / f"{tag}-compare.json", cmp)

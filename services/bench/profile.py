@@ -5,7 +5,8 @@ Rows (CSV or JSON, one `kind` each; times in ms like splitwise_perf_model.csv):
 - prompt:   prompt_size x batch_size -> prompt_time   (PrefillBatcher: forward pass + first sample)
 - token:    batch_size, token_size (context per request) -> token_time   (one FusionScheduler.step())
 - kv:       kv_bytes -> kv_time   (a whole push over gRPC to a decode worker process: KVTransfer.Push)
-- overhead: name -> value   (seconds; measured through a running cluster's gateway at light load)
+- overhead: name -> value   (seconds, or ratios; measured through a running cluster's gateway at light load;
+              step_jitter_q<per mille>: quantiles of the in-cluster token gap over its request's median)
 """
 
 from __future__ import annotations
@@ -283,14 +284,34 @@ def fit_linear(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 # -- overheads through a running cluster ----------------------------------------------------------------------------
+JITTER_LEVELS = (0, 50, 100, 150, 200, 250, 300, 350, 400, 450, 500, 550, 600, 650, 700, 750, 800, 850, 900, 950,
+                 975, 990, 1000)  # per mille: overhead rows step_jitter_q<level> (sim/perf.py reads them back)
+
+
+def jitter_quantiles(gap_lists: list[list[float]]) -> dict[str, float]:
+    """The in-cluster decode step's spread: every token gap over its own request's median gap, pooled, as the
+    quantiles the simulator draws each decode iteration's multiplier from (median 1; the level is
+    decode_step_ratio's)."""
+    pooled = [g / m for gaps in gap_lists if len(gaps) > 2 and (m := float(np.median(gaps))) > 0 for g in gaps]
+    if len(pooled) < 20:
+        return {}
+    q = np.quantile(np.asarray(pooled, float), [lv / 1000 for lv in JITTER_LEVELS])
+    return {f"step_jitter_q{lv:04d}": float(v) for lv, v in zip(JITTER_LEVELS, q, strict=True)}
+
+
 def overhead_values(gateway: str, step_s: Callable[[int, int], float], prefill_s: Callable[[int], float], n: int,
-                    prompt: int = 32, output: int = 8) -> dict[str, float]:
-    """One request at a time through the gateway (gRPC): what the engine profile cannot see.
+                    prompt: int = 32, output: int = 40, batch: int = 4) -> dict[str, float]:
+    """Requests through the gateway (gRPC): what the engine profile cannot see. `n` one at a time, then one
+    group of `batch` sent together.
 
     request_overhead_s: client-side TTFT minus the worker's own queue + prefill + KV transfer (tokenize,
     route, RPC hops); decode_join_s: the first decode gap minus one profiled step (Decode call, KV claim,
     admission); decode_step_ratio, prefill_ratio: in-cluster times over the engine-alone profile (the other
-    processes' threads and the gRPC streams share the cores)."""
+    processes' threads and the gRPC streams share the cores), medians over the lone requests; step_jitter_q*: the spread
+    of the in-cluster token gaps (jitter_quantiles) from the lone requests' gaps and the group's gaps once all
+    of it decodes."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from services.bench.load import prompt_ids, stream_one
 
     rows = []
@@ -298,13 +319,24 @@ def overhead_values(gateway: str, step_s: Callable[[int, int], float], prefill_s
         r = stream_one(gateway, prompt_ids(prompt, i), output, f"profile-{i}")
         if i:
             rows.append(r)
+    with ThreadPoolExecutor(batch) as pool:
+        t0 = time.perf_counter()
+        group = list(pool.map(lambda j: stream_one(gateway, prompt_ids(prompt, n + 1 + j), output,
+                                                   f"profile-b{j}"), range(batch)))
     ovh = [r["ttft_s"] - r["queue_s"] - r["prefill_s"] - r["kv_transfer_s"] for r in rows]
     join = [r["gaps"][0] - step_s(1, prompt + 1) for r in rows if r["gaps"]]
     ratio = [float(np.median(r["gaps"][1:])) / step_s(1, prompt + output // 2) for r in rows if len(r["gaps"]) > 1]
     pre = [r["prefill_s"] / prefill_s(prompt) for r in rows]
+    # the group decodes together once its last member's first token is out (and that member joined: 2 gaps on)
+    lone = [r["gaps"][1:] for r in rows]
+    together = t0 + max(r["ttft_s"] for r in group)
+    batched = []
+    for r in group:
+        at = t0 + r["ttft_s"] + np.cumsum(r["gaps"])  # when each gap ended
+        batched.append([g for g, e in zip(r["gaps"], at, strict=True) if e > together][2:])
     return {"request_overhead_s": max(0.0, statistics.median(ovh)), "prefill_ratio": statistics.median(pre),
             "decode_join_s": max(0.0, statistics.median(join)) if join else 0.0,
-            "decode_step_ratio": statistics.median(ratio) if ratio else 1.0}
+            "decode_step_ratio": statistics.median(ratio) if ratio else 1.0, **jitter_quantiles(lone + batched)}
 
 
 def batch_step_ratios(gateway: str, step_s: Callable[[int, int], float], batches: list[int], output: int,
