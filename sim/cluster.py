@@ -218,10 +218,7 @@ class SimulatedCluster:
     def _run_until(self, t: float) -> None:
         if t <= self.env.now:
             return
-        try:
-            self.env.run(until=t)
-        except ValueError:
-            pass
+        self.env.run(until=t)
 
 
 def simulate(layout: Layout, workload: Workload, progress: Callable[[float, float], None] | None = None,

@@ -91,7 +91,7 @@ class Worker:
         self.decode_times: list[tuple[float, float, float] | None] = [None] * (self.max_batch + 1)
         cap = perf.kv_capacity_tokens(kv_usable_fraction)
         if batching.kv_budget_mb is not None:
-            cap = min(cap, int(batching.kv_budget_mb * 1e6 // perf.spec.kv_bytes_per_token))
+            cap = min(cap, int(batching.kv_budget_mb * 2**20 // perf.spec.kv_bytes_per_token))
         self.kv_cap = cap
         self.kv_used = 0  # tokens reserved by admitted decode requests (prompt + output, no preemption)
         self.dec_assigned = 0  # tokens of every request routed here for decode and not finished

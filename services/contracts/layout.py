@@ -103,7 +103,7 @@ class Batching(_Strict):
     policy: Literal["fusion", "static", "sequential"] = "fusion"
     max_batch: int = Field(32, ge=1)
     max_batch_tokens: int = Field(2048, ge=1, description="prefill token budget per batch")
-    kv_budget_mb: float | None = Field(None, gt=0, description="decode KV memory budget per worker")
+    kv_budget_mb: float | None = Field(None, gt=0, description="decode KV memory budget per worker, in MiB (2**20 bytes; runtime and simulator alike)")
     max_waiting: int | None = Field(None, ge=0, description="requests a worker queues behind its running batch "
                                     "(prefill prompts; decode KV pushed but not admitted); beyond it: 429 / "
                                     "RESOURCE_EXHAUSTED. None = 2 x max_batch")
