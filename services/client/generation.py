@@ -67,10 +67,10 @@ class _Base:
                 and time.monotonic() + backoff < deadline)
 
 
-class Stream:
-    """Iterate for Deltas; `cancel()` (from any thread) ends the call on every worker and ends the iteration."""
+class _Call:
+    """What a sync and an async stream share: the request, its metadata and deadline, and `cancel()`."""
 
-    def __init__(self, client: Client, request: Any, md: tuple, timeout: float, request_id: str) -> None:
+    def __init__(self, client: Any, request: Any, md: tuple, timeout: float, request_id: str) -> None:
         self._client, self._request, self._md, self._timeout = client, request, md, timeout
         self.request_id = request_id
         self.attempts = 0
@@ -81,6 +81,10 @@ class Stream:
         self._cancelled = True
         if self._call is not None:
             self._call.cancel()
+
+
+class Stream(_Call):
+    """Iterate for Deltas; `cancel()` (from any thread) ends the call on every worker and ends the iteration."""
 
     def __iter__(self) -> Iterator[Delta]:
         c, deadline = self._client, time.monotonic() + self._timeout
@@ -144,20 +148,8 @@ class Client(_Base):
         self.close()
 
 
-class AsyncStream:
+class AsyncStream(_Call):
     """`async for` Deltas; `cancel()` ends the call."""
-
-    def __init__(self, client: AsyncClient, request: Any, md: tuple, timeout: float, request_id: str) -> None:
-        self._client, self._request, self._md, self._timeout = client, request, md, timeout
-        self.request_id = request_id
-        self.attempts = 0
-        self._call: Any = None
-        self._cancelled = False
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        if self._call is not None:
-            self._call.cancel()
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         c, deadline = self._client, time.monotonic() + self._timeout
