@@ -138,6 +138,12 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, po
     return out.reshape(rows, n_heads * hd)
 
 
+def _rope_attention(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, splits: int) -> torch.Tensor:
+    return _attention(_rope_kv(qkv, pos, slot, cos, sin, k_cache, v_cache, n_heads, n_kv), k_cache, v_cache, pos,
+                      splits)
+
+
 def _qkv(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return F.linear(h, w, b)
 
@@ -158,23 +164,32 @@ def _head(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> 
     return F.linear(h, w) if out is None else torch.mm(h, w.t(), out=out)
 
 
-# Projections: qkv (-> rope_kv), o (-> add_rmsnorm), mlp_in (h -> silu(gate) * up), down (-> add_rmsnorm), head.
-# What a projection returns is what its consumer takes: a product [R, N] or float32 split-K partials [P, R, N].
+# Projections: qkv (-> rope_attention), o (-> add_rmsnorm), mlp_in (h -> silu(gate) * up), down (-> add_rmsnorm),
+# head. What a projection returns is what its consumer takes: a product [R, N] or float32 split-K partials [P, R, N].
+# rope_attention = attention(rope_kv(...)): the step calls it; the Triton table does both in one kernel.
 TORCH_OPS = SimpleNamespace(rmsnorm=_rmsnorm, add_rmsnorm=_add_rmsnorm, silu_mul=_silu_mul, rope_kv=_rope_kv,
-                            attention=_attention, qkv=_qkv, o=_o, mlp_in=_mlp_in, down=_down, head=_head)
+                            attention=_attention, rope_attention=_rope_attention, qkv=_qkv, o=_o, mlp_in=_mlp_in,
+                            down=_down, head=_head)
 
 
-def triton_ops(pdl: bool = False) -> SimpleNamespace:
+def triton_ops(pdl: bool = False, fuse_rope: bool = True) -> SimpleNamespace:
     """The Triton kernels, projections through cuBLAS (services.engine.gemv picks others per batch bucket).
     pdl: launch every Triton kernel with programmatic dependent launch (Hopper; each kernel waits for its
-    predecessor inside, so the next launch overlaps the running kernel)."""
+    predecessor inside, so the next launch overlaps the running kernel). fuse_rope: rope_attention is one kernel
+    (kernels.rope_attention), else rope_kv then decode_attention (the step before that kernel)."""
     from functools import partial
 
     from services.engine import kernels
 
     k = {name: partial(getattr(kernels, fn), pdl=True) if pdl else getattr(kernels, fn) for name, fn in
          (("rmsnorm", "rmsnorm"), ("add_rmsnorm", "add_rmsnorm"), ("silu_mul", "silu_mul"), ("rope_kv", "rope_kv"),
-          ("attention", "decode_attention"))}
+          ("attention", "decode_attention"), ("rope_attention", "rope_attention"))}
+    if not fuse_rope:
+        rope_kv, attention = k["rope_kv"], k["attention"]
+
+        def unfused(qkv, pos, slot, cos, sin, kc, vc, n_heads, n_kv, splits):  # noqa: ANN001, ANN202
+            return attention(rope_kv(qkv, pos, slot, cos, sin, kc, vc, n_heads, n_kv), kc, vc, pos, splits)
+        k["rope_attention"] = unfused
     silu_mul = k["silu_mul"]
     return SimpleNamespace(**k, qkv=_qkv, o=_o, mlp_in=lambda h, wgu: silu_mul(F.linear(h, wgu)),
                            down=kernels.splitk_linear, head=_head, pdl=pdl)
@@ -189,8 +204,8 @@ def decode_step(fm: FusedModel, ops: SimpleNamespace, tokens: torch.Tensor, pos:
     x = F.embedding(tokens, fm.embed)
     h = ops.rmsnorm(x, fm.layers[0].in_norm, fm.eps)
     for i, lw in enumerate(fm.layers):
-        q = ops.rope_kv(ops.qkv(h, lw.wqkv, lw.bqkv), pos, slot, fm.cos, fm.sin, k[i], v[i], fm.n_heads, fm.n_kv)
-        o = ops.attention(q, k[i], v[i], pos, splits)
+        o = ops.rope_attention(ops.qkv(h, lw.wqkv, lw.bqkv), pos, slot, fm.cos, fm.sin, k[i], v[i], fm.n_heads,
+                               fm.n_kv, splits)
         x, h = ops.add_rmsnorm(x, ops.o(o, lw.wo), lw.post_norm, fm.eps)
         m = ops.mlp_in(h, lw.wgu)
         nxt = fm.layers[i + 1].in_norm if i + 1 < len(fm.layers) else fm.norm

@@ -51,19 +51,22 @@ class DecodeGraphs:
     `gemv_mode`: how each bucket's projections pick their kernel (services.engine.gemv: "auto" measures at the
     bucket's first capture, "on" forces the Triton skinny kernel where it applies, "off" keeps cuBLAS).
     `pdl`: launch the step's Triton kernels with programmatic dependent launch (each kernel's launch overlaps
-    the one before it); None tries both.
+    the one before it); None tries both. `fuse_rope`: RoPE and the KV write inside the attention kernel
+    (kernels.rope_attention), else a kernel of their own before it.
 
     At a bucket's first capture, every variant of the step (the measured projection plan and, in "auto", the
     "on" heuristic plan, each with and without PDL as `pdl` allows) is captured and replayed in turns, and the
     graph with the fastest replay is kept: `step_choice[b]` records which and the replay times."""
 
-    def __init__(self, model: Transformer, gemv_mode: str = "auto", pdl: bool | None = None) -> None:
+    def __init__(self, model: Transformer, gemv_mode: str = "auto", pdl: bool | None = None,
+                 fuse_rope: bool = True) -> None:
         if gemv_mode not in gemv.MODES:
             raise ValueError(f"gemv mode must be one of {', '.join(gemv.MODES)} (got {gemv_mode!r})")
         self.fused: FusedModel = fuse_weights(model)
         self.device = self.fused.embed.device
-        self.ops = triton_ops()
-        self.ops_pdl = triton_ops(pdl=True)
+        self.ops = triton_ops(fuse_rope=fuse_rope)
+        self.ops_pdl = triton_ops(pdl=True, fuse_rope=fuse_rope)
+        self.fuse_rope = fuse_rope
         self.gemv_mode = gemv_mode
         self.pdl = pdl
         self.plans: dict[int, gemv.Plan] = {}

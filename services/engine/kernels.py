@@ -322,6 +322,102 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, po_ptr, pml_ptr,
 
 
 @triton.jit
+def _sum_parts(ptr, offs, PSTRIDE, PARTS: tl.constexpr, dt: tl.constexpr):
+    """Values at ptr + offs of a product in `dt`, or of its PARTS float32 split-K partials (PSTRIDE apart), summed
+    and rounded to `dt` once, as the eager product is."""
+    if PARTS == 0:
+        val = tl.load(ptr + offs).to(dt)
+    else:
+        acc = tl.load(ptr + offs)
+        for pp in tl.static_range(1, PARTS):
+            acc += tl.load(ptr + pp * PSTRIDE + offs)
+        val = acc.to(dt)
+    return val
+
+
+@triton.jit
+def _rope_attn_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, o_ptr, po_ptr, pml_ptr,
+                      stride_ks, stride_kc, stride_kh, qk_scale, PSTRIDE,
+                      H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr,
+                      BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, PARTS: tl.constexpr, IEEE: tl.constexpr,
+                      PDL: tl.constexpr = False):
+    """rope_kv and decode attention in one kernel. Program (b, hk, sp) rotates the G query heads of KV head hk
+    of row b itself; the program whose key range holds the new position rotates that position's key, writes it
+    and its value into the caches (slot[b]), and then reads them back with the rest of its range. Scores are
+    the rest is _decode_attn_kernel's."""
+    if PDL:
+        _pdl_enter()
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    sp = tl.program_id(2)
+    dt = k_ptr.dtype.element_ty
+    pos = tl.load(pos_ptr + b)
+    p = tl.maximum(pos, 0)
+    n = tl.maximum(pos + 1, 0)  # live keys, the token of this step included; 0 for padding rows
+    chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_N) * BLOCK_N
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, n)
+    i = tl.arange(0, HALF)
+    g = tl.arange(0, GP)
+    gm = g < G
+    row = qkv_ptr + b * (H + 2 * HKV) * 2 * HALF
+    c = tl.load(cos_ptr + p * HALF + i)
+    sn = tl.load(sin_ptr + p * HALF + i)
+    qh = tl.where(gm, hk * G + g, 0)[:, None] * 2 * HALF + i[None, :]  # padded heads read head 0, masked below
+    q1 = _sum_parts(row, qh, PSTRIDE, PARTS, dt).to(tl.float32)
+    q2 = _sum_parts(row, qh + HALF, PSTRIDE, PARTS, dt).to(tl.float32)
+    q1, q2 = (q1 * c[None, :] - q2 * sn[None, :]).to(dt), (q2 * c[None, :] + q1 * sn[None, :]).to(dt)
+    q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (GP, 2 * HALF))  # [GP, D]: the halves side by side
+    kbase = k_ptr + b * stride_ks + hk * stride_kh
+    vbase = v_ptr + b * stride_ks + hk * stride_kh
+    if (pos >= lo) & (pos < hi):  # this program's range holds the new token: rotate and store it first
+        slot = tl.load(slot_ptr + b)
+        ko = (H + hk) * 2 * HALF + i
+        vo = (H + HKV + hk) * 2 * HALF + i
+        k1 = _sum_parts(row, ko, PSTRIDE, PARTS, dt).to(tl.float32)
+        k2 = _sum_parts(row, ko + HALF, PSTRIDE, PARTS, dt).to(tl.float32)
+        dst = slot * stride_ks + pos * stride_kc + hk * stride_kh
+        tl.store(k_ptr + dst + i, (k1 * c - k2 * sn).to(dt))
+        tl.store(k_ptr + dst + HALF + i, (k2 * c + k1 * sn).to(dt))
+        tl.store(v_ptr + dst + i, _sum_parts(row, vo, PSTRIDE, PARTS, dt))
+        tl.store(v_ptr + dst + HALF + i, _sum_parts(row, vo + HALF, PSTRIDE, PARTS, dt))
+        tl.debug_barrier()  # the block's loads below see the stores
+    d = tl.arange(0, 2 * HALF)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, 2 * HALF], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        km = offs < hi
+        k = tl.load(kbase + offs[:, None] * stride_kc + d[None, :], mask=km[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(km[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        pr = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        v = tl.load(vbase + offs[:, None] * stride_kc + d[None, :], mask=km[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+        m_i = m_new
+    heads = hk * G + g
+    if NSPLIT == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + (b * H + heads)[:, None] * 2 * HALF + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=gm[:, None])
+    else:
+        part = (b * H + heads) * NSPLIT + sp
+        tl.store(po_ptr + part[:, None] * 2 * HALF + d[None, :], acc, mask=gm[:, None])
+        tl.store(pml_ptr + part * 2, m_i, mask=gm)
+        tl.store(pml_ptr + part * 2 + 1, l_i, mask=gm)
+
+
+@triton.jit
 def _decode_reduce_kernel(po_ptr, pml_ptr, o_ptr, D: tl.constexpr, NSPLIT: tl.constexpr, PDL: tl.constexpr = False):
     if PDL:
         _pdl_enter()
@@ -359,6 +455,36 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                               H=n_heads, G=g, GP=max(16, triton.next_power_of_2(g)), D=hd,
                                               BLOCK_N=block_n, NSPLIT=splits, IEEE=q.dtype == torch.float32,
                                               PDL=pdl, num_warps=num_warps, num_stages=num_stages, **_pdl(pdl))
+    if splits > 1:
+        _decode_reduce_kernel[(rows * n_heads,)](po, pml, out, D=hd, NSPLIT=splits, PDL=pdl, **_pdl(pdl))
+    return out
+
+
+def rope_attention(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, splits: int,
+                   block_n: int = 64, num_warps: int = 4, num_stages: int = 2, pdl: bool = False) -> torch.Tensor:
+    """decode_attention(rope_kv(qkv, ...), ...) with one kernel fewer: q and the new k rotated inside the attention
+    kernel, the new k and v written to the caches at (slot[r], pos[r]) there. Attention of row r reads slot r, as
+    decode_attention's does (the dense decode batch: slot[r] = r). qkv [R, (H + 2 Hkv) * D] or its float32 split-K
+    partials [P, R, (H + 2 Hkv) * D]; out [R, H * D] in the caches' dtype."""
+    parts = qkv.shape[0] if qkv.dim() == 3 else 0
+    rows, hd = qkv.shape[-2], k_cache.shape[-1]
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    qkv = qkv.contiguous()
+    g = n_heads // n_kv
+    out = torch.empty(rows, n_heads * hd, device=qkv.device, dtype=k_cache.dtype)
+    if splits > 1:
+        po = torch.empty(rows * n_heads * splits * hd, device=qkv.device, dtype=torch.float32)
+        pml = torch.empty(rows * n_heads * splits * 2, device=qkv.device, dtype=torch.float32)
+    else:
+        po = pml = out
+    scale = hd ** -0.5 * 1.4426950408889634
+    _rope_attn_kernel[(rows, n_kv, splits)](qkv, pos, slot, cos, sin, k_cache, v_cache, out, po, pml,
+                                            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale,
+                                            rows * qkv.shape[-1], H=n_heads, HKV=n_kv, G=g,
+                                            GP=max(16, triton.next_power_of_2(g)), HALF=hd // 2, BLOCK_N=block_n,
+                                            NSPLIT=splits, PARTS=parts, IEEE=k_cache.dtype == torch.float32,
+                                            PDL=pdl, num_warps=num_warps, num_stages=num_stages, **_pdl(pdl))
     if splits > 1:
         _decode_reduce_kernel[(rows * n_heads,)](po, pml, out, D=hd, NSPLIT=splits, PDL=pdl, **_pdl(pdl))
     return out

@@ -151,6 +151,41 @@ def test_triton_kernels_match_eager_in_the_interpreter(splits: int) -> None:
     torch.testing.assert_close(fused_kv.k[:, :3, :n], eager_kv.k[:, :, :n], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs triton with TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype, parts, D", [(torch.float32, 0, 32), (torch.float32, 3, 32), (torch.float16, 0, 32),
+                                             (torch.float16, 4, 64), (torch.float32, 2, 16)])
+def test_rope_attention_kernel_equals_rope_kv_then_attention(dtype: torch.dtype, parts: int, D: int) -> None:
+    """One kernel for RoPE + the KV write + attention: the caches bit for bit as the rope_kv kernel leaves them and
+    the output of rope_kv then decode_attention (and of the PyTorch reference), for a product or its float32
+    split-K partials, ragged lengths (the new token at the first key, inside a block, on a block edge), a padding
+    row, key splits 1 and 4, head widths 16 to 64."""
+    pytest.importorskip("triton")
+    from services.engine import kernels
+    from services.engine.fused import TORCH_OPS, rope_tables
+
+    g = torch.Generator().manual_seed(5)
+    H, Hkv, rows, cap = 4, 2, 5, 160
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    cos, sin = rope_tables(inv, cap)
+    width = (H + 2 * Hkv) * D
+    qkv = torch.randn(parts, rows, width, generator=g) if parts else torch.randn(rows, width, generator=g).to(dtype)
+    pos, slot = torch.tensor([0, 63, 64, -1, 130]), torch.arange(rows)
+    base = torch.randn(2, rows, cap, Hkv, D, generator=g).to(dtype)
+    for splits in (1, 4):
+        caches = [t.clone() for t in (base[0], base[1]) for _ in range(3)]
+        ref_k, k_2, k_c, ref_v, v_2, v_c = caches
+        want = TORCH_OPS.rope_attention(qkv, pos, slot, cos, sin, ref_k, ref_v, H, Hkv, splits)
+        q = kernels.rope_kv(qkv, pos, slot, cos, sin, k_2, v_2, H, Hkv)
+        two = kernels.decode_attention(q, k_2, v_2, pos, splits, block_n=16)
+        got = kernels.rope_attention(qkv, pos, slot, cos, sin, k_c, v_c, H, Hkv, splits, block_n=16)
+        live = pos >= 0
+        assert torch.equal(k_c, k_2) and torch.equal(v_c, v_2)  # the new keys rotated as rope_kv rotates them
+        assert torch.equal(k_c[3], base[0][3])  # the padding row's slot untouched
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(got[live].float(), two[live].float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(got[live].float(), want[live].float(), rtol=tol, atol=2 * tol)
+
+
 def _tandem(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, timeout=300)
 

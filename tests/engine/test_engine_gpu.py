@@ -127,4 +127,5 @@ def test_auto_plan_times_cublas_and_the_triton_candidates_bf16() -> None:
     assert "errors" not in kept, kept
     times = kept["replay_us"]
     assert {"auto", "auto pdl"} <= set(times) and len(times) in (2, 4), kept
-    assert min(times, key=times.get) == kept["plan"] + (" pdl" if kept["pdl"] else "")
+    # the kept variant has the least replay time (times are rounded to 0.1 us: another may tie with it)
+    assert times[kept["plan"] + (" pdl" if kept["pdl"] else "")] == min(times.values()), kept
