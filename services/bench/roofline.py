@@ -132,15 +132,12 @@ def decode_row(engine: Engine, shape: str, batch: int, context: int, steps: int,
         default = engine.graphs
         gemv["plan"] = default.plans[b].summary() if b in default.plans else None
         gemv["step"] = default.step_choice.get(b)
-        # off: cuBLAS projections, no PDL, RoPE in a kernel of its own, add_rmsnorm kernels (the step before the
-        # Triton projections); auto_nopdl: the default without PDL; on: the Triton projection forced everywhere
-        # (PDL and the normed step tried as by default); rope_apart: RoPE + the KV write in a kernel of their own
-        # and add_rmsnorm kernels (the step before the fused RoPE); no_normed: the default less the normed step
-        for name, mode, pdl, fuse, normed in (("off", "off", False, False, False),
-                                              ("auto_nopdl", "auto", False, True, None), ("on", "on", None, True, None),
-                                              ("rope_apart", "auto", None, False, False),
-                                              ("no_normed", "auto", None, True, False)):
-            engine.graphs = DecodeGraphs(engine.model, mode, pdl, fuse_rope=fuse, normed=normed)
+        # off: cuBLAS projections, no PDL, RoPE in a kernel of its own (the step before this work); auto_nopdl:
+        # the projection plans as by default, without PDL; on: the Triton projection forced everywhere (PDL tried
+        # as by default); rope_unfused: the default but RoPE + the KV write in a kernel before attention
+        for name, mode, pdl, fuse in (("off", "off", False, False), ("auto_nopdl", "auto", False, True),
+                                      ("on", "on", None, True), ("rope_unfused", "auto", None, False)):
+            engine.graphs = DecodeGraphs(engine.model, mode, pdl, fuse_rope=fuse)
             try:
                 gemv[f"step_ms_{name}"] = _events_ms(run, reps) / steps
                 gemv[f"step_{name}"] = engine.graphs.step_choice.get(b)
@@ -175,8 +172,7 @@ def decode_row(engine: Engine, shape: str, batch: int, context: int, steps: int,
             "eager_step_ms": eager_ms, "gemv_mode": engine.graphs.gemv_mode if engine.graphs else None,
             "step_ms_gemv_off": gemv.get("step_ms_off"), "step_ms_gemv_on": gemv.get("step_ms_on"),
             "step_ms_auto_no_pdl": gemv.get("step_ms_auto_nopdl"),
-            "step_ms_rope_apart": gemv.get("step_ms_rope_apart"), "step_ms_no_normed": gemv.get("step_ms_no_normed"),
-            "step_variant": gemv.get("step"),
+            "step_ms_rope_unfused": gemv.get("step_ms_rope_unfused"), "step_variant": gemv.get("step"),
             "step_variant_no_pdl": gemv.get("step_auto_nopdl"), "step_variant_on": gemv.get("step_on"),
             "roofline_share_gemv_off": roof_ms / gemv["step_ms_off"] if "step_ms_off" in gemv else None,
             "gemv_plan": gemv.get("plan"), "weight_bytes": wbytes, "kv_bytes_read": int(kv_bytes),
@@ -233,7 +229,7 @@ def _print_row(r: dict[str, Any]) -> None:
     if r.get("step_ms_gemv_off") is not None:
         gemv = (f" | cuBLAS projections, no PDL {r['step_ms_gemv_off']:.3f} ms ({r['roofline_share_gemv_off']:.0%}), "
                 f"planned, no PDL {r['step_ms_auto_no_pdl']:.3f} ms, Triton forced {r['step_ms_gemv_on']:.3f} ms, "
-                f"RoPE kernel apart {r['step_ms_rope_apart']:.3f} ms, no normed step {r['step_ms_no_normed']:.3f} ms")
+                f"RoPE kernel apart {r['step_ms_rope_unfused']:.3f} ms")
     print(f"{r['shape']} B={r['batch']} ctx {r['context']}: engine {r['step_ms']:.3f} ms "
           f"({r['roofline_share']:.0%} of roofline {r['roofline_ms']:.3f} ms) | plain graph "
           f"{r['baseline_graph_step_ms']:.3f} ms ({r['baseline_roofline_share']:.0%}){eager}{gemv} [{r['path']}]",

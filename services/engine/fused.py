@@ -164,29 +164,6 @@ def _head(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> 
     return F.linear(h, w) if out is None else torch.mm(h, w.t(), out=out)
 
 
-def _norm_of(src: tuple[torch.Tensor, torch.Tensor, torch.Tensor], eps: float) -> torch.Tensor:
-    """RMSNorm(s) * w of a residual stream src = (s, ss, w), the row norms from ss [T, R] (sums of squares in
-    parts), rounded as _rmsnorm rounds."""
-    s, ss, w = src
-    rstd = torch.rsqrt(ss.sum(0) / s.shape[-1] + eps)[:, None]
-    return w * (s.float() * rstd).to(s.dtype)
-
-
-def _proj_res(a: torch.Tensor, w: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(res + a @ w.T rounded once, its row sums of squares [1, R]): a projection and the residual add after it."""
-    s = (res.float() + F.linear(a.float(), w.float())).to(res.dtype)
-    return s, s.float().pow(2).sum(-1)[None]
-
-
-# The norm-in-the-projection step (decode_step_normed): o_res and down_res add the residual and hand on row sums
-# of squares; qkv_n, mlp_in_n and head_n take (s, ss, norm weight) and normalise their input as they read it.
-NORMED_TORCH = SimpleNamespace(
-    o_res=_proj_res, down_res=_proj_res,
-    qkv_n=lambda src, w, b, eps: F.linear(_norm_of(src, eps), w, b),
-    mlp_in_n=lambda src, w, eps: _silu_mul(F.linear(_norm_of(src, eps), w)),
-    head_n=lambda src, w, eps, out=None: _head(_norm_of(src, eps), w, out))
-
-
 # Projections: qkv (-> rope_attention), o (-> add_rmsnorm), mlp_in (h -> silu(gate) * up), down (-> add_rmsnorm),
 # head. What a projection returns is what its consumer takes: a product [R, N] or float32 split-K partials [P, R, N].
 # rope_attention = attention(rope_kv(...)): the step calls it; the Triton table does both in one kernel.
@@ -234,26 +211,6 @@ def decode_step(fm: FusedModel, ops: SimpleNamespace, tokens: torch.Tensor, pos:
         nxt = fm.layers[i + 1].in_norm if i + 1 < len(fm.layers) else fm.norm
         x, h = ops.add_rmsnorm(x, ops.down(m, lw.wdown), nxt, fm.eps)
     return ops.head(h, fm.lm_head, out)
-
-
-def decode_step_normed(fm: FusedModel, ops: SimpleNamespace, nops: SimpleNamespace, tokens: torch.Tensor,
-                       pos: torch.Tensor, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: int = 1,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """decode_step with two kernels fewer a layer: no add_rmsnorm. The o and down projections add the residual
-    and write row sums of squares in parts (nops.o_res, nops.down_res); the projection after each normalises its
-    input as it reads it (nops.qkv_n, mlp_in_n, head_n). `ops` gives the rest (the first RMSNorm, the first
-    layer's qkv, rope_attention). Same arguments and result as decode_step."""
-    x = F.embedding(tokens, fm.embed)
-    h = ops.rmsnorm(x, fm.layers[0].in_norm, fm.eps)
-    src = None
-    for i, lw in enumerate(fm.layers):
-        qkv = ops.qkv(h, lw.wqkv, lw.bqkv) if src is None else nops.qkv_n(src, lw.wqkv, lw.bqkv, fm.eps)
-        o = ops.rope_attention(qkv, pos, slot, fm.cos, fm.sin, k[i], v[i], fm.n_heads, fm.n_kv, splits)
-        s1, ss1 = nops.o_res(o, lw.wo, x)
-        m = nops.mlp_in_n((s1, ss1, lw.post_norm), lw.wgu, fm.eps)
-        x, ssx = nops.down_res(m, lw.wdown, s1)
-        src = (x, ssx, fm.layers[i + 1].in_norm if i + 1 < len(fm.layers) else fm.norm)
-    return nops.head_n(src, fm.lm_head, fm.eps, out)
 
 
 def _causal_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:

@@ -143,48 +143,6 @@ def bind(choices: dict[str, Choice], base: SimpleNamespace) -> SimpleNamespace:
     return ops
 
 
-def normed_choices(fm: FusedModel, rows: int, sms: int) -> dict[str, Choice] | None:
-    """The projections of decode_step_normed, every one on the skinny kernel (the norm and the residual add live
-    in it): q/k/v, gate/up and the head as mode "on" picks them; o and down unsplit (they add the residual), 16
-    weight rows a program so that there are enough programs. None where that step does not apply (over 64 rows,
-    a biased q/k/v, a K no block divides)."""
-    if rows > MAX_ROWS or fm.layers[0].bqkv is not None:
-        return None
-    choices = {u: heuristic(fm, u, rows, sms) for u in ("qkv", "mlp_in", "head")}
-    if any(c.kernel != "skinny" for c in choices.values()):
-        return None
-    for unit in ("o", "down"):
-        k = unit_shape(fm, unit)[1]
-        bk = next((b for b in ((512, 256, 128, 64, 32, 16) if rows <= 16 else (256, 128, 64, 32, 16))
-                   if k % b == 0), 0)  # the x tile grows with the rows: shared memory bounds bk
-        if not bk:
-            return None
-        choices[unit] = Choice("skinny", 16, bk, 1)
-    return choices
-
-
-def bind_normed(choices: dict[str, Choice], base: SimpleNamespace) -> SimpleNamespace:
-    """decode_step_normed's projections table (fused.NORMED_TORCH's signatures) for normed_choices."""
-    from services.engine import kernels
-
-    pdl = getattr(base, "pdl", False)
-
-    def kw(unit: str) -> dict[str, Any]:
-        c = choices[unit]
-        return {"bn": c.bn, "bk": c.bk, "num_warps": c.warps, "num_stages": c.stages, "pdl": pdl}
-
-    split = choices["qkv"].split
-    return SimpleNamespace(
-        o_res=lambda a, w, res: kernels.skinny_linear(a, w, residual=res, **kw("o")),
-        down_res=lambda a, w, res: kernels.skinny_linear(a, w, residual=res, **kw("down")),
-        qkv_n=lambda src, w, b, eps: kernels.skinny_linear(src[0], w, split=split, norm=(src[1], src[2], eps),
-                                                           **kw("qkv")),
-        mlp_in_n=lambda src, w, eps: kernels.skinny_linear(src[0], w, silu=True, norm=(src[1], src[2], eps),
-                                                           **kw("mlp_in")),
-        head_n=lambda src, w, eps, out=None: kernels.skinny_linear(src[0], w, partials=False, out=out,
-                                                                   norm=(src[1], src[2], eps), **kw("head")))
-
-
 _PLANS: dict[tuple, Plan] = {}  # by shapes, dtype, device, rows, mode: the choice depends on nothing else
 
 

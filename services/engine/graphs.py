@@ -14,14 +14,7 @@ from types import SimpleNamespace
 import torch
 
 from services.engine import gemv
-from services.engine.fused import (
-    FusedModel,
-    decode_step,
-    decode_step_normed,
-    fuse_weights,
-    prefill_step,
-    triton_ops,
-)
+from services.engine.fused import FusedModel, decode_step, fuse_weights, prefill_step, triton_ops
 from services.engine.kv import KVBuffer
 from services.engine.model import Transformer
 
@@ -59,17 +52,14 @@ class DecodeGraphs:
     bucket's first capture, "on" forces the Triton skinny kernel where it applies, "off" keeps cuBLAS).
     `pdl`: launch the step's Triton kernels with programmatic dependent launch (each kernel's launch overlaps
     the one before it); None tries both. `fuse_rope`: RoPE and the KV write inside the attention kernel
-    (kernels.rope_attention), else a kernel of their own before it. `normed`: the step without add_rmsnorm
-    kernels (fused.decode_step_normed: the residual add and the RMSNorm inside the projections, all on the
-    skinny kernel): None tries it beside the others (not in gemv mode "off"), True captures only it, False
-    never.
+    (kernels.rope_attention), else a kernel of their own before it.
 
     At a bucket's first capture, every variant of the step (the measured projection plan and, in "auto", the
     "on" heuristic plan, each with and without PDL as `pdl` allows) is captured and replayed in turns, and the
     graph with the fastest replay is kept: `step_choice[b]` records which and the replay times."""
 
     def __init__(self, model: Transformer, gemv_mode: str = "auto", pdl: bool | None = None,
-                 fuse_rope: bool = True, normed: bool | None = None) -> None:
+                 fuse_rope: bool = True) -> None:
         if gemv_mode not in gemv.MODES:
             raise ValueError(f"gemv mode must be one of {', '.join(gemv.MODES)} (got {gemv_mode!r})")
         self.fused: FusedModel = fuse_weights(model)
@@ -77,7 +67,6 @@ class DecodeGraphs:
         self.ops = triton_ops(fuse_rope=fuse_rope)
         self.ops_pdl = triton_ops(pdl=True, fuse_rope=fuse_rope)
         self.fuse_rope = fuse_rope
-        self.normed = normed
         self.gemv_mode = gemv_mode
         self.pdl = pdl
         self.plans: dict[int, gemv.Plan] = {}
@@ -158,13 +147,6 @@ class DecodeGraphs:
             if on != plans["auto"]:
                 plans["on"] = on
         pdls = [False, True] if self.pdl is None else [self.pdl]
-        normed = gemv.normed_choices(self.fused, b, self.sms) if self.normed is not False else None
-        if self.normed and normed is None:
-            raise ValueError(f"the normed step does not apply here ({b} rows, or a biased q/k/v)")
-        if self.normed:
-            plans = {}
-        if normed is not None and (self.normed or self.gemv_mode != "off"):
-            plans["normed"] = normed
         return [(name, choices, pdl) for name, choices in plans.items() for pdl in pdls]
 
     def _capture(self, b: int, kv: KVBuffer) -> _Graph:
@@ -175,16 +157,11 @@ class DecodeGraphs:
         logits = torch.empty(b, fm.lm_head.shape[0], dtype=fm.lm_head.dtype, device=self.device)
         splits = attn_splits(b, fm.n_kv, self.sms)
 
-        def capture(name: str, choices: dict, pdl: bool) -> torch.cuda.CUDAGraph:
-            base = self.ops_pdl if pdl else self.ops
-            ops = gemv.bind(choices, base)
-            nops = gemv.bind_normed(choices, base) if name == "normed" else None
+        def capture(choices: dict, pdl: bool) -> torch.cuda.CUDAGraph:
+            ops = gemv.bind(choices, self.ops_pdl if pdl else self.ops)
 
             def step() -> None:
-                if nops is not None:
-                    decode_step_normed(fm, ops, nops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits)
-                else:
-                    decode_step(fm, ops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits)
+                decode_step(fm, ops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits)
             return _graph_of(step, self.device, self.pool)
 
         variants = self._variants(b, kv)
@@ -193,10 +170,10 @@ class DecodeGraphs:
         errors: dict[str, str] = {}
         for name, choices, pdl in variants:
             try:
-                graphs.append(capture(name, choices, pdl))
+                graphs.append(capture(choices, pdl))
                 kept.append((name, choices, pdl))
             except Exception as e:  # noqa: BLE001 - e.g. a Triton or driver without programmatic dependent launch
-                if (not pdl and name != "normed") or len(variants) == 1:
+                if not pdl or len(variants) == 1:
                     raise
                 errors[f"{name}{' pdl' if pdl else ''}"] = f"{type(e).__name__}: {str(e)[:160]}"
         # timed as captured: every row padding, so nothing is written to the KV buffer

@@ -88,19 +88,13 @@ def splitk_linear(x: torch.Tensor, w: torch.Tensor, parts: int = 8) -> torch.Ten
 @triton.jit(do_not_specialize=["M", "stride_op"])  # one binary for every batch size of a block size
 def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, K_PER, stride_xm, stride_op, stride_om,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SILU: tl.constexpr, IEEE: tl.constexpr,
-                   ss_ptr, nw_ptr, eps, res_ptr, sso_ptr, NT: tl.constexpr = 0, NTP: tl.constexpr = 1,
-                   RESID: tl.constexpr = False, PDL: tl.constexpr = False):
+                   PDL: tl.constexpr = False):
     """out[part] = x[:, K slice `part`] @ w[BN rows, same slice].T for the M (<= BM) rows of x at once.
 
     Program (n, part) streams a [BN, K_PER] block of w once, whatever M: the products are [BN, BK] x [BK, BM]
     tensor-core dots (rows of x past M are masked to zero). SILU: w is [gate | up] (2N rows); the program also
     streams the up rows n + N and stores silu(gate) * up, each rounded to the output dtype where the eager
-    modules round.
-
-    NT > 0: x is a residual stream s, and the input is RMSNorm(s) * nw, made tile by tile as it is loaded: the
-    row's sum of squares is the sum of ss [NT, M] (partial sums written by the kernel that produced s), rounded as
-    add_rmsnorm rounds. RESID (split 1, no SILU): out = (res + x @ w.T) rounded once, and sso [N / BN, M] gets
-    each program's partial sums of squares of its out columns, for the next kernel's NT."""
+    modules round."""
     if PDL:
         _pdl_enter()
     pid_n = tl.program_id(0)
@@ -115,15 +109,8 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, K_PER, stride_xm, stride_op, 
     x_rows = x_ptr + rm[:, None] * stride_xm + rk[None, :]
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     acc_u = tl.zeros([BN, BM], dtype=tl.float32)
-    if NT > 0:
-        t = tl.arange(0, NTP)
-        ssv = tl.load(ss_ptr + t[:, None] * M + rm[None, :], mask=(t[:, None] < NT) & mm[None, :], other=0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(ssv, 0) / K + eps)
     for k in range(k_lo, k_lo + K_PER, BK):
         x = tl.load(x_rows + k, mask=mm[:, None], other=0.0)
-        if NT > 0:
-            nw = tl.load(nw_ptr + k + rk).to(tl.float32)
-            x = ((x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32) * nw[None, :]).to(x.dtype)
         w = tl.load(w_rows + k, mask=nm[:, None], other=0.0)
         if IEEE:
             acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
@@ -142,15 +129,7 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, K_PER, stride_xm, stride_op, 
     else:
         y = acc
     dst = out_ptr + part * stride_op + rm[None, :] * stride_om + rn[:, None]
-    live = nm[:, None] & mm[None, :]
-    if RESID:
-        r = tl.load(res_ptr + rm[None, :] * stride_om + rn[:, None], mask=live, other=0.0)
-        yv = (y + r.to(tl.float32)).to(dt)
-        tl.store(dst, yv, mask=live)
-        yf = tl.where(live, yv.to(tl.float32), 0.0)
-        tl.store(sso_ptr + pid_n * M + rm, tl.sum(yf * yf, 0), mask=mm)
-    else:
-        tl.store(dst, y.to(dt), mask=live)
+    tl.store(dst, y.to(dt), mask=nm[:, None] & mm[None, :])
 
 
 SKINNY_MAX_ROWS = 64
@@ -158,20 +137,13 @@ SKINNY_MAX_ROWS = 64
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, *, bn: int = 64, bk: int = 128, split: int = 1,
                   partials: bool = True, silu: bool = False, out: torch.Tensor | None = None,
-                  num_warps: int = 4, num_stages: int = 3, pdl: bool = False,
-                  norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-                  residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  num_warps: int = 4, num_stages: int = 3, pdl: bool = False) -> torch.Tensor:
     """x [M, K] @ w.T for M <= 64 rows, w [N, K] read once for all of them.
 
     partials (the default): float32 split-K partial products [split, M, N], for the next kernel to sum
     (add_rmsnorm, rope_kv, silu_mul take them). partials=False (split 1): x @ w.T in x's dtype, into `out` when
     given (rows of `out` may be strided, like a logits buffer). silu=True (split 1): w is [gate | up] [2N, K] and
-    the result is silu(x @ gate.T) * (x @ up.T) [M, N] in x's dtype, as silu_mul(F.linear(x, w)) rounds it.
-
-    norm=(ss, nw, eps): x is a residual stream and the product is of RMSNorm(x) * nw, the row norms from ss
-    [T, M] (sums of squares in parts, as `residual` returns them). residual=r [M, N] (split 1, not silu): returns
-    (r + x @ w.T rounded once [M, N], ss [N / bn, M]) — what add_rmsnorm did after the projection, less the norm,
-    which the next projection takes with `norm`."""
+    the result is silu(x @ gate.T) * (x @ up.T) [M, N] in x's dtype, as silu_mul(F.linear(x, w)) rounds it."""
     m, k = x.shape
     if w.shape[1] != k or x.stride(1) != 1 or w.stride(1) != 1 or w.stride(0) != k:
         raise ValueError(f"skinny_linear needs contiguous x [M, K] and w [N, K] (got {tuple(x.shape)}, {tuple(w.shape)})")
@@ -182,15 +154,6 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, *, bn: int = 64, bk: int = 1
     n = w.shape[0] // 2 if silu else w.shape[0]
     if (silu or not partials) and split != 1:
         raise ValueError("a rounded (not partial) product takes split 1")
-    if residual is not None:
-        if split != 1 or silu:
-            raise ValueError("a product with the residual added takes split 1 and no silu")
-        if residual.shape != (m, n) or not residual.is_contiguous() or residual.dtype != x.dtype:
-            raise ValueError(f"residual must be contiguous [{m}, {n}] in {x.dtype}")
-        partials = False
-        out = None
-    if norm is not None and (norm[0].dim() != 2 or norm[0].shape[1] != m or norm[1].shape != (k,)):
-        raise ValueError(f"norm needs ss [T, {m}] and a weight of {k}")
     if silu or not partials:
         y = out if out is not None else x.new_empty(m, n)
         if y.shape != (m, n) or y.stride(1) != 1 or y.dtype != x.dtype:
@@ -199,17 +162,11 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, *, bn: int = 64, bk: int = 1
     else:
         y = torch.empty(split, m, n, device=x.device, dtype=torch.float32)
         stride_op, stride_om = m * n, n
-    blocks = triton.cdiv(n, bn)
-    ss, nw, eps = norm if norm is not None else (y, y, 0.0)
-    nt = norm[0].shape[0] if norm is not None else 0
-    sso = torch.empty(blocks, m, device=x.device, dtype=torch.float32) if residual is not None else y
-    _skinny_kernel[(blocks, split)](x, w, y, m, n, k, k // split, x.stride(0), stride_op, stride_om,
-                                    BM=max(16, triton.next_power_of_2(m)), BN=bn, BK=bk, SILU=silu,
-                                    IEEE=x.dtype == torch.float32, ss_ptr=ss, nw_ptr=nw, eps=eps,
-                                    res_ptr=residual if residual is not None else y, sso_ptr=sso, NT=nt,
-                                    NTP=triton.next_power_of_2(max(nt, 1)), RESID=residual is not None, PDL=pdl,
-                                    num_warps=num_warps, num_stages=num_stages, **_pdl(pdl))
-    return (y, sso) if residual is not None else y
+    _skinny_kernel[(triton.cdiv(n, bn), split)](x, w, y, m, n, k, k // split, x.stride(0), stride_op, stride_om,
+                                                BM=max(16, triton.next_power_of_2(m)), BN=bn, BK=bk, SILU=silu,
+                                                IEEE=x.dtype == torch.float32, PDL=pdl, num_warps=num_warps,
+                                                num_stages=num_stages, **_pdl(pdl))
+    return y
 
 
 @triton.jit

@@ -221,68 +221,6 @@ def test_decode_step_with_skinny_projections_matches_eager(silu: bool) -> None:
 
 
 @interpreted
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_skinny_norm_prologue_and_residual_epilogue_match_add_rmsnorm(dtype: torch.dtype) -> None:
-    """residual=: the projection plus the residual, rounded once, and its row sums of squares in parts; norm=:
-    the product of RMSNorm(s) * w made from those parts. Together they give what add_rmsnorm then the next
-    projection give (the PyTorch reference ops)."""
-    k = _kernels()
-    g = torch.Generator().manual_seed(7)
-    rows, kin, n, n2 = 5, 128, 128, 64
-    a = torch.randn(rows, kin, generator=g).to(dtype)
-    w = (torch.randn(n, kin, generator=g) / kin ** 0.5).to(dtype)
-    res = torch.randn(rows, n, generator=g).to(dtype)
-    s, ss = k.skinny_linear(a, w, bn=16, bk=64, residual=res)
-    assert s.shape == (rows, n) and ss.shape == (n // 16, rows)
-    want_s, want_h = TORCH_OPS.add_rmsnorm(res, F.linear(a.float(), w.float())[None], torch.ones(n, dtype=dtype),
-                                           1e-5)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(s.float(), want_s.float(), rtol=tol, atol=tol)
-    torch.testing.assert_close(ss.sum(0), s.float().pow(2).sum(-1), rtol=1e-5, atol=1e-5)
-    nw = torch.rand(n, generator=g).to(dtype)
-    w2 = (torch.randn(n2, n, generator=g) / n ** 0.5).to(dtype)
-    h = TORCH_OPS.add_rmsnorm(s, torch.zeros(1, rows, n), nw, 1e-5)[1]
-    for split in (1, 2):
-        got = k.skinny_linear(s, w2, bn=32, bk=32, split=split, norm=(ss, nw, 1e-5)).sum(0)
-        torch.testing.assert_close(got, F.linear(h.float(), w2.float()), rtol=5 * tol, atol=5 * tol)
-    with pytest.raises(ValueError, match="split 1"):
-        k.skinny_linear(a, w, bn=16, bk=64, split=2, residual=res)
-    with pytest.raises(ValueError, match="norm needs"):
-        k.skinny_linear(s, w2, norm=(ss[:, :2], nw, 1e-5))
-
-
-@interpreted
-def test_normed_step_matches_eager() -> None:
-    """decode_step_normed (no add_rmsnorm: residual and norm inside the skinny projections) against the eager
-    engine, its torch reference too, with a padding row (float32; 16-bit kernels: the test above)."""
-    from services.engine.fused import NORMED_TORCH, decode_step_normed, triton_ops
-
-    _kernels()
-    engine = _engine(hidden_dim=192)
-    kv = engine.new_kv(len(PROMPTS), 128)
-    engine.prefill(PROMPTS, kv, list(range(len(PROMPTS))))
-    eager_kv = engine.new_kv(3, 128)
-    kvs = [engine.new_kv(4, 128) for _ in range(2)]
-    for dst in (eager_kv, *kvs):
-        dst.k[:, :3].copy_(kv.k)
-        dst.v[:, :3].copy_(kv.v)
-    eager_kv.lengths = list(kv.lengths)
-    want = engine.decode([1, 2, 3], eager_kv, slice(0, 3))
-    fm = fuse_weights(engine.model)
-    choices = gemv.normed_choices(fm, 4, 132)
-    assert choices is not None and all(c.kernel == "skinny" for c in choices.values())
-    assert choices["o"].split == choices["down"].split == 1
-    ops = triton_ops()
-    tok, pos = torch.tensor([1, 2, 3, 0]), torch.tensor(kv.lengths + [-1])
-    got = decode_step_normed(fm, gemv.bind(choices, ops), gemv.bind_normed(choices, ops), tok, pos,
-                             torch.arange(4), kvs[0].k, kvs[0].v, 2)
-    ref = decode_step_normed(fm, TORCH_OPS, NORMED_TORCH, tok, pos, torch.arange(4), kvs[1].k, kvs[1].v, 2)
-    torch.testing.assert_close(got[:3].float(), want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ref[:3].float(), want, rtol=1e-4, atol=1e-4)
-    assert torch.equal(got[:3].argmax(-1), want.argmax(-1))
-
-
-@interpreted
 def test_auto_plan_checks_and_times_every_candidate_and_keeps_the_fastest(monkeypatch: pytest.MonkeyPatch) -> None:
     """The measuring path on the CPU: the CUDA-graph timer is replaced by one that runs the timed loop (so every
     candidate's loop runs through the interpreter) and reports ever smaller times, so the last candidate that
