@@ -268,30 +268,25 @@ def rope_kv(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos: torch
 
 
 @triton.jit
-def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, po_ptr, pml_ptr,
-                        stride_ks, stride_kc, stride_kh, qk_scale,
-                        H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                        BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:
-        _pdl_enter()
-    b = tl.program_id(0)
-    hk = tl.program_id(1)
-    sp = tl.program_id(2)
-    n = tl.load(pos_ptr + b) + 1  # live keys, the token written this step included; 0 for padding rows
-    n = tl.maximum(n, 0)
+def _key_range(pos, sp, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) of split sp for a row whose new token sits at pos: pos + 1 live keys (the token of this step
+    included; none for a padding row, pos < 0) cut into NSPLIT chunks of whole BLOCK_N blocks."""
+    n = tl.maximum(pos + 1, 0)
     chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_N) * BLOCK_N
     lo = sp * chunk
-    hi = tl.minimum(lo + chunk, n)
-    g = tl.arange(0, GP)
+    return lo, tl.minimum(lo + chunk, n)
+
+
+@triton.jit
+def _attend(q, kbase, vbase, lo, hi, stride_kc, qk_scale, o_ptr, po_ptr, pml_ptr, bh, gm, sp, GP: tl.constexpr,
+            D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr):
+    """Online-softmax attention of the GP query rows q [GP, D] over keys lo..hi-1 at kbase/vbase (rows stride_kc
+    apart); the output of rows bh (b * H + head; gm masks padded heads) to o_ptr, or with NSPLIT > 1 this split's
+    float32 partials (acc, max, sum) to po_ptr / pml_ptr for the reduce."""
     d = tl.arange(0, D)
-    gm = g < G
-    heads = hk * G + g
-    q = tl.load(q_ptr + (b * H + heads)[:, None] * D + d[None, :], mask=gm[:, None], other=0.0)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    kbase = k_ptr + b * stride_ks + hk * stride_kh
-    vbase = v_ptr + b * stride_ks + hk * stride_kh
     for start in range(lo, hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         km = offs < hi
@@ -313,12 +308,32 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, po_ptr, pml_ptr,
         m_i = m_new
     if NSPLIT == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(o_ptr + (b * H + heads)[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=gm[:, None])
+        tl.store(o_ptr + bh[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=gm[:, None])
     else:
-        part = (b * H + heads) * NSPLIT + sp
+        part = bh * NSPLIT + sp
         tl.store(po_ptr + part[:, None] * D + d[None, :], acc, mask=gm[:, None])
         tl.store(pml_ptr + part * 2, m_i, mask=gm)
         tl.store(pml_ptr + part * 2 + 1, l_i, mask=gm)
+
+
+@triton.jit
+def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, po_ptr, pml_ptr,
+                        stride_ks, stride_kc, stride_kh, qk_scale,
+                        H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                        BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        _pdl_enter()
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    sp = tl.program_id(2)
+    lo, hi = _key_range(tl.load(pos_ptr + b), sp, NSPLIT, BLOCK_N)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    gm = g < G
+    heads = hk * G + g
+    q = tl.load(q_ptr + (b * H + heads)[:, None] * D + d[None, :], mask=gm[:, None], other=0.0)
+    _attend(q, k_ptr + b * stride_ks + hk * stride_kh, v_ptr + b * stride_ks + hk * stride_kh, lo, hi, stride_kc,
+            qk_scale, o_ptr, po_ptr, pml_ptr, b * H + heads, gm, sp, GP, D, BLOCK_N, NSPLIT, IEEE)
 
 
 @triton.jit
@@ -353,10 +368,7 @@ def _rope_attn_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr
     dt = k_ptr.dtype.element_ty
     pos = tl.load(pos_ptr + b)
     p = tl.maximum(pos, 0)
-    n = tl.maximum(pos + 1, 0)  # live keys, the token of this step included; 0 for padding rows
-    chunk = tl.cdiv(tl.cdiv(n, NSPLIT), BLOCK_N) * BLOCK_N
-    lo = sp * chunk
-    hi = tl.minimum(lo + chunk, n)
+    lo, hi = _key_range(pos, sp, NSPLIT, BLOCK_N)
     i = tl.arange(0, HALF)
     g = tl.arange(0, GP)
     gm = g < G
@@ -382,39 +394,8 @@ def _rope_attn_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr
         tl.store(v_ptr + dst + i, _sum_parts(row, vo, PSTRIDE, PARTS, dt))
         tl.store(v_ptr + dst + HALF + i, _sum_parts(row, vo + HALF, PSTRIDE, PARTS, dt))
         tl.debug_barrier()  # the block's loads below see the stores
-    d = tl.arange(0, 2 * HALF)
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, 2 * HALF], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N)
-        km = offs < hi
-        k = tl.load(kbase + offs[:, None] * stride_kc + d[None, :], mask=km[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(km[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        pr = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        v = tl.load(vbase + offs[:, None] * stride_kc + d[None, :], mask=km[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
-        m_i = m_new
-    heads = hk * G + g
-    if NSPLIT == 1:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(o_ptr + (b * H + heads)[:, None] * 2 * HALF + d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=gm[:, None])
-    else:
-        part = (b * H + heads) * NSPLIT + sp
-        tl.store(po_ptr + part[:, None] * 2 * HALF + d[None, :], acc, mask=gm[:, None])
-        tl.store(pml_ptr + part * 2, m_i, mask=gm)
-        tl.store(pml_ptr + part * 2 + 1, l_i, mask=gm)
+    _attend(q, kbase, vbase, lo, hi, stride_kc, qk_scale, o_ptr, po_ptr, pml_ptr, b * H + hk * G + g, gm, sp, GP,
+            2 * HALF, BLOCK_N, NSPLIT, IEEE)
 
 
 @triton.jit
