@@ -208,11 +208,9 @@ class PerfModel:
         # runtime costs measured by `tandem profile` through a running cluster (0 / 1 without them)
         self.request_overhead_s = ovh.get("request_overhead_s", 0.0)  # gateway: tokenize, route, RPC hops
         self.decode_join_s = ovh.get("decode_join_s", 0.0)  # Decode call + KV claim before a request joins
-        # ... and what a join adds to the step it joins in, for every member of the batch (the joiner's own
-        # first gap holds it too: that part of decode_join_s is then left to the step)
+        # ... and what a request joining a running batch adds to that step for the members already in it (the
+        # joiner's own first gap is decode_join_s + a step, as measured on lone requests)
         self.decode_join_stall_s = ovh.get("decode_join_stall_s", 0.0)
-        if self.decode_join_stall_s > 0:
-            self.decode_join_s = max(0.0, self.decode_join_s - self.decode_join_stall_s)
         self.decode_ratio = ovh.get("decode_step_ratio", 1.0)  # in-cluster step / engine-alone step
         # ... and by batch size (`decode_step_ratio@B`, b requests decoding at once through the gateway)
         self._ratio_b = _keyed(ovh, "decode_step_ratio@")
@@ -221,9 +219,9 @@ class PerfModel:
         # prompt tokens, held constant past the ends
         self._prefill_ratio_n = _keyed(ovh, "prefill_ratio@")
         # what the workers of one host do to one another (`tandem profile`'s host probe through the local
-        # cluster): a prefill's slowdown while k decode batches run there, and a decode step's while n decode
-        # batches (itself included) run there, without or beside a prefill. None: no such rows (workers never
-        # slow one another unless the mixed worker's own side-by-side rows say so)
+        # cluster): a prefill's slowdown while s requests decode there; a decode step's while n decode batches
+        # (itself included) run there, and what a prefill beside them adds with s requests decoding. None: no such
+        # rows (workers never slow one another unless the mixed worker's own side-by-side rows say so)
         self._host_prefill = _keyed(ovh, "host_prefill_slowdown@")
         self._host_decode = _keyed(ovh, "host_decode_slowdown@")
         self._host_decode_p = _keyed(ovh, "host_decode_slowdown_prefill@")
@@ -238,18 +236,18 @@ class PerfModel:
         self.jitter = step_jitter(ovh)
 
     # -- one host's workers slowing one another -------------------------------------------------------------
-    def host_prefill_slowdown(self, decoding: int) -> float:
-        """A prefill's slowdown while `decoding` decode batches run on its host (the largest measured k past
-        the end; 1 with none running or without host rows)."""
-        return _at(self._host_prefill, decoding) if decoding > 0 and self._host_prefill is not None else 1.0
+    def host_prefill_slowdown(self, streams: int) -> float:
+        """A prefill's slowdown while `streams` requests decode on its host (linear between the measured
+        stream counts, the nearest end's past them; 1 with none decoding or without host rows)."""
+        return _at(self._host_prefill, streams) if streams > 0 and self._host_prefill is not None else 1.0
 
-    def host_decode_slowdown(self, batches: int, prefill: bool) -> float:
-        """A decode step's slowdown while `batches` decode batches (its own included) run on its host and, if
-        `prefill`, a prompt prefills there (1 alone or without host rows)."""
-        table = self._host_decode_p if prefill else self._host_decode
-        if table is None or (batches <= 1 and not prefill):
-            return 1.0
-        return _at(table, batches)
+    def host_decode_slowdown(self, batches: int, streams: int, prefill: bool) -> float:
+        """A decode step's slowdown while `batches` decode batches (its own included) holding `streams` requests
+        run on its host, and, if `prefill`, a prompt prefills there (1 alone or without host rows)."""
+        f = _at(self._host_decode, batches) if batches > 1 and self._host_decode is not None else 1.0
+        if prefill and self._host_decode_p is not None:
+            f *= _at(self._host_decode_p, streams)
+        return f
 
     # -- power -------------------------------------------------------------------------------------------
     def _power_and_slowdown(self, t_compute: float, t_memory: float, t: float) -> tuple[float, float]:

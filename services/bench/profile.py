@@ -51,12 +51,13 @@ class Plan:
     host_prompts: list[int] = field(default_factory=lambda: [128, 256])
     host_rounds: int = 8
     host_output: int = 120
+    host_streams: int = 8  # a last phase with this many streams over every decode batch (0: none)
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(prompt_sizes=[8, 48, 192], prompt_batches=[1, 2], decode_batches=[1, 4, 16],
                    contexts=[16, 256], kv_tokens=[16, 1024], repeats=2, steps=3, overhead_requests=4,
-                   host_rounds=4, host_output=70)
+                   host_rounds=4, host_output=70, host_streams=0)
 
     @classmethod
     def gpu(cls, quick: bool = False) -> Plan:
@@ -65,7 +66,7 @@ class Plan:
         plan = cls(prompt_sizes=[32, 128, 512, 1024, 2048, 4096], prompt_batches=[1, 2, 4],
                    decode_batches=[1, 2, 4, 8, 16, 32], contexts=[128, 1024, 4096], kv_tokens=[64, 512, 2048, 4096],
                    repeats=5, steps=10, overhead_requests=10, cluster_batches=[1, 4, 16, 32],
-                   host_prompts=[1024, 2048], host_rounds=8, host_output=1500)
+                   host_prompts=[1024, 2048], host_rounds=8, host_output=1500, host_streams=16)
         if quick:
             plan.prompt_sizes, plan.decode_batches, plan.contexts = [32, 512, 4096], [1, 4, 16, 32], [128, 4096]
             plan.cluster_batches = [1, 4, 32]
@@ -406,24 +407,26 @@ def _overlap(a: float, b: float, windows: list[tuple[float, float]]) -> float:
 
 def host_interference(gateway: str, decode_workers: int, prompts: list[int], rounds: int, output: int,
                       prompt: int = 32, detail: dict[str, Any] | None = None,
-                      prefill_s: Callable[[int], float] | None = None) -> dict[str, float]:
+                      prefill_s: Callable[[int], float] | None = None, streams: int = 0) -> dict[str, float]:
     """What the cluster's processes do to one another on a shared host (the local cluster: every worker, the
     gateway and this client on the same cores), measured through the gateway with the layout's own workers.
 
-    Alone first: each prompt size prefilled with nothing else running (the worker's own prefill time). Then for
-    k = 1 .. `decode_workers`: k streams of `output` tokens sent together (JSQ spreads them over the decode
-    workers: k decode batches), and once all of them decode, `rounds` prompts (sizes cycling through `prompts`)
-    one after another, each followed by a quiet spell as long as its prefill. Each prompt's prefill window is
-    placed from its first token back over the unhidden KV transfer and its prefill time; every stream gap is
-    classed by how much of it such a window covers.
+    Alone first: each prompt size prefilled twice with nothing else running (the worker's own prefill time).
+    Then phases of s decoding streams (prompt 32, `output` tokens): s = 1 .. `decode_workers`, one stream per
+    decode batch, and, when `streams` > `decode_workers`, s = `streams` spread over every batch. The streams are
+    sent one after another, each once decoding (JSQ then puts the next on another batch); once all decode,
+    `rounds` prompts (sizes cycling through `prompts`, output 2) one after another, each followed by a quiet spell
+    as long as its prefill. Each prompt's prefill window is placed from its first token back over the unhidden
+    KV transfer and its prefill time; a stream gap is *covered* when such windows cover half of it, *quiet* when
+    none touches it, a *join* when a prompt's second token came out in it on the stream's own worker.
 
-    host_prefill_slowdown@k: a prompt's prefill time while k decode batches run on the host over its time alone
-    (median over the phase's prompts of each one's ratio to its size's median alone); host_decode_slowdown@k
-    (k > 1): the median uncovered stream gap with k decode batches over that with one (phase 1);
-    host_decode_slowdown_prefill@k: the median gap at least half covered by a prefill, with k decode batches,
-    over phase 1's median uncovered gap. A phase whose k streams JSQ stacked on fewer than k batches gives no
-    rows. prefill_ratio@N (with `prefill_s`, the profiled engine-alone prefill of N tokens): the alone prefill
-    over it. `detail`, when given, receives the raw gaps and ratios per phase."""
+    prefill_ratio@N (with `prefill_s`, the profiled engine-alone prefill of N tokens): the alone prefill over it.
+    host_prefill_slowdown@s: a prompt's prefill time while s streams decode on the host over its size's time
+    alone (median over the phase). host_decode_slowdown@k (k > 1, one stream per batch): the median quiet gap
+    with k decode batches over that with one. host_decode_slowdown_prefill@s: the median covered gap over the
+    median quiet gap of the same phase (what a prefill beside them adds, with s streams decoding).
+    decode_join_stall_s: the median of (join gap - its phase's median quiet gap). A phase whose streams did not
+    reach min(s, decode_workers) batches gives no rows. `detail` receives the raw gaps and ratios per phase."""
     import grpc
 
     from services.bench.load import prompt_ids, stream_one
@@ -443,42 +446,49 @@ def host_interference(gateway: str, decode_workers: int, prompts: list[int], rou
         out.update({f"prefill_ratio@{n}": alone_s[n] / prefill_s(n) for n in prompts})
     phases: dict[int, dict[str, list[float]]] = {}
     skipped: dict[int, str] = {}
+    plan = list(range(1, decode_workers + 1)) + ([streams] if streams > decode_workers else [])
     ch = grpc.insecure_channel(gateway, options=[("grpc.max_concurrent_streams", 256)])
     try:
-        for k in range(1, decode_workers + 1):
-            streams: list[tuple[Any, dict[str, Any]]] = []
+        for s in plan:
+            want = min(s, decode_workers)  # decode batches the s streams should spread over
+            live: list[tuple[Any, dict[str, Any]]] = []
             deadline = time.perf_counter() + 120
-            # one after another, each once decoding (JSQ then sees it and picks another batch), until k decode
-            # batches run (a gateway's stale load view can stack two on one: then one more, at most 2k)
-            while len({tuple(rec["workers"][-1:]) for _, rec in streams}) < k and len(streams) < 2 * k:
-                j = len(streams)
-                streams.append(_stream_live(ch, prompt_ids(prompt, 950 + 10 * k + j), output, f"host-{k}-s{j}"))
-                while any(len(rec["times"]) < 3 for _, rec in streams) and time.perf_counter() < deadline:
+
+            def batches() -> int:
+                return len({tuple(rec["workers"][-1:]) for _, rec in live})
+
+            # one after another, each once decoding; a gateway's stale load view can stack two on one batch:
+            # then more, at most s + decode_workers in all
+            while (len(live) < s or batches() < want) and len(live) < s + decode_workers:
+                j = len(live)
+                live.append(_stream_live(ch, prompt_ids(prompt, 950 + 40 * s + j), output, f"host-{s}-s{j}"))
+                while any(len(rec["times"]) < 3 for _, rec in live) and time.perf_counter() < deadline:
                     time.sleep(0.005)  # (first token and two gaps out)
             windows: list[tuple[float, float]] = []
             ratios: list[float] = []
             joins: list[tuple[float, str]] = []  # (a prompt's second token: the step it joined, its decode worker)
             for i in range(rounds):
-                if any(len(rec["times"]) > output - 8 for _, rec in streams):
-                    break  # a stream is about to end: its decode batch would go idle
+                if any(len(rec["times"]) > output - 8 for _, rec in live):
+                    break  # a stream is about to end: its decode batch would shrink or go idle
                 n = prompts[i % len(prompts)]
                 t0 = time.perf_counter()
-                r = stream_one(gateway, prompt_ids(n, 1000 + 100 * k + i), 2, f"host-{k}-p{i}")
+                r = stream_one(gateway, prompt_ids(n, 1000 + 100 * s + i), 2, f"host-{s}-p{i}")
                 end = t0 + r["ttft_s"] - r["kv_transfer_s"]
                 windows.append((end - r["prefill_s"], end))
+                ratios.append(r["prefill_s"] / alone_s[n])
                 if r["gaps"] and r["workers"]:
                     joins.append((t0 + r["ttft_s"] + r["gaps"][0], r["workers"][-1]))
-                ratios.append(r["prefill_s"] / alone_s[n])
                 time.sleep(r["prefill_s"])  # a quiet spell: the same streams' gaps without a prefill beside them
-            for th, _ in streams:
+            for th, _ in live:
                 th.join(600)
-            batches = len({tuple(rec["workers"][-1:]) for _, rec in streams})
-            if batches < k or not windows:  # JSQ stacked two streams on one batch, or they ended first
-                skipped[k] = f"{batches} decode batches for {k} streams, {len(windows)} prompts"
+            got = batches()
+            if got < want or not windows:  # JSQ stacked the streams on fewer batches, or they ended first
+                skipped[s] = f"{got} decode batches for {len(live)} streams, {len(windows)} prompts"
                 continue
-            ph = phases[k] = {"prefill_ratio": ratios, "covered": [], "quiet": [], "join": [], "batches": [batches]}
+            ph = phases[len(live)] = {"prefill_ratio": ratios, "covered": [], "quiet": [], "join": [],
+                                      "batches": [got]}
             lo, hi = windows[0][0], windows[-1][1] + windows[-1][1] - windows[-1][0]
-            for _, rec in streams:
+            for _, rec in live:
                 times, at = rec["times"], rec["workers"][-1:]
                 mine = [t for t, w in joins if [w] == at]
                 for a, b in zip(times[2:], times[3:], strict=False):
@@ -496,17 +506,17 @@ def host_interference(gateway: str, decode_workers: int, prompts: list[int], rou
         ch.close()
     if detail is not None:
         detail.update(alone=alone, phases=phases, skipped=skipped)
-    base = statistics.median(phases[1]["quiet"]) if len(phases.get(1, {}).get("quiet", [])) >= 5 else None
-    for k, ph in phases.items():
-        out[f"host_prefill_slowdown@{k}"] = max(1.0, statistics.median(ph["prefill_ratio"]))
-        if base is None:
+    quiet = {s: statistics.median(ph["quiet"]) for s, ph in phases.items() if len(ph["quiet"]) >= 5}
+    for s, ph in phases.items():
+        out[f"host_prefill_slowdown@{s}"] = max(1.0, statistics.median(ph["prefill_ratio"]))
+        if s not in quiet:
             continue
-        if k > 1 and len(ph["quiet"]) >= 5:
-            out[f"host_decode_slowdown@{k}"] = max(1.0, statistics.median(ph["quiet"]) / base)
+        if 1 < s <= decode_workers and ph["batches"] == [s] and 1 in quiet:  # one stream on each of s batches
+            out[f"host_decode_slowdown@{s}"] = max(1.0, quiet[s] / quiet[1])
         if len(ph["covered"]) >= 5:
-            out[f"host_decode_slowdown_prefill@{k}"] = max(1.0, statistics.median(ph["covered"]) / base)
-    # a request joining a running batch (Decode call, KV claim, admission) lengthens that step for every member
-    extra = [g - statistics.median(ph["quiet"]) for ph in phases.values() if len(ph["quiet"]) >= 5 for g in ph["join"]]
+            out[f"host_decode_slowdown_prefill@{s}"] = max(1.0, statistics.median(ph["covered"]) / quiet[s])
+    # a request joining a running batch lengthens that step for every member
+    extra = [g - quiet[s] for s, ph in phases.items() if s in quiet for g in ph["join"]]
     if len(extra) >= 3:
         out["decode_join_stall_s"] = max(0.0, statistics.median(extra))
     return out
@@ -555,7 +565,8 @@ def run_profile(engine: Any, model_name: str, hardware: str, plan: Plan, gateway
         overheads.update(batch_step_ratios(gateway, step_s, [b for b in plan.cluster_batches if b in by_b],
                                            plan.cluster_output))
         host = host_interference(gateway, decode_workers, [n for n in plan.host_prompts if n <= max(single)[0]],
-                                 plan.host_rounds, plan.host_output, prefill_s=prefill_s)
+                                 plan.host_rounds, plan.host_output, prefill_s=prefill_s,
+                                 streams=plan.host_streams)
         if any(k.startswith("prefill_ratio@") for k in host):  # the lone requests' ratio, at their size
             host[f"prefill_ratio@{PROBE_PROMPT}"] = overheads["prefill_ratio"]
         overheads.update(host)
