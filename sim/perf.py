@@ -228,6 +228,9 @@ class PerfModel:
         self.shares_host = any(x is not None for x in (self._host_prefill, self._host_decode, self._host_decode_p))
         self.first_token_after_kv = bool(ovh.get("first_token_after_kv", 0.0))  # our runtime's Prefill reply
         self.concurrent_phases = bool(ovh.get("concurrent_phases", 0.0))  # mixed: prefill and decode threads
+        # our engine runs a prefill batch padded to its longest prompt (the table's rows are uniform batches, n x b
+        # tokens), so a batch costs what b prompts of the longest length cost; without the row, the sum of them
+        self.prefill_padded = bool(ovh.get("prefill_padded", 0.0))
         # ... which share the process's cores: each phase's slowdown while the other runs (measured side by side)
         self.mixed_prefill_slowdown = ovh.get("mixed_prefill_slowdown", 1.0)
         self.mixed_decode_slowdown = ovh.get("mixed_decode_slowdown", 1.0)

@@ -245,7 +245,11 @@ class Worker:
             tokens += p
             sum_sq += float(p) * p
         b = len(self.heap)  # decode requests riding along (mixed iteration)
-        t, watts = self.perf.prefill(tokens + b, sum_sq)
+        if self.perf.prefill_padded and len(batch) > 1:  # our engine pads every prompt to the longest
+            longest = max(prompt[rid] for rid in batch)
+            t, watts = self.perf.prefill(len(batch) * longest + b, len(batch) * float(longest) * longest)
+        else:
+            t, watts = self.perf.prefill(tokens + b, sum_sq)
         twin, host = self.twin, self.host
         if host is not None:  # the machine's other workers: s requests decoding beside this prefill (measured)
             t *= self.perf.host_prefill_slowdown(host.decoding(self)[1])

@@ -573,6 +573,7 @@ def run_profile(engine: Any, model_name: str, hardware: str, plan: Plan, gateway
     overheads.update(side_by_side(engine, plan))
     overheads["first_token_after_kv"] = 1.0  # the runtime answers Prefill once the KV push has landed
     overheads["concurrent_phases"] = 1.0  # a mixed worker runs its batcher and scheduler on two threads
+    overheads["prefill_padded"] = 1.0  # the engine pads a prefill batch to its longest prompt (Engine.prefill)
     tick("overheads")
     rows += [_row(model_name, hardware, "overhead", name=k, value=round(v, 6)) for k, v in overheads.items()]
     fit = {"kv_latency_s": kv_latency, "kv_gbps": (8 / kv_s_per_byte / 1e9) if kv_s_per_byte > 0 else None,

@@ -166,3 +166,21 @@ def test_host_probe_measures_through_a_real_split_cluster(tmp_path: Path) -> Non
         assert "host_decode_slowdown@2" not in rows
     # (the tiny model's steps take a millisecond or two, so whether a prompt's prefill covers half a gap, or its
     # join lands in one the client saw apart from its neighbours, is up to chance: those rows may be absent)
+
+
+def test_a_padded_prefill_batch_costs_its_longest_prompt_times_its_size(tmp_path: Path) -> None:
+    """prefill_padded (our engine pads a batch to its longest prompt): prompts of 16 and 64 tokens prefilled
+    together cost what two 64-token prompts cost (the table's 128 tokens), not 80 tokens' worth."""
+    def run(rows: dict[str, float]):
+        lay = parse_layout({"model": {"name": "smollm2-135m"}, "pools": [{"role": "mixed", "hardware": "cpu"}],
+                            "sim": {"perf_model": str(_table(tmp_path, rows, f"p{len(rows)}.csv"))}})
+        w = synthetic(None, rate=1.0, duration_s=10, seed=0, fixed=(16, 2))
+        # request 0 keeps the worker busy; 1 and 2 queue behind it and are prefilled together
+        w.arrival_s, w.prompt, w.output = np.array([0.0, 0.01, 0.02]), np.array([64, 16, 64]), np.array([1, 2, 2])
+        return simulate(lay, w).reqs
+    padded, summed = run({"prefill_padded": 1.0}), run({})
+    start = PREFILL_64_S  # request 0's prefill ends; the batch of 1 and 2 starts
+    per_token = (PREFILL_64_S - 0.020) / 48  # the table's slope past 64 tokens
+    assert padded.first_tok[1] == pytest.approx(start + PREFILL_64_S + 64 * per_token, rel=1e-9)
+    assert summed.first_tok[1] == pytest.approx(start + PREFILL_64_S + 16 * per_token, rel=1e-9)
+    assert padded.first_tok[2] == padded.first_tok[1]
