@@ -6,7 +6,9 @@ Rows (CSV or JSON, one `kind` each; times in ms like splitwise_perf_model.csv):
 - token:    batch_size, token_size (context per request) -> token_time   (one FusionScheduler.step())
 - kv:       kv_bytes -> kv_time   (a whole push over gRPC to a decode worker process: KVTransfer.Push)
 - overhead: name -> value   (seconds, or ratios; measured through a running cluster's gateway at light load;
-              step_jitter_q<per mille>: quantiles of the in-cluster token gap over its request's median)
+              step_jitter_q<per mille>: quantiles of the in-cluster token gap over its request's median;
+              host_*, decode_join_stall_s, prefill_ratio@N: what the cluster's processes on one host do to one
+              another, from host_interference)
 """
 
 from __future__ import annotations
@@ -400,6 +402,11 @@ def _stream_live(ch: Any, ids: list[int], max_tokens: int, rid: str) -> tuple[An
     return th, rec
 
 
+def _batches(live: list[tuple[Any, dict[str, Any]]]) -> int:
+    """Distinct decode workers serving these streams (each stream's last named worker)."""
+    return len({tuple(rec["workers"][-1:]) for _, rec in live})
+
+
 def _overlap(a: float, b: float, windows: list[tuple[float, float]]) -> float:
     """The share of (a, b] covered by the (disjoint) windows."""
     return sum(max(0.0, min(b, w1) - max(a, w0)) for w0, w1 in windows) / (b - a) if b > a else 0.0
@@ -454,12 +461,9 @@ def host_interference(gateway: str, decode_workers: int, prompts: list[int], rou
             live: list[tuple[Any, dict[str, Any]]] = []
             deadline = time.perf_counter() + 120
 
-            def batches() -> int:
-                return len({tuple(rec["workers"][-1:]) for _, rec in live})
-
             # one after another, each once decoding; a gateway's stale load view can stack two on one batch:
             # then more, at most s + decode_workers in all
-            while (len(live) < s or batches() < want) and len(live) < s + decode_workers:
+            while (len(live) < s or _batches(live) < want) and len(live) < s + decode_workers:
                 j = len(live)
                 live.append(_stream_live(ch, prompt_ids(prompt, 950 + 40 * s + j), output, f"host-{s}-s{j}"))
                 while any(len(rec["times"]) < 3 for _, rec in live) and time.perf_counter() < deadline:
@@ -481,7 +485,7 @@ def host_interference(gateway: str, decode_workers: int, prompts: list[int], rou
                 time.sleep(r["prefill_s"])  # a quiet spell: the same streams' gaps without a prefill beside them
             for th, _ in live:
                 th.join(600)
-            got = batches()
+            got = _batches(live)
             if got < want or not windows:  # JSQ stacked the streams on fewer batches, or they ended first
                 skipped[s] = f"{got} decode batches for {len(live)} streams, {len(windows)} prompts"
                 continue
