@@ -20,7 +20,7 @@ from sim.kvlink import Fabric
 from sim.perf import PerfModel, ProfileTable, load_profile
 from sim.state import Requests, Tally
 from sim.trace import Workload, data_dir
-from sim.worker import Worker
+from sim.worker import Host, Worker
 
 BUNDLED_PROFILE = Path(__file__).resolve().parent / "data" / "splitwise_perf_model.csv"
 
@@ -90,6 +90,7 @@ class SimulatedCluster:
         if measured is not None and measured.kv_Bps is not None and 0 < measured.kv_Bps < float("inf"):
             gbps, latency = measured.kv_Bps * 8 / 1e9, measured.kv_latency_s or 0.0  # a measured push (tandem profile)
         self.fabric = Fabric(self.env, sum(p.count for p in llm), gbps, latency, link.switch_gbps, s.kv_link_sharing)
+        hosts: dict[str, list[Worker]] = {}  # pool.host -> its workers and lanes, when the profile has host rows
         for pi, pool in enumerate(layout.pools):
             if pool.count == 0:
                 continue
@@ -112,6 +113,15 @@ class SimulatedCluster:
                                   self, s.kv_usable_fraction, self.fabric, kv_transfer=s.kv_transfer)
                     lane.load, lane.twin, dec.lane = dec.load, dec, lane
                     self.lanes[dec.idx] = lane
+                if perf.shares_host:  # (a mixed worker's prefill lane shares its machine too)
+                    w = self.workers[-1]
+                    hosts.setdefault(pool.host, []).extend([w] if w.lane is None else [w, w.lane])
+        for members in hosts.values():
+            if len(members) > 1:  # workers that share a machine slow one another by the profile's host rows
+                host = Host()
+                host.members = members
+                for w in members:
+                    w.host = host
         if not self.workers:
             raise InvalidArgument("pools: the simulator needs at least one prefill, decode or mixed worker",
                                   param="pools")

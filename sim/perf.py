@@ -146,6 +146,18 @@ def _fit_decode(rows: list[tuple[int, float, float]], batches: list[int]) -> tup
     return a_out, c_out
 
 
+def _keyed(overheads: dict[str, float], prefix: str) -> tuple[list[float], list[float]] | None:
+    """Overhead rows `<prefix><integer>` as sorted (keys, values), or None when there are none."""
+    pts = sorted((int(k[len(prefix):]), v) for k, v in overheads.items()
+                 if k.startswith(prefix) and k[len(prefix):].isdigit())
+    return ([float(k) for k, _ in pts], [float(v) for _, v in pts]) if pts else None
+
+
+def _at(table: tuple[list[float], list[float]], k: int) -> float:
+    """The value at integer key k: exact where measured, linear between, the nearest end's past the ends."""
+    return _interp_c(k, *table)
+
+
 def step_jitter(overheads: dict[str, float]) -> tuple[np.ndarray, np.ndarray] | None:
     """(levels, multipliers): the inverse CDF of the decode step's in-cluster multiplier, from the profile's
     step_jitter_q<per mille> rows (`tandem profile`), or None when it has none."""
@@ -196,20 +208,49 @@ class PerfModel:
         # runtime costs measured by `tandem profile` through a running cluster (0 / 1 without them)
         self.request_overhead_s = ovh.get("request_overhead_s", 0.0)  # gateway: tokenize, route, RPC hops
         self.decode_join_s = ovh.get("decode_join_s", 0.0)  # Decode call + KV claim before a request joins
+        # ... and what a request joining a running batch adds to that step for the members already in it (the
+        # joiner's own first gap is decode_join_s + a step, as measured on lone requests)
+        self.decode_join_stall_s = ovh.get("decode_join_stall_s", 0.0)
         self.decode_ratio = ovh.get("decode_step_ratio", 1.0)  # in-cluster step / engine-alone step
         # ... and by batch size (`decode_step_ratio@B`, b requests decoding at once through the gateway)
-        by_b = sorted((int(k.split("@", 1)[1]), v) for k, v in ovh.items()
-                      if k.startswith("decode_step_ratio@") and k.split("@", 1)[1].isdigit())
-        self._ratio_b = ([float(b) for b, _ in by_b], [v for _, v in by_b]) if by_b else None
+        self._ratio_b = _keyed(ovh, "decode_step_ratio@")
         self.prefill_ratio = ovh.get("prefill_ratio", 1.0)
+        # ... and by prompt size (`prefill_ratio@N`: N-token prompts alone through the cluster), over the batch's
+        # prompt tokens, held constant past the ends
+        self._prefill_ratio_n = _keyed(ovh, "prefill_ratio@")
+        # what the workers of one host do to one another (`tandem profile`'s host probe through the local
+        # cluster): a prefill's slowdown while s requests decode there; a decode step's while n decode batches
+        # (itself included) run there, and what a prefill beside them adds with s requests decoding. None: no such
+        # rows (workers never slow one another unless the mixed worker's own side-by-side rows say so)
+        self._host_prefill = _keyed(ovh, "host_prefill_slowdown@")
+        self._host_decode = _keyed(ovh, "host_decode_slowdown@")
+        self._host_decode_p = _keyed(ovh, "host_decode_slowdown_prefill@")
+        self.shares_host = any(x is not None for x in (self._host_prefill, self._host_decode, self._host_decode_p))
         self.first_token_after_kv = bool(ovh.get("first_token_after_kv", 0.0))  # our runtime's Prefill reply
         self.concurrent_phases = bool(ovh.get("concurrent_phases", 0.0))  # mixed: prefill and decode threads
+        # our engine runs a prefill batch padded to its longest prompt (the table's rows are uniform batches, n x b
+        # tokens), so a batch costs what b prompts of the longest length cost; without the row, the sum of them
+        self.prefill_padded = bool(ovh.get("prefill_padded", 0.0))
         # ... which share the process's cores: each phase's slowdown while the other runs (measured side by side)
         self.mixed_prefill_slowdown = ovh.get("mixed_prefill_slowdown", 1.0)
         self.mixed_decode_slowdown = ovh.get("mixed_decode_slowdown", 1.0)
         # the in-cluster step's spread (overhead rows step_jitter_q<per mille>): each decode iteration's duration
         # is multiplied by a draw from this empirical distribution (sim/worker.py); None: every step as profiled
         self.jitter = step_jitter(ovh)
+
+    # -- one host's workers slowing one another -------------------------------------------------------------
+    def host_prefill_slowdown(self, streams: int) -> float:
+        """A prefill's slowdown while `streams` requests decode on its host (linear between the measured
+        stream counts, the nearest end's past them; 1 with none decoding or without host rows)."""
+        return _at(self._host_prefill, streams) if streams > 0 and self._host_prefill is not None else 1.0
+
+    def host_decode_slowdown(self, batches: int, streams: int, prefill: bool) -> float:
+        """A decode step's slowdown while `batches` decode batches (its own included) holding `streams` requests
+        run on its host, and, if `prefill`, a prompt prefills there (1 alone or without host rows)."""
+        f = _at(self._host_decode, batches) if batches > 1 and self._host_decode is not None else 1.0
+        if prefill and self._host_decode_p is not None:
+            f *= _at(self._host_decode_p, streams)
+        return f
 
     # -- power -------------------------------------------------------------------------------------------
     def _power_and_slowdown(self, t_compute: float, t_memory: float, t: float) -> tuple[float, float]:
@@ -246,7 +287,8 @@ class PerfModel:
         t_c = flops / self._flops
         t_m = (s.weight_bytes + tokens * s.kv_bytes_per_token) / self._bw
         if self.profile is not None:
-            t = _interp(tokens, self.profile.prompt_tokens, self.profile.prompt_s) * self.prefill_ratio
+            ratio = self.prefill_ratio if self._prefill_ratio_n is None else _interp_c(tokens, *self._prefill_ratio_n)
+            t = _interp(tokens, self.profile.prompt_tokens, self.profile.prompt_s) * ratio
         else:
             t = self.hw.iter_overhead_s + max(t_c, t_m)
         watts, slow = self._power_and_slowdown(t_c, t_m, t)

@@ -64,6 +64,37 @@ class Draws:
         return self.buf[self.i - 1]
 
 
+class Host:
+    """The workers of one layout that share a machine (their pools' `host`, a mixed worker's prefill lane with
+    its decode half), when the profile measured what they do to one another there (sim/perf.py's host rows):
+    a prefill runs slower while requests decode beside it, a decode step while a prefill or other batches run.
+    Each unit's speed is set when it starts (a decode segment is cut when a prefill starts or ends beside it)."""
+
+    __slots__ = ("members",)
+
+    def __init__(self) -> None:
+        self.members: list[Worker] = []
+
+    def decoding(self, me: Worker) -> tuple[int, int]:
+        """(decode batches, requests in them) running on this host besides `me`'s."""
+        n = s = 0
+        for w in self.members:
+            if w is not me and w.busy and w.seg[0] == "decode":
+                n += 1
+                s += len(w.heap)
+        return n, s
+
+    def prefilling(self, me: Worker) -> bool:
+        return any(w is not me and w.busy and w.seg[0] == "prefill" for w in self.members)
+
+    def retime(self, me: Worker) -> None:
+        """A prefill started or ended: the running decode segments go on at the new speed from their next
+        iteration."""
+        for w in self.members:
+            if w is not me and w.busy and w.seg[0] == "decode":
+                w._cut()
+
+
 class Worker:
     """Runs prefill batches, mixed iterations (prefill + one decode step) and multi-iteration decode segments."""
 
@@ -75,7 +106,7 @@ class Worker:
                  "max_batch_tokens", "kv_cap", "kv_used", "dec_assigned", "prefill_q", "prefill_pending", "dec_wait",
                  "it", "heap", "fresh", "ctx", "busy", "pending", "seg", "kv_bytes", "layers",
                  "fabric", "layerwise", "mixed_overhead", "twin", "lane", "idle_w", "load", "rank", "rank_i",
-                 "decode_times", "jitter")
+                 "decode_times", "jitter", "host", "stalled")
 
     def __init__(self, env: Clock, idx: int, role: str, perf: PerfModel, batching: Batching,
                  reqs: Requests, tally: Tally, cluster: object, kv_usable_fraction: float,
@@ -119,6 +150,8 @@ class Worker:
         self.rank_i = 0
         # the decode step's measured spread: one multiplier per iteration, seeded by the run's seed and this worker
         self.jitter = Draws(perf.jitter, (seed, idx)) if perf.jitter is not None and idx >= 0 else None
+        self.host: Host | None = None  # set by the cluster when this worker shares its machine (Host)
+        self.stalled = 0.0  # what joins add to the running iteration (decode_join_stall_s), for its first-gap record
 
     # -- inputs from the router / other workers -------------------------------------------------------------
     def add_prefill(self, rid: int) -> None:
@@ -212,9 +245,16 @@ class Worker:
             tokens += p
             sum_sq += float(p) * p
         b = len(self.heap)  # decode requests riding along (mixed iteration)
-        t, watts = self.perf.prefill(tokens + b, sum_sq)
-        twin = self.twin
-        if twin is not None and twin.busy:  # a concurrent mixed worker: both threads share the process's cores
+        if self.perf.prefill_padded and len(batch) > 1:  # our engine pads every prompt to the longest
+            longest = max(prompt[rid] for rid in batch)
+            t, watts = self.perf.prefill(len(batch) * longest + b, len(batch) * float(longest) * longest)
+        else:
+            t, watts = self.perf.prefill(tokens + b, sum_sq)
+        twin, host = self.twin, self.host
+        if host is not None:  # the machine's other workers: s requests decoding beside this prefill (measured)
+            t *= self.perf.host_prefill_slowdown(host.decoding(self)[1])
+            host.retime(self)  # ... and they run slower beside it from their next iteration
+        elif twin is not None and twin.busy:  # a concurrent mixed worker: both threads share the process's cores
             t *= self.perf.mixed_prefill_slowdown
             if twin.seg and twin.seg[0] == "decode":
                 twin._cut()  # its next decode segment runs beside this prefill, at the shared speed
@@ -252,8 +292,13 @@ class Worker:
         heap = self.heap
         b = len(heap)
         a, c, watts = self.decode_times[b] or self._decode_time(b)
-        lane = self.lane
-        if lane is not None and lane.busy:
+        lane, host = self.lane, self.host
+        if host is not None:  # its machine's prefills and other decode batches (measured slowdowns)
+            n, s = host.decoding(self)
+            f = self.perf.host_decode_slowdown(1 + n, b + s, host.prefilling(self))
+            if f != 1.0:
+                a, c = a * f, c * f
+        elif lane is not None and lane.busy:
             a, c = a * self.perf.mixed_decode_slowdown, c * self.perf.mixed_decode_slowdown
         if self.fusion:
             k = heap[0][0] - self.it
@@ -267,6 +312,15 @@ class Worker:
             t = (a + c * c0) * self.jitter()
         else:
             t = k * a + c * (k * c0 + b * k * (k - 1) / 2.0)  # seg_time(k, a, c, c0, b)
+        stall = self.perf.decode_join_stall_s
+        if stall > 0.0 and self.fresh and len(self.fresh) < b:
+            # requests join a running batch in this iteration: it is longer for the members already in it; the
+            # joiners' own first gaps end where the step would have (decode_join_s holds their part)
+            if k > 1:
+                k, t = 1, a + c * c0
+            self.stalled = stall * len(self.fresh)
+            t += self.stalled
+            a, c = t, 0.0  # (a one-iteration segment of exactly t: a cut never shortens it)
         self.busy = True
         env = self.env
         self.seg = seg = ("decode", env.now, t, watts, k, a, c, c0, b)
@@ -324,6 +378,8 @@ class Worker:
                 self._start_decode()
         else:
             self._next()
+        if self.host is not None and not self.busy:
+            self.host.retime(self)  # no prefill here any more: the host's decode batches speed up
 
     def _landed(self, rid: int) -> None:
         """A pushed KV arrived at its decode worker. Our runtime answers Prefill only now (tandem profile's
@@ -348,7 +404,10 @@ class Worker:
         _, t0, t, watts, k, a, c, c0, b = seg
         self.tally.spans.append((t0, self.env.now, watts - self.idle_w))  # Tally.busy, inlined
         # seg_time(1, ...) is exactly a + c·c0; a fused batch's members all leave at the segment's end (no coef)
-        if self.jitter is not None:  # a single drawn iteration: its gap is the whole segment
+        if self.stalled:  # a one-iteration segment that joiners lengthened for the members already there
+            self._advance(1, t0, t - self.stalled, t)
+            self.stalled = 0.0
+        elif self.jitter is not None:  # a single drawn iteration: its gap is the whole segment
             self._advance(1, t0, t, t)
         else:
             self._advance(k, t0, a + c * c0, t, None if self.fusion else (a, c, c0, b))

@@ -6,7 +6,9 @@ Rows (CSV or JSON, one `kind` each; times in ms like splitwise_perf_model.csv):
 - token:    batch_size, token_size (context per request) -> token_time   (one FusionScheduler.step())
 - kv:       kv_bytes -> kv_time   (a whole push over gRPC to a decode worker process: KVTransfer.Push)
 - overhead: name -> value   (seconds, or ratios; measured through a running cluster's gateway at light load;
-              step_jitter_q<per mille>: quantiles of the in-cluster token gap over its request's median)
+              step_jitter_q<per mille>: quantiles of the in-cluster token gap over its request's median;
+              host_*, decode_join_stall_s, prefill_ratio@N: what the cluster's processes on one host do to one
+              another, from host_interference)
 """
 
 from __future__ import annotations
@@ -44,11 +46,20 @@ class Plan:
     # decode_batches and at most the layout's max_batch. Empty: only the one-at-a-time ratio.
     cluster_batches: list[int] = field(default_factory=list)
     cluster_output: int = 64
+    # the host probe (host_interference): prompts of these sizes prefill beside 1..k decode streams in the
+    # running cluster (the trace's scaled prompts on this CPU are mostly 100-256 tokens); `host_rounds` prompts
+    # per phase, each followed by a quiet spell as long as its prefill; streams of `host_output` tokens.
+    # Empty sizes: no host rows.
+    host_prompts: list[int] = field(default_factory=lambda: [128, 256])
+    host_rounds: int = 8
+    host_output: int = 120
+    host_streams: int = 8  # a last phase with this many streams over every decode batch (0: none)
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(prompt_sizes=[8, 48, 192], prompt_batches=[1, 2], decode_batches=[1, 4, 16],
-                   contexts=[16, 256], kv_tokens=[16, 1024], repeats=2, steps=3, overhead_requests=4)
+                   contexts=[16, 256], kv_tokens=[16, 1024], repeats=2, steps=3, overhead_requests=4,
+                   host_rounds=4, host_output=70, host_streams=0)
 
     @classmethod
     def gpu(cls, quick: bool = False) -> Plan:
@@ -56,7 +67,8 @@ class Plan:
         take milliseconds, so more points cost little); `quick` keeps every other point."""
         plan = cls(prompt_sizes=[32, 128, 512, 1024, 2048, 4096], prompt_batches=[1, 2, 4],
                    decode_batches=[1, 2, 4, 8, 16, 32], contexts=[128, 1024, 4096], kv_tokens=[64, 512, 2048, 4096],
-                   repeats=5, steps=10, overhead_requests=10, cluster_batches=[1, 4, 16, 32])
+                   repeats=5, steps=10, overhead_requests=10, cluster_batches=[1, 4, 16, 32],
+                   host_prompts=[1024, 2048], host_rounds=8, host_output=1500, host_streams=16)
         if quick:
             plan.prompt_sizes, plan.decode_batches, plan.contexts = [32, 512, 4096], [1, 4, 16, 32], [128, 4096]
             plan.cluster_batches = [1, 4, 32]
@@ -284,6 +296,7 @@ def fit_linear(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 # -- overheads through a running cluster ----------------------------------------------------------------------------
+PROBE_PROMPT = 32  # the overhead probe's prompt (tokens): its prefill_ratio is the ratio at this size
 JITTER_LEVELS = (0, 50, 100, 150, 200, 250, 300, 350, 400, 450, 500, 550, 600, 650, 700, 750, 800, 850, 900, 950,
                  975, 990, 1000)  # per mille: overhead rows step_jitter_q<level> (sim/perf.py reads them back)
 
@@ -300,7 +313,7 @@ def jitter_quantiles(gap_lists: list[list[float]]) -> dict[str, float]:
 
 
 def overhead_values(gateway: str, step_s: Callable[[int, int], float], prefill_s: Callable[[int], float], n: int,
-                    prompt: int = 32, output: int = 40, batch: int = 4) -> dict[str, float]:
+                    prompt: int = PROBE_PROMPT, output: int = 40, batch: int = 4) -> dict[str, float]:
     """Requests through the gateway (gRPC): what the engine profile cannot see. `n` one at a time, then one
     group of `batch` sent together.
 
@@ -369,6 +382,150 @@ def batch_step_ratios(gateway: str, step_s: Callable[[int, int], float], batches
     return out
 
 
+def _stream_live(ch: Any, ids: list[int], max_tokens: int, rid: str) -> tuple[Any, dict[str, Any]]:
+    """One streamed request on its own thread; its token times (perf_counter) fill in as they come."""
+    import threading
+
+    from services.bench.load import _request
+    from services.rpc.tandem.v1 import generation_pb2_grpc as gpb_grpc
+
+    rec: dict[str, Any] = {"times": [], "workers": []}
+
+    def run() -> None:
+        for msg in gpb_grpc.GenerationStub(ch).Generate(_request(ids, max_tokens), timeout=600,
+                                                         metadata=(("x-request-id", rid),)):
+            rec["times"] += [time.perf_counter()] * len(msg.token_ids)
+            rec["workers"] = list(msg.workers) or rec["workers"]
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th, rec
+
+
+def _batches(live: list[tuple[Any, dict[str, Any]]]) -> int:
+    """Distinct decode workers serving these streams (each stream's last named worker)."""
+    return len({tuple(rec["workers"][-1:]) for _, rec in live})
+
+
+def _overlap(a: float, b: float, windows: list[tuple[float, float]]) -> float:
+    """The share of (a, b] covered by the (disjoint) windows."""
+    return sum(max(0.0, min(b, w1) - max(a, w0)) for w0, w1 in windows) / (b - a) if b > a else 0.0
+
+
+def host_interference(gateway: str, decode_workers: int, prompts: list[int], rounds: int, output: int,
+                      prompt: int = 32, detail: dict[str, Any] | None = None,
+                      prefill_s: Callable[[int], float] | None = None, streams: int = 0) -> dict[str, float]:
+    """What the cluster's processes do to one another on a shared host (the local cluster: every worker, the
+    gateway and this client on the same cores), measured through the gateway with the layout's own workers.
+
+    Alone first: each prompt size prefilled twice with nothing else running (the worker's own prefill time).
+    Then phases of s decoding streams (prompt 32, `output` tokens): s = 1 .. `decode_workers`, one stream per
+    decode batch, and, when `streams` > `decode_workers`, s = `streams` spread over every batch. The streams are
+    sent one after another, each once decoding (JSQ then puts the next on another batch); once all decode,
+    `rounds` prompts (sizes cycling through `prompts`, output 2) one after another, each followed by a quiet spell
+    as long as its prefill. Each prompt's prefill window is placed from its first token back over the unhidden
+    KV transfer and its prefill time; a stream gap is *covered* when such windows cover half of it, *quiet* when
+    none touches it, a *join* when a prompt's second token came out in it on the stream's own worker.
+
+    prefill_ratio@N (with `prefill_s`, the profiled engine-alone prefill of N tokens): the alone prefill over it.
+    host_prefill_slowdown@s: a prompt's prefill time while s streams decode on the host over its size's time
+    alone (median over the phase). host_decode_slowdown@k (k > 1, one stream per batch): the median quiet gap
+    with k decode batches over that with one. host_decode_slowdown_prefill@s: the median covered gap over the
+    median quiet gap of the same phase (what a prefill beside them adds, with s streams decoding).
+    decode_join_stall_s: the median of (join gap - its phase's median quiet gap). A phase whose streams did not
+    reach min(s, decode_workers) batches gives no rows. `detail` receives the raw gaps and ratios per phase."""
+    import grpc
+
+    from services.bench.load import prompt_ids, stream_one
+
+    prompts = [n for n in prompts if n > 0]
+    if not prompts or rounds < 1 or decode_workers < 1:
+        return {}
+    alone: dict[int, list[float]] = {n: [] for n in prompts}
+    for i in range(2 * len(prompts) + 1):  # the first one warms the size up, then two of each
+        n = prompts[i % len(prompts)]
+        r = stream_one(gateway, prompt_ids(n, 900 + i), 2, f"host-alone-{i}")
+        if i:
+            alone[n].append(r["prefill_s"])
+    alone_s = {n: statistics.median(v) for n, v in alone.items()}
+    out: dict[str, float] = {}
+    if prefill_s is not None:  # the in-cluster prefill at the trace's sizes over the engine-alone profile
+        out.update({f"prefill_ratio@{n}": alone_s[n] / prefill_s(n) for n in prompts})
+    phases: dict[int, dict[str, list[float]]] = {}
+    skipped: dict[int, str] = {}
+    plan = list(range(1, decode_workers + 1)) + ([streams] if streams > decode_workers else [])
+    ch = grpc.insecure_channel(gateway, options=[("grpc.max_concurrent_streams", 256)])
+    try:
+        for s in plan:
+            want = min(s, decode_workers)  # decode batches the s streams should spread over
+            live: list[tuple[Any, dict[str, Any]]] = []
+            deadline = time.perf_counter() + 120
+
+            # one after another, each once decoding; a gateway's stale load view can stack two on one batch:
+            # then more, at most s + decode_workers in all
+            while (len(live) < s or _batches(live) < want) and len(live) < s + decode_workers:
+                j = len(live)
+                live.append(_stream_live(ch, prompt_ids(prompt, 950 + 40 * s + j), output, f"host-{s}-s{j}"))
+                while any(len(rec["times"]) < 3 for _, rec in live) and time.perf_counter() < deadline:
+                    time.sleep(0.005)  # (first token and two gaps out)
+            windows: list[tuple[float, float]] = []
+            ratios: list[float] = []
+            joins: list[tuple[float, str]] = []  # (a prompt's second token: the step it joined, its decode worker)
+            for i in range(rounds):
+                if any(len(rec["times"]) > output - 8 for _, rec in live):
+                    break  # a stream is about to end: its decode batch would shrink or go idle
+                n = prompts[i % len(prompts)]
+                t0 = time.perf_counter()
+                r = stream_one(gateway, prompt_ids(n, 1000 + 100 * s + i), 2, f"host-{s}-p{i}")
+                end = t0 + r["ttft_s"] - r["kv_transfer_s"]
+                windows.append((end - r["prefill_s"], end))
+                ratios.append(r["prefill_s"] / alone_s[n])
+                if r["gaps"] and r["workers"]:
+                    joins.append((t0 + r["ttft_s"] + r["gaps"][0], r["workers"][-1]))
+                time.sleep(r["prefill_s"])  # a quiet spell: the same streams' gaps without a prefill beside them
+            for th, _ in live:
+                th.join(600)
+            got = _batches(live)
+            if got < want or not windows:  # JSQ stacked the streams on fewer batches, or they ended first
+                skipped[s] = f"{got} decode batches for {len(live)} streams, {len(windows)} prompts"
+                continue
+            ph = phases[len(live)] = {"prefill_ratio": ratios, "covered": [], "quiet": [], "join": [],
+                                      "batches": [got]}
+            lo, hi = windows[0][0], windows[-1][1] + windows[-1][1] - windows[-1][0]
+            for _, rec in live:
+                times, at = rec["times"], rec["workers"][-1:]
+                mine = [t for t, w in joins if [w] == at]
+                for a, b in zip(times[2:], times[3:], strict=False):
+                    if b <= a or b < lo or a > hi:
+                        continue  # several tokens in one message, or outside the probed spell
+                    if any(a + (b - a) / 2 < t <= b + (b - a) / 2 for t in mine):
+                        ph["join"].append(b - a)  # the step a prompt joined this batch in (its token and ours)
+                        continue
+                    share = _overlap(a, b, windows)
+                    if share >= 0.5:
+                        ph["covered"].append(b - a)
+                    elif share == 0.0:
+                        ph["quiet"].append(b - a)
+    finally:
+        ch.close()
+    if detail is not None:
+        detail.update(alone=alone, phases=phases, skipped=skipped)
+    quiet = {s: statistics.median(ph["quiet"]) for s, ph in phases.items() if len(ph["quiet"]) >= 5}
+    for s, ph in phases.items():
+        out[f"host_prefill_slowdown@{s}"] = max(1.0, statistics.median(ph["prefill_ratio"]))
+        if s not in quiet:
+            continue
+        if 1 < s <= decode_workers and ph["batches"] == [s] and 1 in quiet:  # one stream on each of s batches
+            out[f"host_decode_slowdown@{s}"] = max(1.0, quiet[s] / quiet[1])
+        if len(ph["covered"]) >= 5:
+            out[f"host_decode_slowdown_prefill@{s}"] = max(1.0, statistics.median(ph["covered"]) / quiet[s])
+    # a request joining a running batch lengthens that step for every member
+    extra = [g - quiet[s] for s, ph in phases.items() if s in quiet for g in ph["join"]]
+    if len(extra) >= 3:
+        out["decode_join_stall_s"] = max(0.0, statistics.median(extra))
+    return out
+
+
 def machine_note() -> dict[str, Any]:
     load = os.getloadavg()
     return {"cpus": len(os.sched_getaffinity(0)), "loadavg": [round(x, 2) for x in load],
@@ -376,8 +533,9 @@ def machine_note() -> dict[str, Any]:
 
 
 def run_profile(engine: Any, model_name: str, hardware: str, plan: Plan, gateway: str | None = None,
-                progress: Progress | None = None) -> dict[str, Any]:
-    """Everything measured, as {"model", "hardware", "machine", "fit", "rows"}."""
+                progress: Progress | None = None, decode_workers: int = 1) -> dict[str, Any]:
+    """Everything measured, as {"model", "hardware", "machine", "fit", "rows"}. `decode_workers`: the
+    gateway's cluster's decode (or mixed) workers, for the host probe's phases."""
     tick = progress or (lambda _msg: None)
     p_rows = prefill_rows(engine, plan, tick)
     d_rows = decode_rows(engine, plan, tick)
@@ -410,9 +568,16 @@ def run_profile(engine: Any, model_name: str, hardware: str, plan: Plan, gateway
         overheads = overhead_values(gateway, step_s, prefill_s, plan.overhead_requests)
         overheads.update(batch_step_ratios(gateway, step_s, [b for b in plan.cluster_batches if b in by_b],
                                            plan.cluster_output))
+        host = host_interference(gateway, decode_workers, [n for n in plan.host_prompts if n <= max(single)[0]],
+                                 plan.host_rounds, plan.host_output, prefill_s=prefill_s,
+                                 streams=plan.host_streams)
+        if any(k.startswith("prefill_ratio@") for k in host):  # the lone requests' ratio, at their size
+            host[f"prefill_ratio@{PROBE_PROMPT}"] = overheads["prefill_ratio"]
+        overheads.update(host)
     overheads.update(side_by_side(engine, plan))
     overheads["first_token_after_kv"] = 1.0  # the runtime answers Prefill once the KV push has landed
     overheads["concurrent_phases"] = 1.0  # a mixed worker runs its batcher and scheduler on two threads
+    overheads["prefill_padded"] = 1.0  # the engine pads a prefill batch to its longest prompt (Engine.prefill)
     tick("overheads")
     rows += [_row(model_name, hardware, "overhead", name=k, value=round(v, 6)) for k, v in overheads.items()]
     fit = {"kv_latency_s": kv_latency, "kv_gbps": (8 / kv_s_per_byte / 1e9) if kv_s_per_byte > 0 else None,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -24,6 +25,13 @@ def layout_device(lay: object) -> str | None:
         if where is not None:
             return where[1].device_of(where[2])
     return None
+
+
+def decode_batches(lay: Any) -> int:
+    """How many decode batches the layout's cluster runs at once: its decode workers (a split layout's), else
+    its mixed workers."""
+    decode = sum(p.count for p in lay.pools_of("decode"))
+    return decode or sum(p.count for p in lay.pools_of("mixed")) or 1
 
 
 def profile_to(out: Path, layout: str | None, model: str | None, name: str | None, hardware: str,
@@ -56,7 +64,8 @@ def profile_to(out: Path, layout: str | None, model: str | None, name: str | Non
             result = run_profile(engine, table_name, hardware, plan, None, tick)
         else:
             with running_cluster(layout, attach, note=console.print) as (served, _):
-                result = run_profile(engine, table_name, hardware, plan, served.gateway.grpc, tick)
+                result = run_profile(engine, table_name, hardware, plan, served.gateway.grpc, tick,
+                                     decode_workers=decode_batches(served))
     write_profile(result, out)
     return result
 
