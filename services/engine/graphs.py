@@ -66,7 +66,6 @@ class DecodeGraphs:
         self.device = self.fused.embed.device
         self.ops = triton_ops(fuse_rope=fuse_rope)
         self.ops_pdl = triton_ops(pdl=True, fuse_rope=fuse_rope)
-        self.fuse_rope = fuse_rope
         self.gemv_mode = gemv_mode
         self.pdl = pdl
         self.plans: dict[int, gemv.Plan] = {}

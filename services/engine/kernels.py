@@ -424,20 +424,34 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     rows, n_heads, hd = q.shape
     n_kv = k_cache.shape[2]
     g = n_heads // n_kv
-    out = q.new_empty(rows, n_heads * hd)
-    if splits > 1:
-        po = torch.empty(rows * n_heads * splits * hd, device=q.device, dtype=torch.float32)
-        pml = torch.empty(rows * n_heads * splits * 2, device=q.device, dtype=torch.float32)
-    else:
-        po = pml = out
-    scale = hd ** -0.5 * 1.4426950408889634  # log2(e): the kernel uses exp2
+    out, po, pml = _attn_outputs(rows, n_heads, hd, splits, q.device, q.dtype)
     _decode_attn_kernel[(rows, n_kv, splits)](q, k_cache, v_cache, pos, out, po, pml,
-                                              k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale,
-                                              H=n_heads, G=g, GP=max(16, triton.next_power_of_2(g)), D=hd,
-                                              BLOCK_N=block_n, NSPLIT=splits, IEEE=q.dtype == torch.float32,
+                                              k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                                              _qk_scale(hd), H=n_heads, G=g, GP=max(16, triton.next_power_of_2(g)),
+                                              D=hd, BLOCK_N=block_n, NSPLIT=splits, IEEE=q.dtype == torch.float32,
                                               PDL=pdl, num_warps=num_warps, num_stages=num_stages, **_pdl(pdl))
+    return _reduce_splits(out, po, pml, rows * n_heads, hd, splits, pdl)
+
+
+def _qk_scale(hd: int) -> float:
+    return hd ** -0.5 * 1.4426950408889634  # log2(e): the kernels use exp2
+
+
+def _attn_outputs(rows: int, n_heads: int, hd: int, splits: int, device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention output [R, H * D] and, with key splits, the float32 partials (acc, then max and sum) that the
+    reduce combines (without: the output stands in for them, unused)."""
+    out = torch.empty(rows, n_heads * hd, device=device, dtype=dtype)
+    if splits == 1:
+        return out, out, out
+    return (out, torch.empty(rows * n_heads * splits * hd, device=device, dtype=torch.float32),
+            torch.empty(rows * n_heads * splits * 2, device=device, dtype=torch.float32))
+
+
+def _reduce_splits(out: torch.Tensor, po: torch.Tensor, pml: torch.Tensor, heads: int, hd: int, splits: int,
+                   pdl: bool) -> torch.Tensor:
     if splits > 1:
-        _decode_reduce_kernel[(rows * n_heads,)](po, pml, out, D=hd, NSPLIT=splits, PDL=pdl, **_pdl(pdl))
+        _decode_reduce_kernel[(heads,)](po, pml, out, D=hd, NSPLIT=splits, PDL=pdl, **_pdl(pdl))
     return out
 
 
@@ -453,19 +467,11 @@ def rope_attention(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     qkv = qkv.contiguous()
     g = n_heads // n_kv
-    out = torch.empty(rows, n_heads * hd, device=qkv.device, dtype=k_cache.dtype)
-    if splits > 1:
-        po = torch.empty(rows * n_heads * splits * hd, device=qkv.device, dtype=torch.float32)
-        pml = torch.empty(rows * n_heads * splits * 2, device=qkv.device, dtype=torch.float32)
-    else:
-        po = pml = out
-    scale = hd ** -0.5 * 1.4426950408889634
+    out, po, pml = _attn_outputs(rows, n_heads, hd, splits, qkv.device, k_cache.dtype)
     _rope_attn_kernel[(rows, n_kv, splits)](qkv, pos, slot, cos, sin, k_cache, v_cache, out, po, pml,
-                                            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale,
+                                            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), _qk_scale(hd),
                                             rows * qkv.shape[-1], H=n_heads, HKV=n_kv, G=g,
                                             GP=max(16, triton.next_power_of_2(g)), HALF=hd // 2, BLOCK_N=block_n,
                                             NSPLIT=splits, PARTS=parts, IEEE=k_cache.dtype == torch.float32,
                                             PDL=pdl, num_warps=num_warps, num_stages=num_stages, **_pdl(pdl))
-    if splits > 1:
-        _decode_reduce_kernel[(rows * n_heads,)](po, pml, out, D=hd, NSPLIT=splits, PDL=pdl, **_pdl(pdl))
-    return out
+    return _reduce_splits(out, po, pml, rows * n_heads, hd, splits, pdl)
