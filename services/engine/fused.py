@@ -172,23 +172,28 @@ TORCH_OPS = SimpleNamespace(rmsnorm=_rmsnorm, add_rmsnorm=_add_rmsnorm, silu_mul
                             down=_down, head=_head)
 
 
-def triton_ops(pdl: bool = False, fuse_rope: bool = True) -> SimpleNamespace:
+PDL_LATE = 2  # triton_ops(pdl=PDL_LATE): kernels.py's late trigger of programmatic dependent launch
+
+
+def triton_ops(pdl: bool | int = False, fuse_rope: bool = True) -> SimpleNamespace:
     """The Triton kernels, projections through cuBLAS (services.engine.gemv picks others per batch bucket).
     pdl: launch every Triton kernel with programmatic dependent launch (Hopper; each kernel waits for its
-    predecessor inside, so the next launch overlaps the running kernel). fuse_rope: rope_attention is one kernel
+    predecessor inside, so the next launch overlaps the running kernel); kernels.PDL_LATE: the projection and
+    attention kernels let the next one launch only after their main loop, not at their start. fuse_rope:
+    rope_attention is one kernel
     (kernels.rope_attention), else rope_kv then decode_attention (the step before that kernel)."""
     from functools import partial
 
     from services.engine import kernels
 
-    k = {name: partial(getattr(kernels, fn), pdl=True) if pdl else getattr(kernels, fn) for name, fn in
+    k = {name: partial(getattr(kernels, fn), pdl=pdl) if pdl else getattr(kernels, fn) for name, fn in
          (("rmsnorm", "rmsnorm"), ("add_rmsnorm", "add_rmsnorm"), ("silu_mul", "silu_mul"), ("rope_kv", "rope_kv"),
           ("attention", "decode_attention"), ("rope_attention", "rope_attention"))}
     if not fuse_rope:
         rope_kv, attention = k["rope_kv"], k["attention"]
 
-        def unfused(qkv, pos, slot, cos, sin, kc, vc, n_heads, n_kv, splits):  # noqa: ANN001, ANN202
-            return attention(rope_kv(qkv, pos, slot, cos, sin, kc, vc, n_heads, n_kv), kc, vc, pos, splits)
+        def unfused(qkv, pos, slot, cos, sin, kc, vc, n_heads, n_kv, splits, **tiles):  # noqa: ANN001, ANN202
+            return attention(rope_kv(qkv, pos, slot, cos, sin, kc, vc, n_heads, n_kv), kc, vc, pos, splits, **tiles)
         k["rope_attention"] = unfused
     silu_mul = k["silu_mul"]
     return SimpleNamespace(**k, qkv=_qkv, o=_o, mlp_in=lambda h, wgu: silu_mul(F.linear(h, wgu)),

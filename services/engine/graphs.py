@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 
 import torch
 
 from services.engine import gemv
-from services.engine.fused import FusedModel, decode_step, fuse_weights, prefill_step, triton_ops
+from services.engine.fused import PDL_LATE, FusedModel, decode_step, fuse_weights, prefill_step, triton_ops
 from services.engine.kv import KVBuffer
 from services.engine.model import Transformer
 
@@ -31,10 +32,32 @@ def bucket_for(n: int) -> int:
     return -(-n // 32) * 32
 
 
+ATTN_MODES = ("tuned", "legacy")
+
+
 def attn_splits(rows: int, n_kv: int, sms: int) -> int:
     """Key splits per (row, KV head) for about two attention programs per multiprocessor (a power of 2, <= 16)."""
     want = -(-2 * sms // max(1, rows * n_kv))
     return min(16, 1 << (want - 1).bit_length())
+
+
+def attn_tiles(rows: int, n_kv: int, sms: int, mode: str = "tuned") -> dict:
+    """How the step's attention kernel runs for `rows` rows: key splits, keys per tile, pipeline stages, grid order.
+
+    "tuned" (measured on an H200, Llama-3.2-1B shapes at 1 024 and 4 096 tokens: docs/gpu.md): with fewer
+    (row, KV head) pairs than half the multiprocessors, key splits as attn_splits says and 64-key tiles, two stages;
+    from there on one program per pair streams all its keys (no split, no reduce kernel), three stages deep, in
+    128-key tiles while there are at most two pairs per multiprocessor (64-key tiles above, so that four programs
+    fit on one); the KV heads of a row are neighbouring programs. "legacy": the step before that (attn_splits,
+    64-key tiles, two stages, a (rows, Hkv, splits) grid)."""
+    if mode not in ATTN_MODES:
+        raise ValueError(f"attention mode must be one of {', '.join(ATTN_MODES)} (got {mode!r})")
+    pairs = rows * n_kv
+    if mode == "legacy":
+        return {"splits": attn_splits(rows, n_kv, sms), "block_n": 64, "num_stages": 2, "hk_fast": False}
+    if 2 * pairs < sms:
+        return {"splits": attn_splits(rows, n_kv, sms), "block_n": 64, "num_stages": 2, "hk_fast": True}
+    return {"splits": 1, "block_n": 128 if pairs <= 2 * sms else 64, "num_stages": 3, "hk_fast": True}
 
 
 @dataclass(slots=True)
@@ -51,21 +74,24 @@ class DecodeGraphs:
     `gemv_mode`: how each bucket's projections pick their kernel (services.engine.gemv: "auto" measures at the
     bucket's first capture, "on" forces the Triton skinny kernel where it applies, "off" keeps cuBLAS).
     `pdl`: launch the step's Triton kernels with programmatic dependent launch (each kernel's launch overlaps
-    the one before it); None tries both. `fuse_rope`: RoPE and the KV write inside the attention kernel
-    (kernels.rope_attention), else a kernel of their own before it.
+    the one before it; fused.PDL_LATE: the projections and attention let the next kernel launch only after their
+    main loop); None tries without, with, and late. `fuse_rope`: RoPE and the KV write inside the attention kernel
+    (kernels.rope_attention), else a kernel of their own before it. `attn`: how attention is tiled (attn_tiles).
 
     At a bucket's first capture, every variant of the step (the measured projection plan and, in "auto", the
-    "on" heuristic plan, each with and without PDL as `pdl` allows) is captured and replayed in turns, and the
+    "on" heuristic plan, each with every PDL setting `pdl` allows) is captured and replayed in turns, and the
     graph with the fastest replay is kept: `step_choice[b]` records which and the replay times."""
 
     def __init__(self, model: Transformer, gemv_mode: str = "auto", pdl: bool | None = None,
-                 fuse_rope: bool = True) -> None:
+                 fuse_rope: bool = True, attn: str = "tuned") -> None:
         if gemv_mode not in gemv.MODES:
             raise ValueError(f"gemv mode must be one of {', '.join(gemv.MODES)} (got {gemv_mode!r})")
+        attn_tiles(1, 1, 1, attn)  # refuses an unknown mode here, not at the first capture
+        self.attn = attn
         self.fused: FusedModel = fuse_weights(model)
         self.device = self.fused.embed.device
-        self.ops = triton_ops(fuse_rope=fuse_rope)
-        self.ops_pdl = triton_ops(pdl=True, fuse_rope=fuse_rope)
+        self.ops_by_pdl = {p: triton_ops(pdl=p, fuse_rope=fuse_rope) for p in (False, True, PDL_LATE)}
+        self.ops = self.ops_by_pdl[False]
         self.gemv_mode = gemv_mode
         self.pdl = pdl
         self.plans: dict[int, gemv.Plan] = {}
@@ -135,7 +161,7 @@ class DecodeGraphs:
         """The ops table of bucket b: the Triton kernels, with each projection's kernel from the bucket's plan."""
         if b not in self.plans:
             self.plans[b] = gemv.plan_for(self.fused, b, self.gemv_mode, kv.k, kv.v, self.sms, self.ops)
-        return gemv.bind(self.plans[b].choices, self.ops_pdl if pdl else self.ops)
+        return gemv.bind(self.plans[b].choices, self.ops_by_pdl[pdl])
 
     def _variants(self, b: int, kv: KVBuffer) -> list[tuple[str, dict, bool]]:
         """(plan name, projection choices, pdl) of every step variant to capture for bucket b."""
@@ -145,7 +171,7 @@ class DecodeGraphs:
             on = gemv.plan_for(self.fused, b, "on", kv.k, kv.v, self.sms, self.ops).choices
             if on != plans["auto"]:
                 plans["on"] = on
-        pdls = [False, True] if self.pdl is None else [self.pdl]
+        pdls = [False, True, PDL_LATE] if self.pdl is None else [self.pdl]
         return [(name, choices, pdl) for name, choices in plans.items() for pdl in pdls]
 
     def _capture(self, b: int, kv: KVBuffer) -> _Graph:
@@ -154,10 +180,12 @@ class DecodeGraphs:
         inp[1] = -1  # warm-up and capture run as padding: they write no KV
         inp[2] = torch.arange(b, device=self.device)
         logits = torch.empty(b, fm.lm_head.shape[0], dtype=fm.lm_head.dtype, device=self.device)
-        splits = attn_splits(b, fm.n_kv, self.sms)
+        tiles = attn_tiles(b, fm.n_kv, self.sms, self.attn)
+        splits = tiles.pop("splits")
 
-        def capture(choices: dict, pdl: bool) -> torch.cuda.CUDAGraph:
-            ops = gemv.bind(choices, self.ops_pdl if pdl else self.ops)
+        def capture(choices: dict, pdl: bool | int) -> torch.cuda.CUDAGraph:
+            ops = gemv.bind(choices, self.ops_by_pdl[pdl])
+            ops.rope_attention = partial(ops.rope_attention, **tiles)
 
             def step() -> None:
                 decode_step(fm, ops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits)
@@ -174,7 +202,7 @@ class DecodeGraphs:
             except Exception as e:  # noqa: BLE001 - e.g. a Triton or driver without programmatic dependent launch
                 if not pdl or len(variants) == 1:
                     raise
-                errors[f"{name}{' pdl' if pdl else ''}"] = f"{type(e).__name__}: {str(e)[:160]}"
+                errors[name + _pdl_label(pdl)] = f"{type(e).__name__}: {str(e)[:160]}"
         # timed as captured: every row padding, so nothing is written to the KV buffer
         times = _replay_us(graphs) if len(graphs) > 1 else [float("nan")]
         best = min(range(len(graphs)), key=lambda i: times[i])
@@ -182,8 +210,7 @@ class DecodeGraphs:
         graph = graphs[best]
         choice: dict = {"plan": name, "pdl": pdl, "choices": {u: c.label() for u, c in choices.items()}}
         if len(graphs) > 1:
-            choice["replay_us"] = {f"{n}{' pdl' if p else ''}": round(t, 1) for (n, _, p), t in zip(kept, times,
-                                                                                                     strict=True)}
+            choice["replay_us"] = {n + _pdl_label(p): round(t, 1) for (n, _, p), t in zip(kept, times, strict=True)}
         if errors:
             choice["errors"] = errors
         del graphs
@@ -191,6 +218,10 @@ class DecodeGraphs:
         self.graphs[b] = g = _Graph(b, inp, logits, graph)
         self.captures += 1
         return g
+
+
+def _pdl_label(pdl: bool | int) -> str:
+    return " pdl late" if pdl == PDL_LATE else " pdl" if pdl else ""
 
 
 def _replay_us(graphs: list[torch.cuda.CUDAGraph], rounds: int = 5, reps: int = 8) -> list[float]:

@@ -17,16 +17,25 @@ import triton.language as tl
 
 
 @triton.jit
-def _pdl_enter():
-    """Programmatic dependent launch (Hopper): let the next kernel be launched now (it waits in its own
-    _pdl_enter), then wait until the previous kernel has finished and its writes are visible. A kernel launched
-    with launch_pdl must call this before it reads or writes anything another kernel touches."""
+def _pdl_trigger():
+    """Programmatic dependent launch: the next kernel may be launched now (it waits in its own _pdl_enter)."""
     tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False,
                               pack=1)
+
+
+@triton.jit
+def _pdl_enter(TRIGGER: tl.constexpr = True):
+    """Programmatic dependent launch (Hopper): let the next kernel be launched now (TRIGGER; else the kernel
+    calls _pdl_trigger later), then wait until the previous kernel has finished and its writes are visible. A
+    kernel launched with launch_pdl must call this before it reads or writes anything another kernel touches."""
+    if TRIGGER:
+        _pdl_trigger()
     tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
-def _pdl(pdl: bool) -> dict:
+# pdl=2 (fused.PDL_LATE) at a launch: the projection and attention kernels call _pdl_trigger after their main
+# loop instead of at their start (their constexpr PDL is 2); the other kernels trigger at their start as with True.
+def _pdl(pdl: bool | int) -> dict:
     return {"launch_pdl": True} if pdl else {}
 
 
@@ -96,7 +105,7 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, K_PER, stride_xm, stride_op, 
     streams the up rows n + N and stores silu(gate) * up, each rounded to the output dtype where the eager
     modules round."""
     if PDL:
-        _pdl_enter()
+        _pdl_enter(PDL != 2)
     pid_n = tl.program_id(0)
     part = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -122,6 +131,8 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, K_PER, stride_xm, stride_op, 
                 acc_u = tl.dot(u, tl.trans(x), acc_u, input_precision="ieee")
             else:
                 acc_u = tl.dot(u, tl.trans(x), acc_u)
+    if PDL == 2:
+        _pdl_trigger()
     dt = out_ptr.dtype.element_ty
     if SILU:
         g = acc.to(dt).to(tl.float32)
@@ -268,6 +279,23 @@ def rope_kv(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos: torch
 
 
 @triton.jit
+def _attn_program(NKV: tl.constexpr, NSPLIT: tl.constexpr, HK_FAST: tl.constexpr):
+    """(row b, KV head hk, key split sp) of this attention program. HK_FAST (a 1-D grid): the KV heads of one row
+    and key range are consecutive programs, so programs running together read neighbouring cache bytes (a
+    cache row [Hkv, D] is contiguous); else the grid is (rows, Hkv, splits)."""
+    if HK_FAST:
+        pid = tl.program_id(0)
+        hk = pid % NKV
+        sp = (pid // NKV) % NSPLIT
+        b = pid // (NKV * NSPLIT)
+    else:
+        b = tl.program_id(0)
+        hk = tl.program_id(1)
+        sp = tl.program_id(2)
+    return b, hk, sp
+
+
+@triton.jit
 def _key_range(pos, sp, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys [lo, hi) of split sp for a row whose new token sits at pos: pos + 1 live keys (the token of this step
     included; none for a padding row, pos < 0) cut into NSPLIT chunks of whole BLOCK_N blocks."""
@@ -279,7 +307,8 @@ def _key_range(pos, sp, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _attend(q, kbase, vbase, lo, hi, stride_kc, qk_scale, o_ptr, po_ptr, pml_ptr, bh, gm, sp, GP: tl.constexpr,
-            D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr):
+            D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr,
+            LATE: tl.constexpr = False):
     """Online-softmax attention of the GP query rows q [GP, D] over keys lo..hi-1 at kbase/vbase (rows stride_kc
     apart); the output of rows bh (b * H + head; gm masks padded heads) to o_ptr, or with NSPLIT > 1 this split's
     float32 partials (acc, max, sum) to po_ptr / pml_ptr for the reduce."""
@@ -306,6 +335,8 @@ def _attend(q, kbase, vbase, lo, hi, stride_kc, qk_scale, o_ptr, po_ptr, pml_ptr
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if LATE:
+        _pdl_trigger()
     if NSPLIT == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_ptr + bh[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=gm[:, None])
@@ -320,12 +351,11 @@ def _attend(q, kbase, vbase, lo, hi, stride_kc, qk_scale, o_ptr, po_ptr, pml_ptr
 def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, po_ptr, pml_ptr,
                         stride_ks, stride_kc, stride_kh, qk_scale,
                         H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                        BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
+                        BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False,
+                        HK_FAST: tl.constexpr = True):
     if PDL:
-        _pdl_enter()
-    b = tl.program_id(0)
-    hk = tl.program_id(1)
-    sp = tl.program_id(2)
+        _pdl_enter(PDL != 2)
+    b, hk, sp = _attn_program(H // G, NSPLIT, HK_FAST)
     lo, hi = _key_range(tl.load(pos_ptr + b), sp, NSPLIT, BLOCK_N)
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
@@ -333,7 +363,7 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, po_ptr, pml_ptr,
     heads = hk * G + g
     q = tl.load(q_ptr + (b * H + heads)[:, None] * D + d[None, :], mask=gm[:, None], other=0.0)
     _attend(q, k_ptr + b * stride_ks + hk * stride_kh, v_ptr + b * stride_ks + hk * stride_kh, lo, hi, stride_kc,
-            qk_scale, o_ptr, po_ptr, pml_ptr, b * H + heads, gm, sp, GP, D, BLOCK_N, NSPLIT, IEEE)
+            qk_scale, o_ptr, po_ptr, pml_ptr, b * H + heads, gm, sp, GP, D, BLOCK_N, NSPLIT, IEEE, PDL == 2)
 
 
 @triton.jit
@@ -355,16 +385,14 @@ def _rope_attn_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr
                       stride_ks, stride_kc, stride_kh, qk_scale, PSTRIDE,
                       H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr,
                       BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, PARTS: tl.constexpr, IEEE: tl.constexpr,
-                      PDL: tl.constexpr = False):
+                      PDL: tl.constexpr = False, HK_FAST: tl.constexpr = True):
     """rope_kv and decode attention in one kernel. Program (b, hk, sp) rotates the G query heads of KV head hk
     of row b itself; the program whose key range holds the new position rotates that position's key, writes it
     and its value into the caches (slot[b]), and then reads them back with the rest of its range. Scores are
     the rest is _decode_attn_kernel's."""
     if PDL:
-        _pdl_enter()
-    b = tl.program_id(0)
-    hk = tl.program_id(1)
-    sp = tl.program_id(2)
+        _pdl_enter(PDL != 2)
+    b, hk, sp = _attn_program(HKV, NSPLIT, HK_FAST)
     dt = k_ptr.dtype.element_ty
     pos = tl.load(pos_ptr + b)
     p = tl.maximum(pos, 0)
@@ -395,7 +423,7 @@ def _rope_attn_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr
         tl.store(v_ptr + dst + HALF + i, _sum_parts(row, vo + HALF, PSTRIDE, PARTS, dt))
         tl.debug_barrier()  # the block's loads below see the stores
     _attend(q, kbase, vbase, lo, hi, stride_kc, qk_scale, o_ptr, po_ptr, pml_ptr, b * H + hk * G + g, gm, sp, GP,
-            2 * HALF, BLOCK_N, NSPLIT, IEEE)
+            2 * HALF, BLOCK_N, NSPLIT, IEEE, PDL == 2)
 
 
 @triton.jit
@@ -417,7 +445,7 @@ def _decode_reduce_kernel(po_ptr, pml_ptr, o_ptr, D: tl.constexpr, NSPLIT: tl.co
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      splits: int, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
-                     pdl: bool = False) -> torch.Tensor:
+                     pdl: bool = False, hk_fast: bool = True) -> torch.Tensor:
     """Attention of q [R, H, D] (row r = slot r) over keys 0..pos[r] of the caches [S, C, Hkv, D]; out [R, H * D].
 
     Grouped-query heads share one program, so each live K/V element is read once per step."""
@@ -425,12 +453,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     n_kv = k_cache.shape[2]
     g = n_heads // n_kv
     out, po, pml = _attn_outputs(rows, n_heads, hd, splits, q.device, q.dtype)
-    _decode_attn_kernel[(rows, n_kv, splits)](q, k_cache, v_cache, pos, out, po, pml,
+    _decode_attn_kernel[_attn_grid(rows, n_kv, splits, hk_fast)](q, k_cache, v_cache, pos, out, po, pml,
                                               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                                               _qk_scale(hd), H=n_heads, G=g, GP=max(16, triton.next_power_of_2(g)),
                                               D=hd, BLOCK_N=block_n, NSPLIT=splits, IEEE=q.dtype == torch.float32,
-                                              PDL=pdl, num_warps=num_warps, num_stages=num_stages, **_pdl(pdl))
+                                              PDL=pdl, HK_FAST=hk_fast, num_warps=num_warps, num_stages=num_stages,
+                                              **_pdl(pdl))
     return _reduce_splits(out, po, pml, rows * n_heads, hd, splits, pdl)
+
+
+def _attn_grid(rows: int, n_kv: int, splits: int, hk_fast: bool) -> tuple[int, ...]:
+    return (rows * n_kv * splits,) if hk_fast else (rows, n_kv, splits)
 
 
 def _qk_scale(hd: int) -> float:
@@ -457,7 +490,8 @@ def _reduce_splits(out: torch.Tensor, po: torch.Tensor, pml: torch.Tensor, heads
 
 def rope_attention(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, splits: int,
-                   block_n: int = 64, num_warps: int = 4, num_stages: int = 2, pdl: bool = False) -> torch.Tensor:
+                   block_n: int = 64, num_warps: int = 4, num_stages: int = 2, pdl: bool = False,
+                   hk_fast: bool = True) -> torch.Tensor:
     """decode_attention(rope_kv(qkv, ...), ...) with one kernel fewer: q and the new k rotated inside the attention
     kernel, the new k and v written to the caches at (slot[r], pos[r]) there. Attention of row r reads slot r, as
     decode_attention's does (the dense decode batch: slot[r] = r). qkv [R, (H + 2 Hkv) * D] or its float32 split-K
@@ -468,10 +502,11 @@ def rope_attention(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos
     qkv = qkv.contiguous()
     g = n_heads // n_kv
     out, po, pml = _attn_outputs(rows, n_heads, hd, splits, qkv.device, k_cache.dtype)
-    _rope_attn_kernel[(rows, n_kv, splits)](qkv, pos, slot, cos, sin, k_cache, v_cache, out, po, pml,
+    _rope_attn_kernel[_attn_grid(rows, n_kv, splits, hk_fast)](qkv, pos, slot, cos, sin, k_cache, v_cache, out, po, pml,
                                             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), _qk_scale(hd),
                                             rows * qkv.shape[-1], H=n_heads, HKV=n_kv, G=g,
                                             GP=max(16, triton.next_power_of_2(g)), HALF=hd // 2, BLOCK_N=block_n,
                                             NSPLIT=splits, PARTS=parts, IEEE=k_cache.dtype == torch.float32,
-                                            PDL=pdl, num_warps=num_warps, num_stages=num_stages, **_pdl(pdl))
+                                            PDL=pdl, HK_FAST=hk_fast, num_warps=num_warps, num_stages=num_stages,
+                                            **_pdl(pdl))
     return _reduce_splits(out, po, pml, rows * n_heads, hd, splits, pdl)

@@ -131,6 +131,26 @@ def test_attention_splits_fill_the_chip_and_stay_powers_of_two() -> None:
         assert s == 16 or rows * 8 * s >= 2 * 132
 
 
+def test_attention_tiles_by_pairs_per_multiprocessor() -> None:
+    """attn_tiles: few (row, KV head) pairs keep attn_splits' key splits; from half a pair per multiprocessor on,
+    one unsplit program per pair, 128-key tiles up to two pairs per multiprocessor, 64 above; "legacy" is the
+    step before; an unknown mode is refused by name, by DecodeGraphs too (before any model work)."""
+    from services.engine.graphs import DecodeGraphs, attn_tiles
+
+    assert attn_tiles(8, 8, 132) == {"splits": attn_splits(8, 8, 132), "block_n": 64, "num_stages": 2,
+                                     "hk_fast": True}
+    assert attn_tiles(16, 8, 132) == {"splits": 1, "block_n": 128, "num_stages": 3, "hk_fast": True}
+    assert attn_tiles(33, 8, 132)["splits"] == 1 and attn_tiles(33, 8, 132)["block_n"] == 128
+    assert attn_tiles(34, 8, 132)["block_n"] == 64 and attn_tiles(64, 8, 132)["block_n"] == 64
+    for rows in (1, 8, 16, 64):
+        assert attn_tiles(rows, 8, 132, "legacy") == {"splits": attn_splits(rows, 8, 132), "block_n": 64,
+                                                      "num_stages": 2, "hk_fast": False}
+    with pytest.raises(ValueError, match="attention mode must be one of tuned, legacy"):
+        attn_tiles(1, 8, 132, "fast")
+    with pytest.raises(ValueError, match="attention mode"):
+        DecodeGraphs(None, attn="fast")  # type: ignore[arg-type]
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs triton with TRITON_INTERPRET=1")
 @pytest.mark.parametrize("splits", [1, 4])
 def test_triton_kernels_match_eager_in_the_interpreter(splits: int) -> None:
@@ -178,6 +198,9 @@ def test_rope_attention_kernel_equals_rope_kv_then_attention(dtype: torch.dtype,
         q = kernels.rope_kv(qkv, pos, slot, cos, sin, k_2, v_2, H, Hkv)
         two = kernels.decode_attention(q, k_2, v_2, pos, splits, block_n=16)
         got = kernels.rope_attention(qkv, pos, slot, cos, sin, k_c, v_c, H, Hkv, splits, block_n=16)
+        grid3 = kernels.rope_attention(qkv, pos, slot, cos, sin, k_c.clone(), v_c.clone(), H, Hkv, splits,
+                                       block_n=16, hk_fast=False)
+        assert torch.equal(grid3, got)  # the program order changes nothing computed
         live = pos >= 0
         assert torch.equal(k_c, k_2) and torch.equal(v_c, v_2)  # the new keys rotated as rope_kv rotates them
         assert torch.equal(k_c[3], base[0][3])  # the padding row's slot untouched

@@ -88,10 +88,11 @@ def test_scheduler_replays_graphs_and_matches_solo_eager_tokens() -> None:
     assert got == want
 
 
-@pytest.mark.parametrize("mode, pdl", [("on", True), ("on", False), ("off", True)])
-def test_triton_projections_and_pdl_greedy_tokens_equal_eager_fp32(mode: str, pdl: bool) -> None:
+@pytest.mark.parametrize("mode, pdl", [("on", True), ("on", False), ("off", True), ("on", 2)])
+def test_triton_projections_and_pdl_greedy_tokens_equal_eager_fp32(mode: str, pdl: bool | int) -> None:
     """gemv "on": every projection through the skinny Triton kernel (split-K partials, SiLU in the epilogue, the
-    head straight into the logits); pdl: every Triton kernel launched with programmatic dependent launch. In
+    head straight into the logits); pdl: every Triton kernel launched with programmatic dependent launch (2:
+    fused.PDL_LATE, the projections and attention letting the next kernel launch after their main loop). In
     float32, so greedy tokens must match the eager path."""
     from services.engine.graphs import DecodeGraphs
 
@@ -106,6 +107,25 @@ def test_triton_projections_and_pdl_greedy_tokens_equal_eager_fp32(mode: str, pd
     assert (kept["plan"], kept["pdl"]) == (mode, pdl) and "replay_us" not in kept  # one variant: nothing to time
     if mode == "on":
         assert all(c.kernel == "skinny" for c in plan.choices.values()) and plan.choices["mlp_in"].silu
+
+
+@pytest.mark.parametrize("sms", [2, 4, 64])
+def test_attention_tilings_greedy_tokens_equal_eager_fp32(sms: int) -> None:
+    """graphs.attn_tiles for a chip of `sms` multiprocessors, so that 3 rows x 2 KV heads take each "tuned" tiling:
+    one unsplit program per pair in 64-key tiles (2), in 128-key tiles (4), key splits (64). The graphed step's
+    float32 greedy tokens equal eager, and the kept step records no error."""
+    from services.engine.graphs import DecodeGraphs, attn_tiles
+
+    g = torch.Generator().manual_seed(23)
+    prompts = [torch.randint(3, 384, (int(n),), generator=g).tolist() for n in (9, 130, 70)]
+    eager = _greedy(_engine(torch.float32, graphs=False), prompts, 40)
+    fast = _engine(torch.float32, graphs=True)
+    fast.graphs = DecodeGraphs(fast.model, "on", True)
+    fast.graphs.sms = sms
+    tiles = attn_tiles(4, 2, sms)
+    assert (tiles["splits"] == 1) == (sms < 16) and tiles["block_n"] == (128 if sms == 4 else 64)
+    assert _greedy(fast, prompts, 40) == eager
+    assert "errors" not in fast.graphs.step_choice[4]
 
 
 def test_auto_plan_times_cublas_and_the_triton_candidates_bf16() -> None:
@@ -126,6 +146,7 @@ def test_auto_plan_times_cublas_and_the_triton_candidates_bf16() -> None:
     kept = engine.graphs.step_choice[2]  # every variant captured and replayed; the fastest kept
     assert "errors" not in kept, kept
     times = kept["replay_us"]
-    assert {"auto", "auto pdl"} <= set(times) and len(times) in (2, 4), kept
+    assert {"auto", "auto pdl", "auto pdl late"} <= set(times) and len(times) in (3, 6), kept
     # the kept variant has the least replay time (times are rounded to 0.1 us: another may tie with it)
-    assert times[kept["plan"] + (" pdl" if kept["pdl"] else "")] == min(times.values()), kept
+    label = {False: "", True: " pdl", 2: " pdl late"}[kept["pdl"]]
+    assert times[kept["plan"] + label] == min(times.values()), kept
