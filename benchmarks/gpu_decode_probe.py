@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 
 import torch
 
 from services.bench.fusion import SHAPES, random_on_device
 from services.engine.fused import decode_step
-from services.engine.graphs import DecodeGraphs, attn_splits, bucket_for
+from services.engine.graphs import DecodeGraphs, attn_tiles, bucket_for
 
 
 def breakdown(shape: str, batch: int, context: int, gemv: str = "auto") -> str:
@@ -30,7 +31,9 @@ def breakdown(shape: str, batch: int, context: int, gemv: str = "auto") -> str:
     tok = torch.randint(0, engine.cfg.vocab_size, (batch,), device="cuda")
     pos = torch.full((batch,), context, device="cuda", dtype=torch.int64)
     slot = torch.arange(batch, device="cuda")
-    splits = attn_splits(batch, fm.n_kv, 132)
+    tiles = attn_tiles(bucket_for(batch), fm.n_kv, engine.graphs.sms)
+    splits = tiles.pop("splits")
+    ops.rope_attention = partial(ops.rope_attention, **tiles)
     with torch.inference_mode():
         for _ in range(3):
             decode_step(fm, ops, tok, pos, slot, kv.k, kv.v, splits)
@@ -67,11 +70,11 @@ def baseline_breakdown(batch: int, context: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--batches", default="1,64", help="Llama-3.2-1B batches, each with gemv auto and off")
     ap.add_argument("--json")
     a = ap.parse_args()
-    cases = [("llama-3.2-1b", 1, a.context, "auto"), ("llama-3.2-1b", 1, a.context, "off"),
-             ("llama-3.2-1b", 64, a.context, "auto"), ("llama-3.2-1b", 64, a.context, "off"),
-             ("smollm2-135m", 1, 256, "auto")]
+    cases = [("llama-3.2-1b", int(b), a.context, g) for b in a.batches.split(",") for g in ("auto", "off")]
+    cases.append(("smollm2-135m", 1, 256, "auto"))
     out = {f"{shape} B={b} gemv {g}": breakdown(shape, b, ctx, g) for shape, b, ctx, g in cases}
     out["plain baseline llama-3.2-1b B=1"] = baseline_breakdown(1, a.context)
     if a.json:
