@@ -262,3 +262,42 @@ def _graph_time_us(fn: Callable[[], None], dev: torch.device, reps: int = 25) ->
     out = statistics.median(a.elapsed_time(b) for a, b in zip(ev, ev[1:], strict=False)) * 1e3
     del graph
     return out
+
+
+def normed_ops(fm: FusedModel, choices: dict[str, Choice], rows: int, sms: int,
+               base: SimpleNamespace) -> SimpleNamespace | None:
+    """The ops of fused.decode_step_normed on the Triton kernel: each projection configured as in `choices` where
+    that is the Triton kernel (SiLU fused, for mlp_in), else as mode "on" would; o and down add into the float32
+    residual stream (any split). None where the kernel does not apply (more than 64 rows, a q/k/v bias, a K no
+    block divides). `base`: triton_ops(pdl), for rope_attention and the PDL setting."""
+    if rows > MAX_ROWS or fm.layers[0].bqkv is not None:
+        return None
+    pick: dict[str, Choice] = {}
+    for unit in UNITS:
+        c = choices.get(unit, Choice())
+        if c.kernel != "skinny" or (unit == "mlp_in" and not c.silu):
+            c = heuristic(fm, unit, rows, sms)
+        if c.kernel != "skinny":
+            return None
+        pick[unit] = c
+    from services.engine import kernels
+
+    def kw(unit: str) -> dict:
+        c = pick[unit]
+        return {"bn": c.bn, "bk": c.bk, "num_warps": c.warps, "num_stages": c.stages,
+                "pdl": getattr(base, "pdl", False)}
+
+    def qkv_n(r: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, eps: float,
+              copy_to: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        res = kernels.skinny_linear(r, w, split=pick["qkv"].split, norm=(nw, eps), copy_to=copy_to, **kw("qkv"))
+        return res if pick["qkv"].split > 1 else (res, None)  # one part: 1 / rms applied in the kernel
+
+    return SimpleNamespace(
+        qkv_n=qkv_n, rope_attention=base.rope_attention,
+        o_acc=lambda x, w, r: kernels.skinny_linear(x, w, split=pick["o"].split, accumulate=r, **kw("o")),
+        mlp_in_n=lambda r, nw, w, eps, copy_to: kernels.skinny_linear(r, w, silu=True, norm=(nw, eps),
+                                                                       copy_to=copy_to, **kw("mlp_in")),
+        down_acc=lambda x, w, r: kernels.skinny_linear(x, w, split=pick["down"].split, accumulate=r, **kw("down")),
+        head_n=lambda r, nw, w, eps, out=None: kernels.skinny_linear(r, w, partials=False, out=out, norm=(nw, eps),
+                                                                     **kw("head")),
+        choices=pick)
