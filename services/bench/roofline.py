@@ -135,15 +135,13 @@ def decode_row(engine: Engine, shape: str, batch: int, context: int, steps: int,
         # off: cuBLAS projections, no PDL, RoPE in a kernel of its own (the step before this work); auto_nopdl:
         # the projection plans as by default, without PDL; on: the Triton projection forced everywhere (PDL tried
         # as by default); rope_unfused: the default but RoPE + the KV write in a kernel before attention;
-        # attn_legacy: the default but attention tiled as before attn_tiles (graphs.attn_tiles "legacy");
-        # no_normed: the default without the normed step (fused.decode_step_normed) among the variants
-        for name, mode, pdl, fuse, attn, normed in (("off", "off", False, False, "legacy", "off"),
-                                                    ("auto_nopdl", "auto", False, True, "tuned", "try"),
-                                                    ("on", "on", None, True, "tuned", "try"),
-                                                    ("rope_unfused", "auto", None, False, "tuned", "try"),
-                                                    ("attn_legacy", "auto", None, True, "legacy", "try"),
-                                                    ("no_normed", "auto", None, True, "tuned", "off")):
-            engine.graphs = DecodeGraphs(engine.model, mode, pdl, fuse_rope=fuse, attn=attn, normed=normed)
+        # attn_legacy: the default but attention tiled as before attn_tiles (graphs.attn_tiles "legacy")
+        for name, mode, pdl, fuse, attn in (("off", "off", False, False, "legacy"),
+                                            ("auto_nopdl", "auto", False, True, "tuned"),
+                                            ("on", "on", None, True, "tuned"),
+                                            ("rope_unfused", "auto", None, False, "tuned"),
+                                            ("attn_legacy", "auto", None, True, "legacy")):
+            engine.graphs = DecodeGraphs(engine.model, mode, pdl, fuse_rope=fuse, attn=attn)
             try:
                 gemv[f"step_ms_{name}"] = _events_ms(run, reps) / steps
                 gemv[f"step_{name}"] = engine.graphs.step_choice.get(b)
@@ -179,8 +177,7 @@ def decode_row(engine: Engine, shape: str, batch: int, context: int, steps: int,
             "step_ms_gemv_off": gemv.get("step_ms_off"), "step_ms_gemv_on": gemv.get("step_ms_on"),
             "step_ms_auto_no_pdl": gemv.get("step_ms_auto_nopdl"),
             "step_ms_rope_unfused": gemv.get("step_ms_rope_unfused"),
-            "step_ms_attn_legacy": gemv.get("step_ms_attn_legacy"),
-            "step_ms_no_normed": gemv.get("step_ms_no_normed"), "step_variant": gemv.get("step"),
+            "step_ms_attn_legacy": gemv.get("step_ms_attn_legacy"), "step_variant": gemv.get("step"),
             "step_variant_no_pdl": gemv.get("step_auto_nopdl"), "step_variant_on": gemv.get("step_on"),
             "roofline_share_gemv_off": roof_ms / gemv["step_ms_off"] if "step_ms_off" in gemv else None,
             "gemv_plan": gemv.get("plan"), "weight_bytes": wbytes, "kv_bytes_read": int(kv_bytes),
@@ -238,7 +235,7 @@ def _print_row(r: dict[str, Any]) -> None:
         gemv = (f" | cuBLAS projections, no PDL {r['step_ms_gemv_off']:.3f} ms ({r['roofline_share_gemv_off']:.0%}), "
                 f"planned, no PDL {r['step_ms_auto_no_pdl']:.3f} ms, Triton forced {r['step_ms_gemv_on']:.3f} ms, "
                 f"RoPE kernel apart {r['step_ms_rope_unfused']:.3f} ms, attention tiled as before "
-                f"{r['step_ms_attn_legacy']:.3f} ms, without the normed step {r['step_ms_no_normed']:.3f} ms")
+                f"{r['step_ms_attn_legacy']:.3f} ms")
     print(f"{r['shape']} B={r['batch']} ctx {r['context']}: engine {r['step_ms']:.3f} ms "
           f"({r['roofline_share']:.0%} of roofline {r['roofline_ms']:.3f} ms) | plain graph "
           f"{r['baseline_graph_step_ms']:.3f} ms ({r['baseline_roofline_share']:.0%}){eager}{gemv} [{r['path']}]",

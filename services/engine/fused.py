@@ -139,11 +139,7 @@ def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, po
 
 
 def _rope_attention(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, splits: int,
-                    norm: tuple[torch.Tensor, int, float] | None = None) -> torch.Tensor:
-    if norm is not None:  # the normed step: partials of the un-normalised input, 1 / rms from sums of squares
-        ss, dim, eps = norm
-        qkv = (qkv.sum(0) * torch.rsqrt(ss.sum(0) / dim + eps)[:, None]).to(k_cache.dtype)
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, splits: int) -> torch.Tensor:
     return _attention(_rope_kv(qkv, pos, slot, cos, sin, k_cache, v_cache, n_heads, n_kv), k_cache, v_cache, pos,
                       splits)
 
@@ -166,50 +162,6 @@ def _mlp_in(h: torch.Tensor, wgu: torch.Tensor) -> torch.Tensor:
 
 def _head(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return F.linear(h, w) if out is None else torch.mm(h, w.t(), out=out)
-
-
-def _norm_in(r: torch.Tensor, nw: torch.Tensor, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The normed step's input: (r rounded to dt, times nw; its row sums of squares), r a float32 residual stream."""
-    x = r.to(dt).float()
-    return (x * nw.float()).to(dt), x.pow(2).sum(-1)
-
-
-def _qkv_n(r: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, eps: float, copy_to: torch.Tensor,
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(product of the un-normalised input as one float32 partial [1, R, N], sums of squares [1, R]); copy_to gets
-    r rounded: the residual the o projection adds to."""
-    x, ss = _norm_in(r, nw, w.dtype)
-    copy_to.copy_(r.to(w.dtype).float())
-    return F.linear(x.float(), w.float())[None], ss[None]
-
-
-def _acc(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """r += x @ w.T in float32 (the o and down projections add to the residual stream)."""
-    return r.add_(F.linear(x.float(), w.float()))
-
-
-def _normed_product(r: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    x, ss = _norm_in(r, nw, w.dtype)
-    return F.linear(x.float(), w.float()) * torch.rsqrt(ss / r.shape[-1] + eps)[:, None]
-
-
-def _mlp_in_n(r: torch.Tensor, nw: torch.Tensor, wgu: torch.Tensor, eps: float, copy_to: torch.Tensor) -> torch.Tensor:
-    copy_to.copy_(r.to(wgu.dtype).float())
-    return _silu_mul(_normed_product(r, nw, wgu, eps).to(wgu.dtype))
-
-
-def _head_n(r: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, eps: float,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    y = _normed_product(r, nw, w, eps).to(w.dtype)
-    return y if out is None else out.copy_(y)
-
-
-# The normed step (decode_step_normed): the residual stream is float32 and the projections around it do the
-# residual adds and RMSNorms, so no add_rmsnorm kernel runs. qkv_n, mlp_in_n, head_n read the stream, round it,
-# multiply by the norm weight and apply 1 / rms after the product (rope_attention's `norm` for qkv); o_acc and
-# down_acc add their product into the stream.
-NORMED_TORCH = SimpleNamespace(qkv_n=_qkv_n, o_acc=_acc, mlp_in_n=_mlp_in_n, down_acc=_acc, head_n=_head_n,
-                               rope_attention=_rope_attention)
 
 
 # Projections: qkv (-> rope_attention), o (-> add_rmsnorm), mlp_in (h -> silu(gate) * up), down (-> add_rmsnorm),
@@ -264,28 +216,6 @@ def decode_step(fm: FusedModel, ops: SimpleNamespace, tokens: torch.Tensor, pos:
         nxt = fm.layers[i + 1].in_norm if i + 1 < len(fm.layers) else fm.norm
         x, h = ops.add_rmsnorm(x, ops.down(m, lw.wdown), nxt, fm.eps)
     return ops.head(h, fm.lm_head, out)
-
-
-def decode_step_normed(fm: FusedModel, nops: SimpleNamespace, tokens: torch.Tensor, pos: torch.Tensor,
-                       slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: int = 1,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """decode_step with two kernels fewer a layer (no add_rmsnorm, nor the first RMSNorm): the residual stream is
-    two float32 buffers, a and b. Layer by layer: qkv_n reads b (normalising as it loads) and copies it, rounded,
-    to a; o_acc adds the attention's projection into a; mlp_in_n reads a and copies it, rounded, to b; down_acc
-    adds into b. Rounded where the eager step rounds its residual stream (bf16: within float rounding of
-    decode_step, not bit-equal: 1 / rms is applied after the product). Same arguments and result as decode_step;
-    needs layers without a q/k/v bias."""
-    dim = fm.embed.shape[1]
-    a = torch.empty(tokens.shape[0], dim, device=fm.embed.device, dtype=torch.float32)
-    b = F.embedding(tokens, fm.embed).float()
-    for i, lw in enumerate(fm.layers):
-        qkv, ss = nops.qkv_n(b, lw.in_norm, lw.wqkv, fm.eps, a)
-        o = nops.rope_attention(qkv, pos, slot, fm.cos, fm.sin, k[i], v[i], fm.n_heads, fm.n_kv, splits,
-                                norm=None if ss is None else (ss, dim, fm.eps))
-        nops.o_acc(o, lw.wo, a)
-        m = nops.mlp_in_n(a, lw.post_norm, lw.wgu, fm.eps, b)
-        nops.down_acc(m, lw.wdown, b)
-    return nops.head_n(b, fm.norm, fm.lm_head, fm.eps, out)
 
 
 def _causal_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:

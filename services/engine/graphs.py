@@ -15,15 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from services.engine import gemv
-from services.engine.fused import (
-    PDL_LATE,
-    FusedModel,
-    decode_step,
-    decode_step_normed,
-    fuse_weights,
-    prefill_step,
-    triton_ops,
-)
+from services.engine.fused import PDL_LATE, FusedModel, decode_step, fuse_weights, prefill_step, triton_ops
 from services.engine.kv import KVBuffer
 from services.engine.model import Transformer
 
@@ -41,7 +33,6 @@ def bucket_for(n: int) -> int:
 
 
 ATTN_MODES = ("tuned", "legacy")
-NORMED_MODES = ("try", "off", "only")
 
 
 def attn_splits(rows: int, n_kv: int, sms: int) -> int:
@@ -86,21 +77,15 @@ class DecodeGraphs:
     the one before it; fused.PDL_LATE: the projections and attention let the next kernel launch only after their
     main loop); None tries without, with, and late. `fuse_rope`: RoPE and the KV write inside the attention kernel
     (kernels.rope_attention), else a kernel of their own before it. `attn`: how attention is tiled (attn_tiles).
-    `normed`: "try" also captures fused.decode_step_normed (no add_rmsnorm kernels; 16-bit weights, at most 64
-    rows, no q/k/v bias) with the bucket's projection plan, "only" captures nothing else (an error where it does
-    not apply), "off" never.
 
     At a bucket's first capture, every variant of the step (the measured projection plan and, in "auto", the
     "on" heuristic plan, each with every PDL setting `pdl` allows) is captured and replayed in turns, and the
     graph with the fastest replay is kept: `step_choice[b]` records which and the replay times."""
 
     def __init__(self, model: Transformer, gemv_mode: str = "auto", pdl: bool | None = None,
-                 fuse_rope: bool = True, attn: str = "tuned", normed: str = "try") -> None:
+                 fuse_rope: bool = True, attn: str = "tuned") -> None:
         if gemv_mode not in gemv.MODES:
             raise ValueError(f"gemv mode must be one of {', '.join(gemv.MODES)} (got {gemv_mode!r})")
-        if normed not in NORMED_MODES:
-            raise ValueError(f"normed must be one of {', '.join(NORMED_MODES)} (got {normed!r})")
-        self.normed = normed
         attn_tiles(1, 1, 1, attn)  # refuses an unknown mode here, not at the first capture
         self.attn = attn
         self.fused: FusedModel = fuse_weights(model)
@@ -187,12 +172,6 @@ class DecodeGraphs:
             if on != plans["auto"]:
                 plans["on"] = on
         pdls = [False, True, PDL_LATE] if self.pdl is None else [self.pdl]
-        if self.normed != "off" and self.fused.lm_head.element_size() == 2 \
-                and gemv.normed_ops(self.fused, self.plans[b].choices, b, self.sms, self.ops) is not None:
-            plans = ({} if self.normed == "only" else plans) | {"normed": self.plans[b].choices}
-        elif self.normed == "only":
-            raise ValueError(f"the normed step does not apply to {b}-row steps of this model (16-bit weights, "
-                             f"at most {gemv.MAX_ROWS} rows, no q/k/v bias)")
         return [(name, choices, pdl) for name, choices in plans.items() for pdl in pdls]
 
     def _capture(self, b: int, kv: KVBuffer) -> _Graph:
@@ -204,14 +183,7 @@ class DecodeGraphs:
         tiles = attn_tiles(b, fm.n_kv, self.sms, self.attn)
         splits = tiles.pop("splits")
 
-        def capture(name: str, choices: dict, pdl: bool | int) -> torch.cuda.CUDAGraph:
-            if name == "normed":
-                nops = gemv.normed_ops(fm, choices, b, self.sms, self.ops_by_pdl[pdl])
-                nops.rope_attention = partial(nops.rope_attention, **tiles)
-
-                def step() -> None:
-                    decode_step_normed(fm, nops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits)
-                return _graph_of(step, self.device, self.pool)
+        def capture(choices: dict, pdl: bool | int) -> torch.cuda.CUDAGraph:
             ops = gemv.bind(choices, self.ops_by_pdl[pdl])
             ops.rope_attention = partial(ops.rope_attention, **tiles)
 
@@ -225,11 +197,10 @@ class DecodeGraphs:
         errors: dict[str, str] = {}
         for name, choices, pdl in variants:
             try:
-                graphs.append(capture(name, choices, pdl))
+                graphs.append(capture(choices, pdl))
                 kept.append((name, choices, pdl))
-            except Exception as e:  # noqa: BLE001 - e.g. a Triton or driver without programmatic dependent launch,
-                # or the normed step failing to compile: recorded, and the other variants still run
-                if (not pdl and name != "normed") or len(variants) == 1:
+            except Exception as e:  # noqa: BLE001 - e.g. a Triton or driver without programmatic dependent launch
+                if not pdl or len(variants) == 1:
                     raise
                 errors[name + _pdl_label(pdl)] = f"{type(e).__name__}: {str(e)[:160]}"
         # timed as captured: every row padding, so nothing is written to the KV buffer

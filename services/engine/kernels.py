@@ -95,23 +95,15 @@ def splitk_linear(x: torch.Tensor, w: torch.Tensor, parts: int = 8) -> torch.Ten
 
 
 @triton.jit(do_not_specialize=["M", "stride_op"])  # one binary for every batch size of a block size
-def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, K_PER, stride_xm, stride_op, stride_om, nw_ptr, ss_ptr, cp_ptr,
-                   eps, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SILU: tl.constexpr, IEEE: tl.constexpr,
-                   PDL: tl.constexpr = False, NORM: tl.constexpr = 0, COPY: tl.constexpr = False,
-                   ACC: tl.constexpr = False):
+def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, K_PER, stride_xm, stride_op, stride_om,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SILU: tl.constexpr, IEEE: tl.constexpr,
+                   PDL: tl.constexpr = False):
     """out[part] = x[:, K slice `part`] @ w[BN rows, same slice].T for the M (<= BM) rows of x at once.
 
     Program (n, part) streams a [BN, K_PER] block of w once, whatever M: the products are [BN, BK] x [BK, BM]
     tensor-core dots (rows of x past M are masked to zero). SILU: w is [gate | up] (2N rows); the program also
     streams the up rows n + N and stores silu(gate) * up, each rounded to the output dtype where the eager
-    modules round.
-
-    NORM > 0: x is a float32 residual stream r and the product is of RMSNorm(r) * nw: each tile is r rounded to
-    w's dtype (the eager residual), times nw, and the row's 1 / rms, a factor of the whole row, is applied after
-    the dot: NORM 1 (one part: the program saw every column) scales the product itself; NORM 2 writes this
-    part's sums of squares to ss [parts, M] (the n = 0 programs) for the consumer to finish. COPY: the n = 0
-    programs also store the rounded r into cp (float32, like x): the residual the next accumulation starts from.
-    ACC: out is a float32 [M, N] residual stream the product is added to (atomically: every part adds its own)."""
+    modules round."""
     if PDL:
         _pdl_enter(PDL != 2)
     pid_n = tl.program_id(0)
@@ -124,20 +116,10 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, K_PER, stride_xm, stride_op, 
     k_lo = part * K_PER
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
     x_rows = x_ptr + rm[:, None] * stride_xm + rk[None, :]
-    wt = w_ptr.dtype.element_ty
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     acc_u = tl.zeros([BN, BM], dtype=tl.float32)
-    ss = tl.zeros([BM], dtype=tl.float32)
     for k in range(k_lo, k_lo + K_PER, BK):
         x = tl.load(x_rows + k, mask=mm[:, None], other=0.0)
-        if NORM > 0:
-            r = x.to(wt)
-            if COPY:
-                tl.store(cp_ptr + rm[:, None] * stride_xm + rk[None, :] + k, r.to(tl.float32),
-                         mask=mm[:, None] & (pid_n == 0))
-            rf = r.to(tl.float32)
-            ss += tl.sum(rf * rf, 1)
-            x = (rf * tl.load(nw_ptr + k + rk).to(tl.float32)[None, :]).to(wt)
         w = tl.load(w_rows + k, mask=nm[:, None], other=0.0)
         if IEEE:
             acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
@@ -151,12 +133,6 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, K_PER, stride_xm, stride_op, 
                 acc_u = tl.dot(u, tl.trans(x), acc_u)
     if PDL == 2:
         _pdl_trigger()
-    if NORM == 1:
-        rstd = 1.0 / tl.sqrt(ss / K + eps)
-        acc = acc * rstd[None, :]
-        acc_u = acc_u * rstd[None, :]
-    if NORM == 2:
-        tl.store(ss_ptr + part * M + rm, ss, mask=mm & (pid_n == 0))
     dt = out_ptr.dtype.element_ty
     if SILU:
         g = acc.to(dt).to(tl.float32)
@@ -164,11 +140,7 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, K_PER, stride_xm, stride_op, 
     else:
         y = acc
     dst = out_ptr + part * stride_op + rm[None, :] * stride_om + rn[:, None]
-    if ACC:
-        tl.atomic_add(out_ptr + rm[None, :] * stride_om + rn[:, None], y, mask=nm[:, None] & mm[None, :],
-                      sem="relaxed")
-    else:
-        tl.store(dst, y.to(dt), mask=nm[:, None] & mm[None, :])
+    tl.store(dst, y.to(dt), mask=nm[:, None] & mm[None, :])
 
 
 SKINNY_MAX_ROWS = 64
@@ -176,21 +148,13 @@ SKINNY_MAX_ROWS = 64
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, *, bn: int = 64, bk: int = 128, split: int = 1,
                   partials: bool = True, silu: bool = False, out: torch.Tensor | None = None,
-                  num_warps: int = 4, num_stages: int = 3, pdl: bool | int = False,
-                  norm: tuple[torch.Tensor, float] | None = None, copy_to: torch.Tensor | None = None,
-                  accumulate: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  num_warps: int = 4, num_stages: int = 3, pdl: bool = False) -> torch.Tensor:
     """x [M, K] @ w.T for M <= 64 rows, w [N, K] read once for all of them.
 
     partials (the default): float32 split-K partial products [split, M, N], for the next kernel to sum
     (add_rmsnorm, rope_kv, silu_mul take them). partials=False (split 1): x @ w.T in x's dtype, into `out` when
     given (rows of `out` may be strided, like a logits buffer). silu=True (split 1): w is [gate | up] [2N, K] and
-    the result is silu(x @ gate.T) * (x @ up.T) [M, N] in x's dtype, as silu_mul(F.linear(x, w)) rounds it.
-
-    The normed step's forms (fused.decode_step_normed), where the residual stream is float32 [M, K]:
-    norm=(nw, eps): x is that stream and the product is of RMSNorm(x rounded to w's dtype) * nw (results in w's
-    dtype). With split 1 the product is complete; with split > 1 the result is (partials, sums of squares
-    [split, M]) and the consumer applies 1 / rms (kernels.rope_attention's `norm`). copy_to (float32 [M, K], with
-    norm): receives x rounded to w's dtype. accumulate=r (float32 [M, N]): r += x @ w.T, any split, returns r."""
+    the result is silu(x @ gate.T) * (x @ up.T) [M, N] in x's dtype, as silu_mul(F.linear(x, w)) rounds it."""
     m, k = x.shape
     if w.shape[1] != k or x.stride(1) != 1 or w.stride(1) != 1 or w.stride(0) != k:
         raise ValueError(f"skinny_linear needs contiguous x [M, K] and w [N, K] (got {tuple(x.shape)}, {tuple(w.shape)})")
@@ -201,35 +165,19 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, *, bn: int = 64, bk: int = 1
     n = w.shape[0] // 2 if silu else w.shape[0]
     if (silu or not partials) and split != 1:
         raise ValueError("a rounded (not partial) product takes split 1")
-    dt = w.dtype if norm is not None else x.dtype
-    if norm is not None and (x.dtype != torch.float32 or norm[0].shape != (k,)):
-        raise ValueError(f"norm needs a float32 residual stream x and a norm weight of {k}")
-    if copy_to is not None and (norm is None or copy_to.shape != x.shape or copy_to.stride() != x.stride()
-                                or copy_to.dtype != torch.float32):
-        raise ValueError("copy_to needs norm and a float32 buffer shaped and strided like x")
-    if accumulate is not None:
-        if silu or norm is not None or accumulate.shape != (m, n) or accumulate.dtype != torch.float32 \
-                or accumulate.stride(1) != 1:
-            raise ValueError(f"accumulate needs a float32 [{m}, {n}] buffer with contiguous rows (no silu, no norm)")
-        y, stride_op, stride_om = accumulate, 0, accumulate.stride(0)
-    elif silu or not partials:
-        y = out if out is not None else torch.empty(m, n, device=x.device, dtype=dt)
-        if y.shape != (m, n) or y.stride(1) != 1 or y.dtype != dt:
-            raise ValueError(f"out must be [{m}, {n}] in {dt} with contiguous rows")
+    if silu or not partials:
+        y = out if out is not None else x.new_empty(m, n)
+        if y.shape != (m, n) or y.stride(1) != 1 or y.dtype != x.dtype:
+            raise ValueError(f"out must be [{m}, {n}] in {x.dtype} with contiguous rows")
         stride_op, stride_om = 0, y.stride(0)
     else:
         y = torch.empty(split, m, n, device=x.device, dtype=torch.float32)
         stride_op, stride_om = m * n, n
-    mode = 0 if norm is None else 1 if split == 1 else 2
-    ss = torch.empty(split, m, device=x.device, dtype=torch.float32) if mode == 2 else y
-    nw, eps = norm if norm is not None else (y, 0.0)
     _skinny_kernel[(triton.cdiv(n, bn), split)](x, w, y, m, n, k, k // split, x.stride(0), stride_op, stride_om,
-                                                nw, ss, copy_to if copy_to is not None else y, eps,
                                                 BM=max(16, triton.next_power_of_2(m)), BN=bn, BK=bk, SILU=silu,
-                                                IEEE=dt == torch.float32, PDL=pdl, NORM=mode,
-                                                COPY=copy_to is not None, ACC=accumulate is not None,
-                                                num_warps=num_warps, num_stages=num_stages, **_pdl(pdl))
-    return (y, ss) if mode == 2 else y
+                                                IEEE=x.dtype == torch.float32, PDL=pdl, num_warps=num_warps,
+                                                num_stages=num_stages, **_pdl(pdl))
+    return y
 
 
 @triton.jit
@@ -419,16 +367,16 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, po_ptr, pml_ptr,
 
 
 @triton.jit
-def _sum_parts(ptr, offs, PSTRIDE, PARTS: tl.constexpr, dt: tl.constexpr, scale):
-    """Values at ptr + offs of a product in `dt`, or of its PARTS float32 split-K partials (PSTRIDE apart), summed,
-    times `scale` (per row: the normed step's 1 / rms; else 1.0) and rounded to `dt` once, as the eager product is."""
+def _sum_parts(ptr, offs, PSTRIDE, PARTS: tl.constexpr, dt: tl.constexpr):
+    """Values at ptr + offs of a product in `dt`, or of its PARTS float32 split-K partials (PSTRIDE apart), summed
+    and rounded to `dt` once, as the eager product is."""
     if PARTS == 0:
         val = tl.load(ptr + offs).to(dt)
     else:
         acc = tl.load(ptr + offs)
         for pp in tl.static_range(1, PARTS):
             acc += tl.load(ptr + pp * PSTRIDE + offs)
-        val = (acc * scale).to(dt)
+        val = acc.to(dt)
     return val
 
 
@@ -437,8 +385,7 @@ def _rope_attn_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr
                       stride_ks, stride_kc, stride_kh, qk_scale, PSTRIDE,
                       H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr,
                       BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, PARTS: tl.constexpr, IEEE: tl.constexpr,
-                      PDL: tl.constexpr = False, HK_FAST: tl.constexpr = True, ss_ptr=None, ROWS=1, DIM=1, eps=0.0,
-                      SS: tl.constexpr = 0, SSP: tl.constexpr = 1):
+                      PDL: tl.constexpr = False, HK_FAST: tl.constexpr = True):
     """rope_kv and decode attention in one kernel. Program (b, hk, sp) rotates the G query heads of KV head hk
     of row b itself; the program whose key range holds the new position rotates that position's key, writes it
     and its value into the caches (slot[b]), and then reads them back with the rest of its range. Scores are
@@ -454,15 +401,11 @@ def _rope_attn_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr
     g = tl.arange(0, GP)
     gm = g < G
     row = qkv_ptr + b * (H + 2 * HKV) * 2 * HALF
-    rstd = 1.0
-    if SS > 0:  # the normed step: q, k and v are 1 / rms of the row times the (summed) product
-        t = tl.arange(0, SSP)
-        rstd = 1.0 / tl.sqrt(tl.sum(tl.load(ss_ptr + t * ROWS + b, mask=t < SS, other=0.0), 0) / DIM + eps)
     c = tl.load(cos_ptr + p * HALF + i)
     sn = tl.load(sin_ptr + p * HALF + i)
     qh = tl.where(gm, hk * G + g, 0)[:, None] * 2 * HALF + i[None, :]  # padded heads read head 0, masked below
-    q1 = _sum_parts(row, qh, PSTRIDE, PARTS, dt, rstd).to(tl.float32)
-    q2 = _sum_parts(row, qh + HALF, PSTRIDE, PARTS, dt, rstd).to(tl.float32)
+    q1 = _sum_parts(row, qh, PSTRIDE, PARTS, dt).to(tl.float32)
+    q2 = _sum_parts(row, qh + HALF, PSTRIDE, PARTS, dt).to(tl.float32)
     q1, q2 = (q1 * c[None, :] - q2 * sn[None, :]).to(dt), (q2 * c[None, :] + q1 * sn[None, :]).to(dt)
     q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (GP, 2 * HALF))  # [GP, D]: the halves side by side
     kbase = k_ptr + b * stride_ks + hk * stride_kh
@@ -471,13 +414,13 @@ def _rope_attn_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr
         slot = tl.load(slot_ptr + b)
         ko = (H + hk) * 2 * HALF + i
         vo = (H + HKV + hk) * 2 * HALF + i
-        k1 = _sum_parts(row, ko, PSTRIDE, PARTS, dt, rstd).to(tl.float32)
-        k2 = _sum_parts(row, ko + HALF, PSTRIDE, PARTS, dt, rstd).to(tl.float32)
+        k1 = _sum_parts(row, ko, PSTRIDE, PARTS, dt).to(tl.float32)
+        k2 = _sum_parts(row, ko + HALF, PSTRIDE, PARTS, dt).to(tl.float32)
         dst = slot * stride_ks + pos * stride_kc + hk * stride_kh
         tl.store(k_ptr + dst + i, (k1 * c - k2 * sn).to(dt))
         tl.store(k_ptr + dst + HALF + i, (k2 * c + k1 * sn).to(dt))
-        tl.store(v_ptr + dst + i, _sum_parts(row, vo, PSTRIDE, PARTS, dt, rstd))
-        tl.store(v_ptr + dst + HALF + i, _sum_parts(row, vo + HALF, PSTRIDE, PARTS, dt, rstd))
+        tl.store(v_ptr + dst + i, _sum_parts(row, vo, PSTRIDE, PARTS, dt))
+        tl.store(v_ptr + dst + HALF + i, _sum_parts(row, vo + HALF, PSTRIDE, PARTS, dt))
         tl.debug_barrier()  # the block's loads below see the stores
     _attend(q, kbase, vbase, lo, hi, stride_kc, qk_scale, o_ptr, po_ptr, pml_ptr, b * H + hk * G + g, gm, sp, GP,
             2 * HALF, BLOCK_N, NSPLIT, IEEE, PDL == 2)
@@ -547,14 +490,12 @@ def _reduce_splits(out: torch.Tensor, po: torch.Tensor, pml: torch.Tensor, heads
 
 def rope_attention(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, splits: int,
-                   block_n: int = 64, num_warps: int = 4, num_stages: int = 2, pdl: bool | int = False,
-                   hk_fast: bool = True, norm: tuple[torch.Tensor, int, float] | None = None) -> torch.Tensor:
+                   block_n: int = 64, num_warps: int = 4, num_stages: int = 2, pdl: bool = False,
+                   hk_fast: bool = True) -> torch.Tensor:
     """decode_attention(rope_kv(qkv, ...), ...) with one kernel fewer: q and the new k rotated inside the attention
     kernel, the new k and v written to the caches at (slot[r], pos[r]) there. Attention of row r reads slot r, as
     decode_attention's does (the dense decode batch: slot[r] = r). qkv [R, (H + 2 Hkv) * D] or its float32 split-K
-    partials [P, R, (H + 2 Hkv) * D]; out [R, H * D] in the caches' dtype. norm=(ss [T, R], dim, eps): the normed
-    step's q/k/v partials are of the un-normalised input, whose row sums of squares over `dim` columns are ss
-    summed over T: 1 / rms scales the summed product before it is rounded."""
+    partials [P, R, (H + 2 Hkv) * D]; out [R, H * D] in the caches' dtype."""
     parts = qkv.shape[0] if qkv.dim() == 3 else 0
     rows, hd = qkv.shape[-2], k_cache.shape[-1]
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
@@ -567,15 +508,5 @@ def rope_attention(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos
                                             GP=max(16, triton.next_power_of_2(g)), HALF=hd // 2, BLOCK_N=block_n,
                                             NSPLIT=splits, PARTS=parts, IEEE=k_cache.dtype == torch.float32,
                                             PDL=pdl, HK_FAST=hk_fast, num_warps=num_warps, num_stages=num_stages,
-                                            **_pdl(pdl), **_norm_args(norm, rows, parts))
+                                            **_pdl(pdl))
     return _reduce_splits(out, po, pml, rows * n_heads, hd, splits, pdl)
-
-
-def _norm_args(norm: tuple[torch.Tensor, int, float] | None, rows: int, parts: int) -> dict:
-    if norm is None:
-        return {}
-    ss, dim, eps = norm
-    if parts == 0 or ss.dim() != 2 or ss.shape[1] != rows or ss.dtype != torch.float32:
-        raise ValueError(f"norm needs float32 split-K partials and sums of squares [T, {rows}]")
-    return {"ss_ptr": ss, "ROWS": rows, "DIM": dim, "eps": eps, "SS": ss.shape[0],
-            "SSP": triton.next_power_of_2(ss.shape[0])}

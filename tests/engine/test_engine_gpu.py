@@ -45,14 +45,10 @@ def test_graphed_greedy_tokens_equal_eager_fp32(batch: int) -> None:
     assert set(fast_engine.graphs.graphs) == {{1: 1, 3: 4, 5: 8}[batch]}  # the bucket, padding rows included
 
 
-@pytest.mark.parametrize("rows, normed", [(1, "try"), (3, "try"), (3, "only"), (1, "only")])
-def test_graphed_logits_close_to_eager_bf16_and_kv_identical_layout(rows: int, normed: str) -> None:
-    """normed "only": the step without add_rmsnorm kernels (fused.decode_step_normed) is the one captured."""
-    from services.engine.graphs import DecodeGraphs
-
+@pytest.mark.parametrize("rows", [1, 3])
+def test_graphed_logits_close_to_eager_bf16_and_kv_identical_layout(rows: int) -> None:
     prompts = [list(range(10, 90)), [5, 6, 7, 8], [9] * 33][:rows]
     fast, eager = _engine(torch.bfloat16, True), _engine(torch.bfloat16, False)
-    fast.graphs = DecodeGraphs(fast.model, normed=normed)
     kvs = []
     for e in (fast, eager):
         kv = e.new_kv(rows, 256)
@@ -61,12 +57,6 @@ def test_graphed_logits_close_to_eager_bf16_and_kv_identical_layout(rows: int, n
         kvs.append((kv, torch.stack(logits)))
     (kf, lf), (ke, le) = kvs
     assert fast.graphs.replays == 4
-    kept = fast.graphs.step_choice[{1: 1, 3: 4}[rows]]
-    assert "errors" not in kept, kept
-    if normed == "only":
-        assert kept["plan"] == "normed", kept
-    else:
-        assert {"normed", "normed pdl", "normed pdl late"} <= set(kept["replay_us"]), kept
     assert kf.lengths == ke.lengths == [84, 8, 37][:rows]
     rel = (lf - le).norm() / le.norm()
     assert rel < 2e-2, rel
