@@ -252,7 +252,8 @@ class Worker:
             t, watts = self.perf.prefill(tokens + b, sum_sq)
         twin, host = self.twin, self.host
         if host is not None:  # the machine's other workers: s requests decoding beside this prefill (measured)
-            t *= self.perf.host_prefill_slowdown(host.decoding(self)[1])
+            n, s = host.decoding(self)
+            t *= self.perf.host_prefill_slowdown(s, n)
             host.retime(self)  # ... and they run slower beside it from their next iteration
         elif twin is not None and twin.busy:  # a concurrent mixed worker: both threads share the process's cores
             t *= self.perf.mixed_prefill_slowdown
