@@ -254,6 +254,9 @@ class PerfModel:
         batches = _keyed(ovh, "host_phase_batches@")
         self._host_prefill_nb = _by_batches(self._host_prefill, batches)
         self._host_decode_p_nb = _by_batches(self._host_decode_p, batches)
+        # with those rows, a running prefill also follows the host's decode batches as they start and stop
+        # (sim/worker.py), instead of keeping the slowdown of the moment it started for its whole length
+        self.host_retime_prefill = self._host_prefill_nb is not None
         self.first_token_after_kv = bool(ovh.get("first_token_after_kv", 0.0))  # our runtime's Prefill reply
         self.concurrent_phases = bool(ovh.get("concurrent_phases", 0.0))  # mixed: prefill and decode threads
         # our engine runs a prefill batch padded to its longest prompt (the table's rows are uniform batches, n x b

@@ -42,10 +42,10 @@ class Plan:
     repeats: int = 3
     steps: int = 4
     overhead_requests: int = 6
-    # in-cluster decode steps at these batch sizes (b requests at once through the gateway); each must be one of
-    # decode_batches and at most the layout's max_batch. Empty: only the one-at-a-time ratio.
-    cluster_batches: list[int] = field(default_factory=list)
-    cluster_output: int = 64
+    # in-cluster decode steps at these batch sizes (b requests per decode batch at once through the gateway); each
+    # must be one of decode_batches and at most the layout's max_batch. Empty: only the one-at-a-time ratio.
+    cluster_batches: list[int] = field(default_factory=lambda: [1, 4, 16])
+    cluster_output: int = 96
     # the host probe (host_interference): prompts of these sizes prefill beside 1..k decode streams in the
     # running cluster (the trace's scaled prompts on this CPU are mostly 100-256 tokens); `host_rounds` prompts
     # per phase, each followed by a quiet spell as long as its prefill; streams of `host_output` tokens.
@@ -64,7 +64,8 @@ class Plan:
     def quick(cls) -> Plan:
         return cls(prompt_sizes=[8, 48, 192], prompt_batches=[1, 2], decode_batches=[1, 4, 16],
                    contexts=[16, 256], kv_tokens=[16, 1024], repeats=2, steps=3, overhead_requests=4,
-                   host_rounds=4, host_output=70, host_streams=0, ratio_prompts=[16, 64, 192], ratio_rounds=2)
+                   host_rounds=4, host_output=70, host_streams=0, ratio_prompts=[16, 64, 192], ratio_rounds=2,
+                   cluster_batches=[])
 
     @classmethod
     def gpu(cls, quick: bool = False) -> Plan:
@@ -72,7 +73,7 @@ class Plan:
         take milliseconds, so more points cost little); `quick` keeps every other point."""
         plan = cls(prompt_sizes=[32, 128, 512, 1024, 2048, 4096], prompt_batches=[1, 2, 4],
                    decode_batches=[1, 2, 4, 8, 16, 32], contexts=[128, 1024, 4096], kv_tokens=[64, 512, 2048, 4096],
-                   repeats=5, steps=10, overhead_requests=10, cluster_batches=[1, 4, 16, 32],
+                   repeats=5, steps=10, overhead_requests=10, cluster_batches=[1, 4, 16, 32], cluster_output=64,
                    host_prompts=[1024, 2048], host_rounds=8, host_output=1500, host_streams=16,
                    ratio_prompts=[128, 512, 1024, 2048, 4096], ratio_rounds=4)
         if quick:
@@ -374,12 +375,15 @@ def overhead_values(gateway: str, step_s: Callable[[int, int], float], prefill_s
 
 
 def batch_step_ratios(gateway: str, step_s: Callable[[int, int], float], batches: list[int], output: int,
-                      prompt: int = 32) -> dict[str, float]:
-    """The decode step in the cluster at batch b over the engine-alone step: b requests sent together through
-    the gateway, the mean token gap over the middle half of their streams (all b decoding; median over streams) over the profiled step
-    at batch b. Per-token work outside the engine (each stream's gRPC messages in the worker and the gateway, in
-    Python threads) grows with b, so one ratio measured one request at a time misses it.
-    Keys `decode_step_ratio@B` (sim/perf.py interpolates them over the batch size)."""
+                      prompt: int = 32, decode_workers: int = 1, detail: dict[int, list[list[str]]] | None = None,
+                      ) -> dict[str, float]:
+    """The decode step in the cluster at batch b over the engine-alone step: b requests per decode batch (b times
+    `decode_workers`, which the gateway's JSQ spreads evenly) sent together through the gateway, the mean token gap
+    over the middle half of their streams (all decoding; median over streams) over the profiled step at batch b.
+    Per-token work outside the engine (each stream's gRPC messages in the worker and the gateway, in Python
+    threads) grows with b, so one ratio measured one request at a time misses it.
+    Keys `decode_step_ratio@B` (sim/perf.py interpolates them over the batch size). `detail` receives each
+    stream's workers per b."""
     from concurrent.futures import ThreadPoolExecutor
 
     import grpc
@@ -390,9 +394,12 @@ def batch_step_ratios(gateway: str, step_s: Callable[[int, int], float], batches
     ch = grpc.insecure_channel(gateway, options=[("grpc.max_concurrent_streams", 1024)])
     try:
         for b in batches:
-            with ThreadPoolExecutor(max_workers=b) as pool:  # b streams at once: the worker batches them
+            n = b * max(1, decode_workers)
+            with ThreadPoolExecutor(max_workers=n) as pool:  # n streams at once: b on each decode batch
                 res = list(pool.map(lambda i, b=b: stream_one(gateway, prompt_ids(prompt, 500 + i), output,
-                                                              f"batch-{b}-{i}", ch), range(b)))
+                                                              f"batch-{b}-{i}", ch), range(n)))
+            if detail is not None:
+                detail[b] = [r["workers"] for r in res]
             lo, hi = output // 4, 3 * output // 4
             # per stream, the mean gap over the window (a message may carry several tokens: zero gaps)
             steps = [sum(r["gaps"][lo:hi]) / (hi - lo) for r in res if len(r["gaps"]) >= hi]
@@ -616,7 +623,7 @@ def run_profile(engine: Any, model_name: str, hardware: str, plan: Plan, gateway
     if gateway:
         overheads = overhead_values(gateway, step_s, prefill_s, plan.overhead_requests)
         overheads.update(batch_step_ratios(gateway, step_s, [b for b in plan.cluster_batches if b in by_b],
-                                           plan.cluster_output))
+                                           plan.cluster_output, decode_workers=decode_workers))
         sizes = [n for n in plan.ratio_prompts if n <= max(single)[0]]
         if sizes and plan.ratio_rounds > 0:  # paired with the engine alone, minute by minute
             run = EnginePrefill(engine, 1)

@@ -211,3 +211,21 @@ def test_beside_a_prefill_slowdowns_follow_the_hosts_busy_batches(tmp_path: Path
             for name, t in (("old", rows), ("new", {**rows, **phases}))}
     assert ttft["old"].first_tok[4] - w.arrival_s[4] == pytest.approx((3.0 + 1 / 3) * PREFILL_64_S, rel=1e-9)
     assert ttft["new"].first_tok[4] - w.arrival_s[4] == pytest.approx(1.5 * PREFILL_64_S, rel=1e-9)
+
+
+def test_a_prefill_follows_its_hosts_decode_batches_as_they_stop(tmp_path: Path) -> None:
+    """With host_phase_batches rows, a running prefill is charged the slowdown only while a decode batch runs
+    beside it: here the mixed worker's decode half finishes request 0 a third of the way into request 1's
+    slowed prefill, which then runs its last two thirds at full speed; without the rows, slowed to its end."""
+    rows = {"concurrent_phases": 1.0, "host_prefill_slowdown@1": 2.0}
+    lay = lambda t: parse_layout({"model": {"name": "smollm2-135m"},  # noqa: E731
+                                  "pools": [{"role": "mixed", "hardware": "cpu"}], "sim": {"perf_model": str(t)}})
+    w = synthetic(None, rate=1.0, duration_s=10, seed=0, fixed=(16, 6))
+    # request 0: prefill 20 ms, then 5 steps of 10 ms (until 70 ms); request 1's 64-token prompt arrives at 30 ms
+    w.arrival_s, w.prompt, w.output = np.array([0.0, 0.03]), np.array([16, 64]), np.array([6, 2])
+    old = simulate(lay(_table(tmp_path, rows, "old.csv")), w).reqs
+    new = simulate(lay(_table(tmp_path, {**rows, "host_phase_batches@1": 1.0}, "new.csv")), w).reqs
+    assert old.finish[0] == new.finish[0] == pytest.approx(0.07, rel=1e-9)
+    assert old.first_tok[1] - 0.03 == pytest.approx(2 * PREFILL_64_S, rel=1e-9)
+    # 40 ms at half speed (a third of the work), then 40 ms alone
+    assert new.first_tok[1] - 0.03 == pytest.approx(PREFILL_64_S / 3 * 2 + PREFILL_64_S * 2 / 3, rel=1e-9)

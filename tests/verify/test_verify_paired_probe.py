@@ -4,8 +4,6 @@ only once the first wave is in: both against a real split cluster of a tiny chec
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -88,3 +86,18 @@ def test_capacity_window_opens_once_the_first_wave_is_in(split) -> None:
     assert cap["wall_s"] >= cap["ramp_s"] + seconds
     assert cap["capacity_rps"] == pytest.approx(cap["in_window"] / seconds)
     assert 0 < cap["in_window"] <= cap["completed"]
+
+
+def test_step_ratio_by_batch_puts_b_streams_on_every_decode_batch(split) -> None:
+    """decode_step_ratio@B on a layout of two decode workers: 2 B streams at once (JSQ spreads them), each gap
+    over the engine's step at batch B."""
+    from services.bench.profile import batch_step_ratios
+
+    lay, _ = split
+    detail: dict = {}
+    rows = batch_step_ratios(lay.gateway.grpc, lambda b, ctx: 0.01 * b, [1, 2], output=16, prompt=8,
+                             decode_workers=2, detail=detail)
+    assert [len(detail[b]) for b in (1, 2)] == [2, 4]
+    assert set(rows) == {"decode_step_ratio@1", "decode_step_ratio@2"} and all(v > 0 for v in rows.values())
+    # every stream was served by a prefill worker and one of the two decode workers
+    assert len({ws[-1] for ws in detail[1] + detail[2]}) == 2
