@@ -158,6 +158,27 @@ def _at(table: tuple[list[float], list[float]], k: int) -> float:
     return _interp_c(k, *table)
 
 
+def _by_batches(table: tuple[list[float], list[float]] | None, batches: tuple[list[float], list[float]] | None,
+                ) -> dict[int, tuple[list[float], list[float]]] | None:
+    """A phase-keyed table (streams -> value) split by each phase's decode batches (streams -> batches), or None
+    when either is missing. Phases without a batch count are left out."""
+    if table is None or batches is None:
+        return None
+    nb = {int(s): round(b) for s, b in zip(*batches, strict=True)}
+    out: dict[int, tuple[list[float], list[float]]] = {}
+    for s, v in zip(*table, strict=True):
+        if int(s) in nb:
+            xs, ys = out.setdefault(nb[int(s)], ([], []))
+            xs.append(s)
+            ys.append(v)
+    return out or None
+
+
+def _nearest(groups: dict[int, tuple[list[float], list[float]]], batches: int) -> tuple[list[float], list[float]]:
+    """The group measured with the batch count nearest to `batches` (the larger on a tie)."""
+    return groups[min(groups, key=lambda k: (abs(k - batches), -k))]
+
+
 def step_jitter(overheads: dict[str, float]) -> tuple[np.ndarray, np.ndarray] | None:
     """(levels, multipliers): the inverse CDF of the decode step's in-cluster multiplier, from the profile's
     step_jitter_q<per mille> rows (`tandem profile`), or None when it has none."""
@@ -226,6 +247,16 @@ class PerfModel:
         self._host_decode = _keyed(ovh, "host_decode_slowdown@")
         self._host_decode_p = _keyed(ovh, "host_decode_slowdown_prefill@")
         self.shares_host = any(x is not None for x in (self._host_prefill, self._host_decode, self._host_decode_p))
+        # ... and how many decode batches each probe phase's streams ran on (`host_phase_batches@s`): then the two
+        # beside-a-prefill slowdowns are read among the phases with as many batches as run on the host (the
+        # nearest measured count), over their streams, since a host's cores are shared by its busy processes and
+        # a batch of s requests is one of them; without the rows, over all phases by streams alone
+        batches = _keyed(ovh, "host_phase_batches@")
+        self._host_prefill_nb = _by_batches(self._host_prefill, batches)
+        self._host_decode_p_nb = _by_batches(self._host_decode_p, batches)
+        # with those rows, a running prefill also follows the host's decode batches as they start and stop
+        # (sim/worker.py), instead of keeping the slowdown of the moment it started for its whole length
+        self.host_retime_prefill = self._host_prefill_nb is not None
         self.first_token_after_kv = bool(ovh.get("first_token_after_kv", 0.0))  # our runtime's Prefill reply
         self.concurrent_phases = bool(ovh.get("concurrent_phases", 0.0))  # mixed: prefill and decode threads
         # our engine runs a prefill batch padded to its longest prompt (the table's rows are uniform batches, n x b
@@ -239,17 +270,23 @@ class PerfModel:
         self.jitter = step_jitter(ovh)
 
     # -- one host's workers slowing one another -------------------------------------------------------------
-    def host_prefill_slowdown(self, streams: int) -> float:
-        """A prefill's slowdown while `streams` requests decode on its host (linear between the measured
-        stream counts, the nearest end's past them; 1 with none decoding or without host rows)."""
-        return _at(self._host_prefill, streams) if streams > 0 and self._host_prefill is not None else 1.0
+    def host_prefill_slowdown(self, streams: int, batches: int = 0) -> float:
+        """A prefill's slowdown while `streams` requests in `batches` decode batches decode on its host (linear
+        between the measured stream counts, the nearest end's past them; 1 with none decoding or without host
+        rows). `batches` picks the phases when the profile says each phase's batches (host_phase_batches@s)."""
+        if streams <= 0 or self._host_prefill is None:
+            return 1.0
+        if self._host_prefill_nb is not None and batches > 0:
+            return _at(_nearest(self._host_prefill_nb, batches), streams)
+        return _at(self._host_prefill, streams)
 
     def host_decode_slowdown(self, batches: int, streams: int, prefill: bool) -> float:
         """A decode step's slowdown while `batches` decode batches (its own included) holding `streams` requests
         run on its host, and, if `prefill`, a prompt prefills there (1 alone or without host rows)."""
         f = _at(self._host_decode, batches) if batches > 1 and self._host_decode is not None else 1.0
         if prefill and self._host_decode_p is not None:
-            f *= _at(self._host_decode_p, streams)
+            table = self._host_decode_p if self._host_decode_p_nb is None else _nearest(self._host_decode_p_nb, batches)
+            f *= _at(table, streams)
         return f
 
     # -- power -------------------------------------------------------------------------------------------

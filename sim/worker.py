@@ -87,6 +87,12 @@ class Host:
     def prefilling(self, me: Worker) -> bool:
         return any(w is not me and w.busy and w.seg[0] == "prefill" for w in self.members)
 
+    def retime_prefills(self, me: Worker) -> None:
+        """A decode batch started or stopped: the running prefills go on at the new speed."""
+        for w in self.members:
+            if w is not me and w.pf is not None:
+                w.retime_prefill()
+
     def retime(self, me: Worker) -> None:
         """A prefill started or ended: the running decode segments go on at the new speed from their next
         iteration."""
@@ -106,7 +112,7 @@ class Worker:
                  "max_batch_tokens", "kv_cap", "kv_used", "dec_assigned", "prefill_q", "prefill_pending", "dec_wait",
                  "it", "heap", "fresh", "ctx", "busy", "pending", "seg", "kv_bytes", "layers",
                  "fabric", "layerwise", "mixed_overhead", "twin", "lane", "idle_w", "load", "rank", "rank_i",
-                 "decode_times", "jitter", "host", "stalled")
+                 "decode_times", "jitter", "host", "stalled", "pf", "early")
 
     def __init__(self, env: Clock, idx: int, role: str, perf: PerfModel, batching: Batching,
                  reqs: Requests, tally: Tally, cluster: object, kv_usable_fraction: float,
@@ -152,6 +158,10 @@ class Worker:
         self.jitter = Draws(perf.jitter, (seed, idx)) if perf.jitter is not None and idx >= 0 else None
         self.host: Host | None = None  # set by the cluster when this worker shares its machine (Host)
         self.stalled = 0.0  # what joins add to the running iteration (decode_join_stall_s), for its first-gap record
+        # a prefill that follows its host's decode batches (perf.host_retime_prefill): (share done, when, its time
+        # unslowed, its slowdown since then); and the requests whose KV landed before a lengthened prefill ended
+        self.pf: tuple[float, float, float, float] | None = None
+        self.early: set[int] = set()
 
     # -- inputs from the router / other workers -------------------------------------------------------------
     def add_prefill(self, rid: int) -> None:
@@ -251,8 +261,11 @@ class Worker:
         else:
             t, watts = self.perf.prefill(tokens + b, sum_sq)
         twin, host = self.twin, self.host
+        base = f = 0.0
         if host is not None:  # the machine's other workers: s requests decoding beside this prefill (measured)
-            t *= self.perf.host_prefill_slowdown(host.decoding(self)[1])
+            n, s = host.decoding(self)
+            base, f = t, self.perf.host_prefill_slowdown(s, n)
+            t *= f
             host.retime(self)  # ... and they run slower beside it from their next iteration
         elif twin is not None and twin.busy:  # a concurrent mixed worker: both threads share the process's cores
             t *= self.perf.mixed_prefill_slowdown
@@ -265,8 +278,28 @@ class Worker:
         env = self.env
         now = env.now
         self.seg = seg = ("prefill", now, t, watts, batch, tokens)
-        env.call(t, self._end_prefill, seg)
+        self.pending = env.call(t, self._end_prefill, seg)
+        if host is not None and not b and self.perf.host_retime_prefill:
+            self.pf = (0.0, now, base, f)
         self._push_kv(batch, now, t)
+
+    def retime_prefill(self) -> None:
+        """The host's decode batches changed: the running prefill goes on at the slowdown they now cause."""
+        if self.pf is None or not self.busy or self.seg[0] != "prefill":
+            return
+        n, s = self.host.decoding(self)
+        f = self.perf.host_prefill_slowdown(s, n)
+        done, at, base, f0 = self.pf
+        if f == f0:
+            return
+        now = self.env.now
+        done = min(1.0, done + (now - at) / (base * f0))
+        self.pf = (done, now, base, f)
+        _, t0, _, watts, batch, tokens = self.seg
+        left = (1.0 - done) * base * f
+        self.seg = seg = ("prefill", t0, now + left - t0, watts, batch, tokens)
+        self.env.cancel(self.pending)
+        self.pending = self.env.call(left, self._end_prefill, seg)
 
     def _push_kv(self, batch: list[int], t0: float, t: float) -> None:
         """Start the KV transfers of the prompts that decode elsewhere (sim/kvlink.py): layer-wise from the
@@ -325,6 +358,8 @@ class Worker:
         env = self.env
         self.seg = seg = ("decode", env.now, t, watts, k, a, c, c0, b)
         self.pending = env.call(t, self._end_decode, seg)
+        if host is not None and self.perf.host_retime_prefill:
+            host.retime_prefills(self)
 
     def _cut(self) -> None:
         """Something must join: end the running decode segment at the next iteration boundary."""
@@ -357,6 +392,7 @@ class Worker:
         if self.heap:  # the riding decode requests got one token each
             self._advance(1, t0, t, t)
         self.busy = False  # before handing requests on: a concurrent twin must see this lane idle
+        self.pf = None
         first_tok, gen, output, dests, idx = r.first_tok, r.gen, r.output, r.dest, self.idx
         for rid in batch:
             first_tok[rid] = now
@@ -368,6 +404,9 @@ class Worker:
                 self.dec_wait.append(rid)
             elif self.twin is not None and self.cluster.workers[dests[rid]] is self.twin:
                 self._join(rid)  # a concurrent mixed worker: no transfer
+            elif self.early and rid in self.early:  # its KV landed while this prefill ran on, lengthened
+                self.early.discard(rid)
+                self._landed(rid)
             # else: its KV is on the way (_push_kv); _landed hands it to the destination
         if self.fusion:  # _next, inlined for the fused batch
             if self.dec_wait:
@@ -384,6 +423,9 @@ class Worker:
     def _landed(self, rid: int) -> None:
         """A pushed KV arrived at its decode worker. Our runtime answers Prefill only now (tandem profile's
         first_token_after_kv), so the first token leaves here, not at the prefill's end."""
+        if self.pf is not None and self.busy and self.seg[0] == "prefill" and rid in self.seg[4]:
+            self.early.add(rid)  # the prefill was lengthened past its push: it hands the request over at its end
+            return
         if self.perf.first_token_after_kv:
             self.reqs.first_tok[rid] = max(self.reqs.first_tok[rid], self.env.now)
         to = self.cluster.workers[self.reqs.dest[rid]]  # _join, inlined
@@ -421,6 +463,8 @@ class Worker:
                 self._start_decode()
         else:
             self._next()
+        if self.host is not None and not self.busy and self.perf.host_retime_prefill:
+            self.host.retime_prefills(self)  # this batch went idle
 
     def _advance(self, k: int, t0: float, s1: float, total: float, coef: tuple | None = None) -> None:
         """Apply k iterations (first one s1 long, all of them `total`) to the batch: record the TBT gaps and

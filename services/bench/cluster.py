@@ -133,7 +133,10 @@ def bench(lay: Layout, w: Workload, progress: Callable[[int], None] | None = Non
 def capacity(lay: Layout, w: Workload, seconds: float, concurrency: int | None = None) -> dict[str, Any]:
     """Saturated throughput of the running cluster, closed loop: `concurrency` clients (default: every decode
     and mixed worker's max_batch, summed: a full batch everywhere) each send `w`'s next request as soon as their
-    last one finished, for `seconds`. The rate counts completions after the first fifth (the ramp-up)."""
+    last one finished. The first wave (every client's first request) ramps up: all of it queues for prefill at
+    once, and on a layout with one prefill worker that alone can take many seconds. The window of `seconds`
+    opens once every first-wave request has its first token out (`ramp_s`, at least seconds / 5 in) and the
+    loop runs until it closes; the rate counts the completions inside it (the in-flight rest finish after)."""
     import threading
 
     import grpc
@@ -143,34 +146,49 @@ def capacity(lay: Layout, w: Workload, seconds: float, concurrency: int | None =
     if concurrency is None:
         concurrency = sum(p.count * (p.batching or lay.batching).max_batch
                           for role in ("decode", "mixed") for p in lay.pools_of(role))
+    concurrency = max(1, concurrency)
     ch = grpc.insecure_channel(lay.gateway.grpc, options=[("grpc.max_concurrent_streams", max(256, concurrency))])
     lock, nxt, finish, failed = threading.Lock(), [0], [], [0]
+    first: list[float] = []  # when each first-wave request's first token came out (or it failed)
+    ramp = [float("inf")]  # the window's start, once the whole first wave has its first token
     t0 = time.perf_counter()
 
+    def ramped(at: float) -> None:  # (under lock) one more first-wave request is past its prefill
+        first.append(at)
+        if len(first) == concurrency:
+            ramp[0] = max(max(first), seconds / 5)
+
     def client() -> None:
-        while time.perf_counter() - t0 < seconds:
+        while time.perf_counter() - t0 < ramp[0] + seconds:
             with lock:
-                i = nxt[0] % len(w)
+                k = nxt[0]
                 nxt[0] += 1
+            i = k % len(w)
+            sent = time.perf_counter() - t0
             try:
-                stream_one(lay.gateway.grpc, prompt_ids(int(w.prompt[i]), i), int(w.output[i]), f"cap-{i}", ch)
+                r = stream_one(lay.gateway.grpc, prompt_ids(int(w.prompt[i]), i), int(w.output[i]), f"cap-{i}", ch)
             except Exception:  # noqa: BLE001 - a refused or failed request counts, whatever the error
                 with lock:
                     failed[0] += 1
+                    if k < concurrency:
+                        ramped(time.perf_counter() - t0)
                 continue
             with lock:
                 finish.append(time.perf_counter() - t0)
+                if k < concurrency:
+                    ramped(sent + r["ttft_s"])
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(max(1, concurrency))]
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     ch.close()
-    start = seconds / 5
-    window = [f for f in finish if start <= f <= seconds]
-    return {"concurrency": concurrency, "seconds": seconds, "sent": nxt[0], "completed": len(finish),
-            "failed": failed[0], "capacity_rps": len(window) / (seconds - start) if window else float("nan"),
+    start = ramp[0]
+    window = [f for f in finish if start <= f <= start + seconds]
+    return {"concurrency": concurrency, "seconds": seconds, "ramp_s": start, "wall_s": time.perf_counter() - t0,
+            "sent": nxt[0], "completed": len(finish), "in_window": len(window), "failed": failed[0],
+            "capacity_rps": len(window) / seconds if window else float("nan"),
             "prompt_tokens_mean": float(w.prompt.mean()), "output_tokens_mean": float(w.output.mean())}
 
 

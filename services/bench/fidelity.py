@@ -5,8 +5,8 @@ scaled conv trace with another seed, simulate the same requests with that profil
     python -m services.bench.fidelity --out DIR --hardware h200x1 --capacity-s 20 --fractions 0.2,0.8 LAYOUT ...
 
 A LAYOUT without rates is run at `--fractions` of its measured capacity: before the profile (this also warms every
-process up), a closed loop keeps every decode/mixed worker's batch full for `--capacity-s` seconds
-(services/bench/cluster.py `capacity`). The profile runs on the layout's own device (`pools[].device`)
+process up), a closed loop keeps every decode/mixed worker's batch full and counts completions over `--capacity-s`
+seconds from the moment its first wave has been prefilled (services/bench/cluster.py `capacity`). The profile runs on the layout's own device (`pools[].device`)
 and is written under `--hardware`, the catalog name the layout's pools carry.
 
 Each step is the CLI verb of the same name: `tandem profile LAYOUT --out P.csv`, `tandem bench cluster LAYOUT
@@ -72,7 +72,8 @@ def study(layout: Path, rates: list[float] | None, duration: float, seed: int, o
             cap = capacity(lay, w, capacity_s)
             _write_json(out / f"{name}-capacity.json", cap)
             console.print(f"{name}: {cap['completed']} completed ({cap['failed']} failed) at concurrency "
-                          f"{cap['concurrency']}: capacity {cap['capacity_rps']:.2f} req/s")
+                          f"{cap['concurrency']}, window {cap['ramp_s']:.1f}-{cap['ramp_s'] + capacity_s:.1f} s: "
+                          f"capacity {cap['capacity_rps']:.2f} req/s")
         if rates is None:
             if cap is None or not cap["capacity_rps"] > 0:
                 raise SystemExit(f"{layout}: no rates given and no capacity measured (--capacity-s S --fractions F,F)")
@@ -128,8 +129,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the quick profile plan")
     ap.add_argument("--hardware", default="cpu", help="the profile table's hardware name (the layout's pools' "
                     "`hardware`, a sim/catalog.py key)")
-    ap.add_argument("--capacity-s", type=float, default=0.0, help="measure capacity first: a closed loop of this "
-                    "many seconds, every decode/mixed worker's batch kept full")
+    ap.add_argument("--capacity-s", type=float, default=0.0, help="measure capacity first: a closed loop, every "
+                    "decode/mixed worker's batch kept full, counted over this many seconds once the first wave is in")
     ap.add_argument("--fractions", default="0.2,0.8", help="rates for a LAYOUT without rates, as fractions of the "
                     "measured capacity")
     d = Scaling()

@@ -42,10 +42,10 @@ class Plan:
     repeats: int = 3
     steps: int = 4
     overhead_requests: int = 6
-    # in-cluster decode steps at these batch sizes (b requests at once through the gateway); each must be one of
-    # decode_batches and at most the layout's max_batch. Empty: only the one-at-a-time ratio.
-    cluster_batches: list[int] = field(default_factory=list)
-    cluster_output: int = 64
+    # in-cluster decode steps at these batch sizes (b requests per decode batch at once through the gateway); each
+    # must be one of decode_batches and at most the layout's max_batch. Empty: only the one-at-a-time ratio.
+    cluster_batches: list[int] = field(default_factory=lambda: [1, 4, 16])
+    cluster_output: int = 96
     # the host probe (host_interference): prompts of these sizes prefill beside 1..k decode streams in the
     # running cluster (the trace's scaled prompts on this CPU are mostly 100-256 tokens); `host_rounds` prompts
     # per phase, each followed by a quiet spell as long as its prefill; streams of `host_output` tokens.
@@ -54,12 +54,18 @@ class Plan:
     host_rounds: int = 8
     host_output: int = 120
     host_streams: int = 8  # a last phase with this many streams over every decode batch (0: none)
+    # prefill_ratio@N (prefill_ratios): prompts of these sizes alone through the cluster, each paired with the same
+    # prompt through the engine alone in this process, `ratio_rounds` times round robin (the trace's scaled prompts
+    # on this CPU are 4-256 tokens). Empty: no such rows.
+    ratio_prompts: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
+    ratio_rounds: int = 4
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(prompt_sizes=[8, 48, 192], prompt_batches=[1, 2], decode_batches=[1, 4, 16],
                    contexts=[16, 256], kv_tokens=[16, 1024], repeats=2, steps=3, overhead_requests=4,
-                   host_rounds=4, host_output=70, host_streams=0)
+                   host_rounds=4, host_output=70, host_streams=0, ratio_prompts=[16, 64, 192], ratio_rounds=2,
+                   cluster_batches=[])
 
     @classmethod
     def gpu(cls, quick: bool = False) -> Plan:
@@ -67,10 +73,12 @@ class Plan:
         take milliseconds, so more points cost little); `quick` keeps every other point."""
         plan = cls(prompt_sizes=[32, 128, 512, 1024, 2048, 4096], prompt_batches=[1, 2, 4],
                    decode_batches=[1, 2, 4, 8, 16, 32], contexts=[128, 1024, 4096], kv_tokens=[64, 512, 2048, 4096],
-                   repeats=5, steps=10, overhead_requests=10, cluster_batches=[1, 4, 16, 32],
-                   host_prompts=[1024, 2048], host_rounds=8, host_output=1500, host_streams=16)
+                   repeats=5, steps=10, overhead_requests=10, cluster_batches=[1, 4, 16, 32], cluster_output=64,
+                   host_prompts=[1024, 2048], host_rounds=8, host_output=1500, host_streams=16,
+                   ratio_prompts=[128, 512, 1024, 2048, 4096], ratio_rounds=4)
         if quick:
             plan.prompt_sizes, plan.decode_batches, plan.contexts = [32, 512, 4096], [1, 4, 16, 32], [128, 4096]
+            plan.ratio_prompts, plan.ratio_rounds = [512, 4096], 2
             plan.cluster_batches = [1, 4, 32]
             plan.kv_tokens, plan.repeats, plan.steps, plan.overhead_requests = [64, 4096], 3, 5, 6
         return plan
@@ -95,22 +103,36 @@ def _row(model: str, hardware: str, kind: str, **kw: Any) -> dict[str, Any]:
 
 
 # -- the engine: prefill through the batcher, decode through the scheduler -------------------------------------
+class EnginePrefill:
+    """The worker's own PrefillBatcher in this process, on jobs that stay here (no KV push): `run(n, b)` prefills
+    b prompts of n tokens as the batcher's loop runs a batch, without the queue wait, and returns its seconds."""
+
+    def __init__(self, engine: Any, max_batch: int) -> None:
+        from services.engine.sampling import SamplingParams
+        from services.workers.prefill import PrefillBatcher
+
+        self.vocab = engine.cfg.vocab_size
+        self.batcher = PrefillBatcher(engine, max_batch_tokens=1 << 30, max_batch=max_batch, overlap=False)
+        self.params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+    def __call__(self, n: int, b: int = 1) -> float:
+        from services.engine.sampling import Sampler
+        from services.workers.prefill import PrefillJob
+
+        jobs = [PrefillJob(f"p{n}-{b}-{i}", [(7 * i + 13 * k) % (self.vocab - 4) + 3 for k in range(n)], self.params,
+                           None, sampler=Sampler(self.params)) for i in range(b)]
+        self.batcher._run(jobs)
+        return jobs[0].future.result(60).timings.prefill_s
+
+    def stop(self) -> None:
+        self.batcher.stop()
+
+
 def prefill_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, int, float]]:
     """(prompt_size, batch_size, seconds): the worker's PrefillBatcher on jobs that stay in-process."""
-    from services.engine.sampling import Sampler, SamplingParams
-    from services.workers.prefill import PrefillBatcher, PrefillJob
-
-    vocab = engine.cfg.vocab_size
-    batcher = PrefillBatcher(engine, max_batch_tokens=1 << 30, max_batch=max(plan.prompt_batches), overlap=False)
-    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    run = EnginePrefill(engine, max(plan.prompt_batches))
     out = []
     try:
-        def run(n: int, b: int) -> float:
-            jobs = [PrefillJob(f"p{n}-{b}-{i}", [(7 * i + 13 * k) % (vocab - 4) + 3 for k in range(n)], params, None,
-                               sampler=Sampler(params)) for i in range(b)]
-            batcher._run(jobs)  # the batch exactly as the batcher's loop runs it, without the queue wait
-            return jobs[0].future.result(60).timings.prefill_s
-
         run(plan.prompt_sizes[0], 1)  # warm-up
         cells = [(n, b) for n in plan.prompt_sizes for b in plan.prompt_batches if n < engine.cfg.max_seq_len]
         times: dict[tuple[int, int], list[float]] = {c: [] for c in cells}
@@ -125,7 +147,7 @@ def prefill_rows(engine: Any, plan: Plan, tick: Progress) -> list[tuple[int, int
                     tick(f"prefill {n} x {b}")
         out = [(n, b, statistics.median(times[(n, b)])) for n, b in cells]
     finally:
-        batcher.stop()
+        run.stop()
     return out
 
 
@@ -353,12 +375,15 @@ def overhead_values(gateway: str, step_s: Callable[[int, int], float], prefill_s
 
 
 def batch_step_ratios(gateway: str, step_s: Callable[[int, int], float], batches: list[int], output: int,
-                      prompt: int = 32) -> dict[str, float]:
-    """The decode step in the cluster at batch b over the engine-alone step: b requests sent together through
-    the gateway, the mean token gap over the middle half of their streams (all b decoding; median over streams) over the profiled step
-    at batch b. Per-token work outside the engine (each stream's gRPC messages in the worker and the gateway, in
-    Python threads) grows with b, so one ratio measured one request at a time misses it.
-    Keys `decode_step_ratio@B` (sim/perf.py interpolates them over the batch size)."""
+                      prompt: int = 32, decode_workers: int = 1, detail: dict[int, list[list[str]]] | None = None,
+                      ) -> dict[str, float]:
+    """The decode step in the cluster at batch b over the engine-alone step: b requests per decode batch (b times
+    `decode_workers`, which the gateway's JSQ spreads evenly) sent together through the gateway, the mean token gap
+    over the middle half of their streams (all decoding; median over streams) over the profiled step at batch b.
+    Per-token work outside the engine (each stream's gRPC messages in the worker and the gateway, in Python
+    threads) grows with b, so one ratio measured one request at a time misses it.
+    Keys `decode_step_ratio@B` (sim/perf.py interpolates them over the batch size). `detail` receives each
+    stream's workers per b."""
     from concurrent.futures import ThreadPoolExecutor
 
     import grpc
@@ -369,9 +394,12 @@ def batch_step_ratios(gateway: str, step_s: Callable[[int, int], float], batches
     ch = grpc.insecure_channel(gateway, options=[("grpc.max_concurrent_streams", 1024)])
     try:
         for b in batches:
-            with ThreadPoolExecutor(max_workers=b) as pool:  # b streams at once: the worker batches them
+            n = b * max(1, decode_workers)
+            with ThreadPoolExecutor(max_workers=n) as pool:  # n streams at once: b on each decode batch
                 res = list(pool.map(lambda i, b=b: stream_one(gateway, prompt_ids(prompt, 500 + i), output,
-                                                              f"batch-{b}-{i}", ch), range(b)))
+                                                              f"batch-{b}-{i}", ch), range(n)))
+            if detail is not None:
+                detail[b] = [r["workers"] for r in res]
             lo, hi = output // 4, 3 * output // 4
             # per stream, the mean gap over the window (a message may carry several tokens: zero gaps)
             steps = [sum(r["gaps"][lo:hi]) / (hi - lo) for r in res if len(r["gaps"]) >= hi]
@@ -380,6 +408,31 @@ def batch_step_ratios(gateway: str, step_s: Callable[[int, int], float], batches
     finally:
         ch.close()
     return out
+
+
+def prefill_ratios(gateway: str, engine_prefill: Callable[[int], float], sizes: list[int], rounds: int,
+                   detail: dict[str, Any] | None = None) -> dict[str, float]:
+    """prefill_ratio@N: a prompt of N tokens alone through the cluster (the worker's own `prefill_s`; on a split
+    layout it includes feeding the overlapped KV push) over the same prompt prefilled by the engine alone in this
+    process right before it. The sizes go round robin, `rounds` times after a warm-up round that is dropped; the
+    row is the median of the per-pair ratios, so a drift in the machine's speed falls on both halves of a ratio
+    alike (a ratio over the engine table of minutes before carries whatever the machine did in between). On a
+    CPU the pairs show a cost that barely grows with the prompt, hence a ratio that falls with its size; the
+    simulator interpolates the rows over the batch's prompt tokens. `detail` receives the pairs per size."""
+    from services.bench.load import prompt_ids, stream_one
+
+    sizes = sorted({n for n in sizes if n > 0})
+    pairs: dict[int, list[tuple[float, float]]] = {n: [] for n in sizes}
+    for r in range(rounds + 1):
+        for n in sizes:
+            alone = engine_prefill(n)
+            res = stream_one(gateway, prompt_ids(n, 700 + 10 * r + n), 2, f"ratio-{n}-{r}")
+            if r:  # round 0 warms each size up on both sides (first-call costs)
+                pairs[n].append((res["prefill_s"], alone))
+    if detail is not None:
+        detail.update(pairs=pairs)
+    return {f"prefill_ratio@{n}": statistics.median(c / a for c, a in ps) for n, ps in pairs.items()
+            if ps and all(a > 0 for _, a in ps)}
 
 
 def _stream_live(ch: Any, ids: list[int], max_tokens: int, rid: str) -> tuple[Any, dict[str, Any]]:
@@ -432,6 +485,8 @@ def host_interference(gateway: str, decode_workers: int, prompts: list[int], rou
     alone (median over the phase). host_decode_slowdown@k (k > 1, one stream per batch): the median quiet gap
     with k decode batches over that with one. host_decode_slowdown_prefill@s: the median covered gap over the
     median quiet gap of the same phase (what a prefill beside them adds, with s streams decoding).
+    host_phase_batches@s: the decode batches phase s's streams ran on (the simulator reads the two beside-a-
+    prefill rows among the phases with the host's running batch count: the busy processes share the cores).
     decode_join_stall_s: the median of (join gap - its phase's median quiet gap). A phase whose streams did not
     reach min(s, decode_workers) batches gives no rows. `detail` receives the raw gaps and ratios per phase."""
     import grpc
@@ -513,6 +568,7 @@ def host_interference(gateway: str, decode_workers: int, prompts: list[int], rou
     quiet = {s: statistics.median(ph["quiet"]) for s, ph in phases.items() if len(ph["quiet"]) >= 5}
     for s, ph in phases.items():
         out[f"host_prefill_slowdown@{s}"] = max(1.0, statistics.median(ph["prefill_ratio"]))
+        out[f"host_phase_batches@{s}"] = float(ph["batches"][0])
         if s not in quiet:
             continue
         if 1 < s <= decode_workers and ph["batches"] == [s] and 1 in quiet:  # one stream on each of s batches
@@ -567,13 +623,17 @@ def run_profile(engine: Any, model_name: str, hardware: str, plan: Plan, gateway
     if gateway:
         overheads = overhead_values(gateway, step_s, prefill_s, plan.overhead_requests)
         overheads.update(batch_step_ratios(gateway, step_s, [b for b in plan.cluster_batches if b in by_b],
-                                           plan.cluster_output))
-        host = host_interference(gateway, decode_workers, [n for n in plan.host_prompts if n <= max(single)[0]],
-                                 plan.host_rounds, plan.host_output, prefill_s=prefill_s,
-                                 streams=plan.host_streams)
-        if any(k.startswith("prefill_ratio@") for k in host):  # the lone requests' ratio, at their size
-            host[f"prefill_ratio@{PROBE_PROMPT}"] = overheads["prefill_ratio"]
-        overheads.update(host)
+                                           plan.cluster_output, decode_workers=decode_workers))
+        sizes = [n for n in plan.ratio_prompts if n <= max(single)[0]]
+        if sizes and plan.ratio_rounds > 0:  # paired with the engine alone, minute by minute
+            run = EnginePrefill(engine, 1)
+            try:
+                overheads.update(prefill_ratios(gateway, run, sizes, plan.ratio_rounds))
+            finally:
+                run.stop()
+        overheads.update(host_interference(gateway, decode_workers,
+                                           [n for n in plan.host_prompts if n <= max(single)[0]],
+                                           plan.host_rounds, plan.host_output, streams=plan.host_streams))
     overheads.update(side_by_side(engine, plan))
     overheads["first_token_after_kv"] = 1.0  # the runtime answers Prefill once the KV push has landed
     overheads["concurrent_phases"] = 1.0  # a mixed worker runs its batcher and scheduler on two threads

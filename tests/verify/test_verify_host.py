@@ -184,3 +184,48 @@ def test_a_padded_prefill_batch_costs_its_longest_prompt_times_its_size(tmp_path
     assert padded.first_tok[1] == pytest.approx(start + PREFILL_64_S + 64 * per_token, rel=1e-9)
     assert summed.first_tok[1] == pytest.approx(start + PREFILL_64_S + 16 * per_token, rel=1e-9)
     assert padded.first_tok[2] == padded.first_tok[1]
+
+
+def test_beside_a_prefill_slowdowns_follow_the_hosts_busy_batches(tmp_path: Path) -> None:
+    """host_phase_batches@s: each probe phase's decode batches. With them, a prefill beside one batch of two
+    requests takes the one-batch phase's factor (one more busy process on the cores), not the two-stream phase's
+    (which ran on two batches); without them, the rows are read by streams alone, as before."""
+    rows = {"host_prefill_slowdown@1": 1.5, "host_prefill_slowdown@2": 3.0, "host_prefill_slowdown@8": 4.0,
+            "host_decode_slowdown@2": 1.2, "host_decode_slowdown_prefill@1": 1.1,
+            "host_decode_slowdown_prefill@2": 2.0, "host_decode_slowdown_prefill@8": 2.5}
+    phases = {"host_phase_batches@1": 1.0, "host_phase_batches@2": 2.0, "host_phase_batches@8": 2.0}
+    old = perf_for(_split(_table(tmp_path, rows, "old.csv")), "cpu")
+    new = perf_for(_split(_table(tmp_path, {**rows, **phases}, "new.csv")), "cpu")
+    assert old.host_prefill_slowdown(2, 1) == 3.0 and new.host_prefill_slowdown(2, 1) == 1.5
+    assert old.host_prefill_slowdown(2, 2) == new.host_prefill_slowdown(2, 2) == 3.0
+    assert new.host_prefill_slowdown(5, 2) == pytest.approx(3.5)  # two batches: between their 2 and 8 streams
+    assert new.host_prefill_slowdown(5, 3) == pytest.approx(3.5)  # three: the nearest measured count's
+    assert new.host_prefill_slowdown(0, 0) == 1.0
+    assert old.host_decode_slowdown(1, 2, True) == 2.0 and new.host_decode_slowdown(1, 2, True) == 1.1
+    assert new.host_decode_slowdown(2, 8, True) == pytest.approx(1.2 * 2.5)
+    # a whole run: four requests decode on the one decode worker when a prompt arrives
+    w = synthetic(None, rate=1.0, duration_s=10, seed=0, fixed=(16, 101))
+    w.arrival_s, w.prompt, w.output = np.array([0.0, 0.0, 0.0, 0.0, 2.0]), np.array([16] * 4 + [64]), \
+        np.array([201] * 4 + [2])
+    ttft = {name: simulate(_split(_table(tmp_path, t, f"{name}.csv")), w).reqs
+            for name, t in (("old", rows), ("new", {**rows, **phases}))}
+    assert ttft["old"].first_tok[4] - w.arrival_s[4] == pytest.approx((3.0 + 1 / 3) * PREFILL_64_S, rel=1e-9)
+    assert ttft["new"].first_tok[4] - w.arrival_s[4] == pytest.approx(1.5 * PREFILL_64_S, rel=1e-9)
+
+
+def test_a_prefill_follows_its_hosts_decode_batches_as_they_stop(tmp_path: Path) -> None:
+    """With host_phase_batches rows, a running prefill is charged the slowdown only while a decode batch runs
+    beside it: here the mixed worker's decode half finishes request 0 a third of the way into request 1's
+    slowed prefill, which then runs its last two thirds at full speed; without the rows, slowed to its end."""
+    rows = {"concurrent_phases": 1.0, "host_prefill_slowdown@1": 2.0}
+    lay = lambda t: parse_layout({"model": {"name": "smollm2-135m"},  # noqa: E731
+                                  "pools": [{"role": "mixed", "hardware": "cpu"}], "sim": {"perf_model": str(t)}})
+    w = synthetic(None, rate=1.0, duration_s=10, seed=0, fixed=(16, 6))
+    # request 0: prefill 20 ms, then 5 steps of 10 ms (until 70 ms); request 1's 64-token prompt arrives at 30 ms
+    w.arrival_s, w.prompt, w.output = np.array([0.0, 0.03]), np.array([16, 64]), np.array([6, 2])
+    old = simulate(lay(_table(tmp_path, rows, "old.csv")), w).reqs
+    new = simulate(lay(_table(tmp_path, {**rows, "host_phase_batches@1": 1.0}, "new.csv")), w).reqs
+    assert old.finish[0] == new.finish[0] == pytest.approx(0.07, rel=1e-9)
+    assert old.first_tok[1] - 0.03 == pytest.approx(2 * PREFILL_64_S, rel=1e-9)
+    # 40 ms at half speed (a third of the work), then 40 ms alone
+    assert new.first_tok[1] - 0.03 == pytest.approx(PREFILL_64_S / 3 * 2 + PREFILL_64_S * 2 / 3, rel=1e-9)
