@@ -135,14 +135,15 @@ def test_host_probe_measures_through_a_real_split_cluster(tmp_path: Path) -> Non
     from services.bench.profile import host_interference
     from services.bench.verify_cli import decode_batches
 
-    ckpt = write_tiny_checkpoint(tmp_path / "tiny", tiny_config(max_seq_len=1024))
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny", tiny_config(max_seq_len=4096))
     layout = tmp_path / "split.yaml"  # ports: running_cluster moves them to free ones
     layout.write_text(yaml.safe_dump({"name": "tiny-split", "model": {"name": "smollm2-135m", "path": str(ckpt)},
                                       "pools": [{"role": "prefill", "count": 1}, {"role": "decode", "count": 2}]}))
-    detail: dict = {}  # (500-token streams: the tiny model's steps take milliseconds, and a phase ends with them)
+    detail: dict = {}  # (2000-token streams: the tiny model's steps take a millisecond or two, and a phase ends
+    # with them: 500 let a phase end after one prompt on a busy machine, with no quiet gap left to measure)
     with running_cluster(layout, log_dir=tmp_path / "logs") as (lay, _):
         assert decode_batches(lay) == 2
-        rows = host_interference(lay.gateway.grpc, decode_batches(lay), [128, 256], rounds=6, output=500,
+        rows = host_interference(lay.gateway.grpc, decode_batches(lay), [128, 256], rounds=6, output=2000,
                                  detail=detail, prefill_s=lambda n: 0.001 * n, streams=4)
     # the alone prefills (the worker's own time) over the given engine-alone time, per size
     for n in (128, 256):
