@@ -15,19 +15,9 @@ import json
 import torch
 
 from services.engine import kernels
-from services.engine.graphs import attn_splits, attn_tiles
+from services.engine.graphs import attn_splits, attn_tiles, replay_us
 
 H, HKV, D, LAYERS = 32, 8, 64, 16
-
-
-def _median_us(graph: torch.cuda.CUDAGraph, reps: int = 2) -> float:
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        graph.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) * 1e3 / (reps * LAYERS)
 
 
 def sweep(batch: int, context: int, configs: list[tuple], rounds: int) -> dict:
@@ -60,7 +50,7 @@ def sweep(batch: int, context: int, configs: list[tuple], rounds: int) -> dict:
     times: dict[tuple, list[float]] = {cfg: [] for cfg in graphs}
     for _ in range(rounds):  # in turns, so drift hits every tiling alike
         for cfg, graph in graphs.items():
-            times[cfg].append(_median_us(graph))
+            times[cfg].append(replay_us(graph, 2) / LAYERS)
     us = {cfg: sorted(t)[len(t) // 2] for cfg, t in times.items()}
     ideal = 2 * batch * context * HKV * D * 2 / 4.25e6  # live K and V bytes at 4.25 TB/s, in us
     tiles = attn_tiles(batch, HKV, sms)

@@ -230,14 +230,19 @@ def _replay_us(graphs: list[torch.cuda.CUDAGraph], rounds: int = 5, reps: int = 
     for _ in range(rounds):
         for g, t in zip(graphs, times, strict=True):
             g.replay()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(reps):
-                g.replay()
-            b.record()
-            b.synchronize()
-            t.append(a.elapsed_time(b) * 1e3 / reps)
+            t.append(replay_us(g, reps))
     return [sorted(t)[len(t) // 2] for t in times]
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, reps: int) -> float:
+    """Mean time of `reps` back-to-back replays of a graph, in microseconds, by CUDA events."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        graph.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1e3 / reps
 
 
 def _graph_of(step: Callable[[], None], device: torch.device, pool: tuple) -> torch.cuda.CUDAGraph:
