@@ -179,19 +179,38 @@ def _nearest(groups: dict[int, tuple[list[float], list[float]]], batches: int) -
     return groups[min(groups, key=lambda k: (abs(k - batches), -k))]
 
 
-def step_jitter(overheads: dict[str, float]) -> tuple[np.ndarray, np.ndarray] | None:
-    """(levels, multipliers): the inverse CDF of the decode step's in-cluster multiplier, from the profile's
-    step_jitter_q<per mille> rows (`tandem profile`), or None when it has none."""
-    pts = sorted((int(k[len("step_jitter_q"):]) / 1000.0, float(v)) for k, v in overheads.items()
-                 if k.startswith("step_jitter_q"))
-    if not pts:
-        return None
+def _inverse_cdf(pts: list[tuple[float, float]], rows: str) -> tuple[np.ndarray, np.ndarray]:
+    """(levels, values) of quantile rows, checked: levels 0 to 1, values non-decreasing and non-negative."""
+    pts = sorted(pts)
     levels, values = np.array([lv for lv, _ in pts]), np.array([v for _, v in pts])
     if len(pts) < 2 or levels[0] != 0.0 or levels[-1] != 1.0 or np.any(np.diff(levels) <= 0) \
             or np.any(np.diff(values) < 0) or values[0] < 0:
-        raise InvalidArgument("profile: step_jitter_q rows must run from q0000 to q1000 with non-decreasing, "
+        raise InvalidArgument(f"profile: {rows} rows must run from q0000 to q1000 with non-decreasing, "
                               "non-negative values", param="sim.perf_model")
     return levels, values
+
+
+def step_jitter(overheads: dict[str, float]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(levels, multipliers): the inverse CDF of the decode step's in-cluster multiplier, from the profile's
+    step_jitter_q<per mille> rows (`tandem profile`), or None when it has none."""
+    pts = [(int(k[len("step_jitter_q"):]) / 1000.0, float(v)) for k, v in overheads.items()
+           if k.startswith("step_jitter_q")]
+    return _inverse_cdf(pts, "step_jitter_q") if pts else None
+
+
+def host_covered(overheads: dict[str, float]) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
+    """streams -> (levels, multipliers): per host-probe phase (that many requests decoding), the inverse CDF of a
+    decode gap that a prefill covered over the phase's median quiet gap (rows host_covered_q<per mille>@<s>), or
+    None when the profile has none."""
+    by: dict[int, list[tuple[float, float]]] = {}
+    for k, v in overheads.items():
+        if k.startswith("host_covered_q"):
+            level, _, streams = k[len("host_covered_q"):].partition("@")
+            if not (level.isdigit() and streams.isdigit()):
+                raise InvalidArgument(f"profile: {k!r} is not host_covered_q<per mille>@<streams>",
+                                      param="sim.perf_model")
+            by.setdefault(int(streams), []).append((int(level) / 1000.0, float(v)))
+    return {s: _inverse_cdf(pts, f"host_covered_q*@{s}") for s, pts in by.items()} or None
 
 
 class PerfModel:
@@ -257,6 +276,11 @@ class PerfModel:
         # with those rows, a running prefill also follows the host's decode batches as they start and stop
         # (sim/worker.py), instead of keeping the slowdown of the moment it started for its whole length
         self.host_retime_prefill = self._host_prefill_nb is not None
+        # ... and the spread of a decode gap beside a prefill (host_covered_q<per mille>@s): with it (and the
+        # step's own spread, `jitter`), such a step draws its factor from the phase's measured distribution
+        # instead of taking host_decode_slowdown_prefill's median (sim/worker.py); None: the median
+        self._host_covered = host_covered(ovh)
+        self._phase_batches = {int(s): round(v) for s, v in zip(*batches, strict=True)} if batches else {}
         self.first_token_after_kv = bool(ovh.get("first_token_after_kv", 0.0))  # our runtime's Prefill reply
         self.concurrent_phases = bool(ovh.get("concurrent_phases", 0.0))  # mixed: prefill and decode threads
         # our engine runs a prefill batch padded to its longest prompt (the table's rows are uniform batches, n x b
@@ -288,6 +312,19 @@ class PerfModel:
             table = self._host_decode_p if self._host_decode_p_nb is None else _nearest(self._host_decode_p_nb, batches)
             f *= _at(table, streams)
         return f
+
+    def host_covered(self, batches: int, streams: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The covered-gap distribution of the probe phase nearest a host's state: among the phases with the
+        decode-batch count nearest `batches` (when the profile says each phase's), the one with the stream count
+        nearest `streams` (the larger on a tie); None without such rows."""
+        if self._host_covered is None:
+            return None
+        phases = list(self._host_covered)
+        counted = [s for s in phases if s in self._phase_batches]
+        if counted:
+            near = min({self._phase_batches[s] for s in counted}, key=lambda k: (abs(k - batches), -k))
+            phases = [s for s in counted if self._phase_batches[s] == near]
+        return self._host_covered[min(phases, key=lambda s: (abs(s - streams), -s))]
 
     # -- power -------------------------------------------------------------------------------------------
     def _power_and_slowdown(self, t_compute: float, t_memory: float, t: float) -> tuple[float, float]:

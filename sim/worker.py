@@ -112,7 +112,7 @@ class Worker:
                  "max_batch_tokens", "kv_cap", "kv_used", "dec_assigned", "prefill_q", "prefill_pending", "dec_wait",
                  "it", "heap", "fresh", "ctx", "busy", "pending", "seg", "kv_bytes", "layers",
                  "fabric", "layerwise", "mixed_overhead", "twin", "lane", "idle_w", "load", "rank", "rank_i",
-                 "decode_times", "jitter", "host", "stalled", "pf", "early")
+                 "decode_times", "jitter", "covered", "host", "stalled", "pf", "early")
 
     def __init__(self, env: Clock, idx: int, role: str, perf: PerfModel, batching: Batching,
                  reqs: Requests, tally: Tally, cluster: object, kv_usable_fraction: float,
@@ -156,6 +156,9 @@ class Worker:
         self.rank_i = 0
         # the decode step's measured spread: one multiplier per iteration, seeded by the run's seed and this worker
         self.jitter = Draws(perf.jitter, (seed, idx)) if perf.jitter is not None and idx >= 0 else None
+        # ... and, beside a prefill on its host, one drawn from the spread measured there (perf.host_covered)
+        self.covered = np.random.default_rng((seed, idx, 1)) if self.jitter is not None \
+            and perf.host_covered(0, 0) is not None else None
         self.host: Host | None = None  # set by the cluster when this worker shares its machine (Host)
         self.stalled = 0.0  # what joins add to the running iteration (decode_join_stall_s), for its first-gap record
         # a prefill that follows its host's decode batches (perf.host_retime_prefill): (share done, when, its time
@@ -326,9 +329,17 @@ class Worker:
         b = len(heap)
         a, c, watts = self.decode_times[b] or self._decode_time(b)
         lane, host = self.lane, self.host
+        drawn = False  # this step's factor beside a prefill was drawn from its measured spread
         if host is not None:  # its machine's prefills and other decode batches (measured slowdowns)
             n, s = host.decoding(self)
-            f = self.perf.host_decode_slowdown(1 + n, b + s, host.prefilling(self))
+            pf = host.prefilling(self)
+            if pf and self.covered is not None:
+                levels, values = self.perf.host_covered(1 + n, b + s)
+                f = self.perf.host_decode_slowdown(1 + n, b + s, False) * float(
+                    np.interp(self.covered.random(), levels, values))
+                drawn = True
+            else:
+                f = self.perf.host_decode_slowdown(1 + n, b + s, pf)
             if f != 1.0:
                 a, c = a * f, c * f
         elif lane is not None and lane.busy:
@@ -342,7 +353,7 @@ class Worker:
         c0 = self.ctx
         if self.jitter is not None:  # one iteration, its own duration: a profiled step times a measured multiplier
             k = 1
-            t = (a + c * c0) * self.jitter()
+            t = (a + c * c0) * (1.0 if drawn else self.jitter())  # a drawn factor holds the step's own spread
         else:
             t = k * a + c * (k * c0 + b * k * (k - 1) / 2.0)  # seg_time(k, a, c, c0, b)
         stall = self.perf.decode_join_stall_s

@@ -484,7 +484,9 @@ def host_interference(gateway: str, decode_workers: int, prompts: list[int], rou
     host_prefill_slowdown@s: a prompt's prefill time while s streams decode on the host over its size's time
     alone (median over the phase). host_decode_slowdown@k (k > 1, one stream per batch): the median quiet gap
     with k decode batches over that with one. host_decode_slowdown_prefill@s: the median covered gap over the
-    median quiet gap of the same phase (what a prefill beside them adds, with s streams decoding).
+    median quiet gap of the same phase (what a prefill beside them adds, with s streams decoding), and
+    host_covered_q<per mille>@s the quantiles of those covered gaps over that median (a prefill stretches some gaps
+    far more than the median says: the decode tail the simulator draws from).
     host_phase_batches@s: the decode batches phase s's streams ran on (the simulator reads the two beside-a-
     prefill rows among the phases with the host's running batch count: the busy processes share the cores).
     decode_join_stall_s: the median of (join gap - its phase's median quiet gap). A phase whose streams did not
@@ -575,6 +577,9 @@ def host_interference(gateway: str, decode_workers: int, prompts: list[int], rou
             out[f"host_decode_slowdown@{s}"] = max(1.0, quiet[s] / quiet[1])
         if len(ph["covered"]) >= 5:
             out[f"host_decode_slowdown_prefill@{s}"] = max(1.0, statistics.median(ph["covered"]) / quiet[s])
+            # ... and their spread: a prefill stretches some gaps far more than its median (the tail of TBT)
+            q = np.quantile(np.array(ph["covered"]) / quiet[s], [lv / 1000 for lv in JITTER_LEVELS])
+            out.update({f"host_covered_q{lv:04d}@{s}": float(v) for lv, v in zip(JITTER_LEVELS, q, strict=True)})
     # a request joining a running batch lengthens that step for every member
     extra = [g - quiet[s] for s, ph in phases.items() if s in quiet for g in ph["join"]]
     if len(extra) >= 3:

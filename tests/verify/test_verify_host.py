@@ -160,6 +160,11 @@ def test_host_probe_measures_through_a_real_split_cluster(tmp_path: Path) -> Non
         assert rows[f"host_prefill_slowdown@{s}"] == pytest.approx(max(1.0, np.median(ph["prefill_ratio"])))
     for key, v in rows.items():
         assert np.isfinite(v) and v >= 0, key
+    for s, ph in phases.items():  # the covered gaps' spread over the quiet median, wherever the median row is
+        q = [rows.get(f"host_covered_q{lv:04d}@{s}") for lv in (0, 500, 1000)]
+        assert (q[0] is not None) == (f"host_decode_slowdown_prefill@{s}" in rows), (s, sorted(rows))
+        if q[0] is not None:
+            assert q[0] <= q[1] <= q[2] and q[2] == pytest.approx(max(ph["covered"]) / np.median(ph["quiet"]))
     if 2 in phases:  # one stream on each batch: its quiet gaps over phase 1's, the second batch beside the first
         assert rows["host_decode_slowdown@2"] == pytest.approx(max(1.0, np.median(phases[2]["quiet"])
                                                                     / np.median(phases[1]["quiet"])))
@@ -230,3 +235,31 @@ def test_a_prefill_follows_its_hosts_decode_batches_as_they_stop(tmp_path: Path)
     assert old.first_tok[1] - 0.03 == pytest.approx(2 * PREFILL_64_S, rel=1e-9)
     # 40 ms at half speed (a third of the work), then 40 ms alone
     assert new.first_tok[1] - 0.03 == pytest.approx(PREFILL_64_S / 3 * 2 + PREFILL_64_S * 2 / 3, rel=1e-9)
+
+
+def test_a_step_beside_a_prefill_draws_its_factor_from_the_measured_spread(tmp_path: Path) -> None:
+    """host_covered_q<per mille>@s (with the step's own spread, step_jitter_q): a decode step beside a prefill on
+    its host takes a factor drawn from the probe's distribution of covered gaps over quiet ones, not the median
+    host_decode_slowdown_prefill, so the TBT tail beside prefills reaches the measured one; seeded (the same run
+    twice is the same), and a table without those rows keeps the median factor."""
+    flat = {f"step_jitter_q{lv:04d}": 1.0 for lv in (0, 500, 1000)}  # no spread of its own: only the draws vary
+    covered = {"host_covered_q0000@1": 1.0, "host_covered_q0500@1": 1.5, "host_covered_q0900@1": 3.0,
+               "host_covered_q1000@1": 5.0}
+    w = synthetic(None, rate=1.0, duration_s=10, seed=0, fixed=(16, 101))
+    arrivals = [0.0] + [0.2 + 0.25 * i for i in range(30)]  # a prompt every 250 ms beside request 0's 600 steps
+    w.arrival_s = np.array(arrivals)
+    w.prompt, w.output = np.array([16] + [64] * 30), np.array([601] + [2] * 30)
+    runs = {name: simulate(_split(_table(tmp_path, t, f"{name}.csv")), w, seed=3)
+            for name, t in (("median", {**HOST, **flat}), ("drawn", {**HOST, **flat, **covered}),
+                            ("again", {**HOST, **flat, **covered}))}
+    gaps = {k: np.asarray(r.tally.gap_values) for k, r in runs.items()}
+    np.testing.assert_array_equal(gaps["drawn"], gaps["again"])
+    beside = {k: g[g > STEP_S * 1.01] for k, g in gaps.items()}  # the steps a prefill slowed
+    # the median factor, 1.5, at most (less for a step that a prefill's start or end cut in two)
+    m = beside["median"] / STEP_S
+    assert m.max() <= 1.5 + 1e-9 and np.mean(np.isclose(m, 1.5)) > 0.5
+    b = beside["drawn"] / STEP_S
+    assert len(b) > 20 and b.max() > 3.0 and b.max() <= 5.0 + 1e-9  # the measured tail, not past its top
+    assert np.mean(b > 1.6) > 0.25  # about half the draws lie above the median (1.5), where the median run has none
+    with pytest.raises(Exception, match="host_covered_q"):
+        simulate(_split(_table(tmp_path, {**HOST, **flat, "host_covered_q0500@1": 1.5}, "bad.csv")), w)
