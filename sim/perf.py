@@ -280,6 +280,7 @@ class PerfModel:
         # step's own spread, `jitter`), such a step draws its factor from the phase's measured distribution
         # instead of taking host_decode_slowdown_prefill's median (sim/worker.py); None: the median
         self._host_covered = host_covered(ovh)
+        self.has_host_covered = self._host_covered is not None
         self._phase_batches = {int(s): round(v) for s, v in zip(*batches, strict=True)} if batches else {}
         self.first_token_after_kv = bool(ovh.get("first_token_after_kv", 0.0))  # our runtime's Prefill reply
         self.concurrent_phases = bool(ovh.get("concurrent_phases", 0.0))  # mixed: prefill and decode threads

@@ -158,7 +158,7 @@ class Worker:
         self.jitter = Draws(perf.jitter, (seed, idx)) if perf.jitter is not None and idx >= 0 else None
         # ... and, beside a prefill on its host, one drawn from the spread measured there (perf.host_covered)
         self.covered = np.random.default_rng((seed, idx, 1)) if self.jitter is not None \
-            and perf.host_covered(0, 0) is not None else None
+            and perf.has_host_covered else None
         self.host: Host | None = None  # set by the cluster when this worker shares its machine (Host)
         self.stalled = 0.0  # what joins add to the running iteration (decode_join_stall_s), for its first-gap record
         # a prefill that follows its host's decode batches (perf.host_retime_prefill): (share done, when, its time

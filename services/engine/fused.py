@@ -178,10 +178,9 @@ PDL_LATE = 2  # triton_ops(pdl=PDL_LATE): kernels.py's late trigger of programma
 def triton_ops(pdl: bool | int = False, fuse_rope: bool = True) -> SimpleNamespace:
     """The Triton kernels, projections through cuBLAS (services.engine.gemv picks others per batch bucket).
     pdl: launch every Triton kernel with programmatic dependent launch (Hopper; each kernel waits for its
-    predecessor inside, so the next launch overlaps the running kernel); kernels.PDL_LATE: the projection and
-    attention kernels let the next one launch only after their main loop, not at their start. fuse_rope:
-    rope_attention is one kernel
-    (kernels.rope_attention), else rope_kv then decode_attention (the step before that kernel)."""
+    predecessor inside, so the next launch overlaps the running kernel); PDL_LATE: the projection and attention
+    kernels let the next one launch only after their main loop, not at their start. fuse_rope: rope_attention is
+    one kernel (kernels.rope_attention), else rope_kv then decode_attention (the step before that kernel)."""
     from functools import partial
 
     from services.engine import kernels
