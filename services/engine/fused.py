@@ -173,16 +173,13 @@ TORCH_OPS = SimpleNamespace(rmsnorm=_rmsnorm, add_rmsnorm=_add_rmsnorm, silu_mul
 
 
 PDL_LATE = 2  # triton_ops(pdl=PDL_LATE): kernels.py's late trigger of programmatic dependent launch
-PDL_PRE = 3  # as PDL_LATE, and the attention kernel preloads KV while the q/k/v projection runs (kernels.py)
 
 
 def triton_ops(pdl: bool | int = False, fuse_rope: bool = True) -> SimpleNamespace:
     """The Triton kernels, projections through cuBLAS (services.engine.gemv picks others per batch bucket).
     pdl: launch every Triton kernel with programmatic dependent launch (Hopper; each kernel waits for its
     predecessor inside, so the next launch overlaps the running kernel); PDL_LATE: the projection and attention
-    kernels let the next one launch only after their main loop, not at their start; PDL_PRE: as PDL_LATE, but the
-    q/k/v projection lets the attention kernel launch at its start, and that kernel loads its first key tiles
-    before it waits (its `pre` argument, set per bucket by graphs.attn_tiles). fuse_rope: rope_attention is
+    kernels let the next one launch only after their main loop, not at their start. fuse_rope: rope_attention is
     one kernel (kernels.rope_attention), else rope_kv then decode_attention (the step before that kernel)."""
     from functools import partial
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from services.engine.fused import PDL_PRE, FusedModel
+from services.engine.fused import FusedModel
 
 UNITS = ("qkv", "o", "mlp_in", "down", "head")
 MODES = ("auto", "on", "off")
@@ -122,11 +122,8 @@ def projection(unit: str, c: Choice, base: SimpleNamespace) -> Callable[..., tor
         return getattr(base, unit)
     from services.engine import kernels
 
-    pdl = getattr(base, "pdl", False)
-    kw = {"bn": c.bn, "bk": c.bk, "num_warps": c.warps, "num_stages": c.stages, "pdl": pdl}
+    kw = {"bn": c.bn, "bk": c.bk, "num_warps": c.warps, "num_stages": c.stages, "pdl": getattr(base, "pdl", False)}
     if unit == "qkv":
-        if pdl == PDL_PRE:  # the attention kernel after it launches at once and preloads its keys
-            kw["pdl"] = True
         return lambda h, w, b: kernels.skinny_linear(h, w, split=c.split, **kw)
     if unit in ("o", "down"):
         return lambda x, w: kernels.skinny_linear(x, w, split=c.split, **kw)

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from services.engine import gemv
-from services.engine.fused import PDL_LATE, PDL_PRE, FusedModel, decode_step, fuse_weights, prefill_step, triton_ops
+from services.engine.fused import PDL_LATE, FusedModel, decode_step, fuse_weights, prefill_step, triton_ops
 from services.engine.kv import KVBuffer
 from services.engine.model import Transformer
 
@@ -90,8 +90,7 @@ class DecodeGraphs:
         self.attn = attn
         self.fused: FusedModel = fuse_weights(model)
         self.device = self.fused.embed.device
-        self.ops_by_pdl = {p: triton_ops(pdl=p, fuse_rope=fuse_rope) for p in (False, True, PDL_LATE, PDL_PRE)}
-        self.fuse_rope = fuse_rope
+        self.ops_by_pdl = {p: triton_ops(pdl=p, fuse_rope=fuse_rope) for p in (False, True, PDL_LATE)}
         self.ops = self.ops_by_pdl[False]
         self.gemv_mode = gemv_mode
         self.pdl = pdl
@@ -182,12 +181,11 @@ class DecodeGraphs:
         inp[2] = torch.arange(b, device=self.device)
         logits = torch.empty(b, fm.lm_head.shape[0], dtype=fm.lm_head.dtype, device=self.device)
         tiles = attn_tiles(b, fm.n_kv, self.sms, self.attn)
-        splits, pre = tiles.pop("splits"), tiles.pop("pre", 0)
+        splits = tiles.pop("splits")
 
         def capture(choices: dict, pdl: bool | int) -> torch.cuda.CUDAGraph:
             ops = gemv.bind(choices, self.ops_by_pdl[pdl])
-            extra = {"pre": pre} if pdl == PDL_PRE and self.fuse_rope else {}
-            ops.rope_attention = partial(ops.rope_attention, **tiles, **extra)
+            ops.rope_attention = partial(ops.rope_attention, **tiles)
 
             def step() -> None:
                 decode_step(fm, ops, inp[0], inp[1], inp[2], kv.k, kv.v, splits, out=logits)
@@ -223,7 +221,7 @@ class DecodeGraphs:
 
 
 def _pdl_label(pdl: bool | int) -> str:
-    return {PDL_LATE: " pdl late", PDL_PRE: " pdl pre"}.get(pdl, " pdl" if pdl else "")
+    return " pdl late" if pdl == PDL_LATE else " pdl" if pdl else ""
 
 
 def _replay_us(graphs: list[torch.cuda.CUDAGraph], rounds: int = 5, reps: int = 8) -> list[float]:

@@ -35,9 +35,6 @@ def _pdl_enter(TRIGGER: tl.constexpr = True):
 
 # pdl=2 (fused.PDL_LATE) at a launch: the projection and attention kernels call _pdl_trigger after their main
 # loop instead of at their start (their constexpr PDL is 2); the other kernels trigger at their start as with True.
-# pdl=3 (fused.PDL_PRE): as 2, and the fused RoPE-attention kernel loads its first KV tiles (keys older than the
-# step's token, which no kernel of the step writes) before it waits for the q/k/v projection, which then lets it
-# launch at its start (services.engine.gemv.projection).
 def _pdl(pdl: bool | int) -> dict:
     return {"launch_pdl": True} if pdl else {}
 
@@ -108,7 +105,7 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, K_PER, stride_xm, stride_op, 
     streams the up rows n + N and stores silu(gate) * up, each rounded to the output dtype where the eager
     modules round."""
     if PDL:
-        _pdl_enter(PDL < 2)
+        _pdl_enter(PDL != 2)
     pid_n = tl.program_id(0)
     part = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -134,7 +131,7 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, K_PER, stride_xm, stride_op, 
                 acc_u = tl.dot(u, tl.trans(x), acc_u, input_precision="ieee")
             else:
                 acc_u = tl.dot(u, tl.trans(x), acc_u)
-    if PDL >= 2:
+    if PDL == 2:
         _pdl_trigger()
     dt = out_ptr.dtype.element_ty
     if SILU:
@@ -309,67 +306,17 @@ def _key_range(pos, sp, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _attn_tile(q, k, v, km, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
-    """One key tile of online-softmax attention: keys k, values v [BLOCK_N, D] (km: the live ones)."""
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    s = tl.where(km[None, :], s * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _kv_tile(kbase, vbase, offs, mask, stride_kc, D: tl.constexpr):
-    d = tl.arange(0, D)
-    k = tl.load(kbase + offs[:, None] * stride_kc + d[None, :], mask=mask[:, None], other=0.0)
-    v = tl.load(vbase + offs[:, None] * stride_kc + d[None, :], mask=mask[:, None], other=0.0)
-    return k, v
-
-
-@triton.jit
-def _preloaded_tile(q, k, v, t_lo, hi, pos, kbase, vbase, m_i, l_i, acc, stride_kc, qk_scale, D: tl.constexpr,
-                    BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    """A tile loaded before the kernel waited (keys older than pos only): the new token's row, if the tile holds
-    it, read now (this program stored it), then the tile as in the loop. A tile past hi is skipped."""
-    if t_lo < hi:
-        offs = t_lo + tl.arange(0, BLOCK_N)
-        if (pos >= t_lo) & (pos < t_lo + BLOCK_N):
-            new = offs == pos
-            kn, vn = _kv_tile(kbase, vbase, offs, new, stride_kc, D)
-            k = tl.where(new[:, None], kn, k)
-            v = tl.where(new[:, None], vn, v)
-        m_i, l_i, acc = _attn_tile(q, k, v, offs < hi, m_i, l_i, acc, qk_scale, IEEE)
-    return m_i, l_i, acc
-
-
-@triton.jit
 def _attend(q, kbase, vbase, lo, hi, stride_kc, qk_scale, o_ptr, po_ptr, pml_ptr, bh, gm, sp, GP: tl.constexpr,
             D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr,
-            LATE: tl.constexpr = False, pos=0, k0=None, v0=None, k1=None, v1=None, PRE: tl.constexpr = 0):
+            LATE: tl.constexpr = False):
     """Online-softmax attention of the GP query rows q [GP, D] over keys lo..hi-1 at kbase/vbase (rows stride_kc
     apart); the output of rows bh (b * H + head; gm masks padded heads) to o_ptr, or with NSPLIT > 1 this split's
-    float32 partials (acc, max, sum) to po_ptr / pml_ptr for the reduce. PRE (0-2) key tiles from lo on come
-    preloaded (k0, v0, k1, v1; see _preloaded_tile); the same arithmetic in the same order as without."""
+    float32 partials (acc, max, sum) to po_ptr / pml_ptr for the reduce."""
     d = tl.arange(0, D)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    if PRE >= 1:
-        m_i, l_i, acc = _preloaded_tile(q, k0, v0, lo, hi, pos, kbase, vbase, m_i, l_i, acc, stride_kc, qk_scale,
-                                        D, BLOCK_N, IEEE)
-    if PRE >= 2:
-        m_i, l_i, acc = _preloaded_tile(q, k1, v1, lo + BLOCK_N, hi, pos, kbase, vbase, m_i, l_i, acc, stride_kc,
-                                        qk_scale, D, BLOCK_N, IEEE)
-    for start in range(lo + PRE * BLOCK_N, hi, BLOCK_N):  # _attn_tile's arithmetic, V loaded after the scores
+    for start in range(lo, hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         km = offs < hi
         k = tl.load(kbase + offs[:, None] * stride_kc + d[None, :], mask=km[:, None], other=0.0)
@@ -407,7 +354,7 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, po_ptr, pml_ptr,
                         BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False,
                         HK_FAST: tl.constexpr = True):
     if PDL:
-        _pdl_enter(PDL < 2)
+        _pdl_enter(PDL != 2)
     b, hk, sp = _attn_program(H // G, NSPLIT, HK_FAST)
     lo, hi = _key_range(tl.load(pos_ptr + b), sp, NSPLIT, BLOCK_N)
     g = tl.arange(0, GP)
@@ -416,7 +363,7 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, po_ptr, pml_ptr,
     heads = hk * G + g
     q = tl.load(q_ptr + (b * H + heads)[:, None] * D + d[None, :], mask=gm[:, None], other=0.0)
     _attend(q, k_ptr + b * stride_ks + hk * stride_kh, v_ptr + b * stride_ks + hk * stride_kh, lo, hi, stride_kc,
-            qk_scale, o_ptr, po_ptr, pml_ptr, b * H + heads, gm, sp, GP, D, BLOCK_N, NSPLIT, IEEE, PDL >= 2)
+            qk_scale, o_ptr, po_ptr, pml_ptr, b * H + heads, gm, sp, GP, D, BLOCK_N, NSPLIT, IEEE, PDL == 2)
 
 
 @triton.jit
@@ -438,28 +385,18 @@ def _rope_attn_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr
                       stride_ks, stride_kc, stride_kh, qk_scale, PSTRIDE,
                       H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr,
                       BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, PARTS: tl.constexpr, IEEE: tl.constexpr,
-                      PDL: tl.constexpr = False, HK_FAST: tl.constexpr = True, PRE: tl.constexpr = 0):
+                      PDL: tl.constexpr = False, HK_FAST: tl.constexpr = True):
     """rope_kv and decode attention in one kernel. Program (b, hk, sp) rotates the G query heads of KV head hk
     of row b itself; the program whose key range holds the new position rotates that position's key, writes it
     and its value into the caches (slot[b]), and then reads them back with the rest of its range. Scores are
-    the rest is _decode_attn_kernel's. PRE (0-2): the first PRE key tiles of the range are loaded before the
-    kernel waits for its predecessor (PDL), without the new token's row (_preloaded_tile)."""
-    b, hk, sp = _attn_program(HKV, NSPLIT, HK_FAST)
-    pos = tl.load(pos_ptr + b)  # a step input: no kernel of the step writes it
-    lo, hi = _key_range(pos, sp, NSPLIT, BLOCK_N)
-    kbase = k_ptr + b * stride_ks + hk * stride_kh
-    vbase = v_ptr + b * stride_ks + hk * stride_kh
-    kp0, vp0, kp1, vp1 = None, None, None, None
-    if PRE >= 1:  # keys before pos: written by earlier steps, read by nothing that runs before the wait
-        offs = lo + tl.arange(0, BLOCK_N)
-        kp0, vp0 = _kv_tile(kbase, vbase, offs, (offs < pos) & (offs < hi), stride_kc, 2 * HALF)
-    if PRE >= 2:
-        offs = lo + BLOCK_N + tl.arange(0, BLOCK_N)
-        kp1, vp1 = _kv_tile(kbase, vbase, offs, (offs < pos) & (offs < hi), stride_kc, 2 * HALF)
+    the rest is _decode_attn_kernel's."""
     if PDL:
-        _pdl_enter(PDL < 2)
+        _pdl_enter(PDL != 2)
+    b, hk, sp = _attn_program(HKV, NSPLIT, HK_FAST)
     dt = k_ptr.dtype.element_ty
+    pos = tl.load(pos_ptr + b)
     p = tl.maximum(pos, 0)
+    lo, hi = _key_range(pos, sp, NSPLIT, BLOCK_N)
     i = tl.arange(0, HALF)
     g = tl.arange(0, GP)
     gm = g < G
@@ -471,6 +408,8 @@ def _rope_attn_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr
     q2 = _sum_parts(row, qh + HALF, PSTRIDE, PARTS, dt).to(tl.float32)
     q1, q2 = (q1 * c[None, :] - q2 * sn[None, :]).to(dt), (q2 * c[None, :] + q1 * sn[None, :]).to(dt)
     q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (GP, 2 * HALF))  # [GP, D]: the halves side by side
+    kbase = k_ptr + b * stride_ks + hk * stride_kh
+    vbase = v_ptr + b * stride_ks + hk * stride_kh
     if (pos >= lo) & (pos < hi):  # this program's range holds the new token: rotate and store it first
         slot = tl.load(slot_ptr + b)
         ko = (H + hk) * 2 * HALF + i
@@ -484,7 +423,7 @@ def _rope_attn_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr
         tl.store(v_ptr + dst + HALF + i, _sum_parts(row, vo + HALF, PSTRIDE, PARTS, dt))
         tl.debug_barrier()  # the block's loads below see the stores
     _attend(q, kbase, vbase, lo, hi, stride_kc, qk_scale, o_ptr, po_ptr, pml_ptr, b * H + hk * G + g, gm, sp, GP,
-            2 * HALF, BLOCK_N, NSPLIT, IEEE, PDL >= 2, pos, kp0, vp0, kp1, vp1, PRE)
+            2 * HALF, BLOCK_N, NSPLIT, IEEE, PDL == 2)
 
 
 @triton.jit
@@ -551,15 +490,12 @@ def _reduce_splits(out: torch.Tensor, po: torch.Tensor, pml: torch.Tensor, heads
 
 def rope_attention(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, splits: int,
-                   block_n: int = 64, num_warps: int = 4, num_stages: int = 2, pdl: bool | int = False,
-                   hk_fast: bool = True, pre: int = 0) -> torch.Tensor:
+                   block_n: int = 64, num_warps: int = 4, num_stages: int = 2, pdl: bool = False,
+                   hk_fast: bool = True) -> torch.Tensor:
     """decode_attention(rope_kv(qkv, ...), ...) with one kernel fewer: q and the new k rotated inside the attention
     kernel, the new k and v written to the caches at (slot[r], pos[r]) there. Attention of row r reads slot r, as
     decode_attention's does (the dense decode batch: slot[r] = r). qkv [R, (H + 2 Hkv) * D] or its float32 split-K
-    partials [P, R, (H + 2 Hkv) * D]; out [R, H * D] in the caches' dtype. pre (0-2): key tiles each program loads
-    before it waits for the previous kernel (with pdl; the result is the same bits)."""
-    if pre not in (0, 1, 2):
-        raise ValueError(f"pre must be 0, 1 or 2 key tiles (got {pre})")
+    partials [P, R, (H + 2 Hkv) * D]; out [R, H * D] in the caches' dtype."""
     parts = qkv.shape[0] if qkv.dim() == 3 else 0
     rows, hd = qkv.shape[-2], k_cache.shape[-1]
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
@@ -571,6 +507,6 @@ def rope_attention(qkv: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, cos
                                             rows * qkv.shape[-1], H=n_heads, HKV=n_kv, G=g,
                                             GP=max(16, triton.next_power_of_2(g)), HALF=hd // 2, BLOCK_N=block_n,
                                             NSPLIT=splits, PARTS=parts, IEEE=k_cache.dtype == torch.float32,
-                                            PDL=pdl, HK_FAST=hk_fast, PRE=pre, num_warps=num_warps,
-                                            num_stages=num_stages, **_pdl(pdl))
+                                            PDL=pdl, HK_FAST=hk_fast, num_warps=num_warps, num_stages=num_stages,
+                                            **_pdl(pdl))
     return _reduce_splits(out, po, pml, rows * n_heads, hd, splits, pdl)
