@@ -87,6 +87,9 @@ def serve_role(role: str, layout: str | None, address: str | None, index: int, m
                http: str | None, grpc_address: str | None, workers: list[str], port: int | None,
                advertise: str | None = None, max_inflight: int | None = None, device: str | None = None) -> None:
     """Run one service in the foreground. A worker runs on `device`, else its pool's (the layout's `device`)."""
+    from services.cluster.launcher import die_with_parent
+
+    die_with_parent()  # started by `tandem up` (or any Cluster): end with it
     if role not in ROLES:
         raise InvalidArgument(f"role: must be one of {', '.join(ROLES)} (got {role!r})", param="role")
     lay = _layout(layout)

@@ -2,7 +2,9 @@
 
 A child that dies is restarted with backoff (`Cluster.supervise`) while the others keep serving.
 Children run in their own sessions (a terminal's Ctrl-C reaches only us, and we stop them in order)
-and get SIGTERM from the kernel if this process dies without cleaning up (PR_SET_PDEATHSIG).
+and get SIGTERM from the kernel if this process dies without cleaning up: each `tandem serve` child asks for
+that itself (`die_with_parent`, PR_SET_PDEATHSIG), since code run between fork and exec in a parent with
+threads can deadlock the child before it ever execs, and the parent with it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from services.contracts.roles import DIFFUSION_ROLES, LLM_ROLES, POOL_ROLES
 from services.registry import layout_endpoints
 
 PR_SET_PDEATHSIG = 1
+PARENT_ENV = "TANDEM_PARENT_PID"  # Cluster.start's pid, for die_with_parent in the child
 
 
 @dataclass(slots=True)
@@ -126,11 +129,19 @@ def _drained(spec: ProcSpec) -> bool:
     return "\ntandem_gateway_inflight 0.0" in text
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """In a process that Cluster.start started (PARENT_ENV set): SIGTERM from the kernel when the launcher dies
+    (PR_SET_PDEATHSIG); if it died before this ran, SIGTERM now. The variable is not passed on to this process's
+    own children. Elsewhere, and off Linux, nothing."""
+    want = os.environ.pop(PARENT_ENV, None)
+    if want is None or sys.platform != "linux":
+        return
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != want:  # the launcher is gone already: we were handed to another parent
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass(slots=True)
@@ -166,15 +177,15 @@ class Cluster:
         self.restarts: dict[str, _Restarts] = {}
 
     def start(self, names: list[str] | None = None) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
         for spec in self.specs:
             if names is not None and spec.name not in names:
                 continue
             log = open(self.log_dir / f"{spec.name}.log", "ab")  # noqa: SIM115 - the child keeps it open
+            # no preexec_fn: nothing of ours runs between fork and exec (the child calls die_with_parent)
             self.procs[spec.name] = subprocess.Popen(spec.argv, stdout=log, stderr=subprocess.STDOUT,
                                                      env={**env, **spec.env},
-                                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                                     stdin=subprocess.DEVNULL, start_new_session=True)
             log.close()
 
     def wait_healthy(self, names: list[str], timeout_s: float = 180.0, on_ready: object = None) -> None:
