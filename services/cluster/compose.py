@@ -130,5 +130,6 @@ def dump_yaml(doc: Any) -> str:
 
 def render(layout: Layout, source: str | None = None) -> str:
     """The compose file text, deterministic for a layout (so the committed file can be checked for staleness)."""
+    layout.check_servable()
     body = dump_yaml(compose_doc(layout))
     return HEADER.format(src=f" {source}" if source else "") + body

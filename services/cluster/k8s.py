@@ -192,6 +192,7 @@ def _gateway(layout: Layout, specs: list[PoolSpec]) -> dict[str, Doc]:
 
 def manifests(layout: Layout, redis_url: str | None = None) -> dict[str, Doc]:
     """File name -> Kubernetes object, in apply order (config, registry, workers, gateway)."""
+    layout.check_servable()
     url, redis_name = registry_url(layout, redis_url)
     in_cluster = layout.model_copy(update={"registry": url})
     text = yaml.safe_dump(in_cluster.model_dump(mode="json", exclude_defaults=True), sort_keys=False)

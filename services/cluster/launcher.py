@@ -96,6 +96,7 @@ def check_devices(layout: Layout, gpus: int | None = None) -> None:
 def plan(layout: Layout, layout_path: str | None) -> list[ProcSpec]:
     """The processes for a layout: workers first (their order in the layout), the gateway last. A worker whose
     pool names a device gets `--device` (and, for cuda:N, CUDA_VISIBLE_DEVICES=N in its environment)."""
+    layout.check_servable()
     serve = [sys.executable, "-m", "services.cli", "serve"]
     lay = ["--layout", str(layout_path)] if layout_path else []
     specs = []

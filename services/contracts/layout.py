@@ -96,7 +96,10 @@ class RouterSpec(_Strict):
     """The `router:` section: how the gateway picks workers (`policy` is the routing strategy's name)."""
 
     policy: Literal["jsq", "round_robin", "random"] = "jsq"
-    mixed_fallback: bool = True
+    mixed_fallback: bool = Field(False, description="simulator only: with prefill and decode pools, a prompt runs "
+                                 "on the chosen decode machine when the best prefill machine has more than "
+                                 "sim.fallback_queue_tokens queued (Splitwise's mixed pool). The runtime never runs a "
+                                 "prompt on a decode worker, so it refuses to serve a layout that sets it")
 
 
 class Batching(_Strict):
@@ -214,6 +217,14 @@ class Layout(_Strict):
                 return pi, pool, index
             index -= pool.count
         return None
+
+    def check_servable(self) -> None:
+        """Refuse, naming the field, a setting the simulator models but the runtime cannot do; called where a
+        layout is served or deployed (the gateway, `tandem up`, `tandem compose`, `tandem k8s`)."""
+        if self.router.mixed_fallback and self.pools_of("prefill") and self.pools_of("decode"):
+            raise InvalidArgument("router.mixed_fallback: the runtime never runs a prompt on a decode worker (only "
+                                  "the simulator models Splitwise's mixed pool); set it to false to serve this "
+                                  "layout", param="router.mixed_fallback")
 
     def capacity(self) -> int:
         """Requests the LLM pools hold at once (running + queued): the gateway's default admission bound.

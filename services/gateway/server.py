@@ -50,6 +50,7 @@ def build_gateway(layout: Layout, workers: Sequence[str] = (), tokenizer: object
     """
     from services.gateway.tokenizer import load_tokenizer
 
+    layout.check_servable()
     registry = gateway_registry(layout, _poll_info(), workers)
     tok = tokenizer if tokenizer is not None else load_tokenizer(layout.model.path)
     limit = max_inflight or layout.gateway.max_inflight or layout.capacity()

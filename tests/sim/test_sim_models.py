@@ -167,8 +167,8 @@ def test_mixed_fallback_uses_token_machines_when_prompts_back_up() -> None:
             "pools": [{"role": "prefill", "count": 1, "hardware": "dgx-a100"},
                       {"role": "decode", "count": 4, "hardware": "dgx-a100"}]}
     w = synthetic(load_trace("code"), rate=12, duration_s=30, seed=0)
-    on = simulate(parse_layout(base), w).reqs
-    off = simulate(parse_layout({**base, "router": {"mixed_fallback": False}}), w).reqs
+    on = simulate(parse_layout({**base, "router": {"mixed_fallback": True}}), w).reqs
+    off = simulate(parse_layout(base), w).reqs  # the default, as the runtime routes
     assert np.sum(on.prefill_on == on.dest) > 0 and np.sum(off.prefill_on == off.dest) == 0
     assert np.nanpercentile(on.first_tok - on.arrival, 90) < np.nanpercentile(off.first_tok - off.arrival, 90)
 
