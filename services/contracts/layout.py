@@ -56,8 +56,10 @@ class ModelRef(_Strict):
 class Pool(_Strict):
     role: PoolRole
     count: int = Field(1, ge=0)
-    hardware: str = "cpu"
-    power_cap_w: float | None = Field(None, gt=0, description="per-machine power cap (Splitwise's HHcap)")
+    hardware: str = Field("cpu", description="simulator: the catalog machine each worker is (speed, memory, cost, "
+                          "power); the runtime runs on `device`")
+    power_cap_w: float | None = Field(None, gt=0, description="simulator: per-machine power cap (Splitwise's HHcap); "
+                                      "the runtime does not cap a machine's power")
     host: str = "127.0.0.1"
     base_port: int | None = Field(None, ge=1, le=65535, description="instance i listens on base_port + i")
     batching: Batching | None = Field(None, description="per-pool override of the layout's batching")
@@ -139,8 +141,9 @@ class GatewaySpec(_Strict):
 
 
 class KVLink(_Strict):
-    bandwidth_gbps: float = Field(200.0, gt=0, description="per-machine link for KV transfer, Gbit/s")
-    latency_s: float = Field(0.0, ge=0)
+    bandwidth_gbps: float = Field(200.0, gt=0, description="simulator: per-machine link for KV transfer, Gbit/s "
+                                  "(the runtime's link is the machines' real one)")
+    latency_s: float = Field(0.0, ge=0, description="simulator: added to every KV transfer")
     switch_gbps: float | None = Field(None, gt=0, description="simulator: a switch every KV transfer crosses, "
                                       "shared by all of them (None: no switch limit)")
     path: Literal["auto", "grpc", "ipc"] = Field(
