@@ -151,7 +151,8 @@ def test_a_stopped_decode_worker_loses_its_streams_to_the_others_and_rejoins(spl
     assert victim["held"], "no live stream was on the stopped worker"
     check_greedy(engine, ps, results, LONG)
     for i in victim["held"]:  # each moved, and ended on another worker
-        assert results[i].workers[0][1] == victim["addr"] and decode_of(results[i]) != victim["addr"], results[i].workers
+        r = results[i]
+        assert r.workers[0][1] == victim["addr"] and decode_of(r) != victim["addr"], r.workers
     # after SIGCONT (and the gateway's hold on it, STALL_S) it takes new work again
     time.sleep(STALL_S + 0.5)
     later = run_streams(split.grpc, prompts(6, seed=3), 40)
