@@ -10,6 +10,7 @@ import bisect
 import csv
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -174,9 +175,14 @@ def _by_batches(table: tuple[list[float], list[float]] | None, batches: tuple[li
     return out or None
 
 
+def _closest(counts: Iterable[int], want: int) -> int:
+    """The measured count nearest to `want` (the larger on a tie)."""
+    return min(counts, key=lambda k: (abs(k - want), -k))
+
+
 def _nearest(groups: dict[int, tuple[list[float], list[float]]], batches: int) -> tuple[list[float], list[float]]:
     """The group measured with the batch count nearest to `batches` (the larger on a tie)."""
-    return groups[min(groups, key=lambda k: (abs(k - batches), -k))]
+    return groups[_closest(groups, batches)]
 
 
 def _inverse_cdf(pts: list[tuple[float, float]], rows: str) -> tuple[np.ndarray, np.ndarray]:
@@ -323,9 +329,9 @@ class PerfModel:
         phases = list(self._host_covered)
         counted = [s for s in phases if s in self._phase_batches]
         if counted:
-            near = min({self._phase_batches[s] for s in counted}, key=lambda k: (abs(k - batches), -k))
+            near = _closest({self._phase_batches[s] for s in counted}, batches)
             phases = [s for s in counted if self._phase_batches[s] == near]
-        return self._host_covered[min(phases, key=lambda s: (abs(s - streams), -s))]
+        return self._host_covered[_closest(phases, streams)]
 
     # -- power -------------------------------------------------------------------------------------------
     def _power_and_slowdown(self, t_compute: float, t_memory: float, t: float) -> tuple[float, float]:
