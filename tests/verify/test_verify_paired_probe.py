@@ -91,13 +91,28 @@ def test_capacity_window_opens_once_the_first_wave_is_in(split) -> None:
 def test_step_ratio_by_batch_puts_b_streams_on_every_decode_batch(split) -> None:
     """decode_step_ratio@B on a layout of two decode workers: 2 B streams at once (JSQ spreads them), each gap
     over the engine's step at batch B."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kit.faults import wait_until
+
+    from services.bench.load import prompt_ids, stream_one
     from services.bench.profile import batch_step_ratios
 
     lay, _ = split
+
+    def decode_workers_of_a_pair() -> set[str]:
+        with ThreadPoolExecutor(2) as pool:
+            res = list(pool.map(lambda i: stream_one(lay.gateway.grpc, prompt_ids(8, 90 + i), 2, f"pair-{i}"),
+                                range(2)))
+        return {r["workers"][-1] for r in res}
+
+    # the precondition the spread needs: the gateway sees both decode workers free (a pair goes to both), not,
+    # for a moment, one of them still busy or between two polls after the tests before
+    wait_until(lambda: len(decode_workers_of_a_pair()) == 2, 30, "a pair of requests to reach both decode workers")
     detail: dict = {}
     rows = batch_step_ratios(lay.gateway.grpc, lambda b, ctx: 0.01 * b, [1, 2], output=16, prompt=8,
                              decode_workers=2, detail=detail)
     assert [len(detail[b]) for b in (1, 2)] == [2, 4]
     assert set(rows) == {"decode_step_ratio@1", "decode_step_ratio@2"} and all(v > 0 for v in rows.values())
     # every stream was served by a prefill worker and one of the two decode workers
-    assert len({ws[-1] for ws in detail[1] + detail[2]}) == 2
+    assert len({ws[-1] for ws in detail[1] + detail[2]}) == 2, detail
